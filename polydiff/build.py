@@ -1,0 +1,118 @@
+"""Build a recipe's parts (domain, network, schedule, objective) from a plain config mapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .config import call_checked
+from .domain import Domain
+from .objectives import Objective
+from .registry import domain_module_prefixes, get_domain
+from .schedules import NoiseSchedule, make_schedule
+
+__all__ = ["Parts", "build_domain", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
+
+
+def to_plain(cfg: Any) -> Any:
+    """A resolved plain-Python copy of a config (DictConfig, dataclass or mapping)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if hasattr(cfg, "__dataclass_fields__"):
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return cfg
+
+
+def check_targets(cfg: Any, where: str = "") -> None:
+    """Reject ``_target_`` entries outside polydiff, domains and registered adapters' packages."""
+    allowed = domain_module_prefixes()
+    if isinstance(cfg, Mapping):
+        target = cfg.get("_target_")
+        if target is not None:
+            top = str(target).split(".")[0].split(":")[0]
+            if top not in allowed:
+                raise ValueError(
+                    f"'{where}._target_: {target}' is not allowed: _target_ may only name classes in "
+                    f"{sorted(allowed)} (register your domain to allow its package)"
+                )
+        for k, v in cfg.items():
+            check_targets(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(cfg, (list, tuple)):
+        for i, v in enumerate(cfg):
+            check_targets(v, f"{where}[{i}]")
+
+
+def build_domain(domain_cfg: Mapping[str, Any]) -> Domain:
+    """Instantiate the domain named ``domain_cfg['name']`` with the remaining keys."""
+    cfg = dict(to_plain(domain_cfg) or {})
+    if "name" not in cfg:
+        raise KeyError("the recipe's 'domain' section needs 'name' (one of polydiff.list_domains())")
+    cls = get_domain(cfg.pop("name"))
+    return call_checked(cls, cfg, "domain")
+
+
+def build_network(domain: Domain, model_cfg: Mapping[str, Any]) -> nn.Module:
+    """The denoiser: ``model._target_`` when given (restricted), else ``domain.build_network(**model)``."""
+    cfg = dict(to_plain(model_cfg) or {})
+    check_targets(cfg, "model")
+    if "_target_" in cfg:
+        from hydra.utils import instantiate
+
+        return instantiate(cfg)
+    return call_checked(domain.build_network, cfg, "model")
+
+
+def build_schedule(schedule_cfg: Mapping[str, Any]) -> NoiseSchedule:
+    cfg = dict(to_plain(schedule_cfg))
+    return call_checked(make_schedule, cfg, "schedule")
+
+
+def build_objective(objective_cfg: Mapping[str, Any], schedule: NoiseSchedule) -> Objective:
+    objective = call_checked(Objective, dict(to_plain(objective_cfg)), "objective")
+    if objective.prediction == "eps" and float(schedule.alpha_bar_table[-1]) == 0.0:
+        raise ValueError(
+            "schedule.zero_terminal_snr=true needs objective.prediction=v or x0: "
+            "an eps-prediction cannot recover x0 where the signal is exactly zero"
+        )
+    return objective
+
+
+@dataclass
+class Parts:
+    """A recipe's built parts."""
+
+    domain: Domain
+    net: nn.Module
+    schedule: NoiseSchedule
+    objective: Objective
+    train_set: Any = None  # the training set, when it was read to set the domain up
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], domain_state: Mapping[str, Any] | None = None) -> "Parts":
+        """Build everything; ``domain_state`` (from a checkpoint) replaces reading the data set."""
+        plain = to_plain(cfg)
+        domain = build_domain(plain["domain"])
+        train_set = None
+        if domain_state is not None:
+            domain.load_state_dict(domain_state)
+        else:
+            train_set = domain.dataset("train")
+            domain.setup(train_set)
+        schedule = build_schedule(plain["schedule"])
+        objective = build_objective(plain["objective"], schedule)
+        net = build_network(domain, plain.get("model", {}))
+        return cls(domain, net, schedule, objective, train_set)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a clear error for an unavailable CUDA."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"trainer.device={device} but CUDA is not available here; use trainer.device=auto or cpu")
+    return dev

@@ -1,0 +1,189 @@
+"""The ``polydiff`` command: ``train`` (Hydra recipes), ``sample`` (from a run directory), ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "compose_recipe"]
+
+USAGE = """usage: polydiff <command> [args]
+
+commands:
+  train RECIPE.yaml [hydra overrides]   train a recipe, e.g.
+        polydiff train recipes/audio_unet.yaml profile=cpu trainer.max_steps=500 hydra.run.dir=runs/audio
+        (multirun: -m trainer.lr=1e-4,2e-4; every Hydra flag works)
+  sample RUN_DIR [--n N] [overrides]    write new samples from a run's last checkpoint, e.g.
+        polydiff sample runs/audio --n 16 sampler.name=ddim sampler.steps=50 guidance.scale=3 label=seven
+  bench [--suite quick|full] [--domains ...]   benchmark every registered domain
+"""
+
+
+def _fail(msg: str) -> "SystemExit":
+    return SystemExit(f"polydiff: error: {msg}")
+
+
+def _recipe_paths(recipe: str) -> tuple[Path, list[str]]:
+    path = Path(recipe)
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_suffix(".yaml")
+    if not path.is_file():
+        known = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
+        raise _fail(f"recipe {recipe!r} not found" + (f"; recipes here: {known}" if known else ""))
+    path = path.resolve()
+    extra = path.with_suffix("")
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra.is_dir() else []
+    return path, search
+
+
+def compose_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Compose a recipe with overrides into a DictConfig, exactly as ``polydiff train`` does."""
+    from hydra import compose, initialize_config_dir
+
+    from .config import register_configs
+
+    register_configs()
+    path, search = _recipe_paths(str(recipe))
+    with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+        return compose(config_name=path.stem, overrides=[*search, *overrides])
+
+
+_USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)
+
+
+def _message(err: BaseException) -> str:
+    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+
+
+def _train(args: Sequence[str]) -> None:
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import register_configs
+    from .trainer import train
+
+    register_configs()
+    path, search = _recipe_paths(args[0])
+
+    @hydra.main(version_base=None, config_path=None, config_name=None)
+    def _task(cfg) -> None:
+        try:
+            train(cfg, HydraConfig.get().runtime.output_dir)
+        except _USER_ERRORS as err:
+            raise _fail(_message(err)) from err
+
+    saved = sys.argv
+    sys.argv = ["polydiff train", "--config-path", str(path.parent), "--config-name", path.stem, *search, *args[1:]]
+    try:
+        _task()
+    finally:
+        sys.argv = saved
+
+
+def _sample(args: Sequence[str]) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from .build import Parts, resolve_device
+    from .checkpoint import load_checkpoint
+    from .config import GuidanceConfig, SamplerConfig
+    from .generate import generate
+
+    p = argparse.ArgumentParser(prog="polydiff sample", description="Write new samples from a run's checkpoint.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--out", type=Path, default=None, help="default RUN_DIR/samples/sample-TIME")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--eval", action="store_true", help="also compute the domain's metrics")
+    p.add_argument("overrides", nargs="*", help="sampler.KEY=V guidance.KEY=V label=NAME prior.KEY=V")
+    a = p.parse_args(args)
+
+    ckpt_path = a.checkpoint or a.run_dir / "checkpoints" / "last.pt"
+    if not ckpt_path.is_file():
+        raise _fail(f"no checkpoint at {ckpt_path}: train first (polydiff train RECIPE hydra.run.dir={a.run_dir})")
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt["config"]
+
+    over = OmegaConf.from_dotlist(list(a.overrides)) if a.overrides else OmegaConf.create({})
+    unknown = set(over.keys()) - {"sampler", "guidance", "label", "prior"}
+    if unknown:
+        raise _fail(f"unknown override(s) {sorted(unknown)}; use sampler.KEY=V, guidance.KEY=V, label=NAME or prior.KEY=V")
+    try:
+        sampler = OmegaConf.to_container(
+            OmegaConf.merge(OmegaConf.structured(SamplerConfig), cfg["sampler"], over.get("sampler", {}))
+        )
+        guidance = OmegaConf.to_container(
+            OmegaConf.merge(OmegaConf.structured(GuidanceConfig), cfg["guidance"], over.get("guidance", {}))
+        )
+    except Exception as err:  # omegaconf's ConfigKeyError names the key
+        raise _fail(str(err).splitlines()[0]) from err
+    prior = OmegaConf.to_container(over.get("prior", OmegaConf.create({})))
+
+    device = resolve_device(a.device)
+    try:
+        parts = Parts.from_config(cfg, domain_state=ckpt["domain_state"])
+        state = ckpt["model"]
+        if a.weights == "ema":
+            state = {k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        parts.net.load_state_dict(state)
+        parts.net.to(device)
+        domain = parts.domain
+        labels = None
+        label = over.get("label", None)
+        if label is not None and str(label) != "all":
+            labels = torch.full((a.n,), domain.parse_label(label), dtype=torch.long, device=device)
+        elif domain.num_classes:
+            labels = torch.arange(a.n, device=device) % domain.num_classes
+        gen = torch.Generator(device=device).manual_seed(a.seed)
+        t0 = time.perf_counter()
+        batch = generate(
+            domain, parts.net, parts.schedule, parts.objective, a.n, sampler=sampler, guidance=guidance,
+            labels=labels, device=device, generator=gen, prior=prior,
+        )
+        dt = time.perf_counter() - t0
+        out = a.out or a.run_dir / "samples" / time.strftime("sample-%Y%m%d-%H%M%S")
+        paths = domain.save_samples(batch, out, prefix="samples")
+    except _USER_ERRORS as err:
+        raise _fail(_message(err)) from err
+    print(f"{a.n} samples ({sampler['name']}, {sampler['steps']} steps, guidance {guidance['scale']}) in {dt:.1f}s")
+    for path in paths:
+        print(f"  {path}")
+    if a.eval:
+        for k, v in domain.evaluate(batch).items():
+            print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+
+
+def _bench(args: Sequence[str]) -> None:
+    from .bench import main as bench_main
+
+    bench_main(list(args))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point of the ``polydiff`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # "module:Class" domains in recipes resolve from here, as with python -m
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    commands = {"train": _train, "sample": _sample, "bench": _bench}
+    if command not in commands:
+        raise _fail(f"unknown command {command!r}; choose one of {sorted(commands)}")
+    commands[command](rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The domain adapter template: data, network, state layout, outputs and metrics of one modality.
+
+A domain overrides only what differs from dense tensors. For a data set of ``[...]``-shaped
+tensors (or ``(tensor, label)`` pairs) a domain needs just :meth:`Domain.dataset` and
+:meth:`Domain.build_network`; everything else has a dense default.
+
+The network contract used by every sampler and objective::
+
+    net(x_t: Tensor, t: Tensor, **batch.cond) -> Tensor   # same shape as x_t
+
+where ``t`` is a per-sample float tensor ``[B]`` in ``[0, 1]`` (``0`` = clean data) and
+``cond`` holds the domain's keyword arguments (class labels, a graph batch index, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .conditioning import NULL_LABEL
+from .space import DenseSpace, Space
+
+__all__ = ["Batch", "Domain"]
+
+
+@dataclass
+class Batch:
+    """A batch of states ``x`` with their layout ``space`` and the network's keyword args ``cond``."""
+
+    x: Tensor
+    space: Space
+    cond: dict[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        cond = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.cond.items()}
+        return Batch(self.x.to(device), self.space.to(device), cond)
+
+    @property
+    def num_samples(self) -> int:
+        return self.space.num_samples
+
+
+class Domain:
+    """Template base class for a data domain.
+
+    Hooks (defaults serve dense ``[B, ...]`` tensors):
+
+    * :meth:`dataset` -- the data set of a split (``"train"``, ``"test"``, ...). Required.
+    * :meth:`build_network` -- the denoiser for the recipe's ``model`` section. Required.
+    * :meth:`collate` -- items -> :class:`Batch` (dense stacking by default).
+    * :meth:`prior` -- the layout and conditions of ``n`` new samples.
+    * :meth:`save_samples` / :meth:`evaluate` -- outputs and metrics (a ``.pt`` file and no
+      metrics by default).
+    * :meth:`state_dict` / :meth:`load_state_dict` -- what sampling needs from the data
+      (sample shape, class names, ...), saved in checkpoints so sampling needs no data.
+    """
+
+    #: Registry name, set by :func:`polydiff.register_domain`.
+    name: ClassVar[str] = ""
+    #: Keys of ``Batch.cond`` that classifier-free guidance drops and nulls.
+    guidance_keys: ClassVar[tuple[str, ...]] = ("label",)
+
+    def __init__(self) -> None:
+        self.sample_shape: Optional[tuple[int, ...]] = None
+        self.class_names: list[str] = []
+
+    # ------------------------------------------------------------------ data
+    def dataset(self, split: str) -> Dataset:
+        """The data set of ``split``; items are what :meth:`collate` takes."""
+        raise NotImplementedError(f"{type(self).__name__} must implement dataset(split)")
+
+    def collate(self, items: Sequence[Any]) -> Batch:
+        """Stack tensors, or ``(tensor, label)`` pairs, into a dense :class:`Batch`."""
+        if isinstance(items[0], (tuple, list)):
+            x = torch.stack([torch.as_tensor(it[0]) for it in items]).float()
+            labels = torch.as_tensor([int(it[1]) for it in items], dtype=torch.long)
+            cond = {"label": labels}
+        else:
+            x = torch.stack([torch.as_tensor(it) for it in items]).float()
+            cond = {}
+        return Batch(x, DenseSpace(tuple(x.shape)), cond)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def setup(self, train_set: Dataset) -> None:
+        """Read what sampling needs from the training set (called once before training)."""
+        if self.sample_shape is None and len(train_set) > 0:
+            first = self.collate([train_set[0]])
+            self.sample_shape = tuple(first.x.shape[1:])
+
+    # --------------------------------------------------------------- network
+    def build_network(self, **model: Any) -> nn.Module:
+        """The denoiser network, built from the recipe's ``model`` section."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_network(**model)")
+
+    # -------------------------------------------------------------- sampling
+    def parse_label(self, value: Any) -> int:
+        """A class index from an index or a class name; a clear error for unknown labels."""
+        if self.num_classes == 0:
+            raise ValueError(f"domain {self.name!r} is unconditional: it has no labels, got label={value!r}")
+        if isinstance(value, str) and not value.lstrip("-").isdigit():
+            if value not in self.class_names:
+                raise ValueError(f"unknown label {value!r} for domain {self.name!r}; known labels: {self.class_names}")
+            return self.class_names.index(value)
+        index = int(value)
+        if not 0 <= index < self.num_classes:
+            raise ValueError(
+                f"label {index} out of range for domain {self.name!r}: expected 0..{self.num_classes - 1} "
+                f"or one of {self.class_names}"
+            )
+        return index
+
+    def prior(
+        self,
+        n: int,
+        labels: Optional[Tensor] = None,
+        device: torch.device | str = "cpu",
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[Space, dict[str, Tensor]]:
+        """Layout and conditions of ``n`` new samples (labels ``[n]``, or null when ``None``)."""
+        if self.sample_shape is None:
+            raise RuntimeError(f"domain {self.name!r} has no sample_shape: call setup(train_set) or load_state_dict")
+        space = DenseSpace((n, *self.sample_shape), device_=torch.device(device))
+        cond: dict[str, Tensor] = {}
+        if self.num_classes:
+            cond["label"] = (
+                labels.to(device) if labels is not None else torch.full((n,), NULL_LABEL, dtype=torch.long, device=device)
+            )
+        return space, cond
+
+    # --------------------------------------------------------------- outputs
+    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        """Write samples to ``out_dir``; returns the written paths."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{prefix}.pt"
+        torch.save({"x": batch.x.detach().cpu(), **{k: v.detach().cpu() for k, v in batch.cond.items()}}, path)
+        return [path]
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        """Quality metrics of generated samples (none by default)."""
+        return {}
+
+    def reference_metrics(self, n: int) -> dict[str, float]:
+        """The same metrics on ``n`` held-out real samples: the reference row."""
+        return {}
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {"sample_shape": list(self.sample_shape) if self.sample_shape else None, "class_names": list(self.class_names)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        shape = state.get("sample_shape")
+        self.sample_shape = tuple(shape) if shape else None
+        self.class_names = list(state.get("class_names", []))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _json_safe(obj: Any) -> Any:
+    """Round-trip through JSON: the checkpoint stores only plain types (weights_only=True)."""
+    return json.loads(json.dumps(obj))

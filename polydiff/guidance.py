@@ -1,0 +1,53 @@
+"""Classifier-free guidance as a denoiser wrapper, so it works with every sampler.
+
+Guidance mixes a conditional and an unconditional prediction (Ho & Salimans 2022):
+``x0 = x0_u + w (x0_c - x0_u)``; the same affine mix holds for eps, so both stay consistent.
+``w = 0`` is the unconditional model and ``w = 1`` the conditional one. Optional guidance
+rescale (Lin et al. 2024, eq. 15-16) pulls the guided x0 back to the conditional
+prediction's per-sample standard deviation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .objectives import DenoiserFn, Prediction
+from .schedules import NoiseSchedule
+from .space import Space
+
+__all__ = ["classifier_free_guidance"]
+
+
+def classifier_free_guidance(
+    cond_denoiser: DenoiserFn,
+    uncond_denoiser: DenoiserFn,
+    scale: float,
+    space: Space,
+    schedule: Optional[NoiseSchedule] = None,
+    rescale: float = 0.0,
+) -> DenoiserFn:
+    """A denoiser that guides ``cond_denoiser`` away from ``uncond_denoiser`` with weight ``scale``."""
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance.rescale must be in [0, 1], got {rescale}")
+    if rescale > 0 and schedule is None:
+        raise ValueError("guidance rescale needs the schedule to keep eps consistent with the rescaled x0")
+    if scale == 1.0 and rescale == 0.0:
+        return cond_denoiser  # exactly the conditional model: skip the second call
+    if scale == 0.0 and rescale == 0.0:
+        return uncond_denoiser
+
+    def guided(x: Tensor, t: Tensor) -> Prediction:
+        c = cond_denoiser(x, t)
+        u = uncond_denoiser(x, t)
+        x0 = u.x0 + scale * (c.x0 - u.x0)
+        eps = u.eps + scale * (c.eps - u.eps)
+        if rescale > 0:
+            factor = space.expand(space.std(c.x0) / space.std(x0).clamp(min=1e-12))
+            x0 = rescale * (x0 * factor) + (1 - rescale) * x0
+            alpha, sigma = schedule.alpha_sigma(t, dtype=x.dtype)
+            eps = (x - space.expand(alpha) * x0) / space.expand(sigma)
+        return Prediction(x0, eps)
+
+    return guided

@@ -1,0 +1,244 @@
+"""Samplers: functions of (denoiser, initial noise, schedule, steps, ...) that return clean states.
+
+Every sampler shares one signature::
+
+    sample_x(denoiser, noise, schedule, steps, *, space=None, generator=None, callback=None,
+             clip_x0=None, spacing="trailing", ...) -> Tensor
+
+* ``denoiser(x_t, t[B]) -> Prediction(x0, eps)`` (see :meth:`polydiff.objectives.Objective.denoiser`);
+* ``steps`` is a number of steps, or an explicit time grid ``[n + 1]`` or per-sample ``[n + 1, B]``
+  running from noise (``t`` near 1) down to ``0``;
+* ``space`` says how per-sample scalars broadcast and how states are projected (dense by default);
+* ``callback({"i", "t", "x", "x0"})`` is called after every step.
+
+Coefficients are computed once per call in float64 and cast to the state's dtype, so the
+loop only does the elementwise update.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .objectives import DenoiserFn, Prediction
+from .schedules import NoiseSchedule
+from .space import DenseSpace, Space
+
+__all__ = ["timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample", "SAMPLERS"]
+
+Callback = Callable[[dict[str, Any]], None]
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+def timesteps(steps: int, num_train_steps: int, spacing: str = "trailing") -> Tensor:
+    """Times ``[steps + 1]`` (float64), descending to ``0``, on the trained grid ``i / T``.
+
+    ``trailing`` starts at the last trained step ``T`` (Lin et al. 2024, Table 2); ``leading``
+    and ``linspace`` reproduce the other spacings in common use (diffusers' ``leading``
+    starts ``T/steps - 1`` steps short of pure noise).
+    """
+    T = num_train_steps
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampler.steps must be in 1..{T} (the schedule's trained steps), got {steps}")
+    if spacing == "trailing":
+        idx = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64))[:steps]
+    elif spacing == "leading":
+        idx = (torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (T // steps)) + 1
+    elif spacing == "linspace":
+        idx = torch.round(torch.linspace(T - 1, 0, steps, dtype=torch.float64)) + 1
+    else:
+        raise KeyError(f"unknown sampler.spacing {spacing!r}; choose one of {list(SPACINGS)}")
+    return torch.cat([idx / T, torch.zeros(1, dtype=torch.float64)])
+
+
+def _grid(steps: int | Tensor, schedule: NoiseSchedule, spacing: str, batch: int, device: torch.device) -> Tensor:
+    """The time grid ``[n + 1, B]`` in float64 from a step count or an explicit grid."""
+    if isinstance(steps, Tensor):
+        grid = steps.to(device=device, dtype=torch.float64)
+        if grid.dim() == 1:
+            grid = grid[:, None].expand(-1, batch)
+        if grid.dim() != 2 or grid.shape[1] != batch or grid.shape[0] < 2:
+            raise ValueError(f"a time grid must be [n + 1] or [n + 1, {batch}], got {tuple(steps.shape)}")
+        if (grid[1:] >= grid[:-1]).any() or (grid < 0).any() or (grid > 1).any():
+            raise ValueError("a time grid must decrease strictly within [0, 1]")
+        return grid
+    return timesteps(int(steps), schedule.num_steps, spacing).to(device)[:, None].expand(-1, batch)
+
+
+def _setup(noise: Tensor, space: Optional[Space], steps: int | Tensor, schedule: NoiseSchedule, spacing: str):
+    space = space if space is not None else DenseSpace(tuple(noise.shape), device_=noise.device)
+    grid = _grid(steps, schedule, spacing, space.num_samples, noise.device)  # [n + 1, B]
+    ab = schedule.alpha_bar(grid)  # [n + 1, B] float64
+    return space, grid, ab
+
+
+def _predict(denoiser: DenoiserFn, x: Tensor, t: Tensor, clip_x0: Optional[float], a: Tensor, s: Tensor) -> Prediction:
+    pred = denoiser(x, t)
+    if clip_x0 is None:
+        return pred
+    # Clipping is opt-in: non-image data is not bounded. eps is made consistent with the clipped x0.
+    x0 = pred.x0.clamp(-clip_x0, clip_x0)
+    return Prediction(x0, (x - a * x0) / s)
+
+
+def _noise(space: Space, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+    return space.randn(generator=generator, dtype=like.dtype)
+
+
+@torch.no_grad()
+def sample_ddim(
+    denoiser: DenoiserFn,
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    steps: int | Tensor = 50,
+    *,
+    eta: float = 0.0,
+    space: Optional[Space] = None,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
+    clip_x0: Optional[float] = None,
+    spacing: str = "trailing",
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12); ``eta = 0`` is deterministic, ``eta = 1`` is ancestral DDPM."""
+    space, grid, ab = _setup(noise, space, steps, schedule, spacing)
+    a, s = ab.sqrt(), (1 - ab).sqrt()  # [n + 1, B]
+    # c: std of the fresh noise; sqrt(s_next^2 - c^2): weight of the predicted eps.
+    c = eta * ((s[1:] ** 2 / s[:-1] ** 2) * (1 - ab[:-1] / ab[1:])).clamp(min=0).sqrt()
+    eps_w = (s[1:] ** 2 - c**2).clamp(min=0).sqrt()
+    dt = noise.dtype
+    a_, s_, c_, eps_w_ = a.to(dt), s.to(dt), c.to(dt), eps_w.to(dt)
+    t_ = grid.to(dt)
+    x = noise
+    for i in range(grid.shape[0] - 1):
+        x0, eps = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
+        x = space.expand(a_[i + 1]) * x0 + space.expand(eps_w_[i]) * eps
+        if eta > 0:
+            x = x + space.expand(c_[i]) * _noise(space, generator, x)
+        x = space.project(x)
+        if callback is not None:
+            callback({"i": i, "t": grid[i], "x": x, "x0": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    denoiser: DenoiserFn,
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    steps: int | Tensor = 1000,
+    *,
+    variance: str = "small",
+    space: Optional[Space] = None,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
+    clip_x0: Optional[float] = None,
+    spacing: str = "trailing",
+) -> Tensor:
+    """Ancestral DDPM (Ho et al. 2020, eq. 6-7) with the posterior (``small``) or ``large`` (beta) variance."""
+    if variance not in ("small", "large"):
+        raise KeyError(f"unknown sampler.variance {variance!r}; choose 'small' or 'large'")
+    space, grid, ab = _setup(noise, space, steps, schedule, spacing)
+    ab_t, ab_s = ab[:-1], ab[1:]  # [n, B]
+    alpha_ts2 = ab_t / ab_s
+    beta_ts = 1 - alpha_ts2
+    one_m_ab_t = (1 - ab_t).clamp(min=1e-20)
+    w_x0 = ab_s.sqrt() * beta_ts / one_m_ab_t
+    w_xt = alpha_ts2.sqrt() * (1 - ab_s) / one_m_ab_t
+    var = beta_ts * (1 - ab_s) / one_m_ab_t if variance == "small" else beta_ts.clone()
+    var[grid[1:] == 0] = 0.0  # no noise on the final step to clean data
+    std = var.clamp(min=0).sqrt()
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    dt = noise.dtype
+    a_, s_, w_x0_, w_xt_, std_ = a.to(dt), s.to(dt), w_x0.to(dt), w_xt.to(dt), std.to(dt)
+    t_ = grid.to(dt)
+    x = noise
+    for i in range(grid.shape[0] - 1):
+        x0, _ = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
+        x = space.expand(w_x0_[i]) * x0 + space.expand(w_xt_[i]) * x
+        x = x + space.expand(std_[i]) * _noise(space, generator, x)
+        x = space.project(x)
+        if callback is not None:
+            callback({"i": i, "t": grid[i], "x": x, "x0": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    denoiser: DenoiserFn,
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    steps: int | Tensor = 20,
+    *,
+    space: Optional[Space] = None,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callback] = None,
+    clip_x0: Optional[float] = None,
+    spacing: str = "trailing",
+) -> Tensor:
+    """DPM-Solver++(2M), multistep second order in log-SNR (Lu et al. 2022, Algorithm 2).
+
+    The final step to clean data is first order, where it returns the last ``x0`` prediction.
+    """
+    space, grid, ab = _setup(noise, space, steps, schedule, spacing)
+    a, s = ab.sqrt(), (1 - ab).sqrt()  # [n + 1, B]
+    lam = torch.log(a) - torch.log(s)  # log(alpha / sigma), +inf at t = 0
+    h = lam[1:] - lam[:-1]  # [n, B]
+    ratio = s[1:] / s[:-1]  # sigma_next / sigma
+    phi = -torch.expm1(-h)  # 1 - exp(-h), 1 at the final step
+    w_x0 = a[1:] * phi
+    # Second-order weights (1 + 1/(2r), -1/(2r)) with r = h_prev / h.
+    r = torch.ones_like(h)
+    r[1:] = h[:-1] / h[1:]
+    half_inv_r = 0.5 / r
+    dt = noise.dtype
+    a_, s_, ratio_, w_x0_, hir_ = a.to(dt), s.to(dt), ratio.to(dt), w_x0.to(dt), half_inv_r.to(dt)
+    t_ = grid.to(dt)
+    final = grid[1:] == 0  # [n, B]
+    x, x0_prev = noise, None
+    for i in range(grid.shape[0] - 1):
+        x0, _ = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
+        if x0_prev is None or bool(final[i].all()):
+            d = x0
+        else:
+            k = hir_[i].masked_fill(final[i], 0.0)
+            d = x0 + space.expand(k) * (x0 - x0_prev)  # (1 + 1/2r) x0 - (1/2r) x0_prev
+        x = space.expand(ratio_[i]) * x + space.expand(w_x0_[i]) * d
+        x = space.project(x)
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "t": grid[i], "x": x, "x0": x0})
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+_OPTIONS = {"ddpm": {"variance"}, "ddim": {"eta"}, "dpmpp_2m": set()}
+
+
+def sample(
+    name: str,
+    denoiser: DenoiserFn,
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    steps: int | Tensor,
+    **options: Any,
+) -> Tensor:
+    """Run the sampler registered as ``name``; options another sampler uses are dropped, unknown ones rejected."""
+    if name not in SAMPLERS:
+        close = difflib.get_close_matches(name, SAMPLERS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown sampler {name!r}. Known samplers: {sorted(SAMPLERS)}.{hint}")
+    common = {"space", "generator", "callback", "clip_x0", "spacing"}
+    every = set().union(*_OPTIONS.values())
+    unknown = set(options) - common - every
+    if unknown:
+        raise KeyError(f"unknown sampler option(s) {sorted(unknown)}; known: {sorted(common | every)}")
+    kept = {k: v for k, v in options.items() if k in common or k in _OPTIONS[name]}
+    return SAMPLERS[name](denoiser, noise, schedule, steps, **kept)

@@ -1,0 +1,189 @@
+"""Variance-preserving noise schedules, tabulated in float64 and read at any continuous time.
+
+A schedule of ``T`` trained steps is the table ``alpha_bar[i]`` for ``i = 1..T``; time
+``t = i / T`` in ``[0, 1]`` addresses it, and ``t = 0`` is clean data (``alpha_bar = 1``).
+Between grid points ``alpha_bar`` is interpolated linearly, which keeps it monotone, so a
+sampler may use any number of steps and the log-SNR stays strictly decreasing.
+
+``x_t = alpha(t) * x_0 + sigma(t) * eps`` with ``alpha^2 + sigma^2 = 1``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NoiseSchedule",
+    "linear_betas",
+    "cosine_betas",
+    "sigmoid_betas",
+    "polynomial_alpha_bar",
+    "rescale_zero_terminal_snr",
+    "make_schedule",
+    "SCHEDULES",
+]
+
+
+def linear_betas(steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Linear betas of DDPM (Ho et al. 2020), rescaled so that any ``steps`` spans the same noise."""
+    scale = 1000.0 / steps
+    return torch.linspace(beta_start * scale, beta_end * scale, steps, dtype=torch.float64)
+
+
+def cosine_betas(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule ``alpha_bar(t) = cos^2((t + s) / (1 + s) * pi / 2)`` (Nichol & Dhariwal 2021, eq. 17)."""
+    t = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    f = torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def sigmoid_betas(steps: int, beta_start: float = 1e-7, beta_end: float = 2e-3) -> Tensor:
+    """Sigmoid betas over ``[-6, 6]`` as in GeoDiff (Xu et al. 2022)."""
+    x = torch.linspace(-6, 6, steps, dtype=torch.float64)
+    return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+
+
+def polynomial_alpha_bar(steps: int, power: float = 2.0, precision: float = 1e-5, clip: float = 1e-3) -> Tensor:
+    """EDM's polynomial schedule ``alpha_bar = (1 - 2s)(1 - t^p)^2 + s`` (Hoogeboom et al. 2022, App. B).
+
+    The step ratios ``alpha_bar_i / alpha_bar_{i-1}`` are clipped from below at ``clip`` for
+    stability at the noisy end, and ``s = precision`` keeps ``alpha_bar`` away from 0 and 1.
+    Returns ``alpha_bar[1..steps]``.
+    """
+    t = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    alpha_bar = (1 - t**power) ** 2
+    ratios = (alpha_bar[1:] / alpha_bar[:-1]).clamp(min=clip, max=1.0)
+    alpha_bar = torch.cat([alpha_bar[:1], torch.cumprod(ratios, 0)])
+    alpha_bar = (1 - 2 * precision) * alpha_bar + precision
+    return alpha_bar[1:]
+
+
+def rescale_zero_terminal_snr(alpha_bar: Tensor) -> Tensor:
+    """Shift and scale ``sqrt(alpha_bar)`` so the last step has SNR 0 (Lin et al. 2024, Alg. 1)."""
+    root = alpha_bar.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    return root**2
+
+
+class NoiseSchedule:
+    """A tabulated VP schedule: ``alpha_bar[1..T]`` in float64, read at continuous ``t`` in [0, 1]."""
+
+    def __init__(self, alpha_bar: Tensor, name: str = "custom") -> None:
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).flatten()
+        if alpha_bar.numel() < 1:
+            raise ValueError("a noise schedule needs at least one step")
+        if not torch.isfinite(alpha_bar).all() or (alpha_bar < 0).any() or (alpha_bar >= 1).any():
+            raise ValueError("alpha_bar must be finite and in [0, 1) at every trained step")
+        if (alpha_bar[1:] >= alpha_bar[:-1]).any():
+            raise ValueError("alpha_bar must be strictly decreasing (every beta in (0, 1])")
+        self.name = name
+        self.num_steps = alpha_bar.numel()
+        # Grid [0, 1/T, ..., 1] with alpha_bar = 1 at t = 0 (clean data).
+        self.alpha_bar_table = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar])
+        self._cache: dict[torch.device, Tensor] = {}
+
+    @classmethod
+    def from_betas(cls, betas: Sequence[float] | Tensor, name: str = "custom") -> "NoiseSchedule":
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        if (betas <= 0).any() or (betas > 1).any():
+            raise ValueError("every beta must be in (0, 1]")
+        return cls(torch.cumprod(1 - betas, 0), name=name)
+
+    @property
+    def betas(self) -> Tensor:
+        ab = self.alpha_bar_table
+        return 1 - ab[1:] / ab[:-1]
+
+    def _table(self, device: torch.device) -> Tensor:
+        if device not in self._cache:
+            self._cache[device] = self.alpha_bar_table.to(device)
+        return self._cache[device]
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """``alpha_bar(t)`` in float64, linear between grid points ``i / T``."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        table = self._table(t.device)
+        pos = t.clamp(0, 1) * self.num_steps
+        lo = pos.floor().long().clamp(max=self.num_steps - 1)
+        frac = pos - lo
+        return table[lo] * (1 - frac) + table[lo + 1] * frac
+
+    def alpha_sigma(self, t: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Signal and noise scales ``alpha(t)``, ``sigma(t)`` (computed in float64, cast on use)."""
+        ab = self.alpha_bar(t)
+        return ab.sqrt().to(dtype), (1 - ab).clamp(min=0).sqrt().to(dtype)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """``log(alpha^2 / sigma^2)`` in float64 (``+inf`` at t = 0, ``-inf`` at zero terminal SNR)."""
+        ab = self.alpha_bar(t)
+        return torch.log(ab) - torch.log1p(-ab)
+
+    def snr(self, t: Tensor) -> Tensor:
+        ab = self.alpha_bar(t)
+        return ab / (1 - ab)
+
+    def timestep_to_t(self, index: Tensor) -> Tensor:
+        """Trained step ``i`` in ``1..T`` to continuous time ``i / T``."""
+        return index.to(torch.float64) / self.num_steps
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule(name={self.name!r}, steps={self.num_steps})"
+
+
+def _drop_none(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "linear": lambda steps, beta_start=None, beta_end=None: torch.cumprod(
+        1 - linear_betas(steps, **_drop_none(dict(beta_start=beta_start, beta_end=beta_end))), 0
+    ),
+    "cosine": lambda steps, offset=None: torch.cumprod(1 - cosine_betas(steps, **_drop_none(dict(offset=offset))), 0),
+    "sigmoid": lambda steps, beta_start=None, beta_end=None: torch.cumprod(
+        1 - sigmoid_betas(steps, **_drop_none(dict(beta_start=beta_start, beta_end=beta_end))), 0
+    ),
+    "polynomial": lambda steps, power=None, precision=None: polynomial_alpha_bar(
+        steps, **_drop_none(dict(power=power, precision=precision))
+    ),
+}
+
+
+def make_schedule(
+    name: str,
+    steps: int = 1000,
+    zero_terminal_snr: bool = False,
+    betas: Optional[Sequence[float]] = None,
+    **kwargs: Optional[float],
+) -> NoiseSchedule:
+    """Build a schedule by name (``linear``, ``cosine``, ``sigmoid``, ``polynomial``, ``custom``)."""
+    if name == "custom" or betas is not None:
+        if betas is None:
+            raise ValueError("schedule 'custom' needs schedule.betas: a list of betas in (0, 1]")
+        alpha_bar = torch.cumprod(1 - torch.as_tensor(list(betas), dtype=torch.float64), 0)
+        name = "custom"
+    else:
+        if name not in SCHEDULES:
+            close = difflib.get_close_matches(name, SCHEDULES, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"unknown schedule {name!r}. Known schedules: {sorted(SCHEDULES) + ['custom']}.{hint}")
+        if steps < 1:
+            raise ValueError(f"schedule.steps must be >= 1, got {steps}")
+        fn = SCHEDULES[name]
+        allowed = set(inspect.signature(fn).parameters) - {"steps"}
+        extra = {k: v for k, v in kwargs.items() if v is not None and k not in allowed}
+        if extra:
+            raise KeyError(f"schedule {name!r} does not take {sorted(extra)}; it takes {sorted(allowed)}")
+        alpha_bar = fn(steps, **{k: v for k, v in kwargs.items() if k in allowed})
+    if zero_terminal_snr:
+        alpha_bar = rescale_zero_terminal_snr(alpha_bar)
+        # alpha_bar[-1] == 0 exactly: allowed (the table only forbids values >= 1).
+    return NoiseSchedule(alpha_bar, name=name)

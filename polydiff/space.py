@@ -1,0 +1,180 @@
+"""Spaces: how per-sample scalars, noise, reductions and projections act on a batch of states.
+
+A diffusion *state* is always one tensor. What differs between domains is its layout:
+
+* :class:`DenseSpace` -- a ``[B, ...]`` tensor of any rank, optionally with a mask of
+  valid elements (padding in variable-length audio, say).
+* :class:`RaggedSpace` -- rows of a ``[N, F]`` tensor grouped into ``B`` samples by a
+  batch index (PyTorch Geometric's layout), optionally with columns whose per-sample
+  mean is kept at zero (atom positions with zero centre of mass, EDM, Hoogeboom et al. 2022).
+
+Samplers, objectives and guidance only talk to a state through these few methods, which
+is what keeps ``polydiff`` free of image-shaped assumptions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Space", "DenseSpace", "RaggedSpace"]
+
+
+class Space:
+    """Base class: the layout of a batch of ``num_samples`` states."""
+
+    num_samples: int
+
+    def expand(self, s: Tensor) -> Tensor:
+        """Broadcast a per-sample tensor ``[B]`` onto the state's shape."""
+        raise NotImplementedError
+
+    def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard Gaussian noise in the state's space (already projected)."""
+        raise NotImplementedError
+
+    def project(self, x: Tensor) -> Tensor:
+        """Project a state onto the space (identity for unconstrained spaces)."""
+        return x
+
+    def sum(self, values: Tensor) -> Tensor:
+        """Per-sample sum ``[B]`` of an elementwise tensor over valid elements."""
+        raise NotImplementedError
+
+    def count(self) -> Tensor:
+        """Per-sample number ``[B]`` of valid elements."""
+        raise NotImplementedError
+
+    def mean(self, values: Tensor) -> Tensor:
+        """Per-sample mean ``[B]`` of an elementwise tensor over valid elements."""
+        return self.sum(values) / self.count().to(values.dtype)
+
+    def std(self, values: Tensor) -> Tensor:
+        """Per-sample standard deviation ``[B]`` over valid elements."""
+        mu = self.mean(values)
+        return self.mean((values - self.expand(mu)) ** 2).sqrt()
+
+    def to(self, device: torch.device | str) -> "Space":
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+
+@dataclass
+class DenseSpace(Space):
+    """A ``[B, ...]`` tensor of any rank; ``mask`` (broadcastable, 1 = valid) is optional."""
+
+    shape: tuple[int, ...]
+    mask: Optional[Tensor] = None
+    device_: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if len(self.shape) < 1:
+            raise ValueError("DenseSpace needs a batch dimension: shape must have rank >= 1")
+        if self.mask is not None:
+            self.device_ = self.mask.device
+        self.device_ = torch.device(self.device_)
+
+    @property
+    def num_samples(self) -> int:  # type: ignore[override]
+        return self.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.device_
+
+    def expand(self, s: Tensor) -> Tensor:
+        # [B] -> [B, 1, ..., 1]
+        return s.reshape(s.shape[0], *([1] * (len(self.shape) - 1)))
+
+    def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        noise = torch.randn(self.shape, generator=generator, device=self.device, dtype=dtype)
+        return noise if self.mask is None else noise * self.mask
+
+    def sum(self, values: Tensor) -> Tensor:
+        if self.mask is not None:
+            values = values * self.mask
+        return values.reshape(values.shape[0], -1).sum(dim=1)
+
+    def count(self) -> Tensor:
+        if self.mask is None:
+            n = 1
+            for s in self.shape[1:]:
+                n *= s
+            return torch.full((self.shape[0],), n, device=self.device)
+        return torch.broadcast_to(self.mask, self.shape).reshape(self.shape[0], -1).sum(dim=1)
+
+    def project(self, x: Tensor) -> Tensor:
+        return x if self.mask is None else x * self.mask
+
+    def to(self, device: torch.device | str) -> "DenseSpace":
+        mask = None if self.mask is None else self.mask.to(device)
+        return replace(self, mask=mask, device_=torch.device(device))
+
+
+@dataclass
+class RaggedSpace(Space):
+    """Rows ``[N, F]`` grouped into samples by ``batch`` ``[N]`` (sorted or not).
+
+    ``centered`` lists the feature columns whose per-sample mean is kept at zero: noise is
+    drawn in that linear subspace and :meth:`project` removes the mean after every step.
+    """
+
+    batch: Tensor
+    num_samples: int  # type: ignore[assignment]
+    num_features: int
+    centered: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        if self.batch.dim() != 1:
+            raise ValueError(f"RaggedSpace.batch must be 1-D [N], got shape {tuple(self.batch.shape)}")
+        self.centered = tuple(int(c) for c in self.centered)
+        self._counts = torch.bincount(self.batch, minlength=self.num_samples)
+        if self.batch.numel() and int(self.batch.max()) >= self.num_samples:
+            raise ValueError(f"batch index {int(self.batch.max())} >= num_samples {self.num_samples}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.batch.device
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.batch.shape[0], self.num_features)
+
+    def expand(self, s: Tensor) -> Tensor:
+        # [B] -> [N, 1]
+        return s[self.batch].unsqueeze(-1)
+
+    def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        noise = torch.randn(self.shape, generator=generator, device=self.device, dtype=dtype)
+        return self.project(noise)
+
+    def segment_sum(self, values: Tensor) -> Tensor:
+        """Sum rows per sample: ``[N, ...] -> [B, ...]``."""
+        out = values.new_zeros((self.num_samples, *values.shape[1:]))
+        return out.index_add_(0, self.batch, values)
+
+    def project(self, x: Tensor) -> Tensor:
+        if not self.centered:
+            return x
+        cols = list(self.centered)
+        sub = x[:, cols]  # [N, c]
+        mean = self.segment_sum(sub) / self._counts.clamp(min=1).unsqueeze(-1).to(x.dtype)  # [B, c]
+        x = x.clone()
+        x[:, cols] = sub - mean[self.batch]
+        return x
+
+    def sum(self, values: Tensor) -> Tensor:
+        return self.segment_sum(values.reshape(values.shape[0], -1).sum(dim=1))
+
+    def count(self) -> Tensor:
+        return self._counts * self.num_features
+
+    def to(self, device: torch.device | str) -> "RaggedSpace":
+        return RaggedSpace(self.batch.to(device), self.num_samples, self.num_features, self.centered)

@@ -1,0 +1,334 @@
+"""The domain-agnostic trainer: AdamW, warm-up, clipping, EMA, bf16, compile, DDP, checkpoints.
+
+Launched by ``polydiff train`` (or :func:`train` from Python). Under ``torchrun`` it runs
+DistributedDataParallel over the launched processes (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+
+from .build import Parts, resolve_device, to_plain
+from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
+from .conditioning import drop_condition
+from .data import ResumableBatchSampler
+from .generate import generate
+
+__all__ = ["Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointError"]
+
+log = logging.getLogger("polydiff")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or Inf loss or gradient: training stops before anything is saved."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint from another domain or with an incompatible network/diffusion config."""
+
+
+# Config sections that must match for a checkpoint to be resumed or sampled.
+_MUST_MATCH = ("domain.name", "model", "schedule", "objective.prediction")
+
+
+def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, Mapping) else None
+    return cfg
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`IncompatibleCheckpointError` naming every key that differs."""
+    diffs = [key for key in _MUST_MATCH if _get(saved, key) != _get(current, key)]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {_get(saved, k)!r} vs recipe {_get(current, k)!r}" for k in diffs)
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} does not fit this recipe ({detail}). Use another hydra.run.dir, "
+            f"or trainer.resume=never to start afresh."
+        )
+
+
+def _lr_lambda(warmup: int, max_steps: int, decay: str):
+    if decay not in ("constant", "cosine"):
+        raise KeyError(f"unknown trainer.lr_decay {decay!r}; choose 'constant' or 'cosine'")
+
+    def f(step: int) -> float:
+        w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if decay == "cosine":
+            progress = min(1.0, step / max(1, max_steps))
+            return w * 0.5 * (1 + math.cos(math.pi * progress))
+        return w
+
+    return f
+
+
+class Trainer:
+    """Trains a recipe's network in ``run_dir``; state lives here, maths in the functional core."""
+
+    def __init__(self, cfg: Mapping[str, Any], run_dir: Path | str) -> None:
+        self.cfg = to_plain(cfg)
+        self.tc = self.cfg["trainer"]
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(self.tc["device"])
+        if self.world_size > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+
+        torch.manual_seed(self.cfg["seed"])  # identical initial weights on every rank
+        self.parts = Parts.from_config(self.cfg)
+        self.domain = self.parts.domain
+        self.train_set = self.parts.train_set
+        self.net = self.parts.net.to(self.device)
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(self.tc["ema_decay"]), use_buffers=True)
+        self.opt = torch.optim.AdamW(
+            self.net.parameters(), lr=self.tc["lr"], betas=tuple(self.tc["betas"]), weight_decay=self.tc["weight_decay"]
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, _lr_lambda(self.tc["warmup_steps"], self.tc["max_steps"], self.tc["lr_decay"])
+        )
+        self.generator = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] * 7919 + self.rank)
+        self.step = 0
+        self._maybe_resume()
+
+        precision = self.tc["precision"]
+        if precision not in ("auto", "fp32", "bf16"):
+            raise KeyError(f"unknown trainer.precision {precision!r}; choose auto, fp32 or bf16")
+        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        self.autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else (lambda: nullcontext())
+        )
+        model: nn.Module = self.net
+        if self.world_size > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+            )
+        self.model = torch.compile(model) if self.tc["compile"] else model
+        self._ddp = model if self.world_size > 1 else None
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.tb = self._tensorboard() if self.is_main else None
+
+    # ------------------------------------------------------------ checkpoints
+    def _maybe_resume(self) -> None:
+        mode = self.tc["resume"]
+        if mode == "never":
+            return
+        path = self.ckpt_path if mode == "auto" else Path(mode)
+        if mode == "auto" and not path.exists():
+            return
+        ckpt = load_checkpoint(path, map_location=self.device)
+        check_compatible(ckpt["config"], self.cfg, path)
+        self.net.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["lr_scheduler"])
+        self.domain.load_state_dict(ckpt["domain_state"])
+        self.step = int(ckpt["step"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        gen = rng["generators"]
+        if self.rank < len(gen):
+            self.generator.set_state(gen[self.rank].cpu())
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> None:
+        """Write ``last.pt`` atomically; a non-finite weight never replaces a good checkpoint."""
+        for name, p in self.net.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise NonFiniteLossError(f"parameter {name!r} is not finite at step {self.step}; {self.ckpt_path} is kept")
+        states = [self.generator.get_state()]
+        if self.world_size > 1:
+            gathered: list[Any] = [None] * self.world_size
+            dist.all_gather_object(gathered, self.generator.get_state().cpu())
+            states = gathered
+        if not self.is_main:
+            return
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": self.step,
+                "config": self.cfg,
+                "domain_state": self.domain.state_dict(),
+                "model": self.net.state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "lr_scheduler": self.sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "generators": [s.cpu() for s in states]},
+                "torch_version": str(torch.__version__),
+            },
+            self.ckpt_path,
+        )
+
+    # ---------------------------------------------------------------- logging
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record.get("step", 0))
+
+    # ------------------------------------------------------------------ train
+    def _loader(self) -> DataLoader:
+        sampler = ResumableBatchSampler(
+            len(self.train_set),
+            self.tc["batch_size"],
+            seed=self.cfg["seed"],
+            start=self.step * self.tc["grad_accum"],
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            collate_fn=self.domain.collate,
+            num_workers=self.tc["num_workers"],
+            persistent_workers=self.tc["num_workers"] > 0,
+        )
+
+    def _micro_step(self, batch, last: bool) -> float:
+        keys = [k for k in self.domain.guidance_keys if k in batch.cond]
+        if keys and self.tc["label_dropout"] > 0:
+            batch.cond = drop_condition(batch.cond, keys, self.tc["label_dropout"], self.generator)
+        sync = nullcontext() if (last or self._ddp is None) else self._ddp.no_sync()
+        with sync:
+            with self.autocast():
+                loss = self.parts.objective.loss(self.model, batch, self.parts.schedule, self.generator)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {self.step}; the last good checkpoint {self.ckpt_path} is kept. "
+                    "Lower trainer.lr, keep trainer.grad_clip > 0, or check the data for NaN/Inf values."
+                )
+            (loss / self.tc["grad_accum"]).backward()
+        return float(loss.detach())
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``trainer.max_steps``, then checkpoint, sample and evaluate."""
+        tc = self.tc
+        max_steps = tc["max_steps"]
+        data = iter(self._loader())
+        bar = None
+        if self.is_main and tc["progress"]:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self.net.train()
+        t_last, n_last, losses = time.perf_counter(), 0, []
+        while self.step < max_steps:
+            self.opt.zero_grad(set_to_none=True)
+            for micro in range(tc["grad_accum"]):
+                batch = next(data).to(self.device)
+                n_last += batch.num_samples * self.world_size
+                losses.append(self._micro_step(batch, last=micro == tc["grad_accum"] - 1))
+            grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLossError(
+                    f"gradient norm is {float(grad_norm)} at step {self.step}; the last good checkpoint "
+                    f"{self.ckpt_path} is kept. Lower trainer.lr or check the data."
+                )
+            self.opt.step()
+            self.sched.step()
+            self.ema.update_parameters(self.net)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % tc["log_every"] == 0 or self.step == max_steps:
+                dt = time.perf_counter() - t_last
+                record = {
+                    "kind": "train",
+                    "step": self.step,
+                    "loss": sum(losses) / len(losses),
+                    "lr": self.sched.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": n_last / max(dt, 1e-9),
+                }
+                self.log(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
+                t_last, n_last, losses = time.perf_counter(), 0, []
+            if tc["ckpt_every"] > 0 and self.step % tc["ckpt_every"] == 0:
+                self.save()
+            if tc["sample_every"] > 0 and self.step % tc["sample_every"] == 0 and self.step < max_steps:
+                self.sample_and_evaluate()
+        if bar is not None:
+            bar.close()
+        self.save()
+        result = self.sample_and_evaluate(reference=True)
+        if self.tb is not None:
+            self.tb.close()
+        return result
+
+    @torch.no_grad()
+    def sample_and_evaluate(self, reference: bool = False) -> dict[str, Any]:
+        """Sample with the EMA weights into ``samples/``, then log the domain's metrics."""
+        if not self.is_main:
+            return {}
+        n = self.tc["num_samples"]
+        labels = None
+        if self.domain.num_classes:
+            labels = torch.arange(n, device=self.device) % self.domain.num_classes
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 1)
+        sampler_cfg = dict(self.cfg["sampler"])
+        batch = generate(
+            self.domain, self.ema.module, self.parts.schedule, self.parts.objective, n,
+            sampler=sampler_cfg, guidance=self.cfg["guidance"], labels=labels, device=self.device, generator=gen,
+        )
+        paths = self.domain.save_samples(batch, self.run_dir / "samples", prefix=f"step_{self.step:07d}")
+        record: dict[str, Any] = {"kind": "eval", "step": self.step, "num_samples": n, "sampler": sampler_cfg["name"]}
+        if self.tc["eval"]:
+            record.update(self.domain.evaluate(batch))
+        self.log(record)
+        if reference and self.tc["eval"]:
+            ref = self.domain.reference_metrics(n)
+            if ref:
+                self.log({"kind": "reference", "step": self.step, "num_samples": n, **ref})
+                record["reference"] = ref
+        log.info("step %d: wrote %s; metrics %s", self.step, [str(p) for p in paths], record)
+        return record
+
+
+def train(cfg: Mapping[str, Any], run_dir: Path | str) -> dict[str, Any]:
+    """Train a recipe config (a mapping shaped like :class:`polydiff.config.RecipeConfig`) in ``run_dir``."""
+    from omegaconf import OmegaConf
+
+    from .config import RecipeConfig
+
+    merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg)  # fills defaults, rejects unknown keys
+    trainer = Trainer(merged, run_dir)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
