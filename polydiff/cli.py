@@ -106,7 +106,7 @@ def _sample(args: Sequence[str]) -> None:
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--eval", action="store_true", help="also compute the domain's metrics")
     p.add_argument("overrides", nargs="*", help="sampler.KEY=V guidance.KEY=V label=NAME prior.KEY=V")
-    a = p.parse_args(args)
+    a = p.parse_intermixed_args(args)
 
     ckpt_path = a.checkpoint or a.run_dir / "checkpoints" / "last.pt"
     if not ckpt_path.is_file():

@@ -23,6 +23,7 @@ __all__ = [
     "RecipeConfig",
     "register_configs",
     "call_checked",
+    "check_call",
 ]
 
 
@@ -129,6 +130,12 @@ def register_configs() -> None:
 
 def call_checked(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> Any:
     """Call ``fn(**kwargs)``, rejecting unknown keys with a message naming ``where`` and the fix."""
+    check_call(fn, kwargs, where)
+    return fn(**kwargs)
+
+
+def check_call(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> None:
+    """Raise ``KeyError`` naming ``where.KEY`` for keys ``fn`` does not take, or required keys missing."""
     sig = inspect.signature(fn)
     params = sig.parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -151,4 +158,3 @@ def call_checked(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) 
         ]
         if missing:
             raise KeyError(f"missing key(s) {[f'{where}.{m}' for m in missing]} for {getattr(fn, '__qualname__', fn)}")
-    return fn(**kwargs)

@@ -33,7 +33,8 @@ __all__ = [
 def linear_betas(steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Linear betas of DDPM (Ho et al. 2020), rescaled so that any ``steps`` spans the same noise."""
     scale = 1000.0 / steps
-    return torch.linspace(beta_start * scale, beta_end * scale, steps, dtype=torch.float64)
+    betas = torch.linspace(beta_start * scale, beta_end * scale, steps, dtype=torch.float64)
+    return betas.clamp(max=0.999)  # very short schedules would otherwise exceed beta = 1
 
 
 def cosine_betas(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:

@@ -273,6 +273,7 @@ class Trainer:
                     "lr": self.sched.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "samples_per_s": n_last / max(dt, 1e-9),
+                    "world_size": self.world_size,
                 }
                 self.log(record)
                 if bar is not None:

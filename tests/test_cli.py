@@ -1,0 +1,115 @@
+"""The command line, recipes and the registry."""
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import polydiff
+from polydiff.build import check_targets
+from polydiff.cli import compose_recipe
+from polydiff.config import check_call
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "polydiff.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_every_recipe_composes(recipe, profile):
+    """Each recipe composes under both profiles, and its domain/model keys fit the constructors."""
+    cfg = OmegaConf.to_container(compose_recipe(recipe, [f"profile={profile}"]), resolve=True)
+    for key in ("max_steps", "device"):
+        assert key in cfg["trainer"]
+    domain_cfg = dict(cfg["domain"])
+    cls = polydiff.get_domain(domain_cfg.pop("name"))
+    check_call(cls, domain_cfg, "domain")
+    check_call(cls.build_network, {"self": None, **cfg["model"]} if "self" in inspect.signature(cls.build_network).parameters else cfg["model"], "model")
+    check_targets(cfg)
+    if profile == "cpu":
+        assert cfg["trainer"]["max_steps"] <= 5000
+
+
+def test_audio_recipe_is_the_main_job():
+    assert (ROOT / "recipes" / "audio_unet.yaml").is_file()
+
+
+def test_misspelled_keys_fail_clearly(tmp_path):
+    proc = run("train", "examples/points.yaml", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "max_stepz" in proc.stderr
+    with pytest.raises(Exception, match="lrr"):
+        compose_recipe(ROOT / "examples" / "points.yaml", ["trainer.lrr=1"])
+    proc = run("train", "examples/points.yaml", "model.widht=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "model.widht" in proc.stderr
+    # Inside a recipe file, a misspelled constructor key is named with the likely fix.
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text((ROOT / "examples" / "points.yaml").read_text().replace("width: 128", "widht: 128"))
+    proc = run("train", str(recipe), f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0 and "'model.widht'" in proc.stderr and "'model.width'" in proc.stderr
+
+
+def test_unknown_names_list_the_known_ones(tmp_path):
+    proc = run("train", "examples/points.yaml", "domain.name=audoi", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "'audio'" in proc.stderr and "Known domains" in proc.stderr
+    proc = run("train", "examples/points.yaml", "schedule.name=cosin", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "Known schedules" in proc.stderr
+    proc = run("train", "recipes/nope.yaml")
+    assert proc.returncode != 0 and "not found" in proc.stderr
+
+
+def test_target_is_restricted():
+    check_targets({"model": {"_target_": "domains.unet.UNet"}})
+    with pytest.raises(ValueError, match="not allowed"):
+        check_targets({"model": {"_target_": "os.system", "command": "true"}})
+
+
+def test_train_then_sample(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run("train", "examples/points.yaml", "trainer.max_steps=40", "trainer.num_samples=32",
+               "model.width=32", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for path in ("checkpoints/last.pt", "metrics.jsonl", "samples"):
+        assert (run_dir / path).exists()
+    out = tmp_path / "new"
+    proc = run("sample", str(run_dir), "--n", "8", "--out", str(out), "sampler.name=dpmpp_2m", "sampler.steps=10", "--eval")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    x = torch.load(out / "samples.pt", weights_only=True)["x"]
+    assert x.shape == (8, 2) and torch.isfinite(x).all()
+    assert "dist_to_centre" in proc.stdout
+    bad = run("sample", str(run_dir), "sampler.stepz=3")
+    assert bad.returncode != 0 and "stepz" in bad.stderr
+    bad = run("sample", str(run_dir), "label=seven")
+    assert bad.returncode != 0 and "unconditional" in bad.stderr
+    bad = run("sample", str(tmp_path / "missing"))
+    assert bad.returncode != 0 and "no checkpoint" in bad.stderr
+
+
+def test_multirun(tmp_path):
+    proc = run("train", "examples/points.yaml", "-m", "trainer.max_steps=5,6", "trainer.num_samples=8",
+               "model.width=16", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted(torch.load(p, weights_only=True)["step"] for p in tmp_path.glob("*/checkpoints/last.pt"))
+    assert steps == [5, 6]
+
+
+def test_registry():
+    class Tiny(polydiff.Domain):
+        pass
+
+    polydiff.register_domain("tiny-test", Tiny)
+    assert polydiff.get_domain("tiny-test") is Tiny and "tiny-test" in polydiff.list_domains()
+    with pytest.raises(ValueError, match="already registered"):
+        polydiff.register_domain("tiny-test", type("Other", (polydiff.Domain,), {}))
+    with pytest.raises(KeyError, match="Known domains"):
+        polydiff.get_domain("no-such-domain")
+    with pytest.raises(TypeError):
+        polydiff.register_domain("bad", int)

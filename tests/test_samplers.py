@@ -1,0 +1,177 @@
+"""Sampler maths against a closed form: for Gaussian data the optimal denoiser is known exactly.
+
+For ``x0 ~ N(mu, Sigma)`` and ``x_t = a x0 + s eps``, ``E[x0 | x_t] = mu + a Sigma (a^2 Sigma +
+s^2 I)^{-1} (x_t - a mu)``. Samplers driven by it must reproduce ``mu`` and ``Sigma``.
+"""
+
+import pytest
+import torch
+
+from polydiff import DenseSpace, RaggedSpace
+from polydiff.guidance import classifier_free_guidance
+from polydiff.objectives import Prediction
+from polydiff.samplers import sample, sample_ddim, sample_ddpm, timesteps
+from polydiff.schedules import make_schedule
+
+MU = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+_L = torch.tensor([[1.0, 0, 0], [0.5, 0.7, 0], [-0.3, 0.2, 0.4]], dtype=torch.float64)
+SIGMA = _L @ _L.T
+EVALS, EVECS = torch.linalg.eigh(SIGMA)
+
+
+def gaussian_denoiser(schedule, space, mu=MU):
+    """The exact posterior-mean denoiser for N(mu, SIGMA) rows, broadcast through ``space``."""
+
+    def denoise(x, t):
+        a, s = schedule.alpha_sigma(t, dtype=torch.float64)
+        a, s = space.expand(a), space.expand(s)  # [B|N, 1]
+        gain = a * EVALS / (a**2 * EVALS + s**2)  # [., D] in the eigenbasis
+        x0 = mu + ((x - a * mu) @ EVECS * gain) @ EVECS.T
+        return Prediction(x0, (x - a * x0) / s)
+
+    return denoise
+
+
+CASES = [("ddpm", 1000, {}), ("ddim", 50, {}), ("dpmpp_2m", 20, {})]
+
+
+def _check_moments(x, mean_tol, cov_tol):
+    assert torch.isfinite(x).all()
+    assert (x.mean(0) - MU).abs().max() < mean_tol
+    assert (torch.cov(x.T) - SIGMA).abs().max() < cov_tol
+
+
+@pytest.mark.parametrize("name,steps,opts", CASES)
+def test_dense_gaussian_moments(name, steps, opts):
+    schedule = make_schedule("cosine", 1000)
+    n = 20_000
+    space = DenseSpace((n, 3))
+    g = torch.Generator().manual_seed(0)
+    noise = space.randn(g, dtype=torch.float64)
+    x = sample(name, gaussian_denoiser(schedule, space), noise, schedule, steps, space=space, generator=g, **opts)
+    # Sampling error of the moments at n = 20k is ~0.01-0.02; the rest is discretisation.
+    _check_moments(x, mean_tol=0.04, cov_tol=0.08)
+
+
+@pytest.mark.parametrize("name,steps,opts", CASES)
+def test_ragged_gaussian_moments_with_per_sample_grids(name, steps, opts):
+    """Rows grouped into samples of 1..9 rows; each sample on its own time grid."""
+    schedule = make_schedule("linear", 1000)
+    g = torch.Generator().manual_seed(1)
+    sizes = torch.randint(1, 10, (3000,), generator=g)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    space = RaggedSpace(batch, len(sizes), 3)
+    grid = timesteps(steps, 1000)[:, None].repeat(1, len(sizes))  # [n + 1, B]
+    # Half the samples start half a trained step lower (between grid points): a per-sample grid.
+    grid[0, ::2] = grid[0, ::2] - 0.5 / 1000
+    noise = space.randn(g, dtype=torch.float64)
+    x = sample(name, gaussian_denoiser(schedule, space), noise, schedule, grid, space=space, generator=g, **opts)
+    _check_moments(x, mean_tol=0.05, cov_tol=0.1)
+
+
+def test_centered_subspace_noise_and_samples():
+    """Zero centre of mass: noise, every step and the result stay in the subspace."""
+    schedule = make_schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(2)
+    sizes = torch.randint(2, 8, (4000,), generator=g)
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    space = RaggedSpace(batch, len(sizes), 4, centered=(0, 1, 2))
+    noise = space.randn(g, dtype=torch.float64)
+    com = space.segment_sum(noise[:, :3])
+    assert com.abs().max() < 1e-10
+    assert noise[:, 3].abs().sum(0) > 0  # uncentred column untouched
+
+    var = 0.5  # x0: i.i.d. N(0, var) positions projected to zero mean; N(0, var) feature
+    def denoise(x, t):
+        a, s = schedule.alpha_sigma(t, dtype=torch.float64)
+        a, s = space.expand(a), space.expand(s)
+        x0 = a * var / (a**2 * var + s**2) * x
+        return Prediction(x0, (x - a * x0) / s)
+
+    seen = []
+    x = sample_ddim(denoise, noise, schedule, 200, space=space, callback=lambda d: seen.append(space.segment_sum(d["x"][:, :3]).abs().max()))
+    assert max(seen) < 1e-10
+    # Per-coordinate variance in the subspace is var * (n - 1) / n.
+    factor = ((sizes - 1) / sizes).double()[batch]
+    assert abs(float((x[:, :3] ** 2 / factor[:, None]).mean()) - var) < 0.03
+    assert abs(float((x[:, 3] ** 2).mean()) - var) < 0.03
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_matches_ddpm():
+    schedule = make_schedule("cosine", 1000)
+    space = DenseSpace((64, 3))
+    den = gaussian_denoiser(schedule, space)
+    noise = space.randn(torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = sample_ddim(den, noise, schedule, 25, generator=torch.Generator().manual_seed(4))
+    b = sample_ddim(den, noise, schedule, 25, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    # eta = 1 is ancestral sampling with the posterior variance: same draws, same result.
+    c = sample_ddim(den, noise, schedule, 25, eta=1.0, generator=torch.Generator().manual_seed(6))
+    d = sample_ddpm(den, noise, schedule, 25, variance="small", generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(c, d, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(a, c)
+
+
+def test_generator_reproducibility():
+    schedule = make_schedule("linear", 100)
+    space = DenseSpace((16, 3))
+    den = gaussian_denoiser(schedule, space)
+    noise = space.randn(torch.Generator().manual_seed(0), dtype=torch.float64)
+    runs = [sample_ddpm(den, noise, schedule, 100, generator=torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+def test_spacings_start_where_documented():
+    T = 1000
+    trailing = timesteps(50, T, "trailing")
+    assert trailing[0] == 1.0 and trailing[-1] == 0.0 and len(trailing) == 51
+    leading = timesteps(50, T, "leading")
+    assert leading[0] == pytest.approx(981 / T) and leading[-2] == pytest.approx(1 / T)
+    linspace = timesteps(50, T, "linspace")
+    assert linspace[0] == 1.0 and linspace[-2] == pytest.approx(1 / T)
+    for grid in (trailing, leading, linspace):
+        assert (grid[1:] < grid[:-1]).all()
+    with pytest.raises(KeyError, match="spacing"):
+        timesteps(10, T, "middle")
+    with pytest.raises(ValueError, match="1..1000"):
+        timesteps(2000, T)
+
+
+def test_unknown_sampler_lists_known():
+    schedule = make_schedule("linear", 10)
+    with pytest.raises(KeyError, match="ddim"):
+        sample("ddmi", None, torch.zeros(1, 3), schedule, 5)
+    with pytest.raises(KeyError, match="temperature"):
+        sample("ddim", None, torch.zeros(1, 3), schedule, 5, temperature=2.0)
+
+
+def test_clip_x0_off_by_default_and_opt_in():
+    """Data far outside [-1, 1] is reproduced unless clipping is asked for."""
+    schedule = make_schedule("cosine", 1000)
+    space = DenseSpace((4000, 3))
+    far = MU * 10
+    den = gaussian_denoiser(schedule, space, mu=far)
+    noise = space.randn(torch.Generator().manual_seed(7), dtype=torch.float64)
+    x = sample_ddim(den, noise, schedule, 50)
+    assert (x.mean(0) - far).abs().max() < 0.1
+    clipped = sample_ddim(den, noise, schedule, 50, clip_x0=1.0)
+    assert clipped.abs().max() <= 1.0 + 1e-9
+
+
+def test_cfg_scale_0_and_1_reduce_to_each_model():
+    schedule = make_schedule("cosine", 1000)
+    space = DenseSpace((256, 3))
+    cond = gaussian_denoiser(schedule, space, mu=MU)
+    uncond = gaussian_denoiser(schedule, space, mu=-MU)
+    noise = space.randn(torch.Generator().manual_seed(8), dtype=torch.float64)
+    run = lambda den: sample_ddim(den, noise, schedule, 20)
+    torch.testing.assert_close(run(classifier_free_guidance(cond, uncond, 1.0, space)), run(cond))
+    torch.testing.assert_close(run(classifier_free_guidance(cond, uncond, 0.0, space)), run(uncond))
+    # Any scale is the affine mix of both predictions; rescale keeps eps consistent with x0.
+    x = noise
+    t = torch.full((256,), 0.5, dtype=torch.float64)
+    guided = classifier_free_guidance(cond, uncond, 3.0, space, schedule, rescale=0.7)(x, t)
+    a, s = schedule.alpha_sigma(t, dtype=torch.float64)
+    torch.testing.assert_close(space.expand(a) * guided.x0 + space.expand(s) * guided.eps, x)
+    plain = classifier_free_guidance(cond, uncond, 3.0, space)(x, t)
+    torch.testing.assert_close(plain.x0, uncond(x, t).x0 + 3.0 * (cond(x, t).x0 - uncond(x, t).x0))

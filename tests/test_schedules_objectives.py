@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from polydiff import DenseSpace, RaggedSpace
+from polydiff.domain import Batch
+from polydiff.objectives import Objective, loss_weight, target_of, to_prediction
+from polydiff.schedules import NoiseSchedule, make_schedule, rescale_zero_terminal_snr
+
+NAMES = ["linear", "cosine", "sigmoid", "polynomial"]
+T_DENSE = torch.linspace(0, 1, 4001, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("steps", [10, 1000])
+def test_schedule_invariants(name, steps):
+    s = make_schedule(name, steps)
+    a, sig = s.alpha_sigma(T_DENSE, dtype=torch.float64)
+    torch.testing.assert_close(a**2 + sig**2, torch.ones_like(a))
+    lam = s.log_snr(T_DENSE)
+    assert lam[0] == float("inf")
+    assert (lam[1:] < lam[:-1]).all(), "log-SNR must decrease strictly in t"
+    assert s.alpha_bar_table.dtype == torch.float64
+    assert s.alpha_sigma(torch.tensor([0.5]))[0].dtype == torch.float32  # cast on use
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_terminal_snr(name):
+    s = make_schedule(name, 1000, zero_terminal_snr=True)
+    assert s.snr(torch.tensor([1.0])).item() == 0.0
+    assert s.log_snr(torch.tensor([1.0])).item() == float("-inf")
+    base = make_schedule(name, 1000)
+    # The first step is unchanged by the rescale.
+    assert s.alpha_bar_table[1].item() == pytest.approx(base.alpha_bar_table[1].item(), rel=1e-9)
+    lam = s.log_snr(T_DENSE)
+    assert (lam[1:] < lam[:-1]).all()
+
+
+def test_on_grid_values_and_interpolation():
+    s = make_schedule("cosine", 1000)
+    t = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    torch.testing.assert_close(s.alpha_bar(t), s.alpha_bar_table[1:])
+    mid = s.alpha_bar(torch.tensor([0.0005], dtype=torch.float64))
+    assert mid.item() == pytest.approx((1 + s.alpha_bar_table[1].item()) / 2)
+
+
+def test_custom_betas_and_bad_names():
+    betas = [0.01, 0.02, 0.05]
+    s = make_schedule("custom", betas=betas)
+    torch.testing.assert_close(s.betas, torch.tensor(betas, dtype=torch.float64))
+    assert s.num_steps == 3
+    with pytest.raises(KeyError, match="Known schedules"):
+        make_schedule("cosin")
+    with pytest.raises(KeyError, match="power"):
+        make_schedule("cosine", power=2.0)
+    with pytest.raises(ValueError):
+        NoiseSchedule.from_betas([0.1, 0.0])
+
+
+def test_polynomial_is_edm_like():
+    s = make_schedule("polynomial", 1000, power=2.0)
+    ab = s.alpha_bar_table
+    assert ab[1].item() > 0.999 and ab[-1].item() == pytest.approx(1e-5, rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "x0"])
+def test_prediction_conversions_round_trip(kind):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(8, 5, generator=g, dtype=torch.float64)
+    t = torch.rand(8, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    a, s = make_schedule("cosine").alpha_sigma(t, dtype=torch.float64)
+    a, s = a[:, None], s[:, None]
+    x_t = a * x0 + s * eps
+    pred = to_prediction(kind, target_of(kind, x0, eps, a, s), x_t, a, s)
+    torch.testing.assert_close(pred.x0, x0)
+    torch.testing.assert_close(pred.eps, eps)
+
+
+def test_v_prediction_defined_at_zero_snr():
+    x_t, v = torch.randn(4, 3), torch.randn(4, 3)
+    a, s = torch.zeros(4, 1), torch.ones(4, 1)
+    pred = to_prediction("v", v, x_t, a, s)
+    assert torch.isfinite(pred.x0).all() and torch.isfinite(pred.eps).all()
+
+
+def test_min_snr_weights():
+    snr = torch.tensor([0.0, 0.5, 5.0, 100.0])
+    torch.testing.assert_close(loss_weight("eps", "min_snr", snr, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.05]))
+    torch.testing.assert_close(loss_weight("v", "min_snr", snr, 5.0), torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 101]))
+    torch.testing.assert_close(loss_weight("x0", "min_snr", snr, 5.0), torch.tensor([0.0, 0.5, 5.0, 5.0]))
+    assert torch.equal(loss_weight("eps", "uniform", snr), torch.ones(4))
+    with pytest.raises(KeyError, match="weighting"):
+        Objective(weighting="snr")
+    with pytest.raises(KeyError, match="prediction"):
+        Objective(prediction="score")
+
+
+def test_loss_reduces_over_valid_elements_only():
+    """A masked-out region, or padding rows of a ragged batch, never change a sample's loss."""
+    schedule = make_schedule("linear", 100)
+    obj = Objective()
+    x = torch.randn(2, 1, 10)
+    mask = torch.ones(2, 1, 10)
+    mask[:, :, 6:] = 0
+    net = lambda x_t, t: torch.where(mask.bool(), x_t * 0, torch.full_like(x_t, 1e6))
+    t = torch.full((2,), 0.5)
+    losses = obj.losses(net, Batch(x, DenseSpace(x.shape, mask=mask)), schedule, torch.Generator().manual_seed(0), t=t)
+    assert losses.max() < 10  # the 1e6 outputs sit in masked elements
+    # Ragged: the per-sample mean divides by that sample's own element count.
+    batch = torch.tensor([0, 0, 0, 1])
+    space = RaggedSpace(batch, 2, 2)
+    vals = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [3.0, 3.0]])
+    torch.testing.assert_close(space.mean(vals), torch.tensor([1.0, 3.0]))
