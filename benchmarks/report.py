@@ -1,0 +1,140 @@
+"""Markdown tables and PNG plots from a ``polydiff bench`` result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
+    keys: list[str] = []
+    for r in rows:
+        for k in r.get("metrics", {}):
+            if k not in keys:
+                keys.append(k)
+    return keys
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> str:
+    env = result["environment"]
+    lines = [f"# polydiff bench ({result['suite']}) on {env['device_name']}",
+             "", f"commit `{env['git_commit'][:12]}`, torch {env['torch']}, {env['date']}", ""]
+    for name, d in result["domains"].items():
+        lines.append(f"## {name}")
+        if "error" in d:
+            lines += ["", f"failed: {d['error']}", ""]
+            continue
+        t = d["train"]
+        lines += ["", f"training: {t['steps']} steps in {t['wall_s']:.0f} s, {t['samples_per_s']:.1f} samples/s, "
+                      f"peak memory {t['peak_mem_mb']:.0f} MB, final loss {t['final_loss']:.4f}", ""]
+        keys = _metric_keys(d["sampling"])
+        lines.append("| sampler | steps | guidance | samples/s | wall s | peak MB | " + " | ".join(keys) + " |")
+        lines.append("|---|---|---|---|---|---|" + "---|" * len(keys))
+        if d.get("reference"):
+            lines.append("| real data (reference) | | | | | | " + " | ".join(_fmt(d["reference"].get(k, "")) for k in keys) + " |")
+        for r in d["sampling"]:
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {r['samples_per_s']:.2f} | {r['wall_s']:.2f} | "
+                         f"{r['peak_mem_mb']:.0f} | " + " | ".join(_fmt(r["metrics"].get(k, "")) for k in keys) + " |")
+        lines += ["", "training throughput against batch size: "
+                  + ", ".join(f"{x['batch_size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MB)" for x in d["throughput_vs_batch"]), ""]
+        for peer, p in d.get("peers", {}).items():
+            lines.append(f"peer `{peer}`: " + _peer_line(p))
+        lines.append("")
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def _peer_line(p: dict[str, Any]) -> str:
+    if "error" in p:
+        return f"not run ({p['error']})"
+    parts = []
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif "ratio" in prefix and isinstance(obj, (int, float)):
+            parts.append(f"{prefix} = {obj:.2f}")
+
+    walk("", p)
+    return "; ".join(parts) or "no ratios reported"
+
+
+def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    domains = {k: v for k, v in result["domains"].items() if "error" not in v}
+    if not domains:
+        return written
+    # Quality against the number of steps, per domain and sampler (first metric of the domain).
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.6), squeeze=False)
+    for ax, (name, d) in zip(axes[0], domains.items()):
+        keys = _metric_keys(d["sampling"])
+        if not keys:
+            ax.set_title(f"{name}: no metrics")
+            continue
+        key = keys[0]
+        for sampler in sorted({r["sampler"] for r in d["sampling"]}):
+            for g in sorted({r["guidance"] for r in d["sampling"]}):
+                rows = sorted((r for r in d["sampling"] if r["sampler"] == sampler and r["guidance"] == g), key=lambda r: r["steps"])
+                if rows:
+                    ax.plot([r["steps"] for r in rows], [r["metrics"].get(key, float("nan")) for r in rows], "o-",
+                            label=f"{sampler}" + (f" w={g}" if g != 1.0 else ""))
+        if key in d.get("reference", {}):
+            ax.axhline(d["reference"][key], color="k", ls="--", lw=1, label="real data")
+        ax.set_xscale("log")
+        ax.set_xlabel("sampler steps")
+        ax.set_ylabel(key)
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    written.append(_save(fig, folder / "quality_vs_steps.png"))
+    # Loss curves.
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, d in domains.items():
+        c = d["train"]["loss_curve"]
+        ax.plot([p["step"] for p in c], [p["loss"] for p in c], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend()
+    written.append(_save(fig, folder / "loss_curves.png"))
+    # Throughput against batch size; sampling time against steps.
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, d in domains.items():
+        tb = d["throughput_vs_batch"]
+        a1.plot([x["batch_size"] for x in tb], [x["samples_per_s"] for x in tb], "o-", label=name)
+        rows = sorted((r for r in d["sampling"] if r["guidance"] == 1.0), key=lambda r: r["steps"])
+        a2.plot([r["steps"] for r in rows], [r["wall_s"] / r["num_samples"] for r in rows], "o", label=name)
+    a1.set_xscale("log")
+    a1.set_yscale("log")
+    a1.set_xlabel("batch size")
+    a1.set_ylabel("training samples/s")
+    a1.legend()
+    a2.set_xscale("log")
+    a2.set_yscale("log")
+    a2.set_xlabel("sampler steps")
+    a2.set_ylabel("seconds per sample")
+    a2.legend()
+    written.append(_save(fig, folder / "scaling.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,295 @@
+"""``polydiff bench``: train each domain for a fixed budget, then sweep samplers, steps and guidance.
+
+For every domain: training throughput and peak memory, the loss curve, and for each sampler
+configuration the domain's quality metrics, wall time, samples per second and peak memory,
+next to the reference row of held-out real data. Peers (diffusers' schedulers, lucidrains'
+Unet1D, egnn-pytorch, diffusers' UNet2DModel) run side by side in the same process.
+Results: ``benchmarks/results/<date>_<device>.json``, a Markdown table and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from polydiff.build import resolve_device
+from polydiff.cli import compose_recipe
+from polydiff.generate import generate
+from polydiff.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass
+class DomainBench:
+    """How one domain is benchmarked: its recipe, overrides and sweep."""
+
+    recipe: str
+    overrides: list[str]
+    num_samples: int
+    samplers: list[tuple[str, int]]
+    guidance: list[float] = field(default_factory=lambda: [1.0])
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
+    peers: list[str] = field(default_factory=list)
+
+
+def _train_steps(steps: int) -> list[str]:
+    return [f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}", "trainer.sample_every=0",
+            f"trainer.log_every={max(1, steps // 20)}", "trainer.progress=false"]
+
+
+def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
+    """The quick (2 CPU cores, ~15 min) and full (one GPU) suites."""
+    quick_samplers = [("ddpm", T_quick), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
+    full_samplers = [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
+    return {
+        "quick": {
+            "points": DomainBench("examples/points.yaml", _train_steps(800), 512, quick_samplers, batch_sizes=[64, 256, 1024],
+                                  peers=["samplers"]),
+            "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(300)], 100,
+                                 [s for s in quick_samplers if s[0] != "ddpm"], guidance=[1.0, 3.0], batch_sizes=[16, 32, 64],
+                                 peers=["unet2d"]),
+            "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(150)], 40,
+                                 [("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)], guidance=[1.0, 3.0],
+                                 batch_sizes=[4, 8, 16], peers=["unet1d"]),
+            "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(150)], 64,
+                                    [("ddim", 100), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)],
+                                    batch_sizes=[8, 16, 32], peers=["egnn"]),
+        },
+        "full": {
+            "points": DomainBench("examples/points.yaml", _train_steps(5000), 4096, full_samplers, batch_sizes=[256, 1024, 4096],
+                                  peers=["samplers"]),
+            "image": DomainBench("recipes/image_unet.yaml", _train_steps(20000), 1000, full_samplers, guidance=[1.0, 3.0],
+                                 batch_sizes=[32, 64, 128, 256], peers=["unet2d"]),
+            "audio": DomainBench("recipes/audio_unet.yaml", _train_steps(20000), 256, full_samplers, guidance=[1.0, 3.0],
+                                 batch_sizes=[4, 8, 16, 32], peers=["unet1d"]),
+            "molecule": DomainBench("recipes/molecule_egnn.yaml", _train_steps(20000), 1000, full_samplers,
+                                    batch_sizes=[16, 32, 64, 128], peers=["egnn"]),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------- measurement
+class PeakMemory:
+    """Peak memory of a phase: CUDA's allocator peak, or the process's resident set sampled on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator["PeakMemory"]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            yield self
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            return
+        import psutil
+
+        proc = psutil.Process()
+        base = proc.memory_info().rss
+        peak = [base]
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                stop.wait(0.005)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+            self.peak_mb = max(0.0, (peak[0] - base) / 2**20)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_throughput(trainer: Trainer, batch_size: int, repeats: int = 3) -> dict[str, float]:
+    """Samples/s and peak memory of forward + backward + AdamW on real training items at ``batch_size``."""
+    n = min(batch_size, len(trainer.train_set))
+    g = torch.Generator().manual_seed(batch_size)
+    idx = torch.randperm(len(trainer.train_set), generator=g)[:n].tolist()
+    batch = trainer.domain.collate([trainer.train_set[i] for i in idx]).to(trainer.device)
+    net = trainer.net
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    net.train()
+    objective, schedule = trainer.parts.objective, trainer.parts.schedule
+
+    def step() -> None:
+        with trainer.autocast():
+            loss = objective.loss(net, batch, schedule, trainer.generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    mem = PeakMemory(trainer.device)
+    with mem.measure():
+        _sync(trainer.device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        _sync(trainer.device)
+        dt = (time.perf_counter() - t0) / repeats
+    return {"batch_size": n, "samples_per_s": n / dt, "peak_mem_mb": mem.peak_mb}
+
+
+def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, seed: int) -> dict[str, Any]:
+    """Sample ``n`` with the EMA weights; wall time, samples/s, peak memory and the domain's metrics."""
+    domain = trainer.domain
+    labels = torch.arange(n, device=trainer.device) % domain.num_classes if domain.num_classes else None
+    sampler = dict(trainer.cfg["sampler"], name=name, steps=steps)
+    sampler.pop("batch_size", None)
+    gen = torch.Generator(device=trainer.device).manual_seed(seed)
+    mem = PeakMemory(trainer.device)
+    with mem.measure():
+        _sync(trainer.device)
+        t0 = time.perf_counter()
+        batch = generate(domain, trainer.ema.module, trainer.parts.schedule, trainer.parts.objective, n,
+                         sampler=sampler, guidance={"scale": scale}, labels=labels, device=trainer.device, generator=gen)
+        _sync(trainer.device)
+        wall = time.perf_counter() - t0
+    metrics = domain.evaluate(batch)
+    return {"sampler": name, "steps": steps, "guidance": scale, "num_samples": n, "wall_s": wall,
+            "samples_per_s": n / wall, "peak_mem_mb": mem.peak_mb, "metrics": metrics}
+
+
+def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
+    """A peer comparison measured in this run; each returns ratios ours/theirs."""
+    if peer == "samplers":
+        from benchmarks.bench_samplers import run as run_samplers
+
+        shape = (16, 1, 4000) if quick else (16, 1, 16000)
+        return run_samplers(shape, 50, 3 if quick else 10, str(device))
+    if peer in ("unet1d", "unet2d"):
+        from benchmarks.bench_unet import main as bench_unet
+
+        args = ["--only", peer[-2:], "--device", device.type] + (["--quick"] if quick else ["--bf16"] * (device.type == "cuda"))
+        return bench_unet(args)
+    if peer == "egnn":
+        from benchmarks.bench_egnn import run_peer as egnn_peer
+
+        return egnn_peer(str(device), quick)
+    raise KeyError(f"unknown peer {peer!r}")
+
+
+# ------------------------------------------------------------------------------------ the suite
+def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: Path, quick: bool, seed: int) -> dict[str, Any]:
+    overrides = [*spec.overrides, f"trainer.device={device}", f"seed={seed}"]
+    cfg = compose_recipe(ROOT / spec.recipe, overrides)
+    run_dir = run_root / name
+    trainer = Trainer(cfg, run_dir)
+    mem = PeakMemory(trainer.device)
+    t0 = time.perf_counter()
+    with mem.measure():
+        trainer_cfg = dict(trainer.tc)
+        trainer.tc["eval"] = False  # the sweep below evaluates every configuration
+        trainer.fit()
+        trainer.tc = trainer_cfg
+    train_wall = time.perf_counter() - t0
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [{"step": r["step"], "loss": r["loss"]} for r in records if r["kind"] == "train"]
+    sps = [r["samples_per_s"] for r in records if r["kind"] == "train"][1:] or [records[0]["samples_per_s"]]
+    result: dict[str, Any] = {
+        "recipe": spec.recipe,
+        "overrides": overrides,
+        "train": {"steps": trainer.step, "wall_s": train_wall, "samples_per_s": sum(sps) / len(sps),
+                  "peak_mem_mb": mem.peak_mb, "final_loss": curve[-1]["loss"], "loss_curve": curve},
+        "reference": trainer.domain.reference_metrics(spec.num_samples),
+        "sampling": [],
+        "throughput_vs_batch": [train_throughput(trainer, b) for b in spec.batch_sizes],
+    }
+    guidance = spec.guidance if trainer.domain.num_classes else [1.0]
+    for sampler, steps in spec.samplers:
+        for scale in guidance:
+            result["sampling"].append(sampler_row(trainer, sampler, steps, scale, spec.num_samples, seed))
+    result["peers"] = {}
+    for peer in spec.peers:
+        try:
+            result["peers"][peer] = run_peer(peer, device, quick)
+        except Exception as err:  # a missing bench extra must not lose the domain's figures
+            result["peers"][peer] = {"error": f"{type(err).__name__}: {err}"}
+    return result
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"git_commit": commit or "unknown", "torch": torch.__version__, "device": str(device), "device_name": name,
+            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def run_suite(suite: str, domains: Optional[list[str]], device: str, out_dir: Path, seed: int = 0,
+              specs: Optional[dict[str, DomainBench]] = None) -> Path:
+    """Run a suite; returns the JSON result path (Markdown and plots beside it)."""
+    all_specs = specs or suites()[suite]
+    names = domains or list(all_specs)
+    unknown = [d for d in names if d not in all_specs]
+    if unknown:
+        raise KeyError(f"no benchmark configuration for domain(s) {unknown}; known: {sorted(all_specs)}")
+    dev = resolve_device(device)
+    env = environment(dev)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tag = f"{stamp}_{suite}_{env['device_name'] if dev.type == 'cuda' else 'cpu'}".replace(" ", "-").replace("/", "-")
+    run_root = out_dir / "runs" / tag
+    result: dict[str, Any] = {"suite": suite, "seed": seed, "environment": env,
+                              "config": {n: vars(all_specs[n]) for n in names}, "domains": {}}
+    for name in names:
+        print(f"[bench] {name}: training and sweeping samplers ...", flush=True)
+        try:
+            result["domains"][name] = bench_domain(name, all_specs[name], dev, run_root, suite == "quick", seed)
+        except Exception as err:
+            traceback.print_exc()
+            result["domains"][name] = {"error": f"{type(err).__name__}: {err}"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{tag}.json"
+    path.write_text(json.dumps(result, indent=2, default=float))
+    from benchmarks.report import write_markdown, write_plots
+
+    md = write_markdown(result, path.with_suffix(".md"))
+    write_plots(result, out_dir / tag)
+    print(md)
+    print(f"[bench] wrote {path}, {path.with_suffix('.md')} and plots in {out_dir / tag}")
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    p = argparse.ArgumentParser(prog="polydiff bench", description="Benchmark every domain's training, samplers and peers.")
+    p.add_argument("--suite", choices=("quick", "full"), default="quick")
+    p.add_argument("--domains", nargs="+", default=None, help="default: every domain of the suite")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    return run_suite(a.suite, a.domains, a.device, a.out, a.seed)
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
