@@ -44,12 +44,13 @@ def _check(kind: str) -> None:
 
 def to_prediction(kind: str, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Prediction:
     """Convert a network output of parameterisation ``kind`` to ``(x0, eps)``; alpha, sigma broadcast."""
+    # addcmul fuses the scale-and-add: these run once per sampler step on the whole state.
     if kind == "eps":
-        return Prediction((x_t - sigma * out) / alpha, out)
+        return Prediction(torch.addcmul(x_t, sigma, out, value=-1).div_(alpha), out)
     if kind == "v":
-        return Prediction(alpha * x_t - sigma * out, sigma * x_t + alpha * out)
+        return Prediction(torch.addcmul(alpha * x_t, sigma, out, value=-1), torch.addcmul(sigma * x_t, alpha, out))
     if kind == "x0":
-        return Prediction(out, (x_t - alpha * out) / sigma)
+        return Prediction(out, torch.addcmul(x_t, alpha, out, value=-1).div_(sigma))
     _check(kind)
     raise AssertionError
 

@@ -114,9 +114,9 @@ def sample_ddim(
     x = noise
     for i in range(grid.shape[0] - 1):
         x0, eps = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
-        x = space.expand(a_[i + 1]) * x0 + space.expand(eps_w_[i]) * eps
+        x = (x0 * space.expand(a_[i + 1])).addcmul_(eps, space.expand(eps_w_[i]))
         if eta > 0:
-            x = x + space.expand(c_[i]) * _noise(space, generator, x)
+            x = x.addcmul_(_noise(space, generator, x), space.expand(c_[i]))
         x = space.project(x)
         if callback is not None:
             callback({"i": i, "t": grid[i], "x": x, "x0": x0})
@@ -157,8 +157,8 @@ def sample_ddpm(
     x = noise
     for i in range(grid.shape[0] - 1):
         x0, _ = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
-        x = space.expand(w_x0_[i]) * x0 + space.expand(w_xt_[i]) * x
-        x = x + space.expand(std_[i]) * _noise(space, generator, x)
+        x = (x0 * space.expand(w_x0_[i])).addcmul_(x, space.expand(w_xt_[i]))
+        x = x.addcmul_(_noise(space, generator, x), space.expand(std_[i]))
         x = space.project(x)
         if callback is not None:
             callback({"i": i, "t": grid[i], "x": x, "x0": x0})
@@ -204,8 +204,8 @@ def sample_dpmpp_2m(
             d = x0
         else:
             k = hir_[i].masked_fill(final[i], 0.0)
-            d = x0 + space.expand(k) * (x0 - x0_prev)  # (1 + 1/2r) x0 - (1/2r) x0_prev
-        x = space.expand(ratio_[i]) * x + space.expand(w_x0_[i]) * d
+            d = torch.lerp(x0_prev, x0, space.expand(1 + k))  # (1 + 1/2r) x0 - (1/2r) x0_prev
+        x = (x * space.expand(ratio_[i])).addcmul_(d, space.expand(w_x0_[i]))
         x = space.project(x)
         x0_prev = x0
         if callback is not None:
