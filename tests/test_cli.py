@@ -113,3 +113,21 @@ def test_registry():
         polydiff.get_domain("no-such-domain")
     with pytest.raises(TypeError):
         polydiff.register_domain("bad", int)
+
+
+def test_entry_points_are_read_only_for_missing_names(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import polydiff.registry as registry
+
+    calls = []
+
+    def fake_entry_points(group):
+        calls.append(group)
+        return [EntryPoint("ep-points", "examples.points:PointsDomain", group)]
+
+    monkeypatch.setattr(registry, "entry_points", fake_entry_points)
+    polydiff.get_domain("image")  # built-in: no entry-point lookup
+    assert calls == []
+    cls = polydiff.get_domain("ep-points")
+    assert calls == [registry.ENTRY_POINT_GROUP] and cls.__name__ == "PointsDomain"

@@ -1,0 +1,269 @@
+"""Molecule data: built-in RDKit conformers, SMILES files, SDF files and QM9 (Ramakrishnan et al. 2014).
+
+Every source yields :class:`MoleculeSet` items ``{"z": [n] long, "pos": [n, 3] float (Angstrom),
+"y": [k] float (properties, may be empty)}`` with explicit hydrogens. Bad records are skipped,
+counted and logged by name; a source with no usable record is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from polydiff.checkpoint import atomic_save
+
+__all__ = [
+    "MoleculeSet",
+    "builtin_smiles_path",
+    "read_smiles_file",
+    "conformers_from_smiles",
+    "read_sdf",
+    "load_qm9",
+    "QM9_RAW_FILES",
+    "QM9_TARGETS",
+    "EDM_QM9_SPLIT",
+    "split_indices",
+]
+
+log = logging.getLogger(__name__)
+
+QM9_RAW_FILES = ("gdb9.sdf", "gdb9.sdf.csv", "uncharacterized.txt")
+#: Column names of ``torch_geometric.datasets.QM9``'s ``y`` (units: PyG's, eV for energies).
+QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "Cv")
+#: EDM's QM9 split sizes (train, valid, test) over the 130,831 characterised molecules.
+EDM_QM9_SPLIT = (100_000, 17_748, 13_083)
+
+
+class MoleculeSet(Dataset):
+    """Conformers with atomic numbers, positions and optional property vectors."""
+
+    def __init__(self, z: list[Tensor], pos: list[Tensor], y: Optional[list[Tensor]] = None, smiles: Optional[list[str]] = None) -> None:
+        if len(z) != len(pos):
+            raise ValueError(f"{len(z)} atom lists but {len(pos)} position arrays")
+        self.z, self.pos = z, pos
+        self.y = y if y is not None else [torch.zeros(0) for _ in z]
+        self.smiles = smiles if smiles is not None else [""] * len(z)
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"z": self.z[i], "pos": self.pos[i], "y": self.y[i]}
+
+    def subset(self, idx: Sequence[int]) -> "MoleculeSet":
+        return MoleculeSet([self.z[i] for i in idx], [self.pos[i] for i in idx], [self.y[i] for i in idx], [self.smiles[i] for i in idx])
+
+
+def split_indices(n: int, sizes: Sequence[float], seed: int = 0) -> list[np.ndarray]:
+    """A seeded permutation of ``range(n)`` cut into parts of ``sizes`` (counts, or fractions summing to 1)."""
+    if all(float(s) <= 1.0 for s in sizes):
+        if abs(sum(sizes) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions {list(sizes)} must sum to 1")
+        counts = [int(round(f * n)) for f in sizes[:-1]]
+        counts.append(n - sum(counts))
+    else:
+        counts = [int(s) for s in sizes]
+        if sum(counts) > n:
+            raise ValueError(f"split sizes {counts} need {sum(counts)} items but the data has {n}")
+    perm = np.random.RandomState(seed).permutation(n)  # EDM's qm9 split: np.random.seed(0); permutation
+    cuts = np.cumsum(counts)[:-1]
+    return np.split(perm[: sum(counts)], cuts)
+
+
+# ------------------------------------------------------------------ SMILES sources
+def builtin_smiles_path() -> Path:
+    """RDKit's bundled NCI SMILES list (``RDDataDir/NCI/first_5K.smi``)."""
+    from rdkit import RDConfig
+
+    return Path(os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi"))
+
+
+def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms: int) -> list[str]:
+    """SMILES (first column) of neutral, single-fragment molecules made only of ``elements``.
+
+    Unparsable lines are skipped and logged with their line number; molecules outside the
+    filter are counted in one summary line.
+    """
+    from rdkit import Chem, RDLogger
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SMILES file {path} does not exist")
+    RDLogger.DisableLog("rdApp.*")
+    allowed = set(elements)
+    kept: list[str] = []
+    bad = filtered = 0
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        mol = Chem.MolFromSmiles(parts[0])
+        if mol is None:
+            bad += 1
+            log.warning("%s:%d: skipped SMILES %r: RDKit cannot parse it", path, lineno, parts[0])
+            continue
+        if (
+            len(Chem.GetMolFrags(mol)) != 1
+            or mol.GetNumHeavyAtoms() > max_heavy_atoms
+            or any(a.GetSymbol() not in allowed or a.GetFormalCharge() or a.GetNumRadicalElectrons() for a in mol.GetAtoms())
+        ):
+            filtered += 1
+            continue
+        kept.append(Chem.MolToSmiles(mol))
+    log.info(
+        "%s: %d molecules kept, %d outside the filter (elements %s, <= %d heavy atoms, neutral, one fragment), %d unparsable",
+        path, len(kept), filtered, sorted(allowed), max_heavy_atoms, bad,
+    )
+    if not kept:
+        raise ValueError(
+            f"{path} has no usable molecule: need SMILES of neutral single-fragment molecules with only elements "
+            f"{sorted(allowed)} and at most {max_heavy_atoms} heavy atoms ({bad} lines did not parse)"
+        )
+    return kept
+
+
+def _embed(smiles: str, num_conformers: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """ETKDG v3 conformers (Riniker & Landrum 2015) relaxed with MMFF94: [(z [n], pos [n, 3])]."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    params = AllChem.ETKDGv3()
+    params.randomSeed = seed
+    params.pruneRmsThresh = 0.1  # near-duplicates add nothing
+    cids = list(AllChem.EmbedMultipleConfs(mol, num_conformers, params))
+    if not cids:
+        return []
+    if AllChem.MMFFHasAllMoleculeParams(mol):
+        AllChem.MMFFOptimizeMoleculeConfs(mol, numThreads=1, maxIters=500)
+    z = np.array([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=np.int64)
+    return [(z, mol.GetConformer(c).GetPositions().astype(np.float32)) for c in cids]
+
+
+def conformers_from_smiles(
+    smiles: Sequence[str],
+    num_conformers: int,
+    cache_dir: Optional[Path],
+    seed: int = 0,
+    tag: str = "",
+) -> MoleculeSet:
+    """Explicit-H conformers of each SMILES, cached atomically under ``cache_dir`` on first use."""
+    key = hashlib.sha1(("\n".join(smiles) + f"|{num_conformers}|{seed}|etkdgv3+mmff94").encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"molecule_conformers_{tag}{key}.pt" if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return MoleculeSet(blob["z"], blob["pos"], None, blob["smiles"])
+    z_list, pos_list, smi_list = [], [], []
+    failed = 0
+    for i, smi in enumerate(smiles):
+        confs = _embed(smi, num_conformers, seed + i)
+        if not confs:
+            failed += 1
+            log.warning("skipped %s: RDKit could not embed a 3-D conformer", smi)
+        for z, pos in confs:
+            z_list.append(torch.from_numpy(z))
+            pos_list.append(torch.from_numpy(pos))
+            smi_list.append(smi)
+    if not z_list:
+        raise ValueError("no conformer could be embedded for any of the given SMILES")
+    log.info("embedded %d conformers of %d molecules (%d failed)", len(z_list), len(smiles) - failed, failed)
+    if cache is not None:
+        atomic_save({"z": z_list, "pos": pos_list, "smiles": smi_list}, cache)
+    return MoleculeSet(z_list, pos_list, None, smi_list)
+
+
+# ----------------------------------------------------------------------- SDF
+def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str] = ()) -> MoleculeSet:
+    """3-D molecules with explicit hydrogens from an SDF file; ``properties`` are SD tags read as floats.
+
+    Records that do not parse, lack 3-D coordinates, lack explicit hydrogens, contain elements
+    outside ``elements`` or lack a requested property are skipped and logged by record number
+    and name.
+    """
+    from rdkit import Chem, RDLogger
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SDF file {path} does not exist")
+    RDLogger.DisableLog("rdApp.*")
+    allowed = set(elements)
+    z_list, pos_list, y_list, smi_list = [], [], [], []
+    skipped = 0
+    if not path.read_bytes().strip():
+        raise ValueError(f"{path} is empty: it holds no usable molecule; expected an SDF with 3-D coordinates")
+    supplier = Chem.SDMolSupplier(str(path), removeHs=False, sanitize=True)
+    for i, mol in enumerate(supplier):
+        where = f"{path} record {i + 1}"
+        if mol is None:
+            skipped += 1
+            log.warning("%s: skipped: RDKit cannot parse or sanitise it", where)
+            continue
+        name = mol.GetProp("_Name") if mol.HasProp("_Name") else ""
+        where += f" ({name!r})" if name else ""
+        reason = None
+        symbols = [a.GetSymbol() for a in mol.GetAtoms()]
+        if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
+            reason = "no 3-D coordinates (2-D or missing conformer)"
+        elif any(s not in allowed for s in symbols):
+            reason = f"elements {sorted(set(symbols) - allowed)} are outside the vocabulary {sorted(allowed)}"
+        elif any(a.GetTotalNumHs(includeNeighbors=False) > 0 for a in mol.GetAtoms()):
+            reason = "hydrogens are implicit; write the SDF with explicit hydrogens (RDKit: Chem.AddHs before embedding)"
+        elif any(not mol.HasProp(p) for p in properties):
+            reason = f"missing property tag(s) {[p for p in properties if not mol.HasProp(p)]}"
+        if reason is not None:
+            skipped += 1
+            log.warning("%s: skipped: %s", where, reason)
+            continue
+        try:
+            y = torch.tensor([float(mol.GetProp(p)) for p in properties], dtype=torch.float32)
+        except ValueError:
+            skipped += 1
+            log.warning("%s: skipped: property %s is not a number", where, list(properties))
+            continue
+        z_list.append(torch.tensor([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=torch.long))
+        pos_list.append(torch.from_numpy(mol.GetConformer().GetPositions().astype(np.float32)))
+        y_list.append(y)
+        smi_list.append(Chem.MolToSmiles(Chem.RemoveHs(mol)))
+    if not z_list:
+        raise ValueError(
+            f"{path} holds no usable molecule ({skipped} record(s) skipped; see the log for each reason). "
+            f"Records need 3-D coordinates, explicit hydrogens and only the elements {sorted(allowed)}."
+        )
+    if skipped:
+        log.warning("%s: %d record(s) skipped, %d read", path, skipped, len(z_list))
+    return MoleculeSet(z_list, pos_list, y_list, smi_list)
+
+
+# ----------------------------------------------------------------------- QM9
+def load_qm9(root: Path | str) -> MoleculeSet:
+    """QM9 via ``torch_geometric.datasets.QM9`` from local raw files (no download)."""
+    root = Path(root).expanduser()
+    raw = root / "raw"
+    missing = [f for f in QM9_RAW_FILES if not (raw / f).is_file()]
+    processed = root / "processed" / "data_v3.pt"
+    if missing and not processed.is_file():
+        raise FileNotFoundError(
+            f"QM9 raw files {missing} are missing under {raw}. This machine does not download data: place "
+            f"gdb9.sdf and gdb9.sdf.csv (from the MoleculeNet qm9.zip) and uncharacterized.txt (figshare file "
+            f"3195404, renamed) in {raw}/, then run again; processing them once writes {processed}."
+        )
+    from torch_geometric.datasets import QM9
+
+    ds = QM9(str(root))
+    z_list, pos_list, y_list, smi_list = [], [], [], []
+    for i in range(len(ds)):
+        d = ds[i]
+        z_list.append(d.z.long())
+        pos_list.append(d.pos.float())
+        y_list.append(d.y[0, : len(QM9_TARGETS)].float())
+        smi_list.append(d.smiles)
+    log.info("QM9: %d molecules from %s", len(z_list), root)
+    return MoleculeSet(z_list, pos_list, y_list, smi_list)

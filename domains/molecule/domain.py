@@ -1,0 +1,332 @@
+"""The molecule domain: 3-D molecules as ragged states for equivariant diffusion (EDM, Hoogeboom et al. 2022).
+
+State ``x [N_atoms, 3 + F] = [positions | one-hot(atom type) / 4 | atomic number / 10]`` (EDM's
+feature scaling), laid out by ``RaggedSpace(batch, B, 3 + F, centered=(0, 1, 2))`` so that
+noise and every sampler step keep each molecule's centre of mass at zero. Atom types are
+decoded by argmax of the one-hot block.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from polydiff import Batch, Domain, RaggedSpace
+
+from .data import (
+    EDM_QM9_SPLIT,
+    QM9_TARGETS,
+    MoleculeSet,
+    builtin_smiles_path,
+    conformers_from_smiles,
+    load_qm9,
+    read_sdf,
+    read_smiles_file,
+    split_indices,
+)
+from .egnn import EGNN
+from .metrics import Molecule3D, edm_smiles, molecule_metrics
+from .outputs import write_grid_png, write_sdf, write_xyz
+
+__all__ = ["MoleculeDomain"]
+
+log = logging.getLogger(__name__)
+
+_SYMBOL_Z = {"H": 1, "B": 5, "C": 6, "N": 7, "O": 8, "F": 9, "Si": 14, "P": 15, "S": 16, "Cl": 17, "Br": 35, "I": 53}
+SOURCES = ("builtin", "smiles", "sdf", "qm9")
+#: EDM's feature scaling: one-hot / 4 and atomic number / 10.
+ONE_HOT_SCALE, CHARGE_SCALE = 4.0, 10.0
+
+
+class MoleculeDomain(Domain):
+    """3-D molecules with explicit hydrogens; optional conditioning on one molecular property.
+
+    ``source``: ``builtin`` (RDKit's NCI list, ETKDG+MMFF conformers), ``smiles`` (a SMILES file
+    at ``path``), ``sdf`` (an SDF with 3-D coordinates at ``path``) or ``qm9`` (raw files under
+    ``path``/raw). ``condition_on``: a QM9 target name (``alpha``, ``gap``, ...) or an SD tag.
+    """
+
+    guidance_keys = ("context",)
+
+    def __init__(
+        self,
+        source: str = "builtin",
+        path: Optional[str] = None,
+        atom_types: Sequence[str] = ("H", "C", "N", "O", "F"),
+        max_heavy_atoms: int = 9,
+        num_conformers: int = 10,
+        max_molecules: Optional[int] = None,
+        split: Optional[Sequence[float]] = None,
+        condition_on: Optional[str] = None,
+        cache_dir: Optional[str] = None,
+        eval_rdkit: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"domain.source={source!r} is unknown; choose one of {list(SOURCES)}")
+        if source in ("smiles", "sdf", "qm9") and not path:
+            raise ValueError(f"domain.source={source} needs domain.path (a {'folder' if source == 'qm9' else 'file'})")
+        unknown = [s for s in atom_types if s not in _SYMBOL_Z]
+        if unknown:
+            raise ValueError(f"domain.atom_types has unknown element(s) {unknown}; known: {sorted(_SYMBOL_Z)}")
+        if condition_on is not None and source == "qm9" and condition_on not in QM9_TARGETS:
+            raise ValueError(f"domain.condition_on={condition_on!r} is not a QM9 target; choose one of {list(QM9_TARGETS)}")
+        if condition_on is not None and source in ("builtin", "smiles"):
+            raise ValueError("domain.condition_on needs property values: use source=qm9 or source=sdf with an SD tag")
+        self.source, self.path = source, path
+        self.atom_types = list(atom_types)
+        self.max_heavy_atoms, self.num_conformers, self.max_molecules = max_heavy_atoms, num_conformers, max_molecules
+        self.split_sizes = split
+        self.condition_on = condition_on
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.eval_rdkit = eval_rdkit
+        self.seed = seed
+        self.num_atoms_hist: list[int] = []  # hist[n] = training molecules with n atoms
+        self.context_stats: Optional[tuple[float, float]] = None  # (mean, mean absolute deviation), EDM
+        self.context_pairs: list[tuple[int, float]] = []  # (num_atoms, raw property) to sample context jointly
+        self._splits: Optional[dict[str, MoleculeSet]] = None
+        self._train_smiles: Optional[set[str]] = None
+        self._z_to_type = {_SYMBOL_Z[s]: i for i, s in enumerate(self.atom_types)}
+
+    # ------------------------------------------------------------------ data
+    @property
+    def num_features(self) -> int:
+        return len(self.atom_types) + 1
+
+    def _cache(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        from domains.classifier import default_cache_dir
+
+        return default_cache_dir()
+
+    def _load(self) -> dict[str, MoleculeSet]:
+        if self._splits is not None:
+            return self._splits
+        if "H" not in self.atom_types:
+            raise ValueError("domain.atom_types must include 'H': molecules are modelled with explicit hydrogens")
+        if self.source in ("builtin", "smiles"):
+            src = builtin_smiles_path() if self.source == "builtin" else Path(self.path)
+            smiles = read_smiles_file(src, self.atom_types, self.max_heavy_atoms)
+            if self.max_molecules is not None:
+                smiles = smiles[: self.max_molecules]
+            # Split by molecule, so test and novelty never see a training molecule's other conformers.
+            parts = split_indices(len(smiles), self.split_sizes or (0.8, 0.1, 0.1), self.seed)
+            full = conformers_from_smiles(smiles, self.num_conformers, self._cache(), self.seed, tag=self.source + "_")
+            index = {s: i for i, s in enumerate(smiles)}
+            owner = np.array([index[s] for s in full.smiles])
+            splits = {name: full.subset(np.flatnonzero(np.isin(owner, p)).tolist()) for name, p in zip(("train", "val", "test"), parts)}
+        else:
+            if self.source == "sdf":
+                full = read_sdf(self.path, self.atom_types, [self.condition_on] if self.condition_on else ())
+                sizes = self.split_sizes or (0.8, 0.1, 0.1)
+            else:
+                full = load_qm9(self.path)
+                if self.condition_on:
+                    col = QM9_TARGETS.index(self.condition_on)
+                    full.y = [y[col : col + 1] for y in full.y]
+                else:
+                    full.y = [torch.zeros(0) for _ in full.y]
+                if self.split_sizes:
+                    sizes = self.split_sizes
+                elif len(full) == sum(EDM_QM9_SPLIT):
+                    sizes = EDM_QM9_SPLIT
+                else:
+                    sizes = tuple(s / sum(EDM_QM9_SPLIT) for s in EDM_QM9_SPLIT)
+                    log.warning("QM9 at %s has %d molecules, not %d: using EDM's split fractions", self.path, len(full), sum(EDM_QM9_SPLIT))
+                bad = sorted({int(z) for zs in full.z for z in zs.tolist()} - set(self._z_to_type))
+                if bad:
+                    raise ValueError(f"QM9 has atomic numbers {bad} outside domain.atom_types={self.atom_types}")
+            parts = split_indices(len(full), sizes, self.seed)
+            splits = {name: full.subset(p.tolist()) for name, p in zip(("train", "val", "test"), parts)}
+        for name, s in splits.items():
+            log.info("molecule %s split: %d conformers", name, len(s))
+        self._splits = splits
+        return splits
+
+    def dataset(self, split: str) -> Dataset:
+        splits = self._load()
+        if split not in splits:
+            raise KeyError(f"unknown split {split!r}; choose one of {sorted(splits)}")
+        if len(splits[split]) == 0:
+            raise ValueError(f"the {split} split of {self.source} data is empty; use more molecules or change domain.split")
+        return splits[split]
+
+    def features(self, z: Tensor) -> Tensor:
+        """EDM node features ``[n, F]`` of atomic numbers ``z [n]``."""
+        try:
+            idx = torch.tensor([self._z_to_type[int(a)] for a in z.tolist()], dtype=torch.long)
+        except KeyError as err:
+            raise ValueError(f"atomic number {err.args[0]} is outside domain.atom_types={self.atom_types}") from err
+        onehot = torch.nn.functional.one_hot(idx, len(self.atom_types)).float() / ONE_HOT_SCALE
+        return torch.cat([onehot, z.float().unsqueeze(-1) / CHARGE_SCALE], dim=-1)
+
+    def _normalise(self, y: Tensor) -> Tensor:
+        mean, mad = self.context_stats  # type: ignore[misc]
+        return (y - mean) / mad
+
+    def collate(self, items: Sequence[Mapping[str, Tensor]]) -> Batch:
+        xs, counts = [], []
+        for it in items:
+            pos = it["pos"].float()
+            xs.append(torch.cat([pos - pos.mean(0, keepdim=True), self.features(it["z"])], dim=-1))  # [n, 3+F]
+            counts.append(pos.shape[0])
+        x = torch.cat(xs)  # [N, 3+F]
+        b = len(items)
+        batch = torch.repeat_interleave(torch.arange(b), torch.tensor(counts))
+        cond: dict[str, Tensor] = {"batch": batch}
+        if self.condition_on:
+            if self.context_stats is None:
+                raise RuntimeError("conditional molecule domain: call setup(train_set) first (context statistics)")
+            cond["context"] = self._normalise(torch.stack([it["y"][:1].float() for it in items]))  # [B, 1]
+        return Batch(x, RaggedSpace(batch, b, 3 + self.num_features, centered=(0, 1, 2)), cond)
+
+    def setup(self, train_set: Dataset) -> None:
+        sizes = [int(train_set[i]["z"].shape[0]) for i in range(len(train_set))]
+        hist = np.bincount(sizes)
+        self.num_atoms_hist = hist.tolist()
+        if self.condition_on:
+            ys = np.array([float(train_set[i]["y"][0]) for i in range(len(train_set))])
+            mean = float(ys.mean())
+            mad = float(np.abs(ys - mean).mean()) or 1.0
+            self.context_stats = (mean, mad)
+            rng = np.random.RandomState(self.seed)
+            pick = rng.choice(len(ys), size=min(len(ys), 2000), replace=False)
+            self.context_pairs = [(sizes[i], float(ys[i])) for i in pick]
+        # Training SMILES go into the checkpoint, so novelty needs no data at sampling time.
+        self._train_smiles = {s for s in (edm_smiles(*m) for m in self._molecules(train_set)) if s is not None}
+        log.info("molecule setup: %d training conformers, %d distinct EDM SMILES", len(train_set), len(self._train_smiles))
+
+    # --------------------------------------------------------------- network
+    def build_network(self, **model: Any) -> nn.Module:
+        return EGNN(self.num_features, context_dim=1 if self.condition_on else 0, **model)
+
+    # -------------------------------------------------------------- sampling
+    def parse_label(self, value: Any) -> int:
+        raise ValueError(
+            "the molecule domain has no class labels: condition on a property with prior.context=VALUE "
+            f"(raw units of {self.condition_on or 'the property set by domain.condition_on'})"
+        )
+
+    def prior(
+        self,
+        n: int,
+        labels: Optional[Tensor] = None,
+        device: torch.device | str = "cpu",
+        generator: Optional[torch.Generator] = None,
+        num_atoms: Optional[int | Sequence[int]] = None,
+        context: Optional[float | Sequence[float]] = None,
+    ) -> tuple[RaggedSpace, dict[str, Tensor]]:
+        """``n`` molecules; atom counts from ``num_atoms`` (int or list of n) or the training histogram.
+
+        For a conditional model ``context`` (raw property units, one value or n) sets the
+        property; without it, (atom count, property) pairs are drawn jointly from training.
+        """
+        if labels is not None:
+            raise ValueError("the molecule domain takes no labels; use prior.context=VALUE for a property")
+        cpu = None  # atom counts are drawn on the CPU, seeded from the caller's generator on any device
+        if generator is not None:
+            cpu = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
+        ctx_raw: Optional[Tensor] = None
+        if num_atoms is not None:
+            counts = torch.as_tensor([num_atoms] * n if isinstance(num_atoms, int) else list(num_atoms), dtype=torch.long)
+            if counts.shape != (n,) or int(counts.min()) < 1:
+                raise ValueError(f"prior.num_atoms must be a positive int or a list of {n} positive ints, got {num_atoms!r}")
+        elif self.condition_on and context is None and self.context_pairs:
+            pick = torch.randint(len(self.context_pairs), (n,), generator=cpu)
+            counts = torch.tensor([self.context_pairs[i][0] for i in pick.tolist()], dtype=torch.long)
+            ctx_raw = torch.tensor([[self.context_pairs[i][1]] for i in pick.tolist()])
+        else:
+            if not self.num_atoms_hist:
+                raise RuntimeError("no atom-count histogram: call setup(train_set), load_state_dict, or pass prior.num_atoms")
+            probs = torch.tensor(self.num_atoms_hist, dtype=torch.float)
+            counts = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=cpu)
+        batch = torch.repeat_interleave(torch.arange(n), counts).to(device)
+        cond: dict[str, Tensor] = {"batch": batch}
+        if self.condition_on:
+            if context is not None:
+                vals = [float(context)] * n if isinstance(context, (int, float)) else [float(c) for c in context]
+                if len(vals) != n:
+                    raise ValueError(f"prior.context must be one value or {n} values, got {len(vals)}")
+                ctx_raw = torch.tensor(vals).unsqueeze(-1)
+            cond["context"] = (self._normalise(ctx_raw) if ctx_raw is not None else torch.full((n, 1), float("nan"))).to(device)
+        elif context is not None:
+            raise ValueError("prior.context given, but this model is unconditional (domain.condition_on is not set)")
+        return RaggedSpace(batch, n, 3 + self.num_features, centered=(0, 1, 2)), cond
+
+    # --------------------------------------------------------------- outputs
+    def decode(self, batch: Batch) -> list[Molecule3D]:
+        """Molecules ``(symbols, positions)`` of a state batch: argmax atom types (EDM)."""
+        x = batch.x.detach().float().cpu()
+        b = batch.cond["batch"].cpu()
+        types = x[:, 3 : 3 + len(self.atom_types)].argmax(-1)
+        out = []
+        for i in range(batch.num_samples):
+            rows = (b == i).nonzero().squeeze(-1)
+            out.append(([self.atom_types[int(k)] for k in types[rows]], x[rows, :3].numpy().astype(np.float64)))
+        return out
+
+    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mols = self.decode(batch)
+        paths = [write_sdf(mols, out_dir / f"{prefix}.sdf")]
+        write_xyz(mols, out_dir / f"{prefix}_xyz")
+        paths.append(out_dir / f"{prefix}_xyz")
+        paths.append(write_grid_png(mols, out_dir / f"{prefix}.png"))
+        return paths
+
+    def _molecules(self, data: Dataset, n: Optional[int] = None) -> list[Molecule3D]:
+        idx = range(len(data)) if n is None else np.random.RandomState(self.seed).permutation(len(data))[:n]
+        inv = {_SYMBOL_Z[s]: s for s in self.atom_types}
+        out = []
+        for i in idx:
+            item = data[int(i)]
+            out.append(([inv[int(a)] for a in item["z"].tolist()], item["pos"].numpy().astype(np.float64)))
+        return out
+
+    def train_smiles(self) -> Optional[set[str]]:
+        """EDM-pipeline SMILES of the training conformers (for novelty), or ``None`` without data."""
+        if self._train_smiles is None:
+            try:
+                mols = self._molecules(self.dataset("train"))
+            except (FileNotFoundError, ValueError) as err:
+                log.warning("novelty not computed: training data unavailable (%s)", err)
+                return None
+            self._train_smiles = {s for s in (edm_smiles(*m) for m in mols) if s is not None}
+        return self._train_smiles
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        return molecule_metrics(self.decode(batch), self.train_smiles(), rdkit_second_opinion=self.eval_rdkit)
+
+    def reference_metrics(self, n: int) -> dict[str, float]:
+        """The same figures on ``n`` training conformers (EDM reports them for the data set)."""
+        return molecule_metrics(self._molecules(self.dataset("train"), n), self.train_smiles(), rdkit_second_opinion=self.eval_rdkit)
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "atom_types": list(self.atom_types),
+            "num_atoms_hist": list(self.num_atoms_hist),
+            "condition_on": self.condition_on,
+            "context_stats": list(self.context_stats) if self.context_stats else None,
+            "context_pairs": [list(p) for p in self.context_pairs],
+            "train_smiles": sorted(self._train_smiles) if self._train_smiles is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state.get("atom_types", self.atom_types)) != self.atom_types:
+            raise ValueError(f"checkpoint atom types {state['atom_types']} differ from domain.atom_types={self.atom_types}")
+        self.num_atoms_hist = list(state.get("num_atoms_hist", []))
+        stats = state.get("context_stats")
+        self.context_stats = (float(stats[0]), float(stats[1])) if stats else None
+        self.context_pairs = [(int(a), float(b)) for a, b in state.get("context_pairs", [])]
+        smiles = state.get("train_smiles")
+        self._train_smiles = set(smiles) if smiles is not None else None

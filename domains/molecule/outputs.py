@@ -1,0 +1,83 @@
+"""Writers for generated molecules: SDF (EDM-inferred bonds), XYZ files and a PNG grid of 2-D depictions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .metrics import Molecule3D, edm_mol, stability
+
+__all__ = ["write_xyz", "write_sdf", "write_grid_png"]
+
+log = logging.getLogger(__name__)
+
+
+def write_xyz(molecules: Sequence[Molecule3D], folder: Path) -> list[Path]:
+    """One ``.xyz`` file per molecule in ``folder`` (Angstrom)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (symbols, pos) in enumerate(molecules):
+        path = folder / f"mol_{i:04d}.xyz"
+        lines = [str(len(symbols)), f"generated molecule {i}"]
+        lines += [f"{s:<2s} {p[0]:12.6f} {p[1]:12.6f} {p[2]:12.6f}" for s, p in zip(symbols, np.asarray(pos, dtype=np.float64))]
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(path)
+    return paths
+
+
+def _as_writable(symbols: Sequence[str], pos: np.ndarray):
+    """The EDM-bonded molecule, sanitised when possible (properties still computed when not)."""
+    from rdkit import Chem
+
+    mol = edm_mol(symbols, pos)
+    try:
+        Chem.SanitizeMol(mol)
+        ok = True
+    except Exception:  # invalid valences: keep the raw bond graph
+        mol.UpdatePropertyCache(strict=False)
+        ok = False
+    return mol, ok
+
+
+def write_sdf(molecules: Sequence[Molecule3D], path: Path) -> Path:
+    """An SDF of all molecules with EDM's distance-inferred bonds; tags ``valid`` and ``stable``."""
+    from rdkit import Chem
+
+    writer = Chem.SDWriter(str(path))
+    writer.SetKekulize(False)  # invalid molecules may not kekulise
+    try:
+        for i, (symbols, pos) in enumerate(molecules):
+            mol, ok = _as_writable(symbols, pos)
+            stable, n = stability(symbols, pos)
+            mol.SetProp("_Name", f"generated_{i}")
+            mol.SetProp("valid", str(int(ok)))
+            mol.SetProp("stable", str(int(stable == n)))
+            writer.write(mol)
+    finally:
+        writer.close()
+    return path
+
+
+def write_grid_png(molecules: Sequence[Molecule3D], path: Path, per_row: int = 6, size: int = 220) -> Path:
+    """A PNG grid of 2-D depictions (largest fragment, hydrogens hidden when the molecule is valid)."""
+    from rdkit import Chem
+    from rdkit.Chem import Draw, rdDepictor
+
+    mols, legends = [], []
+    for i, (symbols, pos) in enumerate(molecules):
+        mol, ok = _as_writable(symbols, pos)
+        mol.RemoveAllConformers()
+        if ok:
+            frags = Chem.GetMolFrags(mol, asMols=True)
+            mol = max(frags, key=lambda m: m.GetNumAtoms())
+            mol = Chem.RemoveHs(mol)
+        rdDepictor.Compute2DCoords(mol)
+        stable, n = stability(symbols, pos)
+        mols.append(mol)
+        legends.append(f"{i}: {'valid' if ok else 'invalid'}, {stable}/{n} stable")
+    img = Draw.MolsToGridImage(mols, molsPerRow=per_row, subImgSize=(size, size), legends=legends)
+    img.save(str(path))
+    return path

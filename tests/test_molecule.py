@@ -1,0 +1,326 @@
+"""Molecule domain: EGNN equivariance, zero-CoM states, EDM metrics, loaders and bad input."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from domains.molecule import EGNN, MoleculeDomain
+from domains.molecule.bonds import bond_order
+from domains.molecule.data import load_qm9, read_sdf, read_smiles_file
+from domains.molecule.egnn import fully_connected_edges
+from domains.molecule.metrics import molecule_metrics, stability
+from polydiff import Batch, RaggedSpace
+
+torch.set_num_threads(1)
+F = 6  # H, C, N, O, F one-hot + atomic number
+
+
+def _random_orthogonal(reflect: bool, gen: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if (torch.det(q) < 0) != reflect:
+        q[:, 0] = -q[:, 0]
+    return q  # [3, 3], det = -1 when reflect
+
+
+def _ragged(sizes, gen, dtype=torch.float64):
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    space = RaggedSpace(batch, len(sizes), 3 + F, centered=(0, 1, 2))
+    x = space.randn(generator=gen, dtype=dtype)
+    return x, batch, space
+
+
+def _embedded(smiles: str, seed: int = 0):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    AllChem.EmbedMolecule(mol, randomSeed=seed)
+    AllChem.MMFFOptimizeMolecule(mol)
+    return mol
+
+
+def _symbols_pos(mol):
+    return [a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions()
+
+
+# ----------------------------------------------------------------- network
+@pytest.mark.parametrize("reflect", [False, True])
+@pytest.mark.parametrize("context_dim", [0, 1])
+def test_egnn_is_e3_and_permutation_equivariant(reflect, context_dim):
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = EGNN(F, hidden=32, layers=3, context_dim=context_dim).double().eval()
+    x, batch, _ = _ragged([5, 9, 3], gen)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    ctx = {"context": torch.tensor([[0.3], [float("nan")], [-1.0]], dtype=torch.float64)} if context_dim else {}
+    out = net(x, t, batch, **ctx)
+    q = _random_orthogonal(reflect, gen)
+    shift = torch.randn(3, generator=gen, dtype=torch.float64) * 5
+    x_rot = torch.cat([x[:, :3] @ q.T + shift, x[:, 3:]], dim=1)
+    out_rot = net(x_rot, t, batch, **ctx)
+    # eps for positions rotates with the input and ignores translations; feature eps is invariant.
+    torch.testing.assert_close(out_rot[:, :3], out[:, :3] @ q.T, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out_rot[:, 3:], out[:, 3:], rtol=0, atol=1e-10)
+    perm = torch.randperm(x.shape[0], generator=gen)
+    out_perm = net(x[perm], t, batch[perm], **ctx)
+    torch.testing.assert_close(out_perm, out[perm], rtol=0, atol=1e-10)
+    # the predicted position noise has zero centre of mass per molecule
+    com = torch.zeros(3, 3, dtype=torch.float64).index_add_(0, batch, out[:, :3])
+    assert com.abs().max() < 1e-10
+
+
+def test_egnn_float32_equivariance_and_unsorted_batch():
+    gen = torch.Generator().manual_seed(1)
+    net = EGNN(F, hidden=32, layers=2).eval()
+    x, batch, _ = _ragged([4, 7], gen, torch.float32)
+    t = torch.tensor([0.2, 0.7])
+    q = _random_orthogonal(True, gen).float()
+    out = net(x, t, batch)
+    out_rot = net(torch.cat([x[:, :3] @ q.T, x[:, 3:]], 1), t, batch)
+    torch.testing.assert_close(out_rot[:, :3], out[:, :3] @ q.T, rtol=1e-4, atol=1e-5)
+    row, col = fully_connected_edges(torch.tensor([1, 0, 1, 0, 1]))
+    assert sorted(zip(row.tolist(), col.tolist())) == [(0, 2), (0, 4), (1, 3), (2, 0), (2, 4), (3, 1), (4, 0), (4, 2)]
+
+
+def test_null_context_is_learned_token_and_differs_from_a_value():
+    gen = torch.Generator().manual_seed(2)
+    net = EGNN(F, hidden=16, layers=2, context_dim=1).eval()
+    with torch.no_grad():
+        net.null_context.fill_(0.7)
+    x, batch, _ = _ragged([4, 5], gen, torch.float32)
+    t = torch.tensor([0.3, 0.3])
+    null = net(x, t, batch, context=torch.full((2, 1), float("nan")))
+    torch.testing.assert_close(null, net(x, t, batch, context=None))
+    assert not torch.allclose(null, net(x, t, batch, context=torch.tensor([[0.7], [0.7]])))
+    with pytest.raises(ValueError, match="context_dim=1"):
+        net(x, t, batch, context=torch.zeros(2, 3))
+
+
+def test_sampler_step_is_equivariant():
+    from polydiff.objectives import Objective
+    from polydiff.samplers import sample
+    from polydiff.schedules import make_schedule
+
+    gen = torch.Generator().manual_seed(3)
+    net = EGNN(F, hidden=32, layers=2).double().eval()
+    schedule = make_schedule("polynomial", steps=1000, power=2)
+    objective = Objective(prediction="eps")
+    x, batch, space = _ragged([6, 4], gen)
+    q = _random_orthogonal(True, gen)
+    perm = torch.randperm(x.shape[0], generator=gen)
+    cond = {"batch": batch}
+    with torch.no_grad():
+        out = sample("ddim", objective.denoiser(net, schedule, space, cond), x, schedule, 1, space=space)
+        rot = torch.cat([x[:, :3] @ q.T, x[:, 3:]], 1)
+        out_rot = sample("ddim", objective.denoiser(net, schedule, space, cond), rot, schedule, 1, space=space)
+        pspace = RaggedSpace(batch[perm], 2, 3 + F, centered=(0, 1, 2))
+        out_perm = sample("ddim", objective.denoiser(net, schedule, pspace, {"batch": batch[perm]}), x[perm], schedule, 1, space=pspace)
+    assert not torch.allclose(out, x)
+    torch.testing.assert_close(out_rot[:, :3], out[:, :3] @ q.T, rtol=0, atol=1e-9)
+    torch.testing.assert_close(out_rot[:, 3:], out[:, 3:], rtol=0, atol=1e-9)
+    torch.testing.assert_close(out_perm, out[perm], rtol=0, atol=1e-9)
+    com = torch.zeros(2, 3, dtype=torch.float64).index_add_(0, batch, out[:, :3])
+    assert com.abs().max() < 1e-10
+
+
+# ----------------------------------------------------------- state / prior
+def test_zero_com_noise_projection_and_prior(tmp_path):
+    dom = MoleculeDomain(source="sdf", path=str(_write_sdf(tmp_path / "m.sdf", ["CCO", "c1ccccc1", "CC#N", "OCC=O"])), split=(1.0, 0.0, 0.0))
+    dom.setup(dom.dataset("train"))
+    assert dom.num_atoms_hist[9] == 1 and dom.num_atoms_hist[12] == 1 and sum(dom.num_atoms_hist) == 4
+    space, cond = dom.prior(6, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(cond["batch"], minlength=6)
+    assert set(counts.tolist()) <= {6, 8, 9, 12}
+    noise = space.randn(generator=torch.Generator().manual_seed(1))
+    com = torch.zeros(6, 3).index_add_(0, cond["batch"], noise[:, :3])
+    assert com.abs().max() < 1e-5
+    feat_mean = torch.zeros(6, F).index_add_(0, cond["batch"], noise[:, 3:]).abs().max()
+    assert feat_mean > 0.1  # features are not centred
+    shifted = noise + torch.tensor([1.0, -2.0, 3.0] + [0.5] * F)
+    proj = space.project(shifted)
+    torch.testing.assert_close(proj[:, :3], noise[:, :3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(proj[:, 3:], shifted[:, 3:])
+    space2, cond2 = dom.prior(3, num_atoms=[4, 5, 12])
+    assert torch.bincount(cond2["batch"]).tolist() == [4, 5, 12] and space2.shape == (21, 3 + F)
+    with pytest.raises(ValueError, match="num_atoms"):
+        dom.prior(2, num_atoms=[3])
+    # collate: EDM feature scaling, zero CoM; state_dict round trip keeps sampling possible
+    batch = dom.collate([dom.dataset("train")[i] for i in range(2)])
+    assert batch.x.shape[1] == 3 + F
+    onehot = batch.x[:, 3:8]
+    assert torch.allclose(onehot.sum(1), torch.full((batch.x.shape[0],), 0.25))
+    assert set((batch.x[:, 8] * 10).round().long().tolist()) <= {1, 6, 7, 8}
+    fresh = MoleculeDomain(source="sdf", path="unused.sdf")
+    fresh.load_state_dict(dom.state_dict())
+    assert fresh.num_atoms_hist == dom.num_atoms_hist and fresh.train_smiles() == dom.train_smiles()
+
+
+# ----------------------------------------------------------------- metrics
+def test_edm_bond_table_and_known_molecules():
+    assert bond_order("C", "C", 1.53) == 1 and bond_order("C", "C", 1.34) == 2 and bond_order("C", "C", 1.20) == 3
+    assert bond_order("C", "H", 1.18) == 1 and bond_order("C", "H", 1.20) == 0
+    assert bond_order("C", "O", 1.22) == 2 and bond_order("N", "N", 1.12) == 3
+    symbols, pos = _symbols_pos(_embedded("CCO"))
+    assert stability(symbols, pos) == (9, 9)
+    stretched = pos.copy()
+    o = symbols.index("O")
+    c = [i for i, s in enumerate(symbols) if s == "C"][1]
+    stretched[o] = pos[c] + (pos[o] - pos[c]) * 1.6  # C-O from ~1.42 to ~2.3 Angstrom
+    n_stable, n = stability(symbols, stretched)
+    assert n_stable < n
+    m = molecule_metrics([(symbols, pos), (symbols, pos), (symbols, stretched)], train_smiles={"nothing"})
+    assert m["atom_stability"] == pytest.approx((9 + 9 + n_stable) / 27)
+    assert m["mol_stability"] == pytest.approx(2 / 3)
+    assert m["validity_rdkit"] >= 2 / 3 and 0 < m["uniqueness"] <= 1 and m["novelty"] == 1.0
+    same = molecule_metrics([(symbols, pos)], train_smiles=None)
+    assert same["validity"] == 1.0 and "novelty" not in same
+
+
+# ----------------------------------------------------------------- loaders
+def _write_sdf(path: Path, smiles: list[str], props: dict | None = None) -> Path:
+    from rdkit import Chem
+
+    w = Chem.SDWriter(str(path))
+    for i, s in enumerate(smiles):
+        mol = _embedded(s, seed=i)
+        mol.SetProp("_Name", f"mol{i}")
+        for k, v in (props or {}).items():
+            mol.SetProp(k, str(v[i]))
+        w.write(mol)
+    w.close()
+    return path
+
+
+def test_sdf_loader_skips_bad_records_by_name(tmp_path, caplog):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    path = tmp_path / "mixed.sdf"
+    w = Chem.SDWriter(str(path))
+    good = _embedded("CCO")
+    good.SetProp("_Name", "ethanol")
+    good.SetProp("gap", "6.5")
+    w.write(good)
+    flat = Chem.AddHs(Chem.MolFromSmiles("CCN"))
+    AllChem.Compute2DCoords(flat)
+    flat.SetProp("_Name", "flat_amine")
+    flat.SetProp("gap", "1")
+    w.write(flat)
+    noh = Chem.RemoveHs(_embedded("CCC"))
+    noh.SetProp("_Name", "no_hydrogens")
+    noh.SetProp("gap", "1")
+    w.write(noh)
+    cl = _embedded("CCl")
+    cl.SetProp("_Name", "chloromethane")
+    cl.SetProp("gap", "1")
+    w.write(cl)
+    w.close()
+    with caplog.at_level(logging.WARNING):
+        ds = read_sdf(path, ["H", "C", "N", "O", "F"], properties=["gap"])
+    assert len(ds) == 1 and ds[0]["z"].tolist() == [6, 6, 8, 1, 1, 1, 1, 1, 1]
+    assert float(ds[0]["y"][0]) == pytest.approx(6.5)
+    text = caplog.text
+    assert "'flat_amine'" in text and "3-D" in text
+    assert "'no_hydrogens'" in text and "explicit hydrogens" in text
+    assert "'chloromethane'" in text and "['Cl']" in text
+    assert "3 record(s) skipped" in text
+    empty = tmp_path / "empty.sdf"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.sdf is empty"):
+        read_sdf(empty, ["H", "C"])
+    with pytest.raises(FileNotFoundError, match="nope.sdf"):
+        read_sdf(tmp_path / "nope.sdf", ["H", "C"])
+
+
+def test_smiles_loader_and_builtin_conformers(tmp_path, caplog):
+    path = tmp_path / "list.smi"
+    path.write_text("CCO first\nC1CC(\nc1ccccc1Cl\nCC#N\n[NH4+]\nCC.O\n")
+    with caplog.at_level(logging.WARNING):
+        kept = read_smiles_file(path, ["H", "C", "N", "O", "F"], max_heavy_atoms=9)
+    assert kept == ["CCO", "CC#N"]
+    assert "list.smi:2" in caplog.text and "C1CC(" in caplog.text
+    bad = tmp_path / "bad.smi"
+    bad.write_text("C1CC(\n")
+    with pytest.raises(ValueError, match="no usable molecule"):
+        read_smiles_file(bad, ["H", "C"], 9)
+    dom = MoleculeDomain(source="smiles", path=str(path), num_conformers=2, split=(1.0, 0.0, 0.0), cache_dir=str(tmp_path / "cache"))
+    train = dom.dataset("train")
+    assert len(train) >= 2 and all(int(it["z"].eq(1).sum()) > 0 for it in train)
+    assert len(list((tmp_path / "cache").glob("molecule_conformers_*.pt"))) == 1
+    # conformers are physically sane: EDM-stable as built
+    dom.setup(train)
+    ref = dom.reference_metrics(len(train))
+    assert ref["mol_stability"] == 1.0 and ref["validity"] == 1.0 and ref["novelty"] == 0.0
+    with pytest.raises(ValueError, match="split of smiles data is empty"):
+        dom.dataset("test")
+
+
+def test_qm9_loader_on_fake_raw_folder_and_missing_copy(tmp_path):
+    root = tmp_path / "qm9"
+    with pytest.raises(FileNotFoundError, match=r"gdb9.sdf.*raw"):
+        load_qm9(root)
+    raw = root / "raw"
+    raw.mkdir(parents=True)
+    _write_sdf(raw / "gdb9.sdf", ["C", "N", "O", "CC#N"])
+    header = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
+    rows = [f"gdb_{i + 1}," + ",".join(str(float(i * 100 + j)) for j in range(19)) for i in range(4)]
+    (raw / "gdb9.sdf.csv").write_text("\n".join([header, *rows]) + "\n")
+    (raw / "uncharacterized.txt").write_text("\n".join(f"header {k}" for k in range(9)) + "\n2 skipped\n----\n")
+    ds = load_qm9(root)
+    assert len(ds) == 3  # molecule 2 is listed as uncharacterised
+    assert ds[0]["z"].tolist() == [6, 1, 1, 1, 1]
+    assert ds[1]["z"].tolist()[0] == 8  # water follows the skipped ammonia
+    assert float(ds[0]["y"][1]) == pytest.approx(4.0)  # alpha column
+    dom = MoleculeDomain(source="qm9", path=str(root), condition_on="alpha", split=(3, 0, 0))
+    train = dom.dataset("train")
+    dom.setup(train)
+    b = dom.collate([train[i] for i in range(3)])
+    assert b.cond["context"].shape == (3, 1) and abs(float(b.cond["context"].mean())) < 1e-5
+    space, cond = dom.prior(4, generator=torch.Generator().manual_seed(0))
+    assert not torch.isnan(cond["context"]).any()
+    _, cond = dom.prior(2, num_atoms=5, context=204.0)
+    alphas = np.array([4.0, 204.0, 304.0])  # i * 100 + 4 for the kept molecules 0, 2, 3
+    mad = np.abs(alphas - alphas.mean()).mean()  # EDM normalises properties by mean and MAD
+    assert torch.allclose(cond["context"], torch.full((2, 1), (204.0 - alphas.mean()) / mad))
+
+
+def test_bad_domain_configuration_messages():
+    with pytest.raises(ValueError, match="source='xyz'"):
+        MoleculeDomain(source="xyz")
+    with pytest.raises(ValueError, match="needs domain.path"):
+        MoleculeDomain(source="sdf")
+    with pytest.raises(ValueError, match="not a QM9 target"):
+        MoleculeDomain(source="qm9", path="/x", condition_on="homo_lumo")
+    with pytest.raises(ValueError, match="prior.context"):
+        MoleculeDomain().parse_label("3")
+
+
+# ----------------------------------------------------------------- outputs
+def test_save_samples_writes_sdf_xyz_png(tmp_path):
+    from rdkit import Chem
+
+    dom = MoleculeDomain(source="sdf", path=str(_write_sdf(tmp_path / "m.sdf", ["CCO", "CC#N"])), split=(1.0, 0.0, 0.0))
+    train = dom.dataset("train")
+    dom.setup(train)
+    batch = dom.collate([train[0], train[1]])
+    noisy = Batch(batch.x + torch.randn(batch.x.shape, generator=torch.Generator().manual_seed(0)) * 0.5, batch.space, batch.cond)
+    both = Batch(torch.cat([batch.x, noisy.x]), RaggedSpace(torch.cat([batch.cond["batch"], batch.cond["batch"] + 2]), 4, 3 + F, (0, 1, 2)),
+                 {"batch": torch.cat([batch.cond["batch"], batch.cond["batch"] + 2])})
+    paths = dom.save_samples(both, tmp_path / "out", prefix="s")
+    sdf = Chem.SDMolSupplier(str(tmp_path / "out" / "s.sdf"), removeHs=False, sanitize=False)
+    mols = [m for m in sdf]
+    assert len(mols) == 4
+    for m in mols[:2]:  # the clean inputs: ethanol (9 atoms, 8 bonds) and acetonitrile (6 atoms, 5 bonds)
+        assert m.GetNumBonds() == m.GetNumAtoms() - 1 and m.GetProp("stable") == "1" and m.GetProp("valid") == "1"
+    xyz = sorted((tmp_path / "out" / "s_xyz").glob("*.xyz"))
+    assert len(xyz) == 4 and xyz[0].read_text().splitlines()[0] == str(mols[0].GetNumAtoms())
+    png = tmp_path / "out" / "s.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png in paths
+    metrics = dom.evaluate(both)
+    assert metrics["mol_stability"] >= 0.5 and metrics["novelty"] <= 0.5
