@@ -76,7 +76,7 @@ def _time(fn, device, warmup: int, reps: int) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def train_throughput(args, device) -> None:
+def train_throughput(args, device) -> dict:
     x, batch, sizes, _ = qm9_like_batch(args.batch, device)
     t = torch.rand(args.batch, device=device)
     ours = EGNN(F, hidden=args.hidden, layers=args.layers).to(device)
@@ -98,10 +98,16 @@ def train_throughput(args, device) -> None:
     print(f"  polydiff EGNN   {args.batch / s_ours:9.1f} molecules/s  ({s_ours * 1e3:8.1f} ms/batch, {n_params(ours) / 1e6:.2f}M params)")
     print(f"  egnn-pytorch    {args.batch / s_theirs:9.1f} molecules/s  ({s_theirs * 1e3:8.1f} ms/batch, {n_params(theirs) / 1e6:.2f}M params)")
     print(f"  ratio           {s_theirs / s_ours:9.2f}x")
+    return {
+        "batch": args.batch, "atoms": int(sizes.sum()), "hidden": args.hidden, "layers": args.layers,
+        "polydiff_molecules_per_s": args.batch / s_ours, "egnn_pytorch_molecules_per_s": args.batch / s_theirs,
+        "polydiff_params": n_params(ours), "egnn_pytorch_params": n_params(theirs),
+        "ratio_polydiff_over_egnn_pytorch": s_theirs / s_ours,
+    }
 
 
 @torch.no_grad()
-def sampling_throughput(args, device) -> None:
+def sampling_throughput(args, device) -> dict:
     from polydiff.objectives import Objective
     from polydiff.samplers import sample
     from polydiff.schedules import make_schedule
@@ -112,6 +118,7 @@ def sampling_throughput(args, device) -> None:
     x, batch, sizes, space = qm9_like_batch(args.sample_batch, device, seed=1)
     den = objective.denoiser(net, schedule, space, {"batch": batch})
     print(f"sampling, {args.sample_batch} molecules per batch, {device}")
+    rows = {}
     for name, steps in (("ddpm", 1000), ("ddim", 100), ("dpmpp_2m", 20)):
         run_steps = min(steps, args.max_sampler_steps)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -126,9 +133,11 @@ def sampling_throughput(args, device) -> None:
         assert torch.isfinite(out).all()
         note = "" if run_steps == steps else f"  (extrapolated from {run_steps} steps)"
         print(f"  {name:9s} {steps:5d} steps  {args.sample_batch / dt:9.2f} molecules/s  {dt:8.2f} s/batch{note}")
+        rows[f"{name}-{steps}"] = {"molecules_per_s": args.sample_batch / dt, "timed_steps": run_steps}
+    return rows
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU-sized run: small model, few repetitions, truncated samplers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +146,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sample-batch", type=int, default=None, help="molecules per sampling batch (default 256, --quick 64)")
     p.add_argument("--skip-sampling", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.hidden = args.hidden or (64 if args.quick else 256)
     args.layers = args.layers or (4 if args.quick else 9)
     args.sample_batch = args.sample_batch or (64 if args.quick else 256)
@@ -146,9 +155,10 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu" and args.quick:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    train_throughput(args, device)
+    result = {"device": str(device), "train": train_throughput(args, device)}
     if not args.skip_sampling:
-        sampling_throughput(args, device)
+        result["sampling"] = sampling_throughput(args, device)
+    return result
 
 
 if __name__ == "__main__":

@@ -190,9 +190,9 @@ def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
         args = ["--only", peer[-2:], "--device", device.type] + (["--quick"] if quick else ["--bf16"] * (device.type == "cuda"))
         return bench_unet(args)
     if peer == "egnn":
-        from benchmarks.bench_egnn import run_peer as egnn_peer
+        from benchmarks.bench_egnn import main as bench_egnn
 
-        return egnn_peer(str(device), quick)
+        return bench_egnn(["--device", device.type] + (["--quick", "--skip-sampling"] if quick else []))
     raise KeyError(f"unknown peer {peer!r}")
 
 

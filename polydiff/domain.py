@@ -14,7 +14,6 @@ where ``t`` is a per-sample float tensor ``[B]`` in ``[0, 1]`` (``0`` = clean da
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional, Sequence
@@ -165,7 +164,3 @@ class Domain:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
-
-def _json_safe(obj: Any) -> Any:
-    """Round-trip through JSON: the checkpoint stores only plain types (weights_only=True)."""
-    return json.loads(json.dumps(obj))

@@ -111,17 +111,16 @@ class NoiseSchedule:
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         """``alpha_bar(t)`` in float64, linear between grid points ``i / T``."""
-        t = torch.as_tensor(t, dtype=torch.float64)
+        t = torch.as_tensor(t).to(torch.float64)
         table = self._table(t.device)
         pos = t.clamp(0, 1) * self.num_steps
-        lo = pos.floor().long().clamp(max=self.num_steps - 1)
-        frac = pos - lo
-        return table[lo] * (1 - frac) + table[lo + 1] * frac
+        lo = pos.long().clamp_(max=self.num_steps - 1)  # floor, as pos >= 0
+        return torch.lerp(table[lo], table[lo + 1], pos - lo)
 
     def alpha_sigma(self, t: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """Signal and noise scales ``alpha(t)``, ``sigma(t)`` (computed in float64, cast on use)."""
-        ab = self.alpha_bar(t)
-        return ab.sqrt().to(dtype), (1 - ab).clamp(min=0).sqrt().to(dtype)
+        ab = self.alpha_bar(t)  # in [0, 1]: both roots are real
+        return ab.sqrt().to(dtype), (1 - ab).sqrt().to(dtype)
 
     def log_snr(self, t: Tensor) -> Tensor:
         """``log(alpha^2 / sigma^2)`` in float64 (``+inf`` at t = 0, ``-inf`` at zero terminal SNR)."""
