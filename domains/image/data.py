@@ -1,0 +1,266 @@
+"""Image data sources: scikit-learn's 8x8 digits, a folder of PNG/JPEG files, and CIFAR-10.
+
+Every source yields the same thing: ``uint8`` pixels ``[N, C, H, W]`` with their value range,
+integer labels ``[N]`` (or none) and class names. :class:`ImageSet` turns them into
+``(image [C, H, W] in [-1, 1], label)`` items on the fly, so a 50,000-image set stays 150 MB.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = [
+    "ImageArrays",
+    "ImageSet",
+    "IMAGE_SUFFIXES",
+    "load_digits_split",
+    "load_folder",
+    "load_cifar10",
+    "stratified_split",
+    "find_cifar10",
+]
+
+#: File suffixes read by :func:`load_folder` (case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+@dataclass
+class ImageArrays:
+    """Raw pixels of one split: ``images`` uint8 ``[N, C, H, W]`` in ``0..max_value``."""
+
+    images: np.ndarray
+    labels: Optional[np.ndarray]  # int64 [N], None when the source has no labels
+    class_names: list[str]
+    max_value: int
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {self.images.shape}")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.images)} images")
+
+    def subset(self, index: np.ndarray) -> "ImageArrays":
+        labels = None if self.labels is None else self.labels[index]
+        return ImageArrays(self.images[index], labels, self.class_names, self.max_value)
+
+    def to_tensor(self) -> Tensor:
+        """All images as floats in ``[-1, 1]``: ``[N, C, H, W]``."""
+        return to_unit_range(torch.from_numpy(self.images), self.max_value)
+
+
+def to_unit_range(pixels: Tensor, max_value: int) -> Tensor:
+    """Map integer pixels ``0..max_value`` linearly onto ``[-1, 1]``."""
+    return pixels.float() * (2.0 / max_value) - 1.0
+
+
+class ImageSet(Dataset):
+    """``(image [C, H, W] in [-1, 1], label)`` items; ``label`` is -1 for unlabelled sources.
+
+    ``hflip`` mirrors each image left-right with probability 1/2 (natural photos; never digits).
+    """
+
+    def __init__(self, arrays: ImageArrays, hflip: bool = False) -> None:
+        self.arrays = arrays
+        self.hflip = hflip
+        self._pixels = torch.from_numpy(arrays.images)  # uint8 [N, C, H, W], shares memory
+
+    def __len__(self) -> int:
+        return len(self._pixels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x = to_unit_range(self._pixels[i], self.arrays.max_value)  # [C, H, W]
+        if self.hflip and bool(torch.rand(()) < 0.5):
+            x = x.flip(-1)
+        label = -1 if self.arrays.labels is None else int(self.arrays.labels[i])
+        return x, label
+
+
+def stratified_split(labels: Optional[np.ndarray], n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/test indices holding ``test_fraction`` of every class out (of all items if unlabelled)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    train, test = [], []
+    for idx in groups:
+        idx = rng.permutation(idx)
+        # Round, but keep at least one training item per class.
+        k = min(int(round(len(idx) * test_fraction)), len(idx) - 1)
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+# ---------------------------------------------------------------------------- digits
+def load_digits_split(split: str, test_fraction: float = 0.2, seed: int = 0) -> ImageArrays:
+    """scikit-learn's 1,797 8x8 handwritten digits (values 0..16), split seeded and stratified."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)[:, None]  # [1797, 1, 8, 8], integers 0..16
+    labels = digits.target.astype(np.int64)
+    full = ImageArrays(images, labels, [str(c) for c in range(10)], max_value=16)
+    train, test = stratified_split(labels, len(labels), test_fraction, seed)
+    return full.subset(train if _split_kind(split, "digits") == "train" else test)
+
+
+def _split_kind(split: str, source: str) -> str:
+    """``"train"`` or ``"test"`` (``val``/``validation`` read the held-out split too)."""
+    if split == "train":
+        return "train"
+    if split in ("test", "val", "valid", "validation"):
+        return "test"
+    raise ValueError(f"unknown split {split!r} for image source {source!r}: expected 'train' or 'test'")
+
+
+# ---------------------------------------------------------------------------- folder
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]]:
+    """Image paths with labels from sub-folder names; images directly in ``root`` are unlabelled."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist (set domain.root to a folder of PNG/JPEG images)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = _list_images(root)
+    if classes and loose:
+        raise ValueError(
+            f"image folder {root} mixes images ({loose[0].name}, ...) with class sub-folders {classes[:5]}: "
+            f"put every image in a class sub-folder, or use a folder without sub-folders for unlabelled images"
+        )
+    if not classes:
+        if not loose:
+            raise ValueError(f"image folder {root} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+        return loose, None, []
+    paths: list[Path] = []
+    labels: list[int] = []
+    for k, name in enumerate(classes):
+        found = _list_images(root / name)
+        if not found:
+            raise ValueError(
+                f"class folder {root / name} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)}); "
+                f"remove it or add images"
+            )
+        paths += found
+        labels += [k] * len(found)
+    return paths, labels, classes
+
+
+def read_image(path: Path, size: int, mode: str) -> np.ndarray:
+    """One image as uint8 ``[C, size, size]``: shorter side resized to ``size``, then centre-cropped.
+
+    ``mode`` is ``"rgb"`` or ``"grayscale"``; an alpha channel is dropped (not composited).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("RGB" if mode == "rgb" else "L")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}. Remove or replace the file.") from err
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # [C, H, W]
+
+
+def load_folder(
+    root: str | Path, split: str, size: int, mode: str = "rgb", test_fraction: float = 0.1, seed: int = 0
+) -> ImageArrays:
+    """A folder of PNG/JPEG images, labels from sub-folder names.
+
+    ``root/train`` and ``root/test`` are used as the splits when both exist; otherwise the
+    images are split seeded and stratified with ``test_fraction`` held out.
+    """
+    if mode not in ("rgb", "grayscale"):
+        raise ValueError(f"domain.mode must be 'rgb' or 'grayscale', got {mode!r}")
+    root = Path(root).expanduser()
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        kind = _split_kind(split, "folder")
+        folder = root / kind
+        paths, labels, classes = _scan_folder(folder)
+        index = np.arange(len(paths))
+        if kind == "train":
+            # Class names must agree between the two splits, or labels would mean different things.
+            test_classes = _scan_folder(root / "test")[2]
+            if test_classes != classes:
+                raise ValueError(f"class folders differ between {root / 'train'} {classes} and {root / 'test'} {test_classes}")
+    else:
+        paths, labels, classes = _scan_folder(root)
+        lab = None if labels is None else np.asarray(labels)
+        train, test = stratified_split(lab, len(paths), test_fraction, seed)
+        index = train if _split_kind(split, "folder") == "train" else test
+    if len(index) == 0:
+        raise ValueError(f"split {split!r} of image folder {root} is empty: add images or change domain.test_fraction")
+    images = np.stack([read_image(paths[i], size, mode) for i in index])
+    lab_arr = None if labels is None else np.asarray(labels, dtype=np.int64)[index]
+    return ImageArrays(images, lab_arr, classes, max_value=255)
+
+
+# ---------------------------------------------------------------------------- CIFAR-10
+def find_cifar10(root: str | Path) -> Path:
+    """The ``cifar-10-batches-py`` folder at or under ``root``; a clear error when missing."""
+    root = Path(root).expanduser()
+    for cand in (root, root / "cifar-10-batches-py"):
+        if (cand / "batches.meta").is_file():
+            return cand
+    raise FileNotFoundError(
+        f"CIFAR-10 not found at {root}: polydiff never downloads data. Download {CIFAR10_URL} and extract it "
+        f"with `tar -xzf cifar-10-python.tar.gz -C {root}`, so that {root / 'cifar-10-batches-py' / 'data_batch_1'} "
+        f"(data_batch_1..5, test_batch, batches.meta) exists; or set domain.root to that folder."
+    )
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 file {path} is missing: re-extract {CIFAR10_URL} into {path.parent.parent}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as err:
+        raise ValueError(f"cannot read CIFAR-10 file {path} ({type(err).__name__}: {err}); re-extract it") from err
+
+
+def _key(d: dict, name: str, path: Path):
+    for k in (name.encode(), name):
+        if k in d:
+            return d[k]
+    raise ValueError(f"CIFAR-10 file {path} has no {name!r} entry: is it a CIFAR-10 Python batch?")
+
+
+def load_cifar10(root: str | Path, split: str) -> ImageArrays:
+    """CIFAR-10 from a local copy of its Python batches (50,000 train / 10,000 test, 32x32 RGB)."""
+    folder = find_cifar10(root)
+    if _split_kind(split, "cifar10") == "train":
+        files = [f"data_batch_{i}" for i in range(1, 6)]
+    else:
+        files = ["test_batch"]
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        batch = _unpickle(path)
+        data = np.asarray(_key(batch, "data", path), dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"CIFAR-10 file {path}: 'data' has shape {data.shape}, expected [N, 3072]")
+        images.append(data.reshape(-1, 3, 32, 32))  # rows are R, G, B planes of 32x32
+        labels.append(np.asarray(_key(batch, "labels", path), dtype=np.int64))
+    meta_path = folder / "batches.meta"
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(_unpickle(meta_path), "label_names", meta_path)]
+    return ImageArrays(np.concatenate(images), np.concatenate(labels), names, max_value=255)

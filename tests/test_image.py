@@ -1,0 +1,222 @@
+"""The image domain: loaders, splits, the PNG grid, bad input, metrics, the U-Net and a short run."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from domains.image import ImageDomain
+from domains.image.data import load_cifar10, load_digits_split, load_folder
+from domains.image.outputs import grid_layout, make_grid
+from polydiff import get_domain
+from polydiff.domain import Batch
+from polydiff.space import DenseSpace
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _write(path: Path, mode: str, size: tuple[int, int], color, fmt: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, format=fmt)
+
+
+def _image_folder(root: Path) -> Path:
+    """Two classes of PNG/JPEG files, incl. a grayscale and an RGBA one, of several sizes."""
+    _write(root / "cat" / "a.png", "RGB", (20, 12), (255, 0, 0), "PNG")
+    _write(root / "cat" / "b.jpg", "RGB", (12, 12), (250, 0, 0), "JPEG")
+    _write(root / "cat" / "c.PNG", "L", (16, 16), 255, "PNG")  # grayscale
+    _write(root / "dog" / "d.png", "RGBA", (12, 30), (0, 0, 255, 128), "PNG")  # with alpha
+    _write(root / "dog" / "e.jpeg", "RGB", (12, 12), (0, 0, 250), "JPEG")
+    _write(root / "dog" / "f.png", "RGB", (8, 8), (0, 0, 255), "PNG")
+    return root
+
+
+def _fake_cifar(root: Path, n: int = 6) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+    return folder
+
+
+# ---------------------------------------------------------------------------- loaders
+def test_digits_split_sizes_range_and_stratification():
+    train, test = load_digits_split("train"), load_digits_split("test")
+    assert len(train.images) + len(test.images) == 1797
+    assert len(test.images) == pytest.approx(0.2 * 1797, abs=10)
+    assert train.images.shape[1:] == (1, 8, 8)
+    x = train.to_tensor()
+    assert x.min() == -1.0 and x.max() == 1.0
+    # Every label is held out in about the same proportion.
+    frac = np.bincount(test.labels, minlength=10) / np.bincount(np.concatenate([train.labels, test.labels]), minlength=10)
+    assert np.all(np.abs(frac - 0.2) < 0.02)
+    # Seeded: the same split twice, another seed gives another split.
+    assert np.array_equal(load_digits_split("test").images, test.images)
+    assert not np.array_equal(load_digits_split("test", seed=1).images, test.images)
+
+
+def test_folder_loader_labels_modes_and_crop(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    rgb = load_folder(root, "train", size=8, mode="rgb", test_fraction=0.34)
+    test = load_folder(root, "test", size=8, mode="rgb", test_fraction=0.34)
+    assert rgb.class_names == ["cat", "dog"]
+    assert rgb.images.shape[1:] == (3, 8, 8) and rgb.images.dtype == np.uint8
+    assert len(rgb.images) + len(test.images) == 6 and sorted(np.bincount(test.labels)) == [1, 1]
+    everything = np.concatenate([rgb.images, test.images]).astype(int)
+    labels = np.concatenate([rgb.labels, test.labels])
+    # Every cat is red or white (the grayscale file), every dog blue (alpha dropped): labels follow folders.
+    assert np.all(everything[labels == 0][:, 0] > 200)
+    assert np.all(everything[labels == 1][:, 2] > 200) and np.all(everything[labels == 1][:, 0] < 30)
+    gray = load_folder(root, "train", size=5, mode="grayscale", test_fraction=0.34)
+    assert gray.images.shape[1:] == (1, 5, 5)
+
+
+def test_folder_train_test_subfolders(tmp_path):
+    _write(tmp_path / "train" / "a" / "1.png", "RGB", (9, 9), (10, 10, 10), "PNG")
+    _write(tmp_path / "train" / "b" / "2.png", "RGB", (9, 9), (20, 20, 20), "PNG")
+    _write(tmp_path / "test" / "a" / "3.png", "RGB", (9, 9), (30, 30, 30), "PNG")
+    _write(tmp_path / "test" / "b" / "4.png", "RGB", (9, 9), (40, 40, 40), "PNG")
+    assert len(load_folder(tmp_path, "train", size=4).images) == 2
+    assert load_folder(tmp_path, "test", size=4).images[:, 0, 0, 0].tolist() == [30, 40]
+
+
+def test_unlabelled_folder_is_unconditional_only(tmp_path):
+    for i in range(4):
+        _write(tmp_path / f"{i}.png", "RGB", (6, 6), (i * 50, 0, 0), "PNG")
+    arr = load_folder(tmp_path, "train", size=6, test_fraction=0.25)
+    assert arr.labels is None and len(arr.images) == 3
+    with pytest.raises(ValueError, match="conditional"):
+        ImageDomain(source="folder", root=str(tmp_path), size=6).dataset("train")
+    dom = ImageDomain(source="folder", root=str(tmp_path), size=6, conditional=False, test_fraction=0.25)
+    batch = dom.collate([dom.dataset("train")[i] for i in range(3)])
+    assert batch.cond == {} and batch.x.shape == (3, 3, 6, 6)
+
+
+def test_cifar_loader_and_missing_copy(tmp_path):
+    folder = _fake_cifar(tmp_path)
+    train, test = load_cifar10(tmp_path, "train"), load_cifar10(folder, "test")
+    assert train.images.shape == (30, 3, 32, 32) and test.images.shape == (6, 3, 32, 32)
+    assert train.class_names[3] == "class3" and train.max_value == 255
+    # Row layout: 1024 red values, then green, then blue.
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f)[b"data"]
+    assert np.array_equal(test.images[0, 1], raw[0, 1024:2048].reshape(32, 32))
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*data_batch_1"):
+        load_cifar10(tmp_path / "nowhere", "train")
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_cifar10(tmp_path, "train")
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_corrupt_image_names_the_file(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    bad = root / "dog" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_folder(root, "train", size=8, test_fraction=0.01)
+
+
+def test_empty_folders_name_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty.*holds no images"):
+        load_folder(tmp_path / "empty", "train", size=8)
+    root = _image_folder(tmp_path / "imgs")
+    (root / "bird").mkdir()
+    with pytest.raises(ValueError, match="bird holds no images"):
+        load_folder(root, "train", size=8)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_folder(tmp_path / "missing", "train", size=8)
+
+
+def test_bad_domain_settings():
+    with pytest.raises(ValueError, match="source"):
+        ImageDomain(source="imagenet")
+    with pytest.raises(ValueError, match="domain.size"):
+        ImageDomain(source="digits", size=16)
+    with pytest.raises(ValueError, match="domain.root"):
+        ImageDomain(source="cifar10")
+    dom = ImageDomain()
+    dom.setup(dom.dataset("train"))
+    with pytest.raises(KeyError, match="model.chanels"):
+        dom.build_network(chanels=8)
+    with pytest.raises(KeyError, match="model.in_channels"):
+        dom.build_network(in_channels=3)
+    with pytest.raises(ValueError, match="unknown label"):
+        dom.parse_label("eleven")
+    assert dom.parse_label("7") == 7
+
+
+# ---------------------------------------------------------------------------- outputs
+def test_grid_png_one_row_per_label(tmp_path):
+    dom = get_domain("image")()
+    assert isinstance(dom, ImageDomain)
+    dom.setup(dom.dataset("train"))
+    labels = torch.tensor([3, 1, 3, 1, 3, 7])
+    x = torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 8, 8).contiguous()
+    paths = dom.save_samples(Batch(x, DenseSpace(tuple(x.shape)), {"label": labels}), tmp_path, "grid")
+    png = next(p for p in paths if p.suffix == ".png")
+    img = Image.open(png)
+    img.verify()  # a valid PNG
+    img = np.asarray(Image.open(png))
+    up, pad = 4, 1  # 8x8 tiles zoomed to 32 px
+    # 3 labels -> 3 rows; the longest row (label 3) has 3 samples.
+    assert img.shape == (3 * (8 * up + pad) + pad, 3 * (8 * up + pad) + pad)
+    # Row 0 holds label 1: samples 1 and 3, in order; its third cell is empty (black).
+    cell = lambda r, c: img[pad + r * (8 * up + pad) + 5, pad + c * (8 * up + pad) + 5]  # noqa: E731
+    expected = ((x[[1, 3], 0, 0, 0] + 1) * 127.5).round().to(torch.uint8).tolist()
+    assert [cell(0, 0), cell(0, 1)] == expected and cell(0, 2) == 0
+    saved = torch.load(tmp_path / "grid.pt", weights_only=True)
+    assert torch.equal(saved["x"], x) and torch.equal(saved["label"], labels)
+
+
+def test_unconditional_grid_is_square_and_rgb():
+    rows = grid_layout(None, 10)
+    assert [len(r) for r in rows] == [4, 4, 2]
+    grid = make_grid(torch.zeros(10, 3, 5, 6), rows, upscale=2, pad=2)
+    assert grid.shape == (3 * 12 + 2, 4 * 14 + 2, 3)
+
+
+# ---------------------------------------------------------------------------- metrics
+def test_metrics_real_digits_beat_noise(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path))
+    dom = ImageDomain(metric_epochs=6)
+    dom.setup(dom.dataset("train"))
+    ref = dom.reference_metrics(200)
+    test = dom.arrays("test")
+    noise = torch.rand(200, 1, 8, 8) * 2 - 1
+    labels = torch.from_numpy(test.labels[:200])
+    fake = dom.evaluate(Batch(noise, DenseSpace(tuple(noise.shape)), {"label": labels}))
+    assert ref["label_acc"] > 0.9 and fake["label_acc"] < 0.3
+    assert ref["fid"] < fake["fid"] / 5
+    assert ref["is"] > 2 * fake["is"]
+    assert {"mis", "am"} <= set(ref)
+    assert list(tmp_path.glob("image-classifier-*.pt")), "fitted classifier weights are cached"
+
+
+# ---------------------------------------------------------------------------- network and training
+def test_unet_keeps_the_sample_shape():
+    dom = ImageDomain()
+    dom.setup(dom.dataset("train"))
+    net = dom.build_network(channels=16, channel_mults=(1, 2), num_res_blocks=1, mid_attention=False)
+    space, cond = dom.prior(3, torch.tensor([0, 9, -1]))
+    x = space.randn()
+    assert net(x, torch.rand(3), **cond).shape == (3, *dom.sample_shape) == (3, 1, 8, 8)
+    # state_dict round-trip: a fresh domain samples without the data.
+    fresh = ImageDomain()
+    fresh.load_state_dict(dom.state_dict())
+    assert fresh.prior(2)[0].shape == (2, 1, 8, 8) and fresh.num_classes == 10
