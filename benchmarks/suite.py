@@ -57,15 +57,15 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
     full_samplers = [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
     return {
         "quick": {
-            "points": DomainBench("examples/points.yaml", _train_steps(800), 512, quick_samplers, batch_sizes=[64, 256, 1024],
+            "points": DomainBench("examples/points.yaml", _train_steps(1500), 512, quick_samplers, batch_sizes=[64, 256, 1024],
                                   peers=["samplers"]),
-            "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(300)], 100,
+            "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(1000)], 100,
                                  [s for s in quick_samplers if s[0] != "ddpm"], guidance=[1.0, 3.0], batch_sizes=[16, 32, 64],
                                  peers=["unet2d"]),
-            "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(150)], 40,
+            "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(600)], 40,
                                  [("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)], guidance=[1.0, 3.0],
-                                 batch_sizes=[4, 8, 16], peers=["unet1d"]),
-            "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(150)], 64,
+                                 batch_sizes=[4, 8, 16], peers=["unet1d", "audio_sampling"]),
+            "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(400)], 64,
                                     [("ddim", 100), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)],
                                     batch_sizes=[8, 16, 32], peers=["egnn"]),
         },
@@ -75,7 +75,7 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
             "image": DomainBench("recipes/image_unet.yaml", _train_steps(20000), 1000, full_samplers, guidance=[1.0, 3.0],
                                  batch_sizes=[32, 64, 128, 256], peers=["unet2d"]),
             "audio": DomainBench("recipes/audio_unet.yaml", _train_steps(20000), 256, full_samplers, guidance=[1.0, 3.0],
-                                 batch_sizes=[4, 8, 16, 32], peers=["unet1d"]),
+                                 batch_sizes=[4, 8, 16, 32], peers=["unet1d", "audio_sampling"]),
             "molecule": DomainBench("recipes/molecule_egnn.yaml", _train_steps(20000), 1000, full_samplers,
                                     batch_sizes=[16, 32, 64, 128], peers=["egnn"]),
         },
@@ -189,6 +189,10 @@ def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
 
         args = ["--only", peer[-2:], "--device", device.type] + (["--quick"] if quick else ["--bf16"] * (device.type == "cuda"))
         return bench_unet(args)
+    if peer == "audio_sampling":
+        from benchmarks.bench_audio_sampling import main as bench_audio
+
+        return bench_audio(["--device", device.type] + (["--quick"] if quick else []))
     if peer == "egnn":
         from benchmarks.bench_egnn import main as bench_egnn
 
