@@ -1,0 +1,223 @@
+"""Audio data sets: the shipped spoken digits, any folder of WAV/FLAC files, and Speech Commands SC09.
+
+Each source is first an *index* (a list of ``(path, label name)`` for one split); then
+:func:`load_clips` decodes every file into one in-memory tensor ``[N, C, L]`` at the domain's
+sample rate, channel count and length, logging each conversion it makes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .io import AUDIO_SUFFIXES, AudioFileError, Conversions, load_clip
+
+__all__ = [
+    "DIGITS",
+    "SPOKEN_DIGITS_DIR",
+    "ClipSet",
+    "normalise_split",
+    "spoken_digits_index",
+    "folder_index",
+    "sc09_index",
+    "load_clips",
+]
+
+log = logging.getLogger(__name__)
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+SPOKEN_DIGITS_DIR = Path(__file__).resolve().parent / "data" / "spoken_digits"
+_SPLITS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test", "testing": "test"}
+
+Index = list[tuple[Path, Optional[str]]]
+
+
+def normalise_split(split: str) -> str:
+    """``train``/``valid``/``test`` from a split name or a common alias."""
+    if split not in _SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of 'train', 'valid', 'test'")
+    return _SPLITS[split]
+
+
+@dataclass
+class ClipSet(Dataset):
+    """Decoded clips ``waves [N, C, L]`` with label indices ``labels [N]`` (``-1`` when unlabelled)."""
+
+    waves: Tensor
+    labels: Tensor
+    class_names: list[str]
+    files: list[Path]
+
+    def __len__(self) -> int:
+        return self.waves.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.waves[i], int(self.labels[i])
+
+
+# ------------------------------------------------------------------ indexes
+def spoken_digits_index(root: Path, split: str) -> Index:
+    """The split of a spoken-digits folder, read from its ``metadata.csv``."""
+    root = Path(root)
+    split = normalise_split(split)
+    meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{meta} is missing: {root} is not a spoken-digits folder; build one with "
+            f"`python -m domains.audio.make_spoken_digits --out {root}`"
+        )
+    if split == "valid":
+        raise ValueError("the spoken-digits set has only 'train' and 'test' splits")
+    with open(meta, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"file", "label", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{meta} lacks the column(s) {sorted(missing)}; expected file,label,split,voice,speed,pitch")
+        index: Index = []
+        for line, row in enumerate(reader, start=2):
+            if row["label"] not in DIGITS:
+                raise ValueError(f"{meta} line {line}: unknown label {row['label']!r}; expected one of {DIGITS}")
+            if row["split"] not in ("train", "test"):
+                raise ValueError(f"{meta} line {line}: unknown split {row['split']!r}; expected 'train' or 'test'")
+            if row["split"] == split:
+                index.append((root / row["file"], row["label"]))
+    if not index:
+        raise ValueError(f"{meta} lists no clips in the {split!r} split")
+    return index
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def _test_files(files: list[Path], root: Path, test_fraction: float) -> set[Path]:
+    """A fixed, per-label test split: in each label folder the ``test_fraction`` of files with the
+    smallest hash of their relative path (at least one when the folder has two or more files)."""
+    groups: dict[Path, list[Path]] = {}
+    for p in files:
+        groups.setdefault(p.parent, []).append(p)
+    test: set[Path] = set()
+    for group in groups.values():
+        group.sort(key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).digest())
+        n_test = max(1, round(test_fraction * len(group))) if len(group) > 1 else 0
+        test.update(group[:n_test])
+    return test
+
+
+def folder_index(root: Path, split: str, test_fraction: float = 0.1) -> Index:
+    """WAV/FLAC files under ``root``; sub-folder names are labels (no sub-folders: unlabelled).
+
+    ``root/train`` and ``root/test`` (each with label sub-folders) are used as the splits when
+    present; otherwise a fixed ``test_fraction`` of each label's files, chosen by a hash of their
+    path, is the test split.
+    """
+    root = Path(root)
+    split = normalise_split(split)
+    if not root.is_dir():
+        raise FileNotFoundError(f"audio folder {root} does not exist")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        if split == "valid":
+            raise ValueError(f"{root} has only 'train' and 'test' sub-folders")
+        base, files = root / split, _audio_files(root / split)
+    else:
+        if split == "valid":
+            raise ValueError(f"{root} has no validation split; use 'train' or 'test'")
+        base, files = root, _audio_files(root)
+        test = _test_files(files, root, test_fraction)
+        files = [p for p in files if (p in test) == (split == "test")]
+    if not files:
+        raise ValueError(
+            f"no {'/'.join(AUDIO_SUFFIXES)} files for split {split!r} under {base}; "
+            "put audio files (optionally in one sub-folder per label) there"
+        )
+    nested = [p for p in files if len(p.relative_to(base).parts) > 2]
+    if nested:
+        raise ValueError(f"{nested[0]} is nested too deep: use {base}/LABEL/FILE (or {base}/FILE for unlabelled audio)")
+    labels = {len(p.relative_to(base).parts) == 2 for p in files}
+    if len(labels) > 1:
+        loose = next(p for p in files if len(p.relative_to(base).parts) == 1)
+        raise ValueError(f"{loose} is not in a label sub-folder while other files are; move it into one")
+    return [(p, p.parent.name if len(p.relative_to(base).parts) == 2 else None) for p in files]
+
+
+def _sc09_folder(root: Path) -> Path:
+    """The folder holding the word sub-folders and the split lists, from its parent or itself."""
+    root = Path(root)
+    for candidate in (root / "SpeechCommands" / "speech_commands_v0.02", root / "speech_commands_v0.02", root):
+        if (candidate / "testing_list.txt").is_file() and (candidate / "validation_list.txt").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no Speech Commands v0.02 copy under {root}. Extract speech_commands_v0.02.tar.gz "
+        f"(http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz) into "
+        f"{root / 'SpeechCommands' / 'speech_commands_v0.02'} so that it holds zero/, one/, ..., "
+        "validation_list.txt and testing_list.txt, or point domain.root at that folder"
+    )
+
+
+def sc09_index(root: Path, split: str) -> Index:
+    """The SC09 subset (the ten digit words) of Speech Commands v0.02, with the data set's own split lists."""
+    from torchaudio.datasets import SPEECHCOMMANDS
+
+    folder = _sc09_folder(root)
+    subset = {"train": "training", "valid": "validation", "test": "testing"}[normalise_split(split)]
+    # torchaudio's class finds the files and applies the official lists; decoding is ours (soundfile).
+    ds = SPEECHCOMMANDS(folder.parent.parent, url=folder.name, folder_in_archive=folder.parent.name, download=False, subset=subset)
+    index: Index = []
+    for walked in ds._walker:
+        path = Path(walked)
+        if path.parent.name in DIGITS:
+            index.append((path, path.parent.name))
+    if not index:
+        raise ValueError(f"no digit clips (zero/ .. nine/) for split {split!r} in {folder}")
+    return index
+
+
+# ------------------------------------------------------------------ decoding
+def load_clips(
+    index: Index,
+    sample_rate: int,
+    channels: int,
+    length: int,
+    class_names: Optional[Sequence[str]] = None,
+    crop: str = "start",
+    limit: Optional[int] = None,
+    what: str = "audio",
+) -> ClipSet:
+    """Decode an index into a :class:`ClipSet` ``[N, channels, length]``; logs every conversion.
+
+    ``class_names`` fixes the label order (labels outside it are an error); by default the
+    sorted label names of the index. ``limit`` keeps an evenly strided subset of the index.
+    """
+    if crop not in ("start", "center"):
+        raise ValueError(f"domain.crop={crop!r} must be 'start' or 'center'")
+    names = {label for _, label in index}
+    labelled = None not in names
+    if class_names is None:
+        class_names = sorted(names) if labelled else []
+    elif labelled:
+        unknown = sorted(names - set(class_names))
+        if unknown:
+            raise ValueError(f"{what}: label(s) {unknown} are not among the known labels {list(class_names)}")
+    if limit is not None and limit < len(index):
+        step = len(index) / limit
+        index = [index[int(i * step)] for i in range(limit)]
+    conv = Conversions()
+    waves = torch.empty(len(index), channels, length)
+    labels = torch.full((len(index),), -1, dtype=torch.long)
+    for i, (path, label) in enumerate(index):
+        waves[i] = load_clip(path, sample_rate, channels, length, conv, crop)
+        if labelled and class_names:
+            labels[i] = list(class_names).index(label)
+    conv.report(what, sample_rate, channels, length)
+    silent = (waves.abs().amax(dim=(1, 2)) == 0).nonzero().flatten()
+    if len(silent):
+        raise AudioFileError(f"{index[int(silent[0])][0]} is silent after loading (all zeros); delete or replace it")
+    return ClipSet(waves, labels, list(class_names) if labelled else [], [p for p, _ in index])

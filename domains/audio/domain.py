@@ -1,0 +1,234 @@
+"""The audio domain: diffusion on raw waveforms ``[B, C, L]`` with a 1-D U-Net (DiffWave-style unconditional/class-conditional generation)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from polydiff.conditioning import NULL_LABEL
+from polydiff.config import call_checked
+from polydiff.domain import Batch, Domain
+from polydiff.space import DenseSpace, Space
+
+from .data import DIGITS, SPOKEN_DIGITS_DIR, ClipSet, folder_index, load_clips, normalise_split, sc09_index, spoken_digits_index
+from .outputs import save_wavs, spectrogram_sheet
+
+__all__ = ["AudioDomain", "DATASETS"]
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("spoken_digits", "folder", "sc09")
+
+
+class AudioDomain(Domain):
+    """Waveforms from the shipped spoken digits, a folder of WAV/FLAC files, or Speech Commands SC09.
+
+    Args (the recipe's ``domain:`` section):
+        dataset: ``spoken_digits`` (shipped, no download), ``folder`` or ``sc09``.
+        root: the data folder; ``None`` means the shipped set for ``spoken_digits`` (required otherwise).
+        sample_rate: rate in Hz the clips are resampled to on load.
+        duration: clip length in seconds; longer clips are cropped, shorter zero-padded (both logged).
+        channels: output channel count; multi-channel files are mixed to mono when 1 (logged).
+        conditional: train a class-conditional model on the labels (sub-folder names).
+        crop: keep the ``start`` or the ``center`` of clips longer than ``duration``.
+        test_fraction: share of a flat folder held out as the test split (fixed by a hash of each path).
+        limit: keep at most this many clips per split (an evenly strided subset), for quick runs.
+        metrics: score samples with the SC09 classifier protocol (needs labelled data).
+        classifier_epochs: training epochs of the metric classifier.
+        reference_split: the held-out split scored as the reference row and used for FID.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "spoken_digits",
+        root: Optional[str] = None,
+        sample_rate: int = 16000,
+        duration: float = 1.0,
+        channels: int = 1,
+        conditional: bool = True,
+        crop: str = "start",
+        test_fraction: float = 0.1,
+        limit: Optional[int] = None,
+        metrics: bool = True,
+        classifier_epochs: int = 10,
+        reference_split: str = "test",
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown domain.dataset {dataset!r}; choose one of {list(DATASETS)}")
+        if root is None and dataset != "spoken_digits":
+            raise ValueError(f"domain.dataset={dataset!r} needs domain.root (the folder holding the audio)")
+        if int(sample_rate) < 100:
+            raise ValueError(f"domain.sample_rate={sample_rate} must be a rate in Hz (>= 100)")
+        if not duration > 0:
+            raise ValueError(f"domain.duration={duration} must be a positive number of seconds")
+        if int(channels) < 1:
+            raise ValueError(f"domain.channels={channels} must be >= 1")
+        if crop not in ("start", "center"):
+            raise ValueError(f"domain.crop={crop!r} must be 'start' or 'center'")
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"domain.test_fraction={test_fraction} must be in (0, 1)")
+        self.dataset_name = dataset
+        self.root = Path(root).expanduser() if root is not None else SPOKEN_DIGITS_DIR
+        self.sample_rate = int(sample_rate)
+        self.duration = float(duration)
+        self.channels = int(channels)
+        self.conditional = bool(conditional)
+        self.crop = crop
+        self.test_fraction = float(test_fraction)
+        self.limit = limit
+        self.metrics = bool(metrics)
+        self.classifier_epochs = int(classifier_epochs)
+        self.reference_split = normalise_split(reference_split)
+        self.length = round(self.sample_rate * self.duration)
+        self.sample_shape = (self.channels, self.length)
+        # Label names of the data (also for metrics of unconditional models); class_names only when conditional.
+        self.label_names: list[str] = list(DIGITS) if dataset in ("spoken_digits", "sc09") else []
+        self.class_names = list(self.label_names) if self.conditional else []
+        self._splits: dict[str, ClipSet] = {}
+        self._scorer: Any = None
+
+    # ------------------------------------------------------------------ data
+    def data_config(self) -> dict[str, Any]:
+        """What determines the decoded clips (the metric classifier's cache key)."""
+        return {
+            "dataset": self.dataset_name, "root": str(self.root.resolve()), "sample_rate": self.sample_rate,
+            "length": self.length, "channels": self.channels, "crop": self.crop,
+            "test_fraction": self.test_fraction, "limit": self.limit,
+        }
+
+    def dataset(self, split: str) -> ClipSet:
+        split = normalise_split(split)
+        if split not in self._splits:
+            if self.dataset_name == "spoken_digits":
+                index = spoken_digits_index(self.root, split)
+            elif self.dataset_name == "sc09":
+                index = sc09_index(self.root, split)
+            else:
+                index = folder_index(self.root, split, self.test_fraction)
+            if split != "train" and not self.label_names:
+                self.dataset("train")  # the train split fixes the label names and their order
+            names = self.label_names or None
+            clips = load_clips(
+                index, self.sample_rate, self.channels, self.length, names, self.crop, self.limit,
+                what=f"{self.dataset_name} {split} ({self.root})",
+            )
+            log.info("%s %s: %d clips of %s at %d Hz", self.dataset_name, split, len(clips), tuple(clips.waves.shape[1:]), self.sample_rate)
+            if self.conditional and not clips.class_names:
+                raise ValueError(
+                    f"domain.conditional=true but the {split} clips under {self.root} have no labels; "
+                    "put them in one sub-folder per label or set domain.conditional=false"
+                )
+            self._splits[split] = clips
+            if split == "train" and not self.label_names:
+                self.label_names = list(clips.class_names)
+                self.class_names = list(self.label_names) if self.conditional else []
+        return self._splits[split]
+
+    def setup(self, train_set: ClipSet) -> None:
+        self.sample_shape = tuple(train_set.waves.shape[1:])
+        if not self.label_names:
+            self.label_names = list(train_set.class_names)
+            self.class_names = list(self.label_names) if self.conditional else []
+
+    def collate(self, items: Sequence[tuple[Tensor, int]]) -> Batch:
+        x = torch.stack([wave for wave, _ in items])  # [B, C, L]
+        cond = {"label": torch.tensor([label for _, label in items], dtype=torch.long)} if self.conditional else {}
+        return Batch(x, DenseSpace(tuple(x.shape)), cond)
+
+    # --------------------------------------------------------------- network
+    def build_network(self, **model: Any) -> nn.Module:
+        """A 1-D :class:`domains.unet.UNet`; ``in_channels`` and ``num_classes`` come from the data."""
+        from domains.unet import UNet
+
+        for key in ("dims", "in_channels", "num_classes"):
+            if key in model:
+                raise KeyError(f"model.{key} is set by the audio domain (from the data); remove it from the recipe")
+        if self.conditional and not self.class_names:
+            raise RuntimeError("the audio domain's labels are unknown: call setup(train_set) or load_state_dict first")
+        kwargs = {"dims": 1, "in_channels": self.channels, "num_classes": len(self.class_names), **model}
+        return call_checked(UNet, kwargs, "model")
+
+    # -------------------------------------------------------------- sampling
+    def prior(
+        self,
+        n: int,
+        labels: Optional[Tensor] = None,
+        device: torch.device | str = "cpu",
+        generator: Optional[torch.Generator] = None,
+        duration: Optional[float] = None,
+    ) -> tuple[Space, dict[str, Tensor]]:
+        """``n`` clips of the trained length, or of ``duration`` seconds (``prior.duration=2.0``)."""
+        length = self.length if duration is None else round(float(duration) * self.sample_rate)
+        if length < 1:
+            raise ValueError(f"prior.duration={duration} gives no samples at {self.sample_rate} Hz")
+        space = DenseSpace((n, self.channels, length), device_=torch.device(device))
+        cond: dict[str, Tensor] = {}
+        if self.class_names:
+            if labels is None:
+                labels = torch.full((n,), NULL_LABEL, dtype=torch.long)
+            cond["label"] = labels.to(device=device, dtype=torch.long)
+        return space, cond
+
+    # --------------------------------------------------------------- outputs
+    def _names(self, batch: Batch) -> Optional[list[str]]:
+        labels = batch.cond.get("label")
+        if labels is None or not self.class_names:
+            return None
+        return [self.class_names[int(y)] if int(y) >= 0 else "uncond" for y in labels.cpu()]
+
+    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        """One 16-bit WAV per clip (named by label when conditional) and a PNG sheet of spectrograms."""
+        waves = batch.x.detach().float().cpu()  # [B, C, L]
+        names = self._names(batch)
+        paths = save_wavs(waves, self.sample_rate, Path(out_dir), prefix, names)
+        titles = [p.stem for p in paths]
+        paths.append(spectrogram_sheet(waves.clamp(-1, 1), self.sample_rate, Path(out_dir) / f"{prefix}_spectrograms.png", titles))
+        return paths
+
+    def _get_scorer(self) -> Any:
+        if self._scorer is None:
+            from .metrics import make_scorer
+
+            train = self.dataset("train")
+            self._scorer = make_scorer(
+                train, self.dataset(self.reference_split), self.sample_rate, self.data_config(), self.classifier_epochs
+            )
+        return self._scorer
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        """FID, IS, mIS and AM from the digit classifier; label accuracy for conditional samples."""
+        if not self.metrics or not self.label_names:
+            return {}
+        x = batch.x.detach().float().cpu()
+        if x.shape[1:] != (self.channels, self.length):
+            return {}  # other lengths (prior.duration) have no reference statistics
+        labels = batch.cond.get("label")
+        return self._get_scorer().score(x, labels.cpu() if labels is not None else None)
+
+    def reference_metrics(self, n: int) -> dict[str, float]:
+        """The same metrics for ``n`` held-out real clips: the reference row."""
+        if not self.metrics or not self.label_names:
+            return {}
+        return self._get_scorer().reference_row(n)
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "sample_shape": list(self.sample_shape),
+            "class_names": list(self.class_names),
+            "label_names": list(self.label_names),
+            "sample_rate": self.sample_rate,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.label_names = list(state.get("label_names", self.class_names))
+        rate = int(state.get("sample_rate", self.sample_rate))
+        if rate != self.sample_rate:
+            raise ValueError(f"checkpoint was trained at {rate} Hz but domain.sample_rate={self.sample_rate}")
+        self.channels, self.length = int(self.sample_shape[0]), int(self.sample_shape[1])

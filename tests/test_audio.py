@@ -1,0 +1,274 @@
+"""The audio domain: loaders, conversions, bad inputs, network conditioning, outputs, metrics, training."""
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from domains.audio import AudioDomain
+from domains.audio.data import DIGITS, SPOKEN_DIGITS_DIR, folder_index, load_clips, sc09_index, spoken_digits_index
+from domains.audio.io import AudioFileError, Conversions, load_clip, read_audio, resample
+from polydiff import Batch, DenseSpace
+
+TINY_NET = dict(channels=8, channel_mults=[1, 2], down_factors=[4], num_res_blocks=1, mid_attention=False)
+
+
+def tone(freq: float, rate: int, seconds: float, channels: int = 1, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(round(rate * seconds)) / rate
+    wave = amp * np.sin(2 * math.pi * freq * t).astype(np.float32)
+    return np.stack([wave * (c + 1) / channels for c in range(channels)], axis=1)  # [L, C]
+
+
+@pytest.fixture
+def labelled_folder(tmp_path):
+    """cat/ and dog/ clips at mixed rates, channel counts and lengths."""
+    root = tmp_path / "sounds"
+    for label, freq in (("cat", 300.0), ("dog", 700.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            rate = 8000 if i % 2 else 16000
+            sf.write(root / label / f"{label}{i}.wav", tone(freq, rate, 0.3 + 0.2 * i, channels=1 + i % 2), rate)
+    return root
+
+
+# ------------------------------------------------------------------ loaders
+def test_folder_loader_labels_resamples_and_mixes(labelled_folder, caplog):
+    domain = AudioDomain(dataset="folder", root=str(labelled_folder), sample_rate=4000, duration=0.5, test_fraction=0.3)
+    with caplog.at_level(logging.INFO):
+        train, test = domain.dataset("train"), domain.dataset("test")
+    assert len(train) + len(test) == 12 and len(test) > 0
+    assert train.class_names == ["cat", "dog"] and domain.class_names == ["cat", "dog"]
+    assert train.waves.shape[1:] == (1, 2000)
+    assert {p.name for p in train.files}.isdisjoint({p.name for p in test.files})
+    for wave, label, path in zip(train.waves, train.labels, train.files):
+        assert train.class_names[int(label)] == path.parent.name
+    text = caplog.text
+    assert "resampled" in text and "16000 Hz to 4000 Hz" in text and "8000 Hz to 4000 Hz" in text
+    assert "mixed" in text and "mono" in text
+    assert "cropped" in text and "zero-padded" in text
+
+
+def test_explicit_train_test_folders_and_unlabelled_audio(tmp_path):
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (tmp_path / "split" / split / label).mkdir(parents=True)
+            sf.write(tmp_path / "split" / split / label / "x.flac", tone(440, 8000, 0.2), 8000)
+    index = folder_index(tmp_path / "split", "test")
+    assert sorted(label for _, label in index) == ["a", "b"]
+    assert all("test" in p.parts for p, _ in index)
+    (tmp_path / "flat").mkdir()
+    for i in range(4):
+        sf.write(tmp_path / "flat" / f"{i}.wav", tone(440, 8000, 0.2), 8000)
+    domain = AudioDomain(dataset="folder", root=str(tmp_path / "flat"), sample_rate=8000, duration=0.2, conditional=False, test_fraction=0.5)
+    clips = domain.dataset("train")
+    assert clips.class_names == [] and bool((clips.labels == -1).all())
+    assert domain.collate([clips[0], clips[0]]).cond == {}
+
+
+def test_resampling_keeps_pitch_and_level_and_mono_is_the_channel_mean(tmp_path):
+    wave = torch.from_numpy(tone(440.0, 16000, 1.0)[:, 0])
+    down = resample(wave, 16000, 4000)  # [4000]
+    assert down.shape == (4000,)
+    spectrum = torch.fft.rfft(down).abs()
+    assert abs(int(spectrum.argmax()) - 440) <= 1  # 1 Hz bins for a 1 s clip
+    assert down[100:-100].abs().max() == pytest.approx(0.5, abs=0.02)
+    stereo = tone(440.0, 8000, 0.25, channels=2)  # right channel = 2 x left
+    sf.write(tmp_path / "s.wav", stereo, 8000)
+    conv = Conversions()
+    mono = load_clip(tmp_path / "s.wav", 8000, 1, 2000, conv)
+    assert conv.mixed[2] == 1
+    assert torch.allclose(mono[0], torch.from_numpy(stereo.mean(1)), atol=1e-4)
+    both = load_clip(tmp_path / "s.wav", 8000, 2, 2000, Conversions())
+    assert both.shape == (2, 2000)
+
+
+def make_fake_sc09(root: Path) -> Path:
+    base = root / "SpeechCommands" / "speech_commands_v0.02"
+    words = DIGITS + ["cat"]
+    for w, word in enumerate(words):
+        (base / word).mkdir(parents=True)
+        for s in range(3):
+            sf.write(base / word / f"spk{s}_nohash_0.wav", tone(200 + 50 * w, 16000, 1.0), 16000)
+    (base / "validation_list.txt").write_text("\n".join(f"{w}/spk1_nohash_0.wav" for w in words) + "\n")
+    (base / "testing_list.txt").write_text("\n".join(f"{w}/spk2_nohash_0.wav" for w in words) + "\n")
+    return base
+
+
+def test_sc09_layout_uses_the_official_lists_and_only_digits(tmp_path):
+    make_fake_sc09(tmp_path)
+    train, valid, test = (sc09_index(tmp_path, s) for s in ("train", "valid", "test"))
+    assert len(train) == len(valid) == len(test) == 10
+    assert all(p.name == "spk0_nohash_0.wav" for p, _ in train)
+    assert all(p.name == "spk1_nohash_0.wav" for p, _ in valid)
+    assert all(p.name == "spk2_nohash_0.wav" for p, _ in test)
+    assert sorted(label for _, label in test) == sorted(DIGITS)
+    domain = AudioDomain(dataset="sc09", root=str(tmp_path), sample_rate=2000)
+    clips = domain.dataset("test")
+    assert clips.waves.shape == (10, 1, 2000) and clips.class_names == DIGITS
+    assert [clips.class_names[int(y)] for y in clips.labels] == [p.parent.name for p in clips.files]
+
+
+def test_sc09_missing_copy_says_where_to_put_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"SpeechCommands/speech_commands_v0\.02"):
+        AudioDomain(dataset="sc09", root=str(tmp_path / "nowhere")).dataset("train")
+
+
+def test_shipped_spoken_digits_set():
+    rows = list(csv.DictReader(open(SPOKEN_DIGITS_DIR / "metadata.csv")))
+    assert set(rows[0]) == {"file", "label", "split", "voice", "speed", "pitch"}
+    assert len({r["voice"] for r in rows}) > 50
+    train, test = spoken_digits_index(SPOKEN_DIGITS_DIR, "train"), spoken_digits_index(SPOKEN_DIGITS_DIR, "test")
+    assert {p for p, _ in train}.isdisjoint({p for p, _ in test})
+    for index in (train, test):
+        counts = {d: sum(label == d for _, label in index) for d in DIGITS}
+        assert len(set(counts.values())) == 1  # balanced
+    size = sum(p.stat().st_size for p in SPOKEN_DIGITS_DIR.rglob("*.flac"))
+    assert size < 8.5e6
+    wave, rate = read_audio(train[0][0])
+    assert rate == 16000 and wave.shape == (1, 16000)
+    assert float(wave.abs().max()) == pytest.approx(0.95, abs=0.01)
+    domain = AudioDomain(sample_rate=2000, duration=0.7, limit=50)
+    clips = domain.dataset("test")
+    assert clips.waves.shape == (50, 1, 1400) and clips.class_names == DIGITS
+
+
+# ------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"", "is empty"), (b"RIFF\x00\x00 this is not audio at all" * 10, "could not decode"), (b"hello, world\n", "could not decode")],
+)
+def test_bad_files_are_named(tmp_path, content, match):
+    (tmp_path / "a").mkdir()
+    sf.write(tmp_path / "a" / "good.wav", tone(300, 8000, 0.2), 8000)
+    bad = tmp_path / "a" / "bad.wav"
+    bad.write_bytes(content)
+    with pytest.raises(AudioFileError, match=match) as err:
+        load_clips(folder_index(tmp_path, "train", test_fraction=0.01), 8000, 1, 1600)
+    assert "bad.wav" in str(err.value)
+
+
+def test_folder_without_audio_channel_mismatch_and_unknown_labels(tmp_path):
+    (tmp_path / "empty" / "x").mkdir(parents=True)
+    (tmp_path / "empty" / "x" / "notes.txt").write_text("no audio here")
+    with pytest.raises(ValueError, match="no .wav/.flac files"):
+        AudioDomain(dataset="folder", root=str(tmp_path / "empty")).dataset("train")
+    (tmp_path / "three").mkdir()
+    sf.write(tmp_path / "three" / "surround.wav", tone(300, 8000, 0.2, channels=3), 8000)
+    with pytest.raises(AudioFileError, match="surround.wav has 3 channels"):
+        load_clips(folder_index(tmp_path / "three", "train", test_fraction=0.01), 8000, 2, 1600)
+    with pytest.raises(ValueError, match=r"label\(s\) \['dog'\] are not among"):
+        load_clips([(tmp_path / "three" / "surround.wav", "dog")], 8000, 1, 1600, class_names=["cat"])
+    domain = AudioDomain()
+    assert domain.parse_label("seven") == 7 and domain.parse_label(3) == 3
+    with pytest.raises(ValueError, match="unknown label 'eleven'"):
+        domain.parse_label("eleven")
+    meta = tmp_path / "digits"
+    meta.mkdir()
+    (meta / "metadata.csv").write_text("file,label,split,voice,speed,pitch\nx.flac,eleven,train,en,150,50\n")
+    with pytest.raises(ValueError, match="line 2: unknown label 'eleven'"):
+        spoken_digits_index(meta, "train")
+    with pytest.raises(ValueError, match="unknown domain.dataset 'mp3s'"):
+        AudioDomain(dataset="mp3s")
+
+
+# ------------------------------------------------------------------ network
+def test_network_conditioning_and_null_label():
+    domain = AudioDomain(sample_rate=2000, duration=0.5)
+    net = domain.build_network(**TINY_NET)
+    torch.nn.init.normal_(net.head[-1].weight, std=0.1)  # the head starts at zero; make outputs visible
+    x, t = torch.randn(4, 1, 1000), torch.full((4,), 0.5)
+    outs = {y: net(x, t, label=torch.full((4,), y)) for y in (-1, 3, 7)}
+    assert all(o.shape == x.shape and torch.isfinite(o).all() for o in outs.values())
+    assert not torch.allclose(outs[3], outs[7]) and not torch.allclose(outs[-1], outs[3])
+    space, cond = domain.prior(4)
+    assert space.shape == (4, 1, 1000) and bool((cond["label"] == -1).all())
+    space, _ = domain.prior(2, torch.tensor([1, 2]), duration=0.75)
+    assert space.shape == (2, 1, 1500)
+    with pytest.raises(KeyError, match="model.in_channels is set by the audio domain"):
+        domain.build_network(in_channels=2, **TINY_NET)
+    unconditional = AudioDomain(sample_rate=2000, duration=0.5, conditional=False).build_network(**TINY_NET)
+    assert unconditional.num_classes == 0
+
+
+# ------------------------------------------------------------------ outputs
+def test_save_samples_writes_wavs_and_a_spectrogram_sheet(tmp_path, caplog):
+    domain = AudioDomain(sample_rate=4000, duration=0.5)
+    x = (torch.rand(3, 1, 2000, generator=torch.Generator().manual_seed(0)) - 0.5) * 1.2  # within [-0.6, 0.6]
+    x[0, 0, 10] = 1.7  # one overshooting value: clipped, and said so
+    batch = Batch(x, DenseSpace(tuple(x.shape)), {"label": torch.tensor([7, 0, -1])})
+    with caplog.at_level(logging.WARNING):
+        paths = domain.save_samples(batch, tmp_path, prefix="step_10")
+    assert "clipped 1 sample value" in caplog.text
+    wavs = [p for p in paths if p.suffix == ".wav"]
+    assert [p.name for p in wavs] == ["step_10_000_seven.wav", "step_10_001_zero.wav", "step_10_002_uncond.wav"]
+    for p, ref in zip(wavs, x):
+        data, rate = sf.read(p, dtype="float32")
+        assert rate == 4000 and data.shape == (2000,)
+        assert np.isfinite(data).all() and np.abs(data).max() <= 1.0
+        assert np.allclose(data[20:], ref[0, 20:].numpy(), atol=1e-3)
+    png = next(p for p in paths if p.suffix == ".png")
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    bad = Batch(torch.full((1, 1, 2000), float("nan")), DenseSpace((1, 1, 2000)), {"label": torch.tensor([1])})
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        domain.save_samples(bad, tmp_path)
+
+
+# ------------------------------------------------------------------ metrics
+def test_metrics_rank_real_clips_above_noise(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    domain = AudioDomain(sample_rate=2000, duration=0.7, classifier_epochs=6, limit=300)
+    test = domain.dataset("test")
+    with torch.no_grad():  # as the trainer calls it
+        real = domain.evaluate(Batch(test.waves, DenseSpace(tuple(test.waves.shape)), {"label": test.labels}))
+    noise_x = torch.randn_like(test.waves) * 0.3
+    noise = domain.evaluate(Batch(noise_x, DenseSpace(tuple(noise_x.shape)), {"label": test.labels}))
+    assert real["is"] > 3 * noise["is"] and real["fid"] < noise["fid"] / 10
+    assert real["label_acc"] > 0.8 and noise["label_acc"] < 0.5
+    assert real["am"] < noise["am"]
+    ref = domain.reference_metrics(50)
+    assert set(ref) >= {"fid", "is", "mis", "am", "label_acc"}
+    cached = list((tmp_path / "cache" / "audio").glob("digit_classifier_*.pt"))
+    assert len(cached) == 1
+    # A second domain with the same data reuses the weights; another rate gets its own classifier.
+    again = AudioDomain(sample_rate=2000, duration=0.7, classifier_epochs=6, limit=300)
+    assert again.reference_metrics(50) == ref
+    assert len(list((tmp_path / "cache" / "audio").glob("*.pt"))) == 1
+
+
+# ------------------------------------------------------------------ training
+def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monkeypatch):
+    from polydiff.cli import main
+    from polydiff.trainer import train
+
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    cfg = {
+        "domain": {"name": "audio", "sample_rate": 1000, "duration": 0.7, "limit": 200, "metrics": False},
+        "model": TINY_NET,
+        "schedule": {"name": "cosine", "steps": 100},
+        "objective": {"prediction": "v", "weighting": "min_snr"},
+        "trainer": dict(max_steps=40, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=0.9, device="cpu",
+                        ckpt_every=1000, num_samples=4, log_every=5, progress=False),
+        "sampler": {"name": "ddim", "steps": 5},
+    }
+    run = tmp_path / "run"
+    train(cfg, run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses[-1] < 0.8 * losses[0]
+    assert (run / "checkpoints" / "last.pt").is_file()
+    assert len(list((run / "samples").glob("*.wav"))) == 4
+    out = tmp_path / "seven"
+    main(["sample", str(run), "--n", "2", "--out", str(out), "sampler.steps=4", "guidance.scale=3", "label=seven"])
+    wavs = sorted(out.glob("*.wav"))
+    assert [p.name for p in wavs] == ["samples_000_seven.wav", "samples_001_seven.wav"]
+    assert sf.info(wavs[0]).samplerate == 1000 and sf.info(wavs[0]).frames == 700
