@@ -88,6 +88,31 @@ def _noise(space: Space, generator: Optional[torch.Generator], like: Tensor) -> 
     return space.randn(generator=generator, dtype=like.dtype)
 
 
+Update = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+
+
+def _run(
+    denoiser: DenoiserFn,
+    noise: Tensor,
+    grid: Tensor,
+    ab: Tensor,
+    space: Space,
+    clip_x0: Optional[float],
+    callback: Optional[Callback],
+    update: Update,
+) -> Tensor:
+    """The loop every sampler shares: predict, ``update(i, x, x0, eps)``, project, report."""
+    dt = noise.dtype
+    a_, s_, t_ = ab.sqrt().to(dt), (1 - ab).sqrt().to(dt), grid.to(dt)  # [n + 1, B]
+    x = noise
+    for i in range(grid.shape[0] - 1):
+        x0, eps = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
+        x = space.project(update(i, x, x0, eps))
+        if callback is not None:
+            callback({"i": i, "t": grid[i], "x": x, "x0": x0})
+    return x
+
+
 @torch.no_grad()
 def sample_ddim(
     denoiser: DenoiserFn,
@@ -104,23 +129,19 @@ def sample_ddim(
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12); ``eta = 0`` is deterministic, ``eta = 1`` is ancestral DDPM."""
     space, grid, ab = _setup(noise, space, steps, schedule, spacing)
-    a, s = ab.sqrt(), (1 - ab).sqrt()  # [n + 1, B]
+    s = (1 - ab).sqrt()  # [n + 1, B]
     # c: std of the fresh noise; sqrt(s_next^2 - c^2): weight of the predicted eps.
     c = eta * ((s[1:] ** 2 / s[:-1] ** 2) * (1 - ab[:-1] / ab[1:])).clamp(min=0).sqrt()
     eps_w = (s[1:] ** 2 - c**2).clamp(min=0).sqrt()
-    dt = noise.dtype
-    a_, s_, c_, eps_w_ = a.to(dt), s.to(dt), c.to(dt), eps_w.to(dt)
-    t_ = grid.to(dt)
-    x = noise
-    for i in range(grid.shape[0] - 1):
-        x0, eps = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
-        x = (x0 * space.expand(a_[i + 1])).addcmul_(eps, space.expand(eps_w_[i]))
+    a_next, c_, eps_w_ = (v.to(noise.dtype) for v in (ab[1:].sqrt(), c, eps_w))  # [n, B]
+
+    def update(i: int, x: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
+        x = (x0 * space.expand(a_next[i])).addcmul_(eps, space.expand(eps_w_[i]))
         if eta > 0:
             x = x.addcmul_(_noise(space, generator, x), space.expand(c_[i]))
-        x = space.project(x)
-        if callback is not None:
-            callback({"i": i, "t": grid[i], "x": x, "x0": x0})
-    return x
+        return x
+
+    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update)
 
 
 @torch.no_grad()
@@ -149,20 +170,13 @@ def sample_ddpm(
     w_xt = alpha_ts2.sqrt() * (1 - ab_s) / one_m_ab_t
     var = beta_ts * (1 - ab_s) / one_m_ab_t if variance == "small" else beta_ts.clone()
     var[grid[1:] == 0] = 0.0  # no noise on the final step to clean data
-    std = var.clamp(min=0).sqrt()
-    a, s = ab.sqrt(), (1 - ab).sqrt()
-    dt = noise.dtype
-    a_, s_, w_x0_, w_xt_, std_ = a.to(dt), s.to(dt), w_x0.to(dt), w_xt.to(dt), std.to(dt)
-    t_ = grid.to(dt)
-    x = noise
-    for i in range(grid.shape[0] - 1):
-        x0, _ = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
+    w_x0_, w_xt_, std_ = (v.to(noise.dtype) for v in (w_x0, w_xt, var.clamp(min=0).sqrt()))  # [n, B]
+
+    def update(i: int, x: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
         x = (x0 * space.expand(w_x0_[i])).addcmul_(x, space.expand(w_xt_[i]))
-        x = x.addcmul_(_noise(space, generator, x), space.expand(std_[i]))
-        x = space.project(x)
-        if callback is not None:
-            callback({"i": i, "t": grid[i], "x": x, "x0": x0})
-    return x
+        return x.addcmul_(_noise(space, generator, x), space.expand(std_[i]))
+
+    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update)
 
 
 @torch.no_grad()
@@ -192,25 +206,21 @@ def sample_dpmpp_2m(
     # Second-order weights (1 + 1/(2r), -1/(2r)) with r = h_prev / h.
     r = torch.ones_like(h)
     r[1:] = h[:-1] / h[1:]
-    half_inv_r = 0.5 / r
-    dt = noise.dtype
-    a_, s_, ratio_, w_x0_, hir_ = a.to(dt), s.to(dt), ratio.to(dt), w_x0.to(dt), half_inv_r.to(dt)
-    t_ = grid.to(dt)
     final = grid[1:] == 0  # [n, B]
-    x, x0_prev = noise, None
-    for i in range(grid.shape[0] - 1):
-        x0, _ = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
-        if x0_prev is None or bool(final[i].all()):
-            d = x0
-        else:
-            k = hir_[i].masked_fill(final[i], 0.0)
-            d = torch.lerp(x0_prev, x0, space.expand(1 + k))  # (1 + 1/2r) x0 - (1/2r) x0_prev
-        x = (x * space.expand(ratio_[i])).addcmul_(d, space.expand(w_x0_[i]))
-        x = space.project(x)
-        x0_prev = x0
-        if callback is not None:
-            callback({"i": i, "t": grid[i], "x": x, "x0": x0})
-    return x
+    # 1/(2r), zero where a sample takes its (first-order) final step.
+    k = (0.5 / r).masked_fill(final, 0.0)
+    first_order = (final.all(dim=1)).tolist()  # read once: no device sync inside the loop
+    first_order[0] = True  # no previous x0 yet
+    ratio_, w_x0_, lerp_w = (v.to(noise.dtype) for v in (ratio, w_x0, 1 + k))
+    prev: list[Tensor] = []
+
+    def update(i: int, x: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
+        # (1 + 1/2r) x0 - (1/2r) x0_prev
+        d = x0 if first_order[i] else torch.lerp(prev[0], x0, space.expand(lerp_w[i]))
+        prev[:] = [x0]
+        return (x * space.expand(ratio_[i])).addcmul_(d, space.expand(w_x0_[i]))
+
+    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
