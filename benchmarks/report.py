@@ -39,10 +39,14 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
         if d.get("reference"):
             lines.append("| real data (reference) | | | | | | " + " | ".join(_fmt(d["reference"].get(k, "")) for k in keys) + " |")
         for r in d["sampling"]:
-            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {r['samples_per_s']:.2f} | {r['wall_s']:.2f} | "
+            speed = f"{r['samples_per_s']:.2f}" + (f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else "")
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {speed} | {r['wall_s']:.2f} | "
                          f"{r['peak_mem_mb']:.0f} | " + " | ".join(_fmt(r["metrics"].get(k, "")) for k in keys) + " |")
         lines += ["", "training throughput against batch size: "
                   + ", ".join(f"{x['batch_size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MB)" for x in d["throughput_vs_batch"]), ""]
+        if d.get("throughput_vs_size"):
+            lines += [f"training throughput against {d['throughput_vs_size'][0]['axis']} (batch {d['throughput_vs_size'][0]['batch_size']}): "
+                      + ", ".join(f"{x['size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MB)" for x in d["throughput_vs_size"]), ""]
         for peer, p in d.get("peers", {}).items():
             lines.append(f"peer `{peer}`: " + _peer_line(p))
         lines.append("")
@@ -111,12 +115,15 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     ax.legend()
     written.append(_save(fig, folder / "loss_curves.png"))
     # Throughput against batch size; sampling time against steps.
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.6))
     for name, d in domains.items():
         tb = d["throughput_vs_batch"]
         a1.plot([x["batch_size"] for x in tb], [x["samples_per_s"] for x in tb], "o-", label=name)
         rows = sorted((r for r in d["sampling"] if r["guidance"] == 1.0), key=lambda r: r["steps"])
         a2.plot([r["steps"] for r in rows], [r["wall_s"] / r["num_samples"] for r in rows], "o", label=name)
+        ts = d.get("throughput_vs_size") or []
+        if ts:
+            a3.plot([x["size"] for x in ts], [x["samples_per_s"] for x in ts], "o-", label=f"{name} ({ts[0]['axis']})")
     a1.set_xscale("log")
     a1.set_yscale("log")
     a1.set_xlabel("batch size")
@@ -127,6 +134,11 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     a2.set_xlabel("sampler steps")
     a2.set_ylabel("seconds per sample")
     a2.legend()
+    a3.set_xscale("log")
+    a3.set_yscale("log")
+    a3.set_xlabel("sample size (seconds of audio, atoms)")
+    a3.set_ylabel("training samples/s")
+    a3.legend()
     written.append(_save(fig, folder / "scaling.png"))
     return written
 

@@ -26,6 +26,7 @@ import torch
 
 from polydiff.build import resolve_device
 from polydiff.cli import compose_recipe
+from polydiff.domain import Batch
 from polydiff.generate import generate
 from polydiff.trainer import Trainer
 
@@ -44,6 +45,9 @@ class DomainBench:
     guidance: list[float] = field(default_factory=lambda: [1.0])
     batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
     peers: list[str] = field(default_factory=list)
+    # Throughput against the size of one sample: a prior option and its values, e.g. ("duration",
+    # seconds) for audio, ("num_atoms", counts) for molecules (the fully connected EGNN is quadratic).
+    scaling: Optional[tuple[str, list[float]]] = None
 
 
 def _train_steps(steps: int) -> list[str]:
@@ -62,22 +66,23 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
             "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(1000)], 100,
                                  [s for s in quick_samplers if s[0] != "ddpm"], guidance=[1.0, 3.0], batch_sizes=[16, 32, 64],
                                  peers=["unet2d"]),
-            "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(600)], 40,
-                                 [("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)], guidance=[1.0, 3.0],
-                                 batch_sizes=[4, 8, 16], peers=["unet1d", "audio_sampling"]),
-            "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(400)], 64,
-                                    [("ddim", 100), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)],
-                                    batch_sizes=[8, 16, 32], peers=["egnn"]),
+            "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(1000)], 30,
+                                 [("ddpm", 1000), ("ddpm", 200), *quick_samplers[1:]], guidance=[1.0, 3.0],
+                                 batch_sizes=[4, 8, 16], peers=["unet1d"], scaling=("duration", [0.35, 0.7, 1.4, 2.8])),
+            "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(800)], 64,
+                                    quick_samplers, batch_sizes=[8, 16, 32], peers=["egnn"],
+                                    scaling=("num_atoms", [8, 16, 32, 64])),
         },
         "full": {
             "points": DomainBench("examples/points.yaml", _train_steps(5000), 4096, full_samplers, batch_sizes=[256, 1024, 4096],
                                   peers=["samplers"]),
             "image": DomainBench("recipes/image_unet.yaml", _train_steps(20000), 1000, full_samplers, guidance=[1.0, 3.0],
                                  batch_sizes=[32, 64, 128, 256], peers=["unet2d"]),
-            "audio": DomainBench("recipes/audio_unet.yaml", _train_steps(20000), 256, full_samplers, guidance=[1.0, 3.0],
-                                 batch_sizes=[4, 8, 16, 32], peers=["unet1d", "audio_sampling"]),
+            "audio": DomainBench("recipes/audio_unet.yaml", _train_steps(20000), 256, [("ddpm", 200), *full_samplers],
+                                 guidance=[1.0, 3.0], batch_sizes=[4, 8, 16, 32], peers=["unet1d"],
+                                 scaling=("duration", [0.5, 1.0, 2.0, 4.0])),
             "molecule": DomainBench("recipes/molecule_egnn.yaml", _train_steps(20000), 1000, full_samplers,
-                                    batch_sizes=[16, 32, 64, 128], peers=["egnn"]),
+                                    batch_sizes=[16, 32, 64, 128], peers=["egnn"], scaling=("num_atoms", [8, 16, 32, 64])),
         },
     }
 
@@ -127,12 +132,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_throughput(trainer: Trainer, batch_size: int, repeats: int = 3) -> dict[str, float]:
-    """Samples/s and peak memory of forward + backward + AdamW on real training items at ``batch_size``."""
-    n = min(batch_size, len(trainer.train_set))
-    g = torch.Generator().manual_seed(batch_size)
-    idx = torch.randperm(len(trainer.train_set), generator=g)[:n].tolist()
-    batch = trainer.domain.collate([trainer.train_set[i] for i in idx]).to(trainer.device)
+def _time_training(trainer: Trainer, batch, repeats: int) -> dict[str, float]:
+    """Samples/s and peak memory of forward + backward + AdamW on one batch (after a warm-up step)."""
     net = trainer.net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
     net.train()
@@ -145,7 +146,7 @@ def train_throughput(trainer: Trainer, batch_size: int, repeats: int = 3) -> dic
         loss.backward()
         opt.step()
 
-    step()  # warm-up
+    step()
     mem = PeakMemory(trainer.device)
     with mem.measure():
         _sync(trainer.device)
@@ -154,7 +155,26 @@ def train_throughput(trainer: Trainer, batch_size: int, repeats: int = 3) -> dic
             step()
         _sync(trainer.device)
         dt = (time.perf_counter() - t0) / repeats
-    return {"batch_size": n, "samples_per_s": n / dt, "peak_mem_mb": mem.peak_mb}
+    return {"samples_per_s": batch.num_samples / dt, "peak_mem_mb": mem.peak_mb}
+
+
+def train_throughput(trainer: Trainer, batch_size: int, repeats: int = 3) -> dict[str, float]:
+    """Training throughput on real training items at ``batch_size``."""
+    n = min(batch_size, len(trainer.train_set))
+    idx = torch.randperm(len(trainer.train_set), generator=torch.Generator().manual_seed(batch_size))[:n].tolist()
+    batch = trainer.domain.collate([trainer.train_set[i] for i in idx]).to(trainer.device)
+    return {"batch_size": n, **_time_training(trainer, batch, repeats)}
+
+
+def size_throughput(trainer: Trainer, option: str, value: float, batch_size: int, repeats: int = 3) -> dict[str, float]:
+    """Training throughput on states of another size: ``domain.prior(..., option=value)`` (noise as data)."""
+    domain = trainer.domain
+    g = torch.Generator(device=trainer.device).manual_seed(0)
+    labels = torch.randint(0, domain.num_classes, (batch_size,), device=trainer.device, generator=g) if domain.num_classes else None
+    space, cond = domain.prior(batch_size, labels=labels, device=trainer.device, generator=g, **{option: value})
+    batch = Batch(space.randn(generator=g), space, cond)
+    return {"axis": option, "size": value, "elements_per_sample": batch.x.numel() / batch_size, "batch_size": batch_size,
+            **_time_training(trainer, batch, repeats)}
 
 
 def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, seed: int) -> dict[str, Any]:
@@ -173,8 +193,12 @@ def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, s
         _sync(trainer.device)
         wall = time.perf_counter() - t0
     metrics = domain.evaluate(batch)
-    return {"sampler": name, "steps": steps, "guidance": scale, "num_samples": n, "wall_s": wall,
-            "samples_per_s": n / wall, "peak_mem_mb": mem.peak_mb, "metrics": metrics}
+    row = {"sampler": name, "steps": steps, "guidance": scale, "num_samples": n, "wall_s": wall,
+           "samples_per_s": n / wall, "peak_mem_mb": mem.peak_mb, "metrics": metrics}
+    duration = getattr(domain, "duration", None)  # audio: seconds of audio generated per second
+    if isinstance(duration, (int, float)):
+        row["audio_seconds_per_s"] = n * duration / wall
+    return row
 
 
 def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
@@ -225,6 +249,8 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
         "reference": trainer.domain.reference_metrics(spec.num_samples),
         "sampling": [],
         "throughput_vs_batch": [train_throughput(trainer, b) for b in spec.batch_sizes],
+        "throughput_vs_size": [size_throughput(trainer, spec.scaling[0], v, spec.batch_sizes[0]) for v in spec.scaling[1]]
+        if spec.scaling else [],
     }
     guidance = spec.guidance if trainer.domain.num_classes else [1.0]
     for sampler, steps in spec.samplers:
