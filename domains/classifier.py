@@ -31,7 +31,10 @@ def fit_classifier(
     augment: Optional[Callable[[Tensor, torch.Generator], Tensor]] = None,
     seed: int = 0,
 ) -> nn.Module:
-    """Fit ``net`` (returning ``(features, logits)``) on ``x [N, ...]`` with labels ``y [N]``."""
+    """Fit ``net`` (returning ``(features, logits)``) on ``x [N, ...]`` with labels ``y [N]``.
+
+    ``augment(xb, generator)`` gets a CPU generator and must return its batch on ``xb.device``.
+    """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * max(1, -(-len(x) // batch_size)))
@@ -71,7 +74,8 @@ class ClassifierScorer:
             self.net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
             self.net.eval()
         else:
-            fit_classifier(self.net, *train, **(fit_kwargs or {}))
+            with torch.enable_grad():  # scorers are often built lazily inside no_grad evaluation
+                fit_classifier(self.net, *train, **(fit_kwargs or {}))
             if cache is not None:
                 Path(cache).parent.mkdir(parents=True, exist_ok=True)
                 atomic_save(self.net.state_dict(), Path(cache))
@@ -97,10 +101,15 @@ class ClassifierScorer:
         return classifier_metrics(feats, probs, self.ref_feats, self.ref_probs, labels)
 
     def reference_row(self, n: Optional[int] = None, seed: int = 0) -> dict[str, float]:
-        """The metrics of ``n`` held-out real samples (first half vs. the set): the reference row."""
-        n = len(self.reference_x) if n is None else min(n, len(self.reference_x))
-        idx = torch.randperm(len(self.reference_x), generator=torch.Generator().manual_seed(seed))[:n]
-        return self.score(self.reference_x[idx], self.reference_y[idx])
+        """Metrics of up to ``n`` real samples from one half of the reference set, scored against the
+        other half: the reference row (scoring clips against a set that contains them flatters FID)."""
+        perm = torch.randperm(len(self.reference_x), generator=torch.Generator().manual_seed(seed))
+        half = len(perm) // 2
+        scored, against = perm[:half], perm[half:]
+        if n is not None:
+            scored = scored[:n]
+        feats, probs = self.features(self.reference_x[scored])
+        return classifier_metrics(feats, probs, self.ref_feats[against], self.ref_probs[against], self.reference_y[scored])
 
 
 def default_cache_dir() -> Path:
