@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -187,6 +188,7 @@ def test_grid_png_one_row_per_label(tmp_path):
 def test_unconditional_grid_is_square_and_rgb():
     rows = grid_layout(None, 10)
     assert [len(r) for r in rows] == [4, 4, 2]
+    assert grid_layout(torch.full((10,), 3), 10) == rows  # one label: no 10-wide strip
     grid = make_grid(torch.zeros(10, 3, 5, 6), rows, upscale=2, pad=2)
     assert grid.shape == (3 * 12 + 2, 4 * 14 + 2, 3)
 
@@ -220,3 +222,35 @@ def test_unet_keeps_the_sample_shape():
     fresh = ImageDomain()
     fresh.load_state_dict(dom.state_dict())
     assert fresh.prior(2)[0].shape == (2, 1, 8, 8) and fresh.num_classes == 10
+
+
+def test_recipe_trains_lowers_loss_and_samples_grids(tmp_path, monkeypatch):
+    from polydiff.cli import compose_recipe, main
+    from polydiff.trainer import train
+
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "image_unet.yaml"
+    cfg = compose_recipe(
+        recipe,
+        [
+            "profile=cpu",
+            "model.channels=16",
+            "trainer.max_steps=80",
+            "trainer.batch_size=32",
+            "trainer.log_every=10",
+            "trainer.num_samples=20",
+            "trainer.eval=false",
+            "trainer.progress=false",
+            "sampler.steps=5",
+        ],
+    )
+    run = tmp_path / "run"
+    train(cfg, run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 8 and losses[-1] < 0.6 * losses[0]
+    grid = np.asarray(Image.open(run / "samples" / "step_0000080.png"))
+    assert grid.shape == (10 * 33 + 1, 2 * 33 + 1)  # 20 samples, labels 0..9 twice: 10 rows of 2
+    main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "new"), "sampler.steps=3", "label=4"])
+    new = np.asarray(Image.open(tmp_path / "new" / "samples.png"))
+    assert new.shape == (3 * 33 + 1, 4 * 33 + 1)  # one label: a square-ish grid, rows of 4, 4, 2
