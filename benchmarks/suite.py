@@ -65,9 +65,8 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
         "quick": {
             "points": DomainBench("examples/points.yaml", _train_steps(1500), 512, quick_samplers, batch_sizes=[64, 256, 1024],
                                   peers=["samplers"]),
-            "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(1000)], 100,
-                                 [s for s in quick_samplers if s[0] != "ddpm"], guidance=[1.0, 3.0], batch_sizes=[16, 32, 64],
-                                 peers=["unet2d"]),
+            "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(1000)], 100, quick_samplers,
+                                 guidance=[1.0, 3.0], batch_sizes=[16, 32, 64], peers=["unet2d"], max_guided_steps=100),
             "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(1000)], 30,
                                  [("ddpm", 1000), ("ddpm", 200), *quick_samplers[1:]], guidance=[1.0, 3.0],
                                  batch_sizes=[4, 8, 16], peers=["unet1d"], scaling=("duration", [0.35, 0.7, 1.4, 2.8]),
