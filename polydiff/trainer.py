@@ -329,7 +329,10 @@ def train(cfg: Mapping[str, Any], run_dir: Path | str) -> dict[str, Any]:
     merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg)  # fills defaults, rejects unknown keys
     trainer = Trainer(merged, run_dir)
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        if trainer.world_size > 1:
+            dist.barrier()  # rank 0 samples at the end: the others wait rather than tear gloo down under it
+        return result
     finally:
         if trainer.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

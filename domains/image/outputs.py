@@ -24,12 +24,17 @@ def to_uint8(x: Tensor) -> np.ndarray:
 
 
 def grid_layout(labels: Optional[Tensor], n: int, ncol: Optional[int] = None) -> list[list[int]]:
-    """Rows of sample indices: one row per distinct label (sorted; null -1 first), or a square-ish grid."""
-    if labels is None:
-        ncol = ncol or max(1, int(np.ceil(np.sqrt(n))))
-        return [list(range(i, min(i + ncol, n))) for i in range(0, n, ncol)]
-    labels = labels.detach().cpu().reshape(-1)
-    return [torch.nonzero(labels == v).flatten().tolist() for v in torch.unique(labels).tolist()]
+    """Rows of sample indices: one row per distinct label (sorted; null -1 first).
+
+    Without labels, or when all samples share one label, a square-ish grid instead of one long strip.
+    """
+    if labels is not None:
+        labels = labels.detach().cpu().reshape(-1)
+        values = torch.unique(labels).tolist()
+        if len(values) > 1:
+            return [torch.nonzero(labels == v).flatten().tolist() for v in values]
+    ncol = ncol or max(1, int(np.ceil(np.sqrt(n))))
+    return [list(range(i, min(i + ncol, n))) for i in range(0, n, ncol)]
 
 
 def make_grid(x: Tensor, rows: Sequence[Sequence[int]], upscale: int = 1, pad: int = 1) -> np.ndarray:
