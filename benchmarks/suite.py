@@ -323,8 +323,21 @@ def main(argv: Optional[list[str]] = None) -> Path:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME=RECIPE.yaml",
+                   help="benchmark your own domain's recipe too (repeatable), with the suite's sampler sweep")
+    p.add_argument("--steps", type=int, default=None, help="training budget for --recipe domains (quick 500, full 20000)")
     a = p.parse_args(argv)
-    return run_suite(a.suite, a.domains, a.device, a.out, a.seed)
+    specs = dict(suites()[a.suite])
+    for item in a.recipe:
+        name, sep, recipe = item.partition("=")
+        if not sep or not Path(recipe).is_file():
+            raise SystemExit(f"polydiff bench: --recipe needs NAME=PATH to an existing recipe, got {item!r}")
+        steps = a.steps or (500 if a.suite == "quick" else 20000)
+        base = specs["points"]  # the generic sweep (every sampler and step count)
+        specs[name] = DomainBench(str(Path(recipe).resolve()), _train_steps(steps), base.num_samples, base.samplers,
+                                  guidance=[1.0, 3.0], batch_sizes=base.batch_sizes[:2])
+    domains = a.domains or (list(suites()[a.suite]) + [item.partition("=")[0] for item in a.recipe])
+    return run_suite(a.suite, domains, a.device, a.out, a.seed, specs=specs)
 
 
 def finite(x: Any) -> bool:
