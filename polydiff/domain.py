@@ -123,8 +123,14 @@ class Domain:
         labels: Optional[Tensor] = None,
         device: torch.device | str = "cpu",
         generator: Optional[torch.Generator] = None,
+        **options: Any,
     ) -> tuple[Space, dict[str, Tensor]]:
-        """Layout and conditions of ``n`` new samples (labels ``[n]``, or null when ``None``)."""
+        """Layout and conditions of ``n`` new samples (labels ``[n]``, or null when ``None``).
+
+        ``options`` are the ``prior.KEY=V`` settings of ``polydiff sample``; dense domains take none.
+        """
+        if options:
+            raise KeyError(f"unknown prior option(s) {sorted(options)} for domain {self.name!r}: it takes none")
         if self.sample_shape is None:
             raise RuntimeError(f"domain {self.name!r} has no sample_shape: call setup(train_set) or load_state_dict")
         space = DenseSpace((n, *self.sample_shape), device_=torch.device(device))

@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -218,7 +218,8 @@ class Trainer:
             persistent_workers=self.tc["num_workers"] > 0,
         )
 
-    def _micro_step(self, batch, last: bool) -> float:
+    def _micro_step(self, batch, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns the detached loss (no device sync)."""
         keys = [k for k in self.domain.guidance_keys if k in batch.cond]
         if keys and self.tc["label_dropout"] > 0:
             batch.cond = drop_condition(batch.cond, keys, self.tc["label_dropout"], self.generator)
@@ -226,13 +227,9 @@ class Trainer:
         with sync:
             with self.autocast():
                 loss = self.parts.objective.loss(self.model, batch, self.parts.schedule, self.generator)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {self.step}; the last good checkpoint {self.ckpt_path} is kept. "
-                    "Lower trainer.lr, keep trainer.grad_clip > 0, or check the data for NaN/Inf values."
-                )
             (loss / self.tc["grad_accum"]).backward()
-        return float(loss.detach())
+        # A NaN or Inf loss makes the gradient norm non-finite: fit() checks it once per step.
+        return loss.detach()
 
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.max_steps``, then checkpoint, sample and evaluate."""
@@ -253,10 +250,11 @@ class Trainer:
                 n_last += batch.num_samples * self.world_size
                 losses.append(self._micro_step(batch, last=micro == tc["grad_accum"] - 1))
             grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), tc["grad_clip"] if tc["grad_clip"] > 0 else float("inf"))
-            if not torch.isfinite(grad_norm):
+            if not torch.isfinite(grad_norm):  # the one device sync of a step
                 raise NonFiniteLossError(
-                    f"gradient norm is {float(grad_norm)} at step {self.step}; the last good checkpoint "
-                    f"{self.ckpt_path} is kept. Lower trainer.lr or check the data."
+                    f"loss {float(losses[-1])}, gradient norm {float(grad_norm)} at step {self.step}; the last good "
+                    f"checkpoint {self.ckpt_path} is kept. Lower trainer.lr, keep trainer.grad_clip > 0, or check "
+                    "the data for NaN/Inf values."
                 )
             self.opt.step()
             self.sched.step()
@@ -269,7 +267,7 @@ class Trainer:
                 record = {
                     "kind": "train",
                     "step": self.step,
-                    "loss": sum(losses) / len(losses),
+                    "loss": float(torch.stack(losses).mean()),
                     "lr": self.sched.get_last_lr()[0],
                     "grad_norm": float(grad_norm),
                     "samples_per_s": n_last / max(dt, 1e-9),

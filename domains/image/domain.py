@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from polydiff.config import call_checked
 from polydiff.domain import Batch, Domain
-from polydiff.space import DenseSpace, Space
+from polydiff.space import DenseSpace
 
 from .data import ImageArrays, ImageSet, load_cifar10, load_digits_split, load_folder
 from .outputs import grid_layout, make_grid, save_grid
@@ -131,19 +131,6 @@ class ImageDomain(Domain):
             raise RuntimeError("ImageDomain.build_network needs the sample shape: call setup(train_set) or load_state_dict first")
         fixed = {"dims": 2, "in_channels": self.sample_shape[0], "num_classes": self.num_classes}
         return call_checked(UNet, {**fixed, **model}, "model")
-
-    # -------------------------------------------------------------- sampling
-    def prior(
-        self,
-        n: int,
-        labels: Optional[Tensor] = None,
-        device: torch.device | str = "cpu",
-        generator: Optional[torch.Generator] = None,
-        **options: Any,
-    ) -> tuple[Space, dict[str, Tensor]]:
-        if options:
-            raise KeyError(f"unknown prior option(s) {sorted(options)} for the image domain: it takes none")
-        return super().prior(n, labels, device, generator)
 
     # --------------------------------------------------------------- outputs
     def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
