@@ -27,8 +27,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
              "", f"commit `{env['git_commit'][:12]}`, torch {env['torch']}, {env['date']}", ""]
     for name, d in result["domains"].items():
         lines.append(f"## {name}")
-        if "error" in d:
-            lines += ["", f"failed: {d['error']}", ""]
+        if "error" in d or "skipped" in d:
+            lines += ["", f"failed: {d['error']}" if "error" in d else f"skipped: {d['skipped']}", ""]
             continue
         t = d["train"]
         lines += ["", f"training: {t['steps']} steps in {t['wall_s']:.0f} s, {t['samples_per_s']:.1f} samples/s, "
@@ -79,7 +79,7 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    domains = {k: v for k, v in result["domains"].items() if "error" not in v}
+    domains = {k: v for k, v in result["domains"].items() if "error" not in v and "skipped" not in v}
     if not domains:
         return written
     # Quality against the number of steps, per domain and sampler (first metric of the domain).

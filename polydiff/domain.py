@@ -56,6 +56,8 @@ class Domain:
     * :meth:`prior` -- the layout and conditions of ``n`` new samples.
     * :meth:`save_samples` / :meth:`evaluate` -- outputs and metrics (a ``.pt`` file and no
       metrics by default).
+    * :meth:`concat` -- one batch from the chunks of a large draw (override when ``cond`` holds
+      indices into the state, such as a graph batch vector).
     * :meth:`state_dict` / :meth:`load_state_dict` -- what sampling needs from the data
       (sample shape, class names, ...), saved in checkpoints so sampling needs no data.
     """
@@ -149,6 +151,12 @@ class Domain:
         path = out_dir / f"{prefix}.pt"
         torch.save({"x": batch.x.detach().cpu(), **{k: v.detach().cpu() for k, v in batch.cond.items()}}, path)
         return [path]
+
+    def concat(self, batches: Sequence[Batch]) -> Batch:
+        """One batch from several (sampling in chunks): states, layouts and conditions in order."""
+        first = batches[0]
+        cond = {k: torch.cat([b.cond[k] for b in batches]) if isinstance(v, Tensor) else v for k, v in first.cond.items()}
+        return Batch(torch.cat([b.x for b in batches]), type(first.space).cat([b.space for b in batches]), cond)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
         """Quality metrics of generated samples (none by default)."""

@@ -32,15 +32,46 @@ def generate(
     prior: Optional[Mapping[str, Any]] = None,
     callback=None,
 ) -> Batch:
-    """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ...}, ``guidance`` = {scale, rescale}."""
+    """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ..., batch_size}, ``guidance`` = {scale, rescale}.
+
+    More than ``sampler["batch_size"]`` samples are drawn in chunks of that size (labels and
+    per-sample prior options are split with them) and joined by :meth:`Domain.concat`.
+    """
     sampler = dict(sampler)
-    sampler.pop("batch_size", None)
+    chunk = sampler.pop("batch_size", None)
+    chunk = n if chunk is None else int(chunk)
+    if chunk < 1:
+        raise ValueError(f"sampler.batch_size must be a positive number of samples, got {chunk}")
+    prior = dict(prior or {})
+    if n <= chunk:
+        return _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior, callback)
+    for key, value in prior.items():
+        if _per_sample(value) and len(value) != n:
+            raise ValueError(f"prior.{key} has {len(value)} values for {n} samples: give one value or {n}")
+    parts = []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part_prior = {k: (v[start:stop] if _per_sample(v) else v) for k, v in prior.items()}
+        part_labels = None if labels is None else labels[start:stop]
+        parts.append(_generate(domain, net, schedule, objective, stop - start, sampler, guidance, part_labels, device,
+                               generator, part_prior, callback))
+    return domain.concat(parts)
+
+
+def _per_sample(value: Any) -> bool:
+    """A prior option with one value per sample (a list or a tensor) rather than one for all."""
+    return isinstance(value, (list, tuple, Tensor)) and not (isinstance(value, Tensor) and value.dim() == 0)
+
+
+def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior, callback) -> Batch:
+    """One chunk of :func:`generate`."""
+    sampler = dict(sampler)
     name, steps = sampler.pop("name"), sampler.pop("steps")
     guidance = dict(guidance or {})
     was_training = net.training
     net.eval()
     try:
-        space, cond = domain.prior(n, labels=labels, device=device, generator=generator, **dict(prior or {}))
+        space, cond = domain.prior(n, labels=labels, device=device, generator=generator, **prior)
         noise = space.randn(generator=generator)
         den = objective.denoiser(net, schedule, space, cond)
         keys = [k for k in domain.guidance_keys if k in cond and cond[k] is not None]

@@ -60,6 +60,11 @@ class Space:
     def to(self, device: torch.device | str) -> "Space":
         raise NotImplementedError
 
+    @classmethod
+    def cat(cls, spaces: Sequence["Space"]) -> "Space":
+        """One space holding the samples of ``spaces`` in order (states concatenated along dim 0)."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         raise NotImplementedError
@@ -116,6 +121,18 @@ class DenseSpace(Space):
     def to(self, device: torch.device | str) -> "DenseSpace":
         mask = None if self.mask is None else self.mask.to(device)
         return replace(self, mask=mask, device_=torch.device(device))
+
+    @classmethod
+    def cat(cls, spaces: Sequence["DenseSpace"]) -> "DenseSpace":
+        rest = {s.shape[1:] for s in spaces}
+        if len(rest) != 1:
+            raise ValueError(f"cannot concatenate dense spaces of per-sample shapes {sorted(rest)}")
+        shape = (sum(s.shape[0] for s in spaces), *spaces[0].shape[1:])
+        mask = None
+        if any(s.mask is not None for s in spaces):  # full [B, ...] masks; a missing one means all valid
+            mask = torch.cat([torch.ones(s.shape, device=s.device) if s.mask is None
+                              else torch.broadcast_to(s.mask, s.shape).float() for s in spaces])
+        return DenseSpace(shape, mask, spaces[0].device)
 
 
 @dataclass
@@ -178,3 +195,14 @@ class RaggedSpace(Space):
 
     def to(self, device: torch.device | str) -> "RaggedSpace":
         return RaggedSpace(self.batch.to(device), self.num_samples, self.num_features, self.centered)
+
+    @classmethod
+    def cat(cls, spaces: Sequence["RaggedSpace"]) -> "RaggedSpace":
+        layouts = {(s.num_features, tuple(s.centered)) for s in spaces}
+        if len(layouts) != 1:
+            raise ValueError(f"cannot concatenate ragged spaces of (num_features, centered) {sorted(layouts)}")
+        offsets = [0]
+        for s in spaces:
+            offsets.append(offsets[-1] + s.num_samples)
+        batch = torch.cat([s.batch + off for s, off in zip(spaces, offsets)])  # [N_total]
+        return RaggedSpace(batch, offsets[-1], spaces[0].num_features, spaces[0].centered)

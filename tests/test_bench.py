@@ -2,10 +2,11 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
-from benchmarks.suite import DomainBench, _train_steps, run_suite
+from benchmarks.suite import DomainBench, _train_steps, main, run_suite, suites, with_steps
 
 
 def _numbers(obj, prefix=""):
@@ -54,3 +55,57 @@ def test_quick_suite_tiny_budget(tmp_path):
 def test_unknown_domain_is_named(tmp_path):
     with pytest.raises(KeyError, match="no benchmark configuration"):
         run_suite("quick", ["nope"], "cpu", tmp_path)
+
+
+def test_full_suite_skips_literature_data_that_is_not_placed(tmp_path):
+    path = run_suite("full", ["qm9", "sc09"], "cpu", tmp_path)
+    result = json.loads(path.read_text())
+    assert "--data qm9=PATH" in result["domains"]["qm9"]["skipped"] and "gdb9.sdf" in result["domains"]["qm9"]["skipped"]
+    assert "--data sc09=PATH" in result["domains"]["sc09"]["skipped"]
+    assert "skipped: needs a local copy of SC09" in path.with_suffix(".md").read_text()
+
+
+def test_steps_and_data_options_reach_the_recipe(tmp_path):
+    spec = with_steps(suites()["full"]["qm9"], 7)
+    assert "trainer.max_steps=7" in spec.overrides and "trainer.max_steps=200000" not in spec.overrides
+    assert "domain.source=qm9" in spec.overrides
+    with pytest.raises(SystemExit, match="qm9=PATH or sc09=PATH"):
+        main(["--suite", "full", "--data", "qm7=/x"])
+
+
+def _tiny(spec: DomainBench, *overrides: str, scaling=None) -> DomainBench:
+    overrides = [*with_steps(spec, 2).overrides, "trainer.num_samples=2", "sampler.steps=2", *overrides]
+    return replace(spec, overrides=overrides, num_samples=4,
+                   samplers=[("ddim", 2)], guidance=[1.0], batch_sizes=[4], scaling=scaling)
+
+
+def test_literature_settings_run_on_local_copies(tmp_path):
+    """QM9 with EDM's model and SC09 (shrunk by profile=cpu) on fake local copies, through --data."""
+    from tests.test_audio import make_fake_sc09
+    from tests.test_molecule import _write_sdf
+
+    raw = tmp_path / "qm9" / "raw"
+    raw.mkdir(parents=True)
+    smiles = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC",
+              "CNC", "C=C", "C#C", "CF", "FCF"]
+    _write_sdf(raw / "gdb9.sdf", smiles)
+    header = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
+    rows = [f"gdb_{i + 1}," + ",".join(str(float(i + j)) for j in range(19)) for i in range(len(smiles))]
+    (raw / "gdb9.sdf.csv").write_text("\n".join([header, *rows]) + "\n")
+    (raw / "uncharacterized.txt").write_text("\n".join(f"header {k}" for k in range(9)) + "\n2 skipped\n----\n")
+    make_fake_sc09(tmp_path / "sc")
+    full = suites()["full"]
+    specs = {"qm9": _tiny(full["qm9"], "trainer.batch_size=4", scaling=("num_atoms", [3, 6])),
+             "sc09": _tiny(full["sc09"], "profile=cpu", "trainer.batch_size=4")}
+    path = run_suite("full", ["qm9", "sc09"], "cpu", tmp_path / "out", specs=specs,
+                     data={"qm9": str(tmp_path / "qm9"), "sc09": str(tmp_path / "sc")})
+    result = json.loads(path.read_text())
+    for name in ("qm9", "sc09"):
+        d = result["domains"][name]
+        assert "error" not in d and "skipped" not in d, d
+        assert d["train"]["steps"] == 2 and len(d["sampling"]) == 1
+    qm9 = result["domains"]["qm9"]
+    assert any(o.endswith("qm9") and o.startswith("domain.path=") for o in qm9["overrides"])
+    assert {"atom_stability", "mol_stability", "validity"} <= set(qm9["sampling"][0]["metrics"])
+    assert [x["size"] for x in qm9["throughput_vs_size"]] == [3, 6]
+    assert "label_acc" in result["domains"]["sc09"]["sampling"][0]["metrics"]

@@ -1,6 +1,7 @@
 """The command line, recipes and the registry."""
 
 import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,41 @@ def test_every_recipe_composes(recipe, profile):
     check_targets(cfg)
     if profile == "cpu":
         assert cfg["trainer"]["max_steps"] <= 5000
+
+
+def _header_commands(recipe: Path) -> list[list[str]]:
+    """The overrides of each ``polydiff train`` command documented in a recipe's header comment.
+
+    A command is a line starting ``polydiff train``, ``...`` (the command above, other overrides) or
+    an override itself, with its ``\\`` continuation lines.
+    """
+    token = re.compile(r"^\+?[A-Za-z_]+(\.[A-Za-z_0-9]+)+=\S+$|^profile=\S+$")
+    commands, current = [], None
+    for line in recipe.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("# ").split("  #")[0].strip()
+        words = text.split()
+        if current is None and words and (text.startswith("polydiff train") or words[0] == "..." or token.match(words[0])):
+            current = []
+        if current is None:
+            continue
+        current += [w for w in words if token.match(w) and not w.startswith("hydra.")]
+        if not text.endswith("\\"):
+            commands.append(current)
+            current = None
+    return commands
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_commands_in_recipe_headers_compose(recipe):
+    """Every override a recipe's header documents exists in the recipe and fits the domain's constructor."""
+    commands = _header_commands(recipe)
+    assert any(len(c) >= 2 for c in commands), commands  # the data-set switches are documented
+    for overrides in commands:
+        cfg = OmegaConf.to_container(compose_recipe(recipe, overrides), resolve=True)
+        domain_cfg = dict(cfg["domain"])
+        check_call(polydiff.get_domain(domain_cfg.pop("name")), domain_cfg, "domain")
 
 
 def test_audio_recipe_is_the_main_job():
