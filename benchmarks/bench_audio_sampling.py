@@ -7,6 +7,7 @@ costs two network calls, as in real use.
 
     python benchmarks/bench_audio_sampling.py --device cuda            # recipe defaults, 16 kHz
     python benchmarks/bench_audio_sampling.py --quick                  # CPU profile sizes, seconds
+    python benchmarks/bench_audio_sampling.py --profile cpu --n 16     # CPU profile, full step counts
     python benchmarks/bench_audio_sampling.py --run RUN_DIR --out result.json
 """
 
@@ -28,7 +29,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "audio_unet.yaml"
 SAMPLERS = [("ddpm", 200), ("ddim", 50), ("dpmpp_2m", 20)]
 
 
-def build(run: Path | None, quick: bool) -> Parts:
+def build(run: Path | None, profile: str) -> Parts:
     """The recipe's parts (or a trained run's), without reading the data set."""
     if run is not None:
         ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
@@ -39,7 +40,7 @@ def build(run: Path | None, quick: bool) -> Parts:
 
     from polydiff.build import build_domain
 
-    cfg = OmegaConf.to_container(compose_recipe(RECIPE, ["profile=cpu"] if quick else []), resolve=True)
+    cfg = OmegaConf.to_container(compose_recipe(RECIPE, [f"profile={profile}"]), resolve=True)
     return Parts.from_config(cfg, domain_state=build_domain(cfg["domain"]).state_dict())
 
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--quick", action="store_true", help="the CPU profile's model and rate, 2 clips, steps / 10")
+    parser.add_argument("--profile", default=None, help="the recipe profile to time: gpu (default) or cpu")
     parser.add_argument("--run", type=Path, default=None, help="time a trained run's network instead")
     parser.add_argument("--n", type=int, default=None, help="clips per batch (default 16, quick 2)")
     parser.add_argument("--guidance", type=float, default=2.0, help="guidance scale (1 = one network call per step)")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    parts = build(args.run, args.quick)
+    parts = build(args.run, args.profile or ("cpu" if args.quick else "gpu"))
     net = parts.net.to(device).eval()
     domain = parts.domain
     n = args.n or (2 if args.quick else 16)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "audio_sampling", "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "sample_rate": domain.sample_rate, "clip_seconds": seconds_per_clip, "guidance": args.guidance,
-        "parameters": sum(p.numel() for p in net.parameters()), "quick": args.quick, "rows": rows,
+        "parameters": sum(p.numel() for p in net.parameters()), "quick": args.quick,
+        "profile": None if args.run else (args.profile or ("cpu" if args.quick else "gpu")), "rows": rows,
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -47,6 +47,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
         if d.get("throughput_vs_size"):
             lines += [f"training throughput against {d['throughput_vs_size'][0]['axis']} (batch {d['throughput_vs_size'][0]['batch_size']}): "
                       + ", ".join(f"{x['size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MB)" for x in d["throughput_vs_size"]), ""]
+        if d.get("compile"):
+            c = d["compile"]
+            lines += [f"torch.compile, training at batch {c['batch_size']}: eager {c['eager_samples_per_s']:.1f}/s, compiled "
+                      f"{c['compiled_samples_per_s']:.1f}/s (x{c['ratio_compiled_over_eager']:.2f}), compiled in {c['compile_s']:.0f} s", ""]
         for peer, p in d.get("peers", {}).items():
             lines.append(f"peer `{peer}`: " + _peer_line(p))
         lines.append("")
@@ -138,7 +142,10 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     a3.set_yscale("log")
     a3.set_xlabel("sample size (seconds of audio, atoms)")
     a3.set_ylabel("training samples/s")
-    a3.legend()
+    if a3.lines:
+        a3.legend()
+    else:
+        a3.text(0.5, 0.5, "no domain measured a size sweep", ha="center", va="center", transform=a3.transAxes)
     written.append(_save(fig, folder / "scaling.png"))
     return written
 

@@ -53,6 +53,8 @@ class DomainBench:
     # A data set the user places locally (``--data NAME=PATH``): its name, the recipe key that takes
     # the path, and where the copy goes. Without it the domain is skipped with that message.
     data: Optional[tuple[str, str, str]] = None
+    # Also time training under torch.compile against eager on one batch (full suite): where it helps.
+    compile_check: bool = False
 
 
 def _train_steps(steps: int) -> list[str]:
@@ -91,24 +93,26 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
             "points": DomainBench("examples/points.yaml", _train_steps(5000), 4096, full_samplers, batch_sizes=[256, 1024, 4096],
                                   peers=["samplers"]),
             "image": DomainBench("recipes/image_unet.yaml", _train_steps(20000), 300, full_samplers, guidance=[1.0, 3.0],
-                                 batch_sizes=[32, 64, 128, 256], peers=["unet2d"]),
+                                 batch_sizes=[32, 64, 128, 256], peers=["unet2d"], compile_check=True),
             "audio": DomainBench("recipes/audio_unet.yaml", _train_steps(20000), 256, [("ddpm", 200), *full_samplers],
                                  guidance=[1.0, 3.0], batch_sizes=[4, 8, 16, 32], peers=["unet1d"],
-                                 scaling=("duration", [0.5, 1.0, 2.0, 4.0])),
+                                 scaling=("duration", [0.5, 1.0, 2.0, 4.0]), compile_check=True),
             "molecule": DomainBench("recipes/molecule_egnn.yaml", _train_steps(20000), 1000, full_samplers,
-                                    batch_sizes=[16, 32, 64, 128], peers=["egnn"], scaling=("num_atoms", [8, 16, 32, 64])),
+                                    batch_sizes=[16, 32, 64, 128], peers=["egnn"], scaling=("num_atoms", [8, 16, 32, 64]),
+                                    compile_check=True),
             # The recipe's defaults already are EDM's (9 layers, 256 wide, polynomial T = 1000, batch 64,
             # lr 1e-4, EMA 0.9999); EDM trained ~4.7M steps, so raise --steps to chase its 82% figure.
             "qm9": DomainBench("recipes/molecule_egnn.yaml", ["domain.source=qm9", *_train_steps(200000)], 10000,
                                [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("dpmpp_2m", 100), ("dpmpp_2m", 50),
                                 ("dpmpp_2m", 20)],
                                batch_sizes=[64, 128, 256], scaling=("num_atoms", [9, 18, 29, 58]),
-                               data=("qm9", "domain.path", QM9_HELP)),
+                               data=("qm9", "domain.path", QM9_HELP), compile_check=True),
             # SC09 at 16 kHz, the recipe's GPU model; DiffWave and SaShiMi score 2,048 samples.
             "sc09": DomainBench("recipes/audio_unet.yaml", ["domain.dataset=sc09", "trainer.batch_size=64",
                                                             *_train_steps(200000)], 2048,
                                 [("ddpm", 200), ("ddim", 100), ("ddim", 50), ("dpmpp_2m", 50), ("dpmpp_2m", 20)],
-                                guidance=[1.0, 2.0, 3.0], batch_sizes=[16, 32, 64], data=("sc09", "domain.root", SC09_HELP)),
+                                guidance=[1.0, 2.0, 3.0], batch_sizes=[16, 32, 64], data=("sc09", "domain.root", SC09_HELP),
+                                compile_check=True),
         },
     }
 
@@ -158,9 +162,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_training(trainer: Trainer, batch, repeats: int) -> dict[str, float]:
-    """Samples/s and peak memory of forward + backward + AdamW on one batch (after a warm-up step)."""
-    net = trainer.net
+def _time_training(trainer: Trainer, batch, repeats: int, net: Optional[torch.nn.Module] = None) -> dict[str, float]:
+    """Samples/s and peak memory of forward + backward + AdamW on one batch (after a timed warm-up step)."""
+    net = trainer.net if net is None else net
     opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
     net.train()
     objective, schedule = trainer.parts.objective, trainer.parts.schedule
@@ -172,7 +176,11 @@ def _time_training(trainer: Trainer, batch, repeats: int) -> dict[str, float]:
         loss.backward()
         opt.step()
 
-    step()
+    _sync(trainer.device)
+    t0 = time.perf_counter()
+    step()  # warm-up: kernels, caches and, for a compiled network, compilation
+    _sync(trainer.device)
+    warmup = time.perf_counter() - t0
     mem = PeakMemory(trainer.device)
     with mem.measure():
         _sync(trainer.device)
@@ -181,15 +189,36 @@ def _time_training(trainer: Trainer, batch, repeats: int) -> dict[str, float]:
             step()
         _sync(trainer.device)
         dt = (time.perf_counter() - t0) / repeats
-    return {"samples_per_s": batch.num_samples / dt, "peak_mem_mb": mem.peak_mb}
+    return {"samples_per_s": batch.num_samples / dt, "peak_mem_mb": mem.peak_mb, "warmup_s": warmup}
+
+
+def _train_batch(trainer: Trainer, batch_size: int) -> Batch:
+    """``batch_size`` real training items (fewer if the set is smaller), the same for a given size."""
+    n = min(batch_size, len(trainer.train_set))
+    idx = torch.randperm(len(trainer.train_set), generator=torch.Generator().manual_seed(batch_size))[:n].tolist()
+    return trainer.domain.collate([trainer.train_set[i] for i in idx]).to(trainer.device)
 
 
 def train_throughput(trainer: Trainer, batch_size: int, repeats: int = 3) -> dict[str, float]:
     """Training throughput on real training items at ``batch_size``."""
-    n = min(batch_size, len(trainer.train_set))
-    idx = torch.randperm(len(trainer.train_set), generator=torch.Generator().manual_seed(batch_size))[:n].tolist()
-    batch = trainer.domain.collate([trainer.train_set[i] for i in idx]).to(trainer.device)
-    return {"batch_size": n, **_time_training(trainer, batch, repeats)}
+    batch = _train_batch(trainer, batch_size)
+    return {"batch_size": batch.num_samples, **_time_training(trainer, batch, repeats)}
+
+
+def compile_speedup(trainer: Trainer, batch_size: int, repeats: int = 3) -> dict[str, float]:
+    """Training samples/s eagerly and under ``torch.compile`` on the same batch, and the compile time.
+
+    One fixed batch: ragged domains (molecules) change shape every real step, so their compiled
+    figure is an upper bound unless dynamic shapes settle.
+    """
+    batch = _train_batch(trainer, batch_size)
+    eager = _time_training(trainer, batch, repeats)
+    compiled = _time_training(trainer, batch, repeats, net=torch.compile(trainer.net))
+    return {"batch_size": batch.num_samples, "eager_samples_per_s": eager["samples_per_s"],
+            "compiled_samples_per_s": compiled["samples_per_s"],
+            "ratio_compiled_over_eager": compiled["samples_per_s"] / eager["samples_per_s"],
+            "compile_s": compiled["warmup_s"] - eager["warmup_s"],
+            "eager_peak_mem_mb": eager["peak_mem_mb"], "compiled_peak_mem_mb": compiled["peak_mem_mb"]}
 
 
 def size_throughput(trainer: Trainer, option: str, value: float, batch_size: int, repeats: int = 3) -> dict[str, float]:
@@ -287,6 +316,8 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
         "throughput_vs_size": [size_throughput(trainer, spec.scaling[0], v, spec.batch_sizes[0]) for v in spec.scaling[1]]
         if spec.scaling else [],
     }
+    if spec.compile_check:
+        result["compile"] = compile_speedup(trainer, spec.batch_sizes[-1])
     guidance = spec.guidance if trainer.domain.num_classes else [1.0]
     for sampler, steps in spec.samplers:
         for scale in guidance:
@@ -373,6 +404,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                    help="benchmark your own domain's recipe too (repeatable), with the suite's sampler sweep")
     p.add_argument("--steps", type=int, default=None,
                    help="training budget of every domain (default: the suite's; --recipe domains: quick 500, full 20000)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V", dest="overrides",
+                   help="a recipe override for every domain (repeatable), e.g. --set trainer.compile=true")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="local copy of a literature data set for the full suite: qm9=PATH (" + QM9_HELP + "), sc09=PATH ("
                         + SC09_HELP + ")")
@@ -394,6 +427,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
         base = specs["points"]  # the generic sweep (every sampler and step count)
         specs[name] = DomainBench(str(Path(recipe).resolve()), _train_steps(steps), base.num_samples, base.samplers,
                                   guidance=[1.0, 3.0], batch_sizes=base.batch_sizes[:2])
+    for item in a.overrides:
+        if "=" not in item:
+            raise SystemExit(f"polydiff bench: --set needs KEY=VALUE (a recipe override), got {item!r}")
+    specs = {n: replace(s, overrides=[*s.overrides, *a.overrides]) for n, s in specs.items()}
     domains = a.domains or (list(suites()[a.suite]) + [item.partition("=")[0] for item in a.recipe])
     return run_suite(a.suite, domains, a.device, a.out, a.seed, specs=specs, data=data)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -156,11 +157,19 @@ def _sample(args: Sequence[str]) -> None:
     except _USER_ERRORS as err:
         raise _fail(_message(err)) from err
     print(f"{a.n} samples ({sampler['name']}, {sampler['steps']} steps, guidance {guidance['scale']}) in {dt:.1f}s")
+    record = {
+        "checkpoint": str(ckpt_path), "step": int(ckpt["step"]), "n": a.n, "seed": a.seed, "weights": a.weights,
+        "sampler": sampler, "guidance": guidance, "label": None if label is None else str(label), "prior": prior,
+        "seconds": dt, "device": str(device),
+    }
+    if a.eval:
+        record["metrics"] = domain.evaluate(batch)
+    paths.append(out / "sampling.json")
+    (out / "sampling.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     for path in paths:
         print(f"  {path}")
-    if a.eval:
-        for k, v in domain.evaluate(batch).items():
-            print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    for k, v in record.get("metrics", {}).items():
+        print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
 
 
 def _bench(args: Sequence[str]) -> None:

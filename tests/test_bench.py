@@ -76,7 +76,34 @@ def test_steps_and_data_options_reach_the_recipe(tmp_path):
 def _tiny(spec: DomainBench, *overrides: str, scaling=None) -> DomainBench:
     overrides = [*with_steps(spec, 2).overrides, "trainer.num_samples=2", "sampler.steps=2", *overrides]
     return replace(spec, overrides=overrides, num_samples=4,
-                   samplers=[("ddim", 2)], guidance=[1.0], batch_sizes=[4], scaling=scaling)
+                   samplers=[("ddim", 2)], guidance=[1.0], batch_sizes=[4], scaling=scaling, compile_check=False)
+
+
+def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
+    """--set reaches every domain's recipe; the full suite's compile check times eager against compiled."""
+    import benchmarks.suite as suite
+
+    seen = {}
+
+    def fake_run_suite(name, domains, device, out, seed, specs, data):
+        seen.update(specs)
+
+    monkeypatch.setattr(suite, "run_suite", fake_run_suite)
+    main(["--suite", "full", "--set", "trainer.lr=1e-5", "--set", "seed=3"])
+    assert seen and all(s.overrides[-2:] == ["trainer.lr=1e-5", "seed=3"] for s in seen.values())
+    assert all(seen[n].compile_check for n in ("image", "audio", "molecule", "qm9", "sc09"))
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["--set", "trainer.lr"])
+    monkeypatch.undo()
+
+    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)],
+                       batch_sizes=[32], compile_check=True)
+    path = run_suite("full", ["points"], "cpu", tmp_path, specs={"points": spec})
+    c = json.loads(path.read_text())["domains"]["points"]["compile"]
+    assert c["batch_size"] == 32 and c["compile_s"] > 0
+    assert c["eager_samples_per_s"] > 0 and c["compiled_samples_per_s"] > 0
+    assert c["ratio_compiled_over_eager"] == pytest.approx(c["compiled_samples_per_s"] / c["eager_samples_per_s"])
+    assert "torch.compile, training at batch 32" in path.with_suffix(".md").read_text()
 
 
 def test_literature_settings_run_on_local_copies(tmp_path):

@@ -1,6 +1,7 @@
 """The command line, recipes and the registry."""
 
 import inspect
+import json
 import re
 import subprocess
 import sys
@@ -121,6 +122,10 @@ def test_train_then_sample(tmp_path):
     x = torch.load(out / "samples.pt", weights_only=True)["x"]
     assert x.shape == (8, 2) and torch.isfinite(x).all()
     assert "dist_to_centre" in proc.stdout
+    record = json.loads((out / "sampling.json").read_text())
+    assert record["n"] == 8 and record["step"] == 40
+    assert record["sampler"]["name"] == "dpmpp_2m" and record["sampler"]["steps"] == 10
+    assert 0 <= record["metrics"]["dist_to_centre"] < 10 and record["seconds"] > 0
     bad = run("sample", str(run_dir), "sampler.stepz=3")
     assert bad.returncode != 0 and "stepz" in bad.stderr
     bad = run("sample", str(run_dir), "label=seven")

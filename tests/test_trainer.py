@@ -64,6 +64,24 @@ def test_resume_is_bit_identical(tmp_path):
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
 
 
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
+    """trainer.compile=true trains the same model; its checkpoint resumes (and samples) without compile."""
+    train(config(max_steps=10), tmp_path / "eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    train(config(max_steps=10, compile=True), tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] >= 1, "trainer.compile=true did not compile the network"
+    a = load_checkpoint(tmp_path / "eager" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys(), f"compiled {key} keys differ: {sorted(b[key])[:3]}"
+        for name in a[key]:
+            torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-3, atol=1e-4, msg=f"{key}.{name}")
+    train(config(max_steps=12), tmp_path / "compiled")  # resumes with the eager model
+    assert load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")["step"] == 12
+
+
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     train(config(max_steps=10, ckpt_every=5), tmp_path)
     good = (tmp_path / "checkpoints" / "last.pt").read_bytes()
