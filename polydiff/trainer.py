@@ -88,6 +88,11 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(self.tc["device"])
+        if self.tc["device"] == "auto" and self.device.type == "cpu" and self.rank == 0:
+            log.warning(
+                "no GPU found: training on the CPU with trainer.device=auto. Shipped recipes' defaults are sized "
+                "for one GPU; add profile=cpu for their few-minute CPU version (or trainer.device=cpu to silence this)"
+            )
         if self.world_size > 1:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", self.local_rank)

@@ -1,6 +1,7 @@
 """Trainer behaviour on the worked example domain (2-D points, MLP): resume, NaN, atomic saves, DDP."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import polydiff.checkpoint as checkpoint_module
 from examples.points import PointsDomain
 from polydiff.checkpoint import load_checkpoint
-from polydiff.trainer import IncompatibleCheckpointError, NonFiniteLossError, train
+from polydiff.config import RecipeConfig
+from polydiff.trainer import IncompatibleCheckpointError, NonFiniteLossError, Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,6 +83,17 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
             torch.testing.assert_close(b[key][name], a[key][name], rtol=1e-3, atol=1e-4, msg=f"{key}.{name}")
     train(config(max_steps=12), tmp_path / "compiled")  # resumes with the eager model
     assert load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")["step"] == 12
+
+
+def test_auto_device_without_gpu_points_to_the_cpu_profile(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="polydiff"):
+        Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(device="auto")), tmp_path / "auto")
+    assert "no GPU found" in caplog.text and "profile=cpu" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="polydiff"):
+        Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(device="cpu")), tmp_path / "cpu")
+    assert "no GPU found" not in caplog.text
 
 
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
