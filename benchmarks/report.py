@@ -31,6 +31,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
             lines += ["", f"failed: {d['error']}" if "error" in d else f"skipped: {d['skipped']}", ""]
             continue
         t = d["train"]
+        if "environment" in d:  # a merged report: where this domain ran
+            e = d["environment"]
+            lines += ["", f"measured on {e['device_name']} ({e['device']}), commit `{e['git_commit'][:12]}`, {e['date']}"]
         lines += ["", f"training: {t['steps']} steps in {t['wall_s']:.0f} s, {t['samples_per_s']:.1f} samples/s, "
                       f"peak memory {t['peak_mem_mb']:.0f} MB, final loss {t['final_loss']:.4f}", ""]
         keys = _metric_keys(d["sampling"])

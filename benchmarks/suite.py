@@ -381,6 +381,11 @@ def run_suite(suite: str, domains: Optional[list[str]], device: str, out_dir: Pa
         except Exception as err:
             traceback.print_exc()
             result["domains"][name] = {"error": f"{type(err).__name__}: {err}"}
+    return write_result(result, out_dir, tag)
+
+
+def write_result(result: dict[str, Any], out_dir: Path, tag: str) -> Path:
+    """``out_dir/tag.json``, the Markdown table beside it and the plots in ``out_dir/tag/``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{tag}.json"
     path.write_text(json.dumps(result, indent=2, default=float))
@@ -391,6 +396,45 @@ def run_suite(suite: str, domains: Optional[list[str]], device: str, out_dir: Pa
     print(md)
     print(f"[bench] wrote {path}, {path.with_suffix('.md')} and plots in {out_dir / tag}")
     return path
+
+
+def merge_results(paths: list[Path], out_dir: Path) -> Path:
+    """One result (JSON, Markdown, plots) from runs of the same suite, e.g. one domain per job.
+
+    Each domain keeps the environment it ran in; a domain measured in two files is an error,
+    while a skipped or failed entry gives way to a measured one.
+    """
+    results = []
+    for path in paths:
+        try:
+            results.append((path, json.loads(Path(path).read_text())))
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"polydiff bench --merge: cannot read {path}: {err}") from err
+        if not {"suite", "environment", "domains"} <= set(results[-1][1]):
+            raise SystemExit(f"polydiff bench --merge: {path} is not a polydiff bench result (no suite/environment/domains)")
+    suite_names = sorted({r["suite"] for _, r in results})
+    if len(suite_names) > 1:
+        raise SystemExit(f"polydiff bench --merge: the files come from different suites {suite_names}; merge one suite at a time")
+    first = results[0][1]
+    merged: dict[str, Any] = {"suite": first["suite"], "seed": first["seed"], "environment": first["environment"],
+                              "config": {}, "domains": {}, "merged_from": [str(p) for p, _ in results]}
+    origin: dict[str, Path] = {}
+    for path, r in results:
+        for name, d in r["domains"].items():
+            ran = not ({"error", "skipped"} & set(d))
+            if name in merged["domains"]:
+                kept_ran = not ({"error", "skipped"} & set(merged["domains"][name]))
+                if ran and kept_ran:
+                    raise SystemExit(f"polydiff bench --merge: domain {name!r} was measured in both {origin[name]} and "
+                                     f"{path}; pass only one of them")
+                if not ran:
+                    continue
+            merged["domains"][name] = {**d, "environment": r["environment"]}
+            merged["config"][name] = r["config"].get(name)
+            origin[name] = path
+    devices = sorted({e["device_name"] if e["device"].startswith("cuda") else "cpu" for e in (r["environment"] for _, r in results)})
+    tag = f"{time.strftime('%Y%m%d-%H%M%S')}_{first['suite']}_{'+'.join(devices)}_merged".replace(" ", "-").replace("/", "-")
+    return write_result(merged, out_dir, tag)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -409,7 +453,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="local copy of a literature data set for the full suite: qm9=PATH (" + QM9_HELP + "), sc09=PATH ("
                         + SC09_HELP + ")")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULT.json",
+                   help="combine results of the same suite (e.g. one domain per job) into one report, then stop")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge_results(a.merge, a.out)
     data = {}
     for item in a.data:
         key, sep, path = item.partition("=")

@@ -136,3 +136,32 @@ def test_literature_settings_run_on_local_copies(tmp_path):
     assert {"atom_stability", "mol_stability", "validity"} <= set(qm9["sampling"][0]["metrics"])
     assert [x["size"] for x in qm9["throughput_vs_size"]] == [3, 6]
     assert "label_acc" in result["domains"]["sc09"]["sampling"][0]["metrics"]
+
+
+def test_merge_joins_runs_of_one_suite(tmp_path):
+    """Domains run as separate jobs merge into one report; a measured domain is never silently replaced."""
+    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)], batch_sizes=[16])
+    a = run_suite("quick", ["p1"], "cpu", tmp_path / "a", specs={"p1": spec})
+    b = run_suite("quick", ["p2"], "cpu", tmp_path / "b", specs={"p2": replace(spec, num_samples=32)})
+    skipped = tmp_path / "skipped.json"
+    result = json.loads(b.read_text())
+    result["domains"]["p1"] = {"skipped": "not placed"}
+    skipped.write_text(json.dumps(result))
+    path = main(["--merge", str(a), str(skipped), "--out", str(tmp_path / "m")])
+    merged = json.loads(path.read_text())
+    assert list(merged["domains"]) == ["p1", "p2"] and merged["merged_from"] == [str(a), str(skipped)]
+    assert merged["domains"]["p1"]["sampling"][0]["num_samples"] == 16  # the measured p1, not the skipped one
+    assert merged["domains"]["p2"]["sampling"][0]["num_samples"] == 32
+    assert merged["domains"]["p2"]["environment"]["git_commit"]
+    md = path.with_suffix(".md").read_text()
+    assert "## p1" in md and "## p2" in md and "skipped" not in md and md.count("measured on ") == 2
+    assert sorted(p.name for p in (path.parent / path.stem).glob("*.png")) == ["loss_curves.png", "quality_vs_steps.png", "scaling.png"]
+    with pytest.raises(SystemExit, match="measured in both"):
+        main(["--merge", str(a), str(a), "--out", str(tmp_path / "m")])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json"):
+        main(["--merge", str(a), str(tmp_path / "bad.json")])
+    result["suite"] = "full"
+    skipped.write_text(json.dumps(result))
+    with pytest.raises(SystemExit, match="different suites"):
+        main(["--merge", str(a), str(skipped)])
