@@ -480,6 +480,12 @@ def main(argv: Optional[list[str]] = None) -> Path:
             raise SystemExit(f"polydiff bench: --set needs KEY=VALUE (a recipe override), got {item!r}")
     specs = {n: replace(s, overrides=[*s.overrides, *a.overrides]) for n, s in specs.items()}
     domains = a.domains or (list(suites()[a.suite]) + [item.partition("=")[0] for item in a.recipe])
+    unknown = [d for d in domains if d not in specs]
+    if unknown:
+        other = [d for d in unknown if d in suites()["full" if a.suite == "quick" else "quick"]]
+        hint = f"; {other} belong to --suite {'full' if a.suite == 'quick' else 'quick'}" if other else ""
+        raise SystemExit(f"polydiff bench: no {a.suite}-suite configuration for domain(s) {unknown}; known: "
+                         f"{sorted(specs)}{hint} (a domain of your own: --recipe NAME=RECIPE.yaml)")
     return run_suite(a.suite, domains, a.device, a.out, a.seed, specs=specs, data=data)
 
 

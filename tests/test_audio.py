@@ -40,6 +40,8 @@ def labelled_folder(tmp_path):
 
 # ------------------------------------------------------------------ loaders
 def test_folder_loader_labels_resamples_and_mixes(labelled_folder, caplog):
+    (labelled_folder / "cat" / "notes.txt").write_text("not audio")
+    (labelled_folder / "dog" / "bark.mp3").write_bytes(b"ID3")
     domain = AudioDomain(dataset="folder", root=str(labelled_folder), sample_rate=4000, duration=0.5, test_fraction=0.3)
     with caplog.at_level(logging.INFO):
         train, test = domain.dataset("train"), domain.dataset("test")
@@ -53,6 +55,7 @@ def test_folder_loader_labels_resamples_and_mixes(labelled_folder, caplog):
     assert "resampled" in text and "16000 Hz to 4000 Hz" in text and "8000 Hz to 4000 Hz" in text
     assert "mixed" in text and "mono" in text
     assert "cropped" in text and "zero-padded" in text
+    assert "ignored 2 file(s) that are not .wav/.flac" in text and "bark.mp3" in text
 
 
 def test_explicit_train_test_folders_and_unlabelled_audio(tmp_path):

@@ -71,6 +71,8 @@ def test_steps_and_data_options_reach_the_recipe(tmp_path):
     assert "domain.source=qm9" in spec.overrides
     with pytest.raises(SystemExit, match="qm9=PATH or sc09=PATH"):
         main(["--suite", "full", "--data", "qm7=/x"])
+    with pytest.raises(SystemExit, match=r"\['qm9'\] belong to --suite full"):
+        main(["--domains", "qm9"])
 
 
 def _tiny(spec: DomainBench, *overrides: str, scaling=None) -> DomainBench:

@@ -75,8 +75,14 @@ def test_commands_in_recipe_headers_compose(recipe):
         check_call(polydiff.get_domain(domain_cfg.pop("name")), domain_cfg, "domain")
 
 
-def test_audio_recipe_is_the_main_job():
-    assert (ROOT / "recipes" / "audio_unet.yaml").is_file()
+def test_readme_first_command_is_the_audio_recipe_on_the_cpu():
+    """The README's first set-up command trains recipes/audio_unet.yaml with its CPU profile."""
+    block = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    words = block.split("polydiff train ", 1)[1].split()
+    assert words[0] == "recipes/audio_unet.yaml" and "profile=cpu" in words
+    cfg = OmegaConf.to_container(compose_recipe(ROOT / words[0], [w for w in words[1:] if not w.startswith("hydra.")]))
+    assert cfg["domain"]["name"] == "audio" and cfg["domain"]["dataset"] == "spoken_digits"
+    assert cfg["trainer"]["device"] == "cpu" and cfg["trainer"]["max_steps"] <= 2000
 
 
 def test_misspelled_keys_fail_clearly(tmp_path):

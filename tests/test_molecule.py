@@ -220,6 +220,16 @@ def test_sdf_loader_skips_bad_records_by_name(tmp_path, caplog):
     cl.SetProp("_Name", "chloromethane")
     cl.SetProp("gap", "1")
     w.write(cl)
+    ion = _embedded("[NH4+]")
+    ion.SetProp("_Name", "ammonium")
+    ion.SetProp("gap", "1")
+    w.write(ion)
+    collapsed = _embedded("CO")
+    for k in range(collapsed.GetNumAtoms()):
+        collapsed.GetConformer().SetAtomPosition(k, (0.0, 0.0, 1e-3 * k))
+    collapsed.SetProp("_Name", "collapsed")
+    collapsed.SetProp("gap", "1")
+    w.write(collapsed)
     w.close()
     with caplog.at_level(logging.WARNING):
         ds = read_sdf(path, ["H", "C", "N", "O", "F"], properties=["gap"])
@@ -229,7 +239,9 @@ def test_sdf_loader_skips_bad_records_by_name(tmp_path, caplog):
     assert "'flat_amine'" in text and "3-D" in text
     assert "'no_hydrogens'" in text and "explicit hydrogens" in text
     assert "'chloromethane'" in text and "['Cl']" in text
-    assert "3 record(s) skipped" in text
+    assert "'ammonium'" in text and "charged" in text
+    assert "'collapsed'" in text and "closer than 0.5" in text
+    assert "5 record(s) skipped" in text
     empty = tmp_path / "empty.sdf"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.sdf is empty"):
@@ -241,10 +253,14 @@ def test_sdf_loader_skips_bad_records_by_name(tmp_path, caplog):
 def test_smiles_loader_and_builtin_conformers(tmp_path, caplog):
     path = tmp_path / "list.smi"
     path.write_text("CCO first\nC1CC(\nc1ccccc1Cl\nCC#N\n[NH4+]\nCC.O\n")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         kept = read_smiles_file(path, ["H", "C", "N", "O", "F"], max_heavy_atoms=9)
     assert kept == ["CCO", "CC#N"]
     assert "list.smi:2" in caplog.text and "C1CC(" in caplog.text
+    # every filtered record is named with its reason
+    assert "list.smi:3" in caplog.text and "['Cl']" in caplog.text
+    assert "list.smi:5" in caplog.text and "charged" in caplog.text
+    assert "list.smi:6" in caplog.text and "2 fragments" in caplog.text
     bad = tmp_path / "bad.smi"
     bad.write_text("C1CC(\n")
     with pytest.raises(ValueError, match="no usable molecule"):

@@ -95,7 +95,13 @@ def spoken_digits_index(root: Path, split: str) -> Index:
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    """WAV/FLAC files under ``folder``; other files (hidden ones aside) are named in a log line."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    other = [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES]
+    if other:
+        log.info("%s: ignored %d file(s) that are not %s, e.g. %s (convert them to WAV or FLAC to use them)", folder,
+                 len(other), "/".join(AUDIO_SUFFIXES), [str(p.relative_to(folder)) for p in other[:3]])
+    return [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
 
 
 def _test_files(files: list[Path], root: Path, test_fraction: float) -> set[Path]:

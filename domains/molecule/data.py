@@ -101,6 +101,8 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
     allowed = set(elements)
     kept: list[str] = []
     bad = filtered = 0
+    # Each filtered record is named; for RDKit's bundled list (thousands of them) only at debug level.
+    quiet = logging.DEBUG if path.resolve() == builtin_smiles_path().resolve() else logging.INFO
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
@@ -110,12 +112,17 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
             bad += 1
             log.warning("%s:%d: skipped SMILES %r: RDKit cannot parse it", path, lineno, parts[0])
             continue
-        if (
-            len(Chem.GetMolFrags(mol)) != 1
-            or mol.GetNumHeavyAtoms() > max_heavy_atoms
-            or any(a.GetSymbol() not in allowed or a.GetFormalCharge() or a.GetNumRadicalElectrons() for a in mol.GetAtoms())
-        ):
+        symbols = {a.GetSymbol() for a in mol.GetAtoms()}
+        reason = (
+            f"{len(Chem.GetMolFrags(mol))} fragments" if len(Chem.GetMolFrags(mol)) != 1
+            else f"{mol.GetNumHeavyAtoms()} heavy atoms > {max_heavy_atoms}" if mol.GetNumHeavyAtoms() > max_heavy_atoms
+            else f"elements {sorted(symbols - set(allowed))}" if not symbols <= set(allowed)
+            else "charged or radical atoms" if any(a.GetFormalCharge() or a.GetNumRadicalElectrons() for a in mol.GetAtoms())
+            else None
+        )
+        if reason is not None:
             filtered += 1
+            log.log(quiet, "%s:%d: skipped SMILES %r: %s", path, lineno, parts[0], reason)
             continue
         kept.append(Chem.MolToSmiles(mol))
     log.info(
@@ -181,6 +188,13 @@ def conformers_from_smiles(
 
 
 # ----------------------------------------------------------------------- SDF
+def _overlapping_atoms(pos: np.ndarray, min_distance: float = 0.5) -> bool:
+    """True when two atoms sit closer than ``min_distance`` Å (no real bond is under 0.7 Å)."""
+    d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)  # [N, N]
+    np.fill_diagonal(d, np.inf)
+    return bool(len(pos) > 1 and d.min() < min_distance)
+
+
 def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str] = ()) -> MoleculeSet:
     """3-D molecules with explicit hydrogens from an SDF file; ``properties`` are SD tags read as floats.
 
@@ -216,6 +230,10 @@ def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str
             reason = f"elements {sorted(set(symbols) - allowed)} are outside the vocabulary {sorted(allowed)}"
         elif any(a.GetTotalNumHs(includeNeighbors=False) > 0 for a in mol.GetAtoms()):
             reason = "hydrogens are implicit; write the SDF with explicit hydrogens (RDKit: Chem.AddHs before embedding)"
+        elif any(a.GetFormalCharge() or a.GetNumRadicalElectrons() for a in mol.GetAtoms()):
+            reason = "charged or radical atoms: the model encodes neutral, closed-shell molecules only"
+        elif _overlapping_atoms(mol.GetConformer().GetPositions()):
+            reason = "atoms closer than 0.5 Å to each other (collapsed or all-zero coordinates)"
         elif any(not mol.HasProp(p) for p in properties):
             reason = f"missing property tag(s) {[p for p in properties if not mol.HasProp(p)]}"
         if reason is not None:

@@ -11,7 +11,8 @@ vector). Measured on 2 CPU cores, forward + backward, 64 QM9-sized molecules (9-
 hidden 128, 4 layers: edge list 2.6 s per batch vs. dense ``[B, n_max, n_max]`` with masks
 5.3 s (same weights, outputs equal to 6e-6). Padding every molecule to the largest one spends
 ~2.3x more pair computations on QM9's size spread, which outweighs the gather/scatter cost of
-the edge list.
+the edge list. (Figures from when the layout was chosen; the dense variant was not kept and the
+edge-list code has been made faster since: see ``benchmarks/bench_egnn.py`` for current speed.)
 
 Speed: the first linear layer of the edge and coordinate MLPs acts on ``[h_i, h_j, d]``; it is
 split into per-node projections ``W_i h_i + W_j h_j`` computed once per node and gathered per
