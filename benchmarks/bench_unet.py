@@ -20,7 +20,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.memory import peak_rss_kib, reset_peak_rss  # noqa: E402
 from domains.unet import UNet  # noqa: E402
 
 
@@ -89,33 +89,6 @@ def _worker(spec: dict[str, Any], queue: mp.Queue) -> None:
         queue.put({"error": f"{type(err).__name__}: {err}"})
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark (Linux ``clear_refs`` 5) and return the current RSS in KiB.
-
-    Without the reset, a transient peak while importing libraries would hide the training peak.
-    Falls back to ``ru_maxrss`` where ``/proc`` is unavailable (then growth may read low).
-    """
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kib("VmRSS")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _peak_rss_kib() -> int:
-    try:
-        return _status_kib("VmHWM")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
@@ -152,7 +125,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss0 = _reset_peak_rss()
+    rss0 = reset_peak_rss()
     t0 = time.perf_counter()
     for _ in range(spec["warmup"]):
         step()
@@ -168,7 +141,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mib = (_peak_rss_kib() - rss0) / 1024
+        peak_mib = (peak_rss_kib() - rss0) / 1024
     return {
         "params": params,
         "samples_per_s": shape[0] / median,

@@ -14,7 +14,6 @@ import json
 import math
 import platform
 import subprocess
-import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from benchmarks.memory import peak_rss_kib, reset_peak_rss
 from polydiff.build import resolve_device
 from polydiff.cli import compose_recipe
 from polydiff.domain import Batch
@@ -119,7 +119,12 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
 
 # ---------------------------------------------------------------------------------- measurement
 class PeakMemory:
-    """Peak memory of a phase: CUDA's allocator peak, or the process's resident set sampled on CPU."""
+    """Peak memory of a phase: CUDA's allocator peak above the phase's start, or on a CPU the
+    process's peak resident set during the phase (Linux ``VmHWM``, reset when the phase starts).
+
+    The CPU figure includes what the process already holds (libraries, model, data): growth over
+    the start reads zero whenever the allocator reuses memory freed by an earlier phase.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -135,26 +140,11 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
             return
-        import psutil
-
-        proc = psutil.Process()
-        base = proc.memory_info().rss
-        peak = [base]
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                stop.wait(0.005)
-
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
+        reset_peak_rss()
         try:
             yield self
         finally:
-            stop.set()
-            thread.join()
-            self.peak_mb = max(0.0, (peak[0] - base) / 2**20)
+            self.peak_mb = peak_rss_kib() / 1024
 
 
 def _sync(device: torch.device) -> None:

@@ -35,6 +35,8 @@ def test_quick_suite_tiny_budget(tmp_path):
     assert len(d["sampling"]) == 3 and len(d["throughput_vs_batch"]) == 2
     for name, value in _numbers(d):
         assert math.isfinite(value), name
+    for row in [*d["sampling"], *d["throughput_vs_batch"], d["train"]]:
+        assert row["peak_mem_mb"] > 50, row  # the process's peak resident set: torch alone holds more
     for row in d["sampling"]:
         assert row["wall_s"] > 0 and row["samples_per_s"] > 0
         assert set(row["metrics"]) == {"dist_to_centre", "modes_covered"}
