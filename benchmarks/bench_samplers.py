@@ -16,12 +16,14 @@ import time
 
 import torch
 
-from polydiff.objectives import to_prediction
-from polydiff.samplers import sample_ddim, sample_dpmpp_2m
-from polydiff.schedules import make_schedule
+from polydiff.objectives import Objective
+from polydiff.samplers import sample
+from polydiff.schedules import NoiseSchedule, make_schedule
 from polydiff.space import DenseSpace
 
 T = 1000
+# polydiff's prediction names -> diffusers' ``prediction_type``
+PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 
 def toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -29,40 +31,74 @@ def toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return x * (0.5 + 0.4 * t.reshape(-1, *([1] * (x.dim() - 1))))
 
 
-def run(shape: tuple[int, ...], steps: int, repeats: int, device: str) -> dict:
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+def diffusers_scheduler(name: str, schedule: NoiseSchedule, prediction: str = "eps"):
+    """diffusers' counterpart of polydiff's sampler ``name`` on the same betas, trailing spacing, no clipping."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+    common = dict(num_train_timesteps=schedule.num_steps, trained_betas=schedule.betas.float().numpy(),
+                  timestep_spacing="trailing", prediction_type=PREDICTION_TYPE[prediction])
+    if name == "ddpm":
+        return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=False)
+    if name == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+    raise KeyError(f"no diffusers counterpart for sampler {name!r}")
+
+
+def drive_diffusers(scheduler, net, noise: torch.Tensor, steps: int, generator=None) -> torch.Tensor:
+    """Run a diffusers scheduler with ``net(x, t)`` (t continuous: diffusers' timestep k is t = (k + 1) / T)."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    T_train = scheduler.config.num_train_timesteps
+    extra = {} if generator is None else {"generator": generator}
+    x = noise
+    for k in scheduler.timesteps:
+        t = torch.full((noise.shape[0],), (int(k) + 1) / T_train, device=noise.device)
+        x = scheduler.step(net(x, t), k, x, **extra).prev_sample
+    return x
+
+
+def compare_on_network(net, objective: Objective, schedule: NoiseSchedule, space: DenseSpace, noise: torch.Tensor,
+                       samplers: list[tuple[str, int]], seed: int = 0) -> list[dict]:
+    """polydiff's and diffusers' samplers driving the same network ``net(x, t)`` from the same noise.
+
+    Outputs are compared element by element; DDPM's two runs get generators with the same seed
+    (both libraries then draw the same noise, one state-shaped draw per step). Each row keeps both outputs.
+    """
+    dev = noise.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    den = objective.denoiser(net, schedule, space)
+    rows = []
+    for name, steps in samplers:
+        gen = lambda: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
+        scheduler = diffusers_scheduler(name, schedule, objective.prediction)
+        sync()
+        t0 = time.perf_counter()
+        ours = sample(name, den, noise, schedule, steps, space=space, generator=gen())
+        sync()
+        t1 = time.perf_counter()
+        theirs = drive_diffusers(scheduler, net, noise, steps, generator=gen() if name == "ddpm" else None)
+        sync()
+        t2 = time.perf_counter()
+        row = {"sampler": name, "steps": steps, "polydiff_s": t1 - t0, "diffusers_s": t2 - t1,
+               "ratio_polydiff_over_diffusers": (t1 - t0) / (t2 - t1), "x_polydiff": ours, "x_diffusers": theirs}
+        diff = (ours - theirs).abs().max().item()
+        row["max_rel_diff"] = diff / max(theirs.abs().max().item(), 1e-12)
+        rows.append(row)
+    return rows
+
+
+def run(shape: tuple[int, ...], steps: int, repeats: int, device: str) -> dict:
+    """Overhead per step with a zero-cost network, and outputs on a fixed function of ``(x, t)``."""
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     schedule = make_schedule("cosine", T)
     space = DenseSpace(shape, device_=dev)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dev)
     fixed = 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dev)
-    nets = {"toy": toy_eps, "null": lambda x, t: fixed}  # "null": zero-cost network for timing
-
-    def ours(sampler, net):
-        def denoiser(x, t):
-            a, s = schedule.alpha_sigma(t, dtype=x.dtype)
-            return to_prediction("eps", net(x, t), x, space.expand(a), space.expand(s))
-
-        return sampler(denoiser, noise, schedule, steps, space=space)
-
-    def theirs(scheduler, net):
-        scheduler.set_timesteps(steps, device=dev)
-        x = noise
-        for k in scheduler.timesteps:
-            t = torch.full((shape[0],), (int(k) + 1) / T, device=dev)
-            x = scheduler.step(net(x, t), k, x).prev_sample
-        return x
-
-    common = dict(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing", prediction_type="epsilon")
-    peers = {
-        "ddim": (sample_ddim, DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)),
-        "dpmpp_2m": (
-            sample_dpmpp_2m,
-            DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero"),
-        ),
-    }
+    null = lambda x, t: fixed  # noqa: E731  (a zero-cost network, for timing)
+    objective = Objective(prediction="eps")
+    null_den = objective.denoiser(null, schedule, space)
 
     def timed(fn) -> float:
         sync()
@@ -72,20 +108,20 @@ def run(shape: tuple[int, ...], steps: int, repeats: int, device: str) -> dict:
         return time.perf_counter() - t0
 
     results = {}
-    for name, (sampler, scheduler) in peers.items():
-        x_ours, x_theirs = ours(sampler, nets["toy"]), theirs(scheduler, nets["toy"])
-        diff = (x_ours - x_theirs).abs().max().item()
+    for row in compare_on_network(toy_eps, objective, schedule, space, noise, [("ddim", steps), ("dpmpp_2m", steps)]):
+        name = row["sampler"]
+        scheduler = diffusers_scheduler(name, schedule)
         best_ours, best_theirs = float("inf"), float("inf")
         for _ in range(repeats):  # alternate, so load changes hit both alike
-            best_ours = min(best_ours, timed(lambda: ours(sampler, nets["null"])))
-            best_theirs = min(best_theirs, timed(lambda: theirs(scheduler, nets["null"])))
+            best_ours = min(best_ours, timed(lambda: sample(name, null_den, noise, schedule, steps, space=space)))
+            best_theirs = min(best_theirs, timed(lambda: drive_diffusers(scheduler, null, noise, steps)))
         results[name] = {
             "steps": steps,
             "polydiff_overhead_us_per_step": best_ours / steps * 1e6,
             "diffusers_overhead_us_per_step": best_theirs / steps * 1e6,
             "ratio_polydiff_over_diffusers": best_ours / best_theirs,
-            "max_abs_diff": diff,
-            "max_rel_diff": diff / max(x_theirs.abs().max().item(), 1e-12),
+            "max_abs_diff": (row["x_polydiff"] - row["x_diffusers"]).abs().max().item(),
+            "max_rel_diff": row["max_rel_diff"],
         }
     return {"shape": list(shape), "device": str(dev), "samplers": results}
 

@@ -55,16 +55,35 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
             lines += [f"torch.compile, training at batch {c['batch_size']}: eager {c['eager_samples_per_s']:.1f}/s, compiled "
                       f"{c['compiled_samples_per_s']:.1f}/s (x{c['ratio_compiled_over_eager']:.2f}), compiled in {c['compile_s']:.0f} s", ""]
         for peer, p in d.get("peers", {}).items():
-            lines.append(f"peer `{peer}`: " + _peer_line(p))
+            if peer == "diffusers" and "samplers" in p:
+                lines += _diffusers_table(p, keys)
+            else:
+                lines.append(f"peer `{peer}`: " + _peer_line(p))
         lines.append("")
     text = "\n".join(lines)
     path.write_text(text)
     return text
 
 
+def _diffusers_table(p: dict[str, Any], keys: list[str]) -> list[str]:
+    """diffusers' schedulers on the trained network: time, agreement and metrics beside polydiff's."""
+    key = keys[0] if keys else None
+    lines = ["", f"peer `diffusers` (its schedulers driving the trained network, {p['num_samples']} samples, same noise):", "",
+             f"| sampler | steps | polydiff s | diffusers s | ratio | max rel. diff | {key} polydiff | {key} diffusers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in p["samplers"].values():
+        diff = f"{r['max_rel_diff']:.1e}"
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['polydiff_s']:.2f} | {r['diffusers_s']:.2f} | "
+                     f"{r['ratio_polydiff_over_diffusers']:.2f} | {diff} | {_fmt(r['metrics_polydiff'].get(key, ''))} | "
+                     f"{_fmt(r['metrics_diffusers'].get(key, ''))} |")
+    return lines + [""]
+
+
 def _peer_line(p: dict[str, Any]) -> str:
     if "error" in p:
         return f"not run ({p['error']})"
+    if "skipped" in p:
+        return f"skipped ({p['skipped']})"
     parts = []
 
     def walk(prefix: str, obj: Any) -> None:

@@ -78,12 +78,12 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
     return {
         "quick": {
             "points": DomainBench("examples/points.yaml", _train_steps(1500), 512, quick_samplers, batch_sizes=[64, 256, 1024],
-                                  peers=["samplers"]),
+                                  peers=["samplers", "diffusers"]),
             "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(1000)], 100, quick_samplers,
-                                 guidance=[1.0, 3.0], batch_sizes=[16, 32, 64], peers=["unet2d"], max_guided_steps=100),
+                                 guidance=[1.0, 3.0], batch_sizes=[16, 32, 64], peers=["unet2d", "diffusers"], max_guided_steps=100),
             "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(1000)], 30,
                                  [("ddpm", 1000), ("ddpm", 200), *quick_samplers[1:]], guidance=[1.0, 3.0],
-                                 batch_sizes=[4, 8, 16], peers=["unet1d"], scaling=("duration", [0.35, 0.7, 1.4, 2.8]),
+                                 batch_sizes=[4, 8, 16], peers=["unet1d", "diffusers"], scaling=("duration", [0.35, 0.7, 1.4, 2.8]),
                                  max_guided_steps=100),
             "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(800)], 64,
                                     quick_samplers, batch_sizes=[8, 16, 32], peers=["egnn"],
@@ -91,11 +91,11 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
         },
         "full": {
             "points": DomainBench("examples/points.yaml", _train_steps(5000), 4096, full_samplers, batch_sizes=[256, 1024, 4096],
-                                  peers=["samplers"]),
+                                  peers=["samplers", "diffusers"]),
             "image": DomainBench("recipes/image_unet.yaml", _train_steps(20000), 300, full_samplers, guidance=[1.0, 3.0],
-                                 batch_sizes=[32, 64, 128, 256], peers=["unet2d"], compile_check=True),
+                                 batch_sizes=[32, 64, 128, 256], peers=["unet2d", "diffusers"], compile_check=True),
             "audio": DomainBench("recipes/audio_unet.yaml", _train_steps(20000), 256, [("ddpm", 200), *full_samplers],
-                                 guidance=[1.0, 3.0], batch_sizes=[4, 8, 16, 32], peers=["unet1d"],
+                                 guidance=[1.0, 3.0], batch_sizes=[4, 8, 16, 32], peers=["unet1d", "diffusers"],
                                  scaling=("duration", [0.5, 1.0, 2.0, 4.0]), compile_check=True),
             "molecule": DomainBench("recipes/molecule_egnn.yaml", _train_steps(20000), 1000, full_samplers,
                                     batch_sizes=[16, 32, 64, 128], peers=["egnn"], scaling=("num_atoms", [8, 16, 32, 64]),
@@ -111,7 +111,8 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
             "sc09": DomainBench("recipes/audio_unet.yaml", ["domain.dataset=sc09", "trainer.batch_size=64",
                                                             *_train_steps(200000)], 2048,
                                 [("ddpm", 200), ("ddim", 100), ("ddim", 50), ("dpmpp_2m", 50), ("dpmpp_2m", 20)],
-                                guidance=[1.0, 2.0, 3.0], batch_sizes=[16, 32, 64], data=("sc09", "domain.root", SC09_HELP),
+                                guidance=[1.0, 2.0, 3.0], batch_sizes=[16, 32, 64], peers=["diffusers"],
+                                data=("sc09", "domain.root", SC09_HELP),
                                 compile_check=True),
         },
     }
@@ -246,6 +247,40 @@ def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, s
     return row
 
 
+TRAINED_SAMPLERS = [("ddpm", 100), ("ddim", 50), ("dpmpp_2m", 20)]
+
+
+@torch.no_grad()
+def diffusers_on_trained(trainer: Trainer, n: int, seed: int) -> dict[str, Any]:
+    """diffusers' DDPM, DDIM and DPM-Solver++ schedulers driving the trained EMA network against
+    polydiff's samplers, from the same noise and labels (no guidance, no clipping): time, outputs
+    and the domain's metrics of both."""
+    from benchmarks.bench_samplers import compare_on_network
+    from polydiff.space import DenseSpace
+
+    domain, device = trainer.domain, trainer.device
+    n = min(n, int(trainer.cfg["sampler"].get("batch_size") or n))
+    g = torch.Generator(device=device).manual_seed(seed)
+    labels = torch.arange(n, device=device) % domain.num_classes if domain.num_classes else None
+    space, cond = domain.prior(n, labels=labels, device=device, generator=g)
+    if not isinstance(space, DenseSpace):
+        return {"skipped": "diffusers' schedulers know dense tensors only (no zero-centre-of-mass projection)"}
+    noise = space.randn(generator=g)
+    net = trainer.ema.module.eval()
+
+    def raw(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return net(x, t.to(x.dtype), **cond)
+
+    rows = compare_on_network(raw, trainer.parts.objective, trainer.parts.schedule, space, noise, TRAINED_SAMPLERS, seed)
+    out = {}
+    for row in rows:
+        ours, theirs = row.pop("x_polydiff"), row.pop("x_diffusers")
+        row["metrics_polydiff"] = domain.evaluate(Batch(ours, space, cond))
+        row["metrics_diffusers"] = domain.evaluate(Batch(theirs, space, cond))
+        out[f"{row['sampler']}-{row['steps']}"] = row
+    return {"num_samples": n, "samplers": out}
+
+
 def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
     """A peer comparison measured in this run; each returns ratios ours/theirs."""
     if peer == "samplers":
@@ -319,7 +354,8 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
     result["peers"] = {}
     for peer in spec.peers:
         try:
-            result["peers"][peer] = run_peer(peer, device, quick)
+            result["peers"][peer] = (diffusers_on_trained(trainer, spec.num_samples, seed) if peer == "diffusers"
+                                     else run_peer(peer, device, quick))
         except Exception as err:  # a missing bench extra must not lose the domain's figures
             result["peers"][peer] = {"error": f"{type(err).__name__}: {err}"}
     return result
@@ -464,7 +500,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         steps = a.steps or (500 if a.suite == "quick" else 20000)
         base = specs["points"]  # the generic sweep (every sampler and step count)
         specs[name] = DomainBench(str(Path(recipe).resolve()), _train_steps(steps), base.num_samples, base.samplers,
-                                  guidance=[1.0, 3.0], batch_sizes=base.batch_sizes[:2])
+                                  guidance=[1.0, 3.0], batch_sizes=base.batch_sizes[:2], peers=["diffusers"])
     for item in a.overrides:
         if "=" not in item:
             raise SystemExit(f"polydiff bench: --set needs KEY=VALUE (a recipe override), got {item!r}")

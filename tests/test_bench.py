@@ -23,7 +23,7 @@ def _numbers(obj, prefix=""):
 def test_quick_suite_tiny_budget(tmp_path):
     specs = {
         "points": DomainBench("examples/points.yaml", _train_steps(30), 64, [("ddim", 10), ("ddim", 5), ("dpmpp_2m", 5)],
-                              batch_sizes=[16, 64], peers=["samplers"]),
+                              batch_sizes=[16, 64], peers=["samplers", "diffusers"]),
     }
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs=specs)
     result = json.loads(path.read_text())
@@ -49,7 +49,15 @@ def test_quick_suite_tiny_budget(tmp_path):
     for r in peer["samplers"].values():
         assert r["max_rel_diff"] < 1e-4  # polydiff and diffusers agree on the same denoiser
         assert r["ratio_polydiff_over_diffusers"] > 0
-    assert path.with_suffix(".md").read_text().count("| ddim |") == 2
+    trained = d["peers"]["diffusers"]
+    assert "error" not in trained, trained
+    assert set(trained["samplers"]) == {"ddpm-100", "ddim-50", "dpmpp_2m-20"}
+    for r in trained["samplers"].values():  # the same samples from both libraries (DDPM: same noise seed)
+        assert r["polydiff_s"] > 0 and r["diffusers_s"] > 0 and r["max_rel_diff"] < 1e-4
+        ours, theirs = r["metrics_polydiff"]["dist_to_centre"], r["metrics_diffusers"]["dist_to_centre"]
+        assert ours == pytest.approx(theirs, rel=1e-3)
+    md = path.with_suffix(".md").read_text()
+    assert md.count("| ddim |") == 3 and "| ddim | 50 |" in md  # 2 sweep rows + the peer's
     plots = sorted(p.name for p in (tmp_path / path.stem).glob("*.png"))
     assert plots == ["loss_curves.png", "quality_vs_steps.png", "scaling.png"]
 
