@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Optional
 
 import torch
 
@@ -31,26 +32,35 @@ def toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return x * (0.5 + 0.4 * t.reshape(-1, *([1] * (x.dim() - 1))))
 
 
-def diffusers_scheduler(name: str, schedule: NoiseSchedule, prediction: str = "eps"):
-    """diffusers' counterpart of polydiff's sampler ``name`` on the same betas, trailing spacing, no clipping."""
+def diffusers_scheduler(name: str, schedule: NoiseSchedule, prediction: str = "eps", clip_x0: Optional[float] = None):
+    """diffusers' counterpart of polydiff's sampler ``name``: the same betas, trailing spacing and x0 clipping."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
     common = dict(num_train_timesteps=schedule.num_steps, trained_betas=schedule.betas.float().numpy(),
                   timestep_spacing="trailing", prediction_type=PREDICTION_TYPE[prediction])
+    clip = dict(clip_sample=clip_x0 is not None, clip_sample_range=clip_x0 or 1.0)
     if name == "ddpm":
-        return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=False)
+        return DDPMScheduler(**common, **clip, variance_type="fixed_small")
     if name == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
+        return DDIMScheduler(**common, **clip, set_alpha_to_one=True)
     if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero")
+        if clip_x0 not in (None, 1.0):
+            raise ValueError(f"diffusers' DPM-Solver++ clips x0 to [-1, 1] only (thresholding), not to {clip_x0}")
+        # Dynamic thresholding with sample_max_value = 1 is a fixed clip to [-1, 1].
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
+                                           thresholding=clip_x0 is not None, sample_max_value=1.0)
     raise KeyError(f"no diffusers counterpart for sampler {name!r}")
 
 
 def drive_diffusers(scheduler, net, noise: torch.Tensor, steps: int, generator=None) -> torch.Tensor:
     """Run a diffusers scheduler with ``net(x, t)`` (t continuous: diffusers' timestep k is t = (k + 1) / T)."""
+    from diffusers import DDIMScheduler
+
     scheduler.set_timesteps(steps, device=noise.device)
     T_train = scheduler.config.num_train_timesteps
     extra = {} if generator is None else {"generator": generator}
+    if isinstance(scheduler, DDIMScheduler):  # eps re-derived from a clipped x0, as polydiff does
+        extra["use_clipped_model_output"] = True
     x = noise
     for k in scheduler.timesteps:
         t = torch.full((noise.shape[0],), (int(k) + 1) / T_train, device=noise.device)
@@ -59,7 +69,7 @@ def drive_diffusers(scheduler, net, noise: torch.Tensor, steps: int, generator=N
 
 
 def compare_on_network(net, objective: Objective, schedule: NoiseSchedule, space: DenseSpace, noise: torch.Tensor,
-                       samplers: list[tuple[str, int]], seed: int = 0) -> list[dict]:
+                       samplers: list[tuple[str, int]], seed: int = 0, clip_x0: Optional[float] = None) -> list[dict]:
     """polydiff's and diffusers' samplers driving the same network ``net(x, t)`` from the same noise.
 
     Outputs are compared element by element; DDPM's two runs get generators with the same seed
@@ -71,10 +81,10 @@ def compare_on_network(net, objective: Objective, schedule: NoiseSchedule, space
     rows = []
     for name, steps in samplers:
         gen = lambda: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
-        scheduler = diffusers_scheduler(name, schedule, objective.prediction)
+        scheduler = diffusers_scheduler(name, schedule, objective.prediction, clip_x0)
         sync()
         t0 = time.perf_counter()
-        ours = sample(name, den, noise, schedule, steps, space=space, generator=gen())
+        ours = sample(name, den, noise, schedule, steps, space=space, generator=gen(), clip_x0=clip_x0)
         sync()
         t1 = time.perf_counter()
         theirs = drive_diffusers(scheduler, net, noise, steps, generator=gen() if name == "ddpm" else None)

@@ -253,8 +253,8 @@ TRAINED_SAMPLERS = [("ddpm", 100), ("ddim", 50), ("dpmpp_2m", 20)]
 @torch.no_grad()
 def diffusers_on_trained(trainer: Trainer, n: int, seed: int) -> dict[str, Any]:
     """diffusers' DDPM, DDIM and DPM-Solver++ schedulers driving the trained EMA network against
-    polydiff's samplers, from the same noise and labels (no guidance, no clipping): time, outputs
-    and the domain's metrics of both."""
+    polydiff's samplers, from the same noise and labels (no guidance; the recipe's x0 clipping):
+    time, outputs and the domain's metrics of both."""
     from benchmarks.bench_samplers import compare_on_network
     from polydiff.space import DenseSpace
 
@@ -271,7 +271,8 @@ def diffusers_on_trained(trainer: Trainer, n: int, seed: int) -> dict[str, Any]:
     def raw(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return net(x, t.to(x.dtype), **cond)
 
-    rows = compare_on_network(raw, trainer.parts.objective, trainer.parts.schedule, space, noise, TRAINED_SAMPLERS, seed)
+    rows = compare_on_network(raw, trainer.parts.objective, trainer.parts.schedule, space, noise, TRAINED_SAMPLERS, seed,
+                              clip_x0=trainer.cfg["sampler"].get("clip_x0"))
     out = {}
     for row in rows:
         ours, theirs = row.pop("x_polydiff"), row.pop("x_diffusers")

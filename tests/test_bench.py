@@ -177,3 +177,23 @@ def test_merge_joins_runs_of_one_suite(tmp_path):
     skipped.write_text(json.dumps(result))
     with pytest.raises(SystemExit, match="different suites"):
         main(["--merge", str(a), str(skipped)])
+
+
+def test_diffusers_schedulers_match_polydiff_with_x0_clipping():
+    """With the image recipe's clip_x0=1.0 the diffusers counterparts (clip_sample; thresholding at 1) agree too."""
+    import torch
+
+    from benchmarks.bench_samplers import compare_on_network, toy_eps
+    from polydiff.objectives import Objective
+    from polydiff.schedules import make_schedule
+    from polydiff.space import DenseSpace
+
+    space = DenseSpace((4, 3, 8, 8))
+    noise = torch.randn(space.shape, generator=torch.Generator().manual_seed(0))
+    rows = compare_on_network(toy_eps, Objective(prediction="eps"), make_schedule("cosine", 1000), space, noise,
+                              [("ddpm", 20), ("ddim", 20), ("dpmpp_2m", 10)], clip_x0=1.0)
+    for r in rows:
+        assert r["max_rel_diff"] < 1e-4, r["sampler"]
+    unclipped = compare_on_network(toy_eps, Objective(prediction="eps"), make_schedule("cosine", 1000), space, noise,
+                                   [("ddim", 20)])[0]
+    assert (unclipped["x_polydiff"] - rows[1]["x_polydiff"]).abs().max() > 1e-3  # clipping took effect
