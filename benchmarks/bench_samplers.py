@@ -78,9 +78,9 @@ def compare_on_network(net, objective: Objective, schedule: NoiseSchedule, space
     dev = noise.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     den = objective.denoiser(net, schedule, space)
+    gen = lambda: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
     rows = []
     for name, steps in samplers:
-        gen = lambda: torch.Generator(device=dev).manual_seed(seed)  # noqa: E731
         scheduler = diffusers_scheduler(name, schedule, objective.prediction, clip_x0)
         sync()
         t0 = time.perf_counter()
