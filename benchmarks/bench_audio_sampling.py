@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    parts = build(args.run, args.profile or ("cpu" if args.quick else "gpu"))
+    profile = args.profile or ("cpu" if args.quick else "gpu")
+    parts = build(args.run, profile)
     net = parts.net.to(device).eval()
     domain = parts.domain
     n = args.n or (2 if args.quick else 16)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "sample_rate": domain.sample_rate, "clip_seconds": seconds_per_clip, "guidance": args.guidance,
         "parameters": sum(p.numel() for p in net.parameters()), "quick": args.quick,
-        "profile": None if args.run else (args.profile or ("cpu" if args.quick else "gpu")), "rows": rows,
+        "profile": None if args.run else profile, "rows": rows,
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -72,9 +72,8 @@ def _diffusers_table(p: dict[str, Any], keys: list[str]) -> list[str]:
              f"| sampler | steps | polydiff s | diffusers s | ratio | max rel. diff | {key} polydiff | {key} diffusers |",
              "|---|---|---|---|---|---|---|---|"]
     for r in p["samplers"].values():
-        diff = f"{r['max_rel_diff']:.1e}"
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['polydiff_s']:.2f} | {r['diffusers_s']:.2f} | "
-                     f"{r['ratio_polydiff_over_diffusers']:.2f} | {diff} | {_fmt(r['metrics_polydiff'].get(key, ''))} | "
+                     f"{r['ratio_polydiff_over_diffusers']:.2f} | {r['max_rel_diff']:.1e} | {_fmt(r['metrics_polydiff'].get(key, ''))} | "
                      f"{_fmt(r['metrics_diffusers'].get(key, ''))} |")
     return lines + [""]
 
