@@ -6,22 +6,36 @@ pads to ``[B, n_max]`` with a mask). Sampling throughput runs DDPM-1000, DDIM-10
 DPM-Solver++(2M)-20 through ``polydiff.samplers``; ``--quick`` (CPU) runs each sampler for a
 few steps and extrapolates to the full step count, and says so.
 
+The layout section (``--only layout``; ``--skip-layout`` leaves it out) compares the EGNN's
+edge list with a dense ``[B, n_max, n_max]`` layout with pair masks (``DenseEGNN``: the same
+network on the same weights): it prints the largest output difference between the two, then
+forward + backward molecules/s of each (alternating repetitions after warm-up, median step) and
+the peak memory of one step after a warm-up step, each layout in a fresh process (CUDA allocator
+peak on a GPU; on a CPU, growth of the peak resident set after returning the heap's free pages),
+and the tensors autograd saves for backward (the activation memory, independent of the allocator).
+
     python benchmarks/bench_egnn.py --quick
     python benchmarks/bench_egnn.py --device cuda
+    python benchmarks/bench_egnn.py --only layout --hidden 128 --layers 4
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import statistics
 import time
+from typing import Any, Callable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from benchmarks.memory import peak_rss_kib, reset_peak_rss, run_isolated
 from domains.molecule.egnn import EGNN
 from polydiff import RaggedSpace
 
 F = 6  # QM9: H, C, N, O, F one-hot + atomic number
+SECTIONS = ("train", "layout", "sampling")
 
 
 def qm9_like_batch(b: int, device: torch.device, seed: int = 0):
@@ -52,10 +66,15 @@ class EgnnPytorchNet(nn.Module):
         return torch.cat([x - coors, self.out(h)], -1)
 
 
+def _slots(batch: Tensor, sizes: Tensor) -> Tensor:
+    """Each row's position within its molecule (rows grouped by molecule, in order): ``[N]``."""
+    ptr = torch.cumsum(sizes, 0) - sizes  # [B] first row of each molecule
+    return torch.arange(batch.shape[0], device=batch.device) - ptr.to(batch.device)[batch]
+
+
 def _dense(x, batch, sizes):
     b, n = len(sizes), int(sizes.max())
-    ptr = torch.cumsum(sizes, 0) - sizes
-    idx = torch.arange(x.shape[0], device=x.device) - ptr.to(x.device)[batch]
+    idx = _slots(batch, sizes)
     dense = x.new_zeros(b, n, x.shape[1])
     dense[batch, idx] = x
     mask = torch.zeros(b, n, dtype=torch.bool, device=x.device)
@@ -63,16 +82,84 @@ def _dense(x, batch, sizes):
     return dense, mask
 
 
-def _time(fn, device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
+def _unpad(dense: Tensor, batch: Tensor, sizes: Tensor) -> Tensor:
+    """Inverse of :func:`_dense`: ``[B, n_max, C] -> [N, C]`` in the ragged row order."""
+    return dense[batch, _slots(batch, sizes)]
+
+
+# ------------------------------------------------------------------ the dense layout, same weights
+def _pair_mlp_dense(mlp: nn.Module, h: Tensor, e: Tensor) -> Tensor:
+    """The EGNN's ``MLP([h_i, h_j, e_ij])`` on every pair of a padded batch: ``[B, n, H], [B, n, n, 2] -> [B, n, n, H]``."""
+    a, b = mlp.node_proj(h).chunk(2, dim=-1)  # [B, n, H] each: W_i h_i (+ bias), W_j h_j
+    pre = a[:, :, None, :] + b[:, None, :, :] + mlp.edge_proj(e)  # [B, n, n, H]
+    return mlp.act(mlp.out(mlp.act(pre)))  # [B, n, n, H]
+
+
+def _block_dense(block: nn.Module, h: Tensor, x: Tensor, d0: Tensor, pair: Tensor) -> tuple[Tensor, Tensor]:
+    """One EDM block (Satorras et al. 2021 Eq. 3-6, EDM's bounded Eq. 4) with non-edges zeroed by ``pair``.
+
+    ``h [B, n, H]``, ``x [B, n, 3]``, ``d0 [B, n, n, 1]`` initial squared distances, ``pair [B, n, n, 1]``
+    1 where ``i != j`` are both real atoms; the sums over ``j`` then equal the edge list's ``index_add_``.
+    """
+    diff = x[:, :, None, :] - x[:, None, :, :]  # [B, n, n, 3] x_i - x_j
+    d2 = (diff * diff).sum(-1, keepdim=True)  # [B, n, n, 1]
+    e = torch.cat([d2, d0], dim=-1)  # [B, n, n, 2]
+    m = _pair_mlp_dense(block.edge_mlp, h, e)  # [B, n, n, H] messages m_ij
+    if block.att is not None:
+        m = m * block.att(m)  # sigmoid attention gate
+    agg = (m * pair).sum(2) / block.agg_norm  # [B, n, H]
+    h = h + block.node_mlp(torch.cat([h, agg], dim=-1))  # [B, n, H]
+    unit = diff / (torch.sqrt(d2 + 1e-8) + block.norm_constant)  # [B, n, n, 3]
+    scale = torch.tanh(block.coord_out(_pair_mlp_dense(block.coord_mlp, h, e))) * block.coords_range  # [B, n, n, 1]
+    x = x + (unit * scale * pair).sum(2) / block.agg_norm  # [B, n, 3]
+    return h, x
+
+
+class DenseEGNN(nn.Module):
+    """``EGNN``'s network function on a padded batch with masks, running the wrapped EGNN's own weights.
+
+    ``forward(x [B, n, 3+F], t [B], mask [B, n] bool, context [B, k]) -> [B, n, 3+F]``, zero at
+    padded slots. Padded atoms and ``i == j`` pairs are masked out of messages, coordinate
+    updates and the centre of mass, so the real rows equal ``egnn(x_ragged, t, batch)``.
+    """
+
+    def __init__(self, egnn: EGNN) -> None:
+        super().__init__()
+        self.egnn = egnn
+
+    def forward(self, x: Tensor, t: Tensor, mask: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        net, (b, n, c) = self.egnn, x.shape
+        t = t.to(x.dtype).reshape(-1)
+        slot_mol = torch.arange(b, device=x.device).repeat_interleave(n)  # [B * n] molecule of every slot
+        h = net.embed(net._node_inputs(x[..., 3:].reshape(b * n, c - 3), t, slot_mol, context)).reshape(b, n, -1)  # [B, n, H]
+        real = mask.to(x.dtype)  # [B, n]
+        off_diag = 1.0 - torch.eye(n, device=x.device, dtype=x.dtype)  # [n, n]
+        pair = (real[:, :, None] * real[:, None, :] * off_diag)[..., None]  # [B, n, n, 1]
+        pos0 = x[..., :3]  # [B, n, 3]
+        diff0 = pos0[:, :, None, :] - pos0[:, None, :, :]  # [B, n, n, 3]
+        d0 = (diff0 * diff0).sum(-1, keepdim=True)  # [B, n, n, 1]
+        pos = pos0
+        for block in net.blocks:
+            h, pos = _block_dense(block, h, pos, d0, pair)
+        vel = (pos - pos0) * real[..., None]  # [B, n, 3]
+        mean = vel.sum(1, keepdim=True) / real.sum(1).clamp(min=1)[:, None, None]  # [B, 1, 3] over real atoms
+        return torch.cat([vel - mean, net.out(h)], dim=-1) * real[..., None]  # [B, n, 3+F]
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _time(fn, device, warmup: int, reps: int) -> float:
+    """Mean seconds per call of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return (time.perf_counter() - t0) / reps
 
 
@@ -103,6 +190,152 @@ def train_throughput(args, device) -> dict:
         "polydiff_molecules_per_s": args.batch / s_ours, "egnn_pytorch_molecules_per_s": args.batch / s_theirs,
         "polydiff_params": n_params(ours), "egnn_pytorch_params": n_params(theirs),
         "ratio_polydiff_over_egnn_pytorch": s_theirs / s_ours,
+    }
+
+
+def _time_alternating(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds per call of each ``fn``; calls alternate, in reversed order every other repetition."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(reps):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _layout_problem(hidden: int, layers: int, b: int, device: torch.device) -> tuple[EGNN, tuple]:
+    """A seeded EGNN and QM9-sized batch ``(x [N, 3+F], t [B], batch [N], sizes [B])``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = EGNN(F, hidden=hidden, layers=layers).to(device)
+    x, batch, sizes, _ = qm9_like_batch(b, device)
+    t = torch.rand(b, generator=torch.Generator().manual_seed(1)).to(device)
+    return net, (x, t, batch, sizes)
+
+
+def _layout_steps(net: EGNN, x: Tensor, t: Tensor, batch: Tensor, sizes: Tensor) -> dict[str, Callable[[], None]]:
+    """One forward + backward of the same loss (mean squared eps over real atoms) in each layout."""
+    dense_net = DenseEGNN(net)
+    xd, mask = _dense(x, batch, sizes)  # [B, n_max, 3+F], [B, n_max]; padding is the data loader's job
+
+    def edge() -> None:
+        net.zero_grad(set_to_none=True)
+        net(x, t, batch).square().mean().backward()
+
+    def dense() -> None:
+        net.zero_grad(set_to_none=True)
+        (dense_net(xd, t, mask).square().sum() / x.numel()).backward()  # padded outputs are 0
+
+    return {"edge list": edge, "dense": dense}
+
+
+def layout_agreement(net: EGNN, x: Tensor, t: Tensor, batch: Tensor, sizes: Tensor) -> dict[str, float]:
+    """Largest ``|dense - edge list|`` of the eps (coordinates, features) and of the loss's parameter gradients."""
+    xd, mask = _dense(x, batch, sizes)
+    params = list(net.parameters())
+    out_e = net(x, t, batch)  # [N, 3+F]
+    out_d = _unpad(DenseEGNN(net)(xd, t, mask), batch, sizes)  # [N, 3+F]
+    g_e = torch.autograd.grad(out_e.square().mean(), params)
+    g_d = torch.autograd.grad(out_d.square().mean(), params)
+    return {
+        "max_abs_diff_coords": (out_d[:, :3] - out_e[:, :3]).abs().max().item(),
+        "max_abs_diff_features": (out_d[:, 3:] - out_e[:, 3:]).abs().max().item(),
+        "max_abs_coords": out_e[:, :3].abs().max().item(),
+        "max_abs_features": out_e[:, 3:].abs().max().item(),
+        "max_rel_diff_grads": max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(g_d, g_e)),
+    }
+
+
+def _saved_mib(forward: Callable[[], Tensor]) -> float:
+    """MiB of the distinct storages autograd saves for backward in one forward: activation memory, allocator-independent."""
+    sizes: dict[int, int] = {}
+
+    def pack(x: Tensor) -> Tensor:
+        storage = x.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        forward()
+    return sum(sizes.values()) / 2**20
+
+
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``), so that peak RSS sees reuse as growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _layout_peak(spec: dict[str, Any]) -> dict[str, float]:
+    """Peak memory (MiB) of one layout's forward + backward after a warm-up step, above its start."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    net, data = _layout_problem(spec["hidden"], spec["layers"], spec["batch"], device)
+    step = _layout_steps(net, *data)[spec["layout"]]
+    step()  # one-time costs (library pages, thread pools) are not the layout's
+    _sync(device)
+    _release_free_heap()  # else the measured step reuses what the warm-up freed and shows no growth
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss0 = reset_peak_rss()
+    step()
+    _sync(device)
+    if device.type == "cuda":
+        return {"peak_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
+    return {"peak_mib": (peak_rss_kib() - rss0) / 1024}
+
+
+def _layout_memory(spec: dict[str, Any]) -> float:
+    """Peak memory (MiB) of ``spec['layout']``'s step, measured in a spawned process (NaN if it failed)."""
+    result = run_isolated(_layout_peak, spec)
+    if "error" in result:
+        print(f"  peak memory of the {spec['layout']} layout not measured: {result['error']}")
+        return float("nan")
+    return result["peak_mib"]
+
+
+def layout_comparison(args, device) -> dict:
+    """Edge list vs. dense ``[B, n_max, n_max]`` with masks: same weights, agreement, molecules/s, peak memory."""
+    net, (x, t, batch, sizes) = _layout_problem(args.hidden, args.layers, args.batch, device)
+    agree = layout_agreement(net, x, t, batch, sizes)
+    secs = _time_alternating(_layout_steps(net, x, t, batch, sizes), device, args.warmup, args.reps)
+    spec = {"hidden": args.hidden, "layers": args.layers, "batch": args.batch, "device": str(device),
+            "threads": torch.get_num_threads()}
+    mem = {k: _layout_memory({**spec, "layout": k}) for k in secs}
+    xd, mask = _dense(x, batch, sizes)
+    saved = {"edge list": _saved_mib(lambda: net(x, t, batch)), "dense": _saved_mib(lambda: DenseEGNN(net)(xd, t, mask))}
+    pairs_edge = int((sizes * (sizes - 1)).sum())
+    pairs_dense = args.batch * int(sizes.max()) ** 2
+    mem_note = "CUDA allocator peak above the step's start" if device.type == "cuda" else "growth of peak RSS"
+    mem_note += ", one warm step in a fresh process"
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"layout, fwd+bwd, {args.batch} molecules ({int(sizes.sum())} atoms, 9-29 each), hidden {args.hidden}, "
+          f"{args.layers} layers, {device}{threads}; same weights")
+    print(f"  pair MLP rows: edge list {pairs_edge}, dense {pairs_dense} ({pairs_dense / pairs_edge:.2f}x)")
+    print(f"  dense vs edge list, max |diff|: eps coords {agree['max_abs_diff_coords']:.1e} (of max {agree['max_abs_coords']:.1e}), "
+          f"eps features {agree['max_abs_diff_features']:.1e} (of max {agree['max_abs_features']:.1e}), "
+          f"parameter grads {agree['max_rel_diff_grads']:.1e} relative")
+    for k, s in secs.items():
+        print(f"  {k:<15} {args.batch / s:9.1f} molecules/s  ({s * 1e3:8.1f} ms/batch, median of {args.reps}, "
+              f"peak {mem[k]:7.1f} MiB, saved for backward {saved[k]:7.1f} MiB)")
+    ratio = secs["dense"] / secs["edge list"]
+    print(f"  ratio edge/dense {ratio:8.2f}x molecules/s; peak memory: {mem_note}")
+    return {
+        "batch": args.batch, "atoms": int(sizes.sum()), "hidden": args.hidden, "layers": args.layers,
+        "pairs_edge_list": pairs_edge, "pairs_dense": pairs_dense, **agree,
+        "edge_list_molecules_per_s": args.batch / secs["edge list"], "dense_molecules_per_s": args.batch / secs["dense"],
+        "edge_list_peak_mem_mib": mem["edge list"], "dense_peak_mem_mib": mem["dense"], "memory": mem_note,
+        "edge_list_saved_for_backward_mib": saved["edge list"], "dense_saved_for_backward_mib": saved["dense"],
+        "ratio_edge_over_dense": ratio,
     }
 
 
@@ -146,18 +379,25 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--sample-batch", type=int, default=None, help="molecules per sampling batch (default 256, --quick 64)")
     p.add_argument("--skip-sampling", action="store_true")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, --quick 3)")
+    p.add_argument("--skip-layout", action="store_true", help="leave out the edge-list vs. dense layout comparison")
+    p.add_argument("--only", choices=SECTIONS, default=None, help="run this section alone")
     args = p.parse_args(argv)
     args.hidden = args.hidden or (64 if args.quick else 256)
     args.layers = args.layers or (4 if args.quick else 9)
     args.sample_batch = args.sample_batch or (64 if args.quick else 256)
-    args.warmup, args.reps = (1, 3) if args.quick else (3, 10)
+    args.warmup, reps = (1, 3) if args.quick else (3, 10)
+    args.reps = args.reps or reps
     args.max_sampler_steps = 10 if args.quick else 10_000
     device = torch.device(args.device)
     if device.type == "cpu" and args.quick:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    result = {"device": str(device), "train": train_throughput(args, device)}
-    if not args.skip_sampling:
-        result["sampling"] = sampling_throughput(args, device)
+    runners = {"train": train_throughput, "layout": layout_comparison, "sampling": sampling_throughput}
+    skipped = {"layout": args.skip_layout, "sampling": args.skip_sampling}
+    sections = [args.only] if args.only else [k for k in SECTIONS if not skipped.get(k)]
+    result: dict[str, Any] = {"device": str(device)}
+    for name in sections:
+        result[name] = runners[name](args, device)
     return result
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import platform
 import sys
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.memory import peak_rss_kib, reset_peak_rss  # noqa: E402
+from benchmarks.memory import peak_rss_kib, reset_peak_rss, run_isolated  # noqa: E402
 from domains.unet import UNet  # noqa: E402
 
 
@@ -79,14 +78,6 @@ def _match_width(dims: int, in_channels: int, target: int, down_factor: int) -> 
         lo, hi = (mid + 2, hi) if count(mid) < target else (lo, mid)
     below = max(lo - 2, 2)
     return lo if abs(count(lo) - target) <= abs(count(below) - target) else below
-
-
-def _worker(spec: dict[str, Any], queue: mp.Queue) -> None:
-    """Time one model in this (fresh) process and put a result dict on ``queue``."""
-    try:
-        queue.put(_measure(spec))
-    except Exception as err:  # report OOM & co. instead of killing the whole benchmark
-        queue.put({"error": f"{type(err).__name__}: {err}"})
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -153,13 +144,8 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(spec, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
+    """Time one model in a fresh process (its peak memory is its own)."""
+    return run_isolated(_measure, spec)
 
 
 def _compare(name: str, ours: dict, theirs: dict, theirs_name: str) -> dict[str, Any]:

@@ -7,12 +7,12 @@ update ``x_i += sum_j (x_i - x_j) / (|x_i - x_j| + 1) * tanh(phi_x(m_ij)) * rang
 bounded form of Satorras Eq. 4). Graphs are fully connected within each molecule.
 
 Layout: a sparse edge list over the whole ragged batch (PyTorch Geometric style ``batch``
-vector). Measured on 2 CPU cores, forward + backward, 64 QM9-sized molecules (9-29 atoms),
-hidden 128, 4 layers: edge list 2.6 s per batch vs. dense ``[B, n_max, n_max]`` with masks
-5.3 s (same weights, outputs equal to 6e-6). Padding every molecule to the largest one spends
-~2.3x more pair computations on QM9's size spread, which outweighs the gather/scatter cost of
-the edge list. (Figures from when the layout was chosen; the dense variant was not kept and the
-edge-list code has been made faster since: see ``benchmarks/bench_egnn.py`` for current speed.)
+vector), not a dense ``[B, n_max, n_max]`` layout with masks. ``python benchmarks/bench_egnn.py
+--only layout --hidden 128 --layers 4`` (forward + backward, 64 QM9-sized molecules of 9-29
+atoms, same weights, outputs equal to 5e-6; 2 CPU cores, torch 2.14, 2026-11-25): edge list
+0.48 s per batch vs. dense 0.98-1.10 s (2.0-2.3x in three runs), 441 vs. 872 MiB saved for
+backward. Padding every molecule to the largest one spends 2.25x more pair computations on
+QM9's size spread, which outweighs the gather/scatter cost of the edge list.
 
 Speed: the first linear layer of the edge and coordinate MLPs acts on ``[h_i, h_j, d]``; it is
 split into per-node projections ``W_i h_i + W_j h_j`` computed once per node and gathered per
