@@ -24,7 +24,8 @@ def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
 def write_markdown(result: dict[str, Any], path: Path) -> str:
     env = result["environment"]
     lines = [f"# polydiff bench ({result['suite']}) on {env['device_name']}",
-             "", f"commit `{env['git_commit'][:12]}`, torch {env['torch']}, {env['date']}", ""]
+             "", f"commit `{env['git_commit'][:12]}`{' with uncommitted changes' if env.get('git_dirty') else ''}, "
+                 f"torch {env['torch']}, {env['date']}", ""]
     for name, d in result["domains"].items():
         lines.append(f"## {name}")
         if "error" in d or "skipped" in d:
@@ -40,7 +41,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
         lines.append("| sampler | steps | guidance | samples/s | wall s | peak MB | " + " | ".join(keys) + " |")
         lines.append("|---|---|---|---|---|---|" + "---|" * len(keys))
         if d.get("reference"):
-            lines.append("| real data (reference) | | | | | | " + " | ".join(_fmt(d["reference"].get(k, "")) for k in keys) + " |")
+            ref = d["reference"]
+            label = f"real data ({ref['num_samples']} held-out)" if "num_samples" in ref else "real data (reference)"
+            lines.append(f"| {label} | | | | | | " + " | ".join(_fmt(ref.get(k, "")) for k in keys) + " |")
         for r in d["sampling"]:
             speed = f"{r['samples_per_s']:.2f}" + (f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else "")
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {speed} | {r['wall_s']:.2f} | "

@@ -362,13 +362,21 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
     return result
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def _git(*args: str) -> Optional[str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
     except OSError:
-        commit = ""
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where a result was measured: commit (and whether the tree had uncommitted changes), torch, device, date."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    return {"git_commit": commit or "unknown", "torch": torch.__version__, "device": str(device), "device_name": name,
+    return {"git_commit": commit or "unknown", "git_dirty": None if status is None else bool(status),
+            "torch": torch.__version__, "device": str(device), "device_name": name,
             "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 

@@ -2,8 +2,8 @@
 
 Any labelled domain (audio digits, image digits, ...) supplies a network that returns
 ``(features [B, D], logits [B, K])``; :class:`ClassifierScorer` fits it once, caches the
-weights, and scores generated samples against held-out real ones with
-:func:`polydiff.metrics.classifier_metrics`.
+weights, and scores generated samples against the training split's statistics with
+:func:`polydiff.metrics.classifier_metrics`; held-out real samples give the reference row.
 """
 
 from __future__ import annotations
@@ -57,13 +57,19 @@ def fit_classifier(
 
 
 class ClassifierScorer:
-    """Fits (or loads from ``cache``) a classifier and computes FID/IS/mIS/AM/accuracy."""
+    """Fits (or loads from ``cache``) a classifier; scores samples by FID/IS/mIS/AM/label accuracy.
+
+    As in the SC09 protocol (DiffWave, Kong et al. 2021; SaShiMi, Goel et al. 2022, Table 4), the
+    FID statistics and the AM score's class marginal come from the classifier's training split;
+    the reference row scores held-out real samples against those same statistics, so samples and
+    reference are comparable when they are equally many (FID's bias depends on the count).
+    """
 
     def __init__(
         self,
         make_net: Callable[[], nn.Module],
         train: tuple[Tensor, Tensor],
-        reference: tuple[Tensor, Tensor],
+        heldout: tuple[Tensor, Tensor],
         cache: Optional[Path] = None,
         fit_kwargs: Optional[dict] = None,
         batch_size: int = 256,
@@ -79,9 +85,11 @@ class ClassifierScorer:
             if cache is not None:
                 Path(cache).parent.mkdir(parents=True, exist_ok=True)
                 atomic_save(self.net.state_dict(), Path(cache))
-        self.reference_x, self.reference_y = reference
-        self.ref_feats, self.ref_probs = self.features(self.reference_x)
-        self.test_accuracy = float((self.ref_probs.argmax(1) == self.reference_y).float().mean())
+        self.ref_feats, self.ref_probs = self.features(train[0])  # [N_train, D], [N_train, K]
+        self.heldout_x, self.heldout_y = heldout
+        self.heldout_feats, self.heldout_probs = self.features(self.heldout_x)
+        hits = (self.heldout_probs.argmax(1) == self.heldout_y.cpu()).float()
+        self.test_accuracy = float(hits.mean()) if len(hits) else float("nan")
 
     @torch.no_grad()
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,20 +104,20 @@ class ClassifierScorer:
         return torch.cat(feats), torch.cat(probs)
 
     def score(self, x: Tensor, labels: Optional[Tensor] = None) -> dict[str, float]:
-        """Metrics of ``x`` against the reference set; accuracy against ``labels`` when given."""
+        """Metrics of ``x`` against the training statistics; accuracy against ``labels`` when given."""
         feats, probs = self.features(x)
         return classifier_metrics(feats, probs, self.ref_feats, self.ref_probs, labels)
 
-    def reference_row(self, n: Optional[int] = None, seed: int = 0) -> dict[str, float]:
-        """Metrics of up to ``n`` real samples from one half of the reference set, scored against the
-        other half: the reference row (scoring clips against a set that contains them flatters FID)."""
-        perm = torch.randperm(len(self.reference_x), generator=torch.Generator().manual_seed(seed))
-        half = len(perm) // 2
-        scored, against = perm[:half], perm[half:]
-        if n is not None:
-            scored = scored[:n]
-        feats, probs = self.features(self.reference_x[scored])
-        return classifier_metrics(feats, probs, self.ref_feats[against], self.ref_probs[against], self.reference_y[scored])
+    def reference_row(self, n: Optional[int] = None, labelled: bool = True, seed: int = 0) -> dict[str, float]:
+        """The same metrics for ``min(n, held-out size)`` held-out real samples (a fixed random
+        subset): the reference row. ``num_samples`` says how many were scored."""
+        if len(self.heldout_x) < 2:
+            return {}  # no held-out split (e.g. a folder with test_fraction=0): no reference row
+        count = len(self.heldout_x) if n is None else max(2, min(int(n), len(self.heldout_x)))
+        idx = torch.randperm(len(self.heldout_x), generator=torch.Generator().manual_seed(seed))[:count]
+        labels = self.heldout_y.cpu()[idx] if labelled else None
+        row = classifier_metrics(self.heldout_feats[idx], self.heldout_probs[idx], self.ref_feats, self.ref_probs, labels)
+        return {**row, "num_samples": count}
 
 
 def default_cache_dir() -> Path:

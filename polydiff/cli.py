@@ -164,12 +164,15 @@ def _sample(args: Sequence[str]) -> None:
     }
     if a.eval:
         record["metrics"] = domain.evaluate(batch)
+        record["reference"] = domain.reference_metrics(a.n)  # real data, the same metrics, as many samples
     paths.append(out / "sampling.json")
     (out / "sampling.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
-    for path in paths:
+    print(f"wrote {len(paths)} files to {out}")
+    for path in paths if len(paths) <= 12 else [*paths[:5], "...", *paths[-5:]]:
         print(f"  {path}")
-    for k, v in record.get("metrics", {}).items():
-        print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    for title, metrics in (("samples", record.get("metrics")), ("real data", record.get("reference"))):
+        if metrics:
+            print(f"{title}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
 def _bench(args: Sequence[str]) -> None:

@@ -319,7 +319,7 @@ class Trainer:
             if ref:
                 self.log({"kind": "reference", "step": self.step, "num_samples": n, **ref})
                 record["reference"] = ref
-        log.info("step %d: wrote %s; metrics %s", self.step, [str(p) for p in paths], record)
+        log.info("step %d: wrote %d files to %s; metrics %s", self.step, len(paths), self.run_dir / "samples", record)
         return record
 
 

@@ -29,6 +29,7 @@ def test_quick_suite_tiny_budget(tmp_path):
     result = json.loads(path.read_text())
     for key in ("git_commit", "torch", "device", "device_name", "date"):
         assert result["environment"][key]
+    assert isinstance(result["environment"]["git_dirty"], bool)  # uncommitted changes are recorded
     d = result["domains"]["points"]
     assert "error" not in d, d.get("error")
     assert d["train"]["steps"] == 30 and len(d["train"]["loss_curve"]) >= 10

@@ -224,7 +224,7 @@ def test_unet_keeps_the_sample_shape():
     assert fresh.prior(2)[0].shape == (2, 1, 8, 8) and fresh.num_classes == 10
 
 
-def test_recipe_trains_lowers_loss_and_samples_grids(tmp_path, monkeypatch):
+def test_recipe_trains_lowers_loss_and_samples_grids(tmp_path, monkeypatch, capsys):
     from polydiff.cli import compose_recipe, main
     from polydiff.trainer import train
 
@@ -251,6 +251,12 @@ def test_recipe_trains_lowers_loss_and_samples_grids(tmp_path, monkeypatch):
     assert len(losses) == 8 and losses[-1] < 0.6 * losses[0]
     grid = np.asarray(Image.open(run / "samples" / "step_0000080.png"))
     assert grid.shape == (10 * 33 + 1, 2 * 33 + 1)  # 20 samples, labels 0..9 twice: 10 rows of 2
-    main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "new"), "sampler.steps=3", "label=4"])
+    main(["sample", str(run), "--n", "10", "--out", str(tmp_path / "new"), "sampler.steps=3", "label=4", "--eval"])
     new = np.asarray(Image.open(tmp_path / "new" / "samples.png"))
     assert new.shape == (3 * 33 + 1, 4 * 33 + 1)  # one label: a square-ish grid, rows of 4, 4, 2
+    # --eval scores the samples and, beside them, as many held-out real images (the reference row).
+    record = json.loads((tmp_path / "new" / "sampling.json").read_text())
+    assert {"fid", "is", "label_acc"} <= set(record["metrics"]) and record["reference"]["num_samples"] == 10
+    assert record["reference"]["fid"] != record["metrics"]["fid"]
+    out = capsys.readouterr().out
+    assert "wrote 3 files to" in out and "real data: fid" in out

@@ -41,3 +41,39 @@ def test_classifier_metrics_label_accuracy_ignores_null_labels():
     feats = torch.randn(4, 3)
     out = classifier_metrics(feats, probs, feats, probs, labels=torch.tensor([0, 1, 3, -1]))
     assert out["label_acc"] == pytest.approx(2 / 3)
+
+
+def test_scorer_reference_row_uses_training_statistics(tmp_path):
+    """Samples and the held-out reference row are both scored against the training split (SC09 protocol)."""
+    from torch import nn
+
+    from domains.classifier import ClassifierScorer
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            f = self.body(x).tanh()
+            return f, self.head(f)
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(3, 4) * 4
+    def blobs(n):
+        y = torch.arange(n) % 3
+        return centres[y] + torch.randn(n, 4, generator=g), y
+    train, heldout = blobs(300), blobs(60)
+    torch.manual_seed(0)
+    scorer = ClassifierScorer(Net, train, heldout, cache=tmp_path / "c.pt", fit_kwargs={"epochs": 20, "lr": 1e-2})
+    assert scorer.test_accuracy > 0.9
+    row = scorer.reference_row(1000)
+    assert row["num_samples"] == 60  # capped at the held-out size
+    assert row == pytest.approx({**scorer.score(*heldout), "num_samples": 60})  # the same statistics
+    row20 = scorer.reference_row(20, labelled=False)
+    assert row20["num_samples"] == 20 and "label_acc" not in row20
+    # The training split scored against itself: FID ~0 (up to float error), far below noise's.
+    assert scorer.score(train[0])["fid"] < 1e-6 < scorer.score(torch.randn(60, 4) * 4)["fid"]
+    # Cached weights give the same figures.
+    again = ClassifierScorer(Net, train, heldout, cache=tmp_path / "c.pt")
+    assert again.reference_row(1000) == pytest.approx(row)

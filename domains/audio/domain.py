@@ -39,7 +39,7 @@ class AudioDomain(Domain):
         limit: keep at most this many clips per split (an evenly strided subset), for quick runs.
         metrics: score samples with the SC09 classifier protocol (needs labelled data).
         classifier_epochs: training epochs of the metric classifier.
-        reference_split: the held-out split scored as the reference row and used for FID.
+        reference_split: the held-out split scored as the reference row (FID statistics come from "train").
     """
 
     def __init__(
@@ -211,7 +211,7 @@ class AudioDomain(Domain):
         return self._get_scorer().score(x, labels.cpu() if labels is not None else None)
 
     def reference_metrics(self, n: int) -> dict[str, float]:
-        """The same metrics for ``n`` held-out real clips: the reference row."""
+        """The same metrics for ``n`` held-out real clips (at most the split's size): the reference row."""
         if not self.metrics or not self.label_names:
             return {}
         return self._get_scorer().reference_row(n)

@@ -39,13 +39,13 @@ def classifier_cache_path(config: Mapping[str, Any], train: ClipSet, cache_dir: 
 
 def make_scorer(
     train: ClipSet,
-    reference: ClipSet,
+    heldout: ClipSet,
     sample_rate: int,
     config: Mapping[str, Any],
     epochs: int = 10,
     cache_dir: Optional[Path] = None,
 ) -> ClassifierScorer:
-    """Fit (or load) the digit classifier on ``train``; ``reference`` is the held-out real set."""
+    """Fit (or load) the digit classifier on ``train``; ``heldout`` real clips give the reference row."""
     if not train.class_names:
         raise ValueError("audio metrics need labelled training clips (one sub-folder per label)")
     channels, k = train.waves.shape[1], len(train.class_names)
@@ -59,12 +59,12 @@ def make_scorer(
         scorer = ClassifierScorer(
             lambda: DigitClassifier(sample_rate, channels, k).to(device),
             (train.waves.to(device), train.labels.to(device)),
-            (reference.waves, reference.labels),
+            (heldout.waves, heldout.labels),
             cache=cache,
             fit_kwargs={"epochs": epochs, "batch_size": 64, "lr": 3e-3, "augment": augment_waves},
         )
     log.info(
         "audio metric classifier %s in %.1f s (%s); held-out accuracy %.3f on %d clips",
-        "loaded" if cached else "fitted", time.perf_counter() - start, cache, scorer.test_accuracy, len(reference),
+        "loaded" if cached else "fitted", time.perf_counter() - start, cache, scorer.test_accuracy, len(heldout),
     )
     return scorer

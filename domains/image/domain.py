@@ -155,10 +155,10 @@ class ImageDomain(Domain):
             if train.labels is None:
                 return None
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            tx, ty = train.to_tensor(), torch.from_numpy(train.labels)
-            # FID reference statistics come from the training split; the held-out split is the
-            # reference row (real images the classifier never saw), see reference_metrics.
-            self._scorer = build_scorer((tx, ty), (tx, ty), len(train.class_names), self.metric_epochs, device=device)
+            test = self.arrays("test")
+            heldout = (test.to_tensor(), torch.from_numpy(test.labels))
+            train_xy = (train.to_tensor(), torch.from_numpy(train.labels))
+            self._scorer = build_scorer(train_xy, heldout, len(train.class_names), self.metric_epochs, device=device)
         return self._scorer
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
@@ -170,14 +170,9 @@ class ImageDomain(Domain):
         return scorer.score(batch.x.detach().float().cpu(), None if labels is None else labels.cpu())
 
     def reference_metrics(self, n: int) -> dict[str, float]:
-        """The same metrics on ``n`` held-out real images (the test split)."""
+        """The same metrics on ``n`` held-out real images (the test split, at most its size)."""
         scorer = self._get_scorer()
-        if scorer is None:
-            return {}
-        test = self.arrays("test")
-        idx = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(0))[: max(2, n)]
-        x, y = test.to_tensor()[idx], torch.from_numpy(test.labels)[idx]
-        return scorer.score(x, y if self.conditional else None)
+        return {} if scorer is None else scorer.reference_row(n, labelled=self.conditional)
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

@@ -71,16 +71,16 @@ def _cache_key(train_x: Tensor, train_y: Tensor, fit_kwargs: dict, arch: dict) -
 
 def build_scorer(
     train: tuple[Tensor, Tensor],
-    reference: tuple[Tensor, Tensor],
+    heldout: tuple[Tensor, Tensor],
     num_classes: int,
     epochs: int = 15,
     cache_dir: Optional[Path] = None,
     cache: bool = True,
     device: str = "cpu",
 ) -> ClassifierScorer:
-    """Fit (or load cached) an :class:`ImageClassifier` on ``train`` and score against ``reference``.
+    """Fit (or load cached) an :class:`ImageClassifier` on ``train``; ``heldout`` gives the reference row.
 
-    ``train``/``reference`` are ``(images [N, C, H, W] in [-1, 1], labels [N])``; weights are
+    ``train``/``heldout`` are ``(images [N, C, H, W] in [-1, 1], labels [N])``; weights are
     cached under ``cache_dir`` (default :func:`default_cache_dir`) unless ``cache`` is false.
     """
     x, y = train
@@ -99,7 +99,7 @@ def build_scorer(
     return ClassifierScorer(
         make_net,
         (x.to(torch_device), y.to(torch_device)),
-        reference,
+        heldout,
         cache=path,
         fit_kwargs={**fit_kwargs, "augment": random_shift},
     )
