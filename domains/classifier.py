@@ -85,7 +85,7 @@ class ClassifierScorer:
             if cache is not None:
                 Path(cache).parent.mkdir(parents=True, exist_ok=True)
                 atomic_save(self.net.state_dict(), Path(cache))
-        self.ref_feats, self.ref_probs = self.features(train[0])  # [N_train, D], [N_train, K]
+        self.train_feats, self.train_probs = self.features(train[0])  # [N_train, D], [N_train, K]
         self.heldout_x, self.heldout_y = heldout
         self.heldout_feats, self.heldout_probs = self.features(self.heldout_x)
         hits = (self.heldout_probs.argmax(1) == self.heldout_y.cpu()).float()
@@ -106,7 +106,7 @@ class ClassifierScorer:
     def score(self, x: Tensor, labels: Optional[Tensor] = None) -> dict[str, float]:
         """Metrics of ``x`` against the training statistics; accuracy against ``labels`` when given."""
         feats, probs = self.features(x)
-        return classifier_metrics(feats, probs, self.ref_feats, self.ref_probs, labels)
+        return classifier_metrics(feats, probs, self.train_feats, self.train_probs, labels)
 
     def reference_row(self, n: Optional[int] = None, labelled: bool = True, seed: int = 0) -> dict[str, float]:
         """The same metrics for ``min(n, held-out size)`` held-out real samples (a fixed random
@@ -116,7 +116,7 @@ class ClassifierScorer:
         count = len(self.heldout_x) if n is None else max(2, min(int(n), len(self.heldout_x)))
         idx = torch.randperm(len(self.heldout_x), generator=torch.Generator().manual_seed(seed))[:count]
         labels = self.heldout_y.cpu()[idx] if labelled else None
-        row = classifier_metrics(self.heldout_feats[idx], self.heldout_probs[idx], self.ref_feats, self.ref_probs, labels)
+        row = classifier_metrics(self.heldout_feats[idx], self.heldout_probs[idx], self.train_feats, self.train_probs, labels)
         return {**row, "num_samples": count}
 
 
