@@ -18,7 +18,7 @@ commands:
   train RECIPE.yaml [hydra overrides]   train a recipe, e.g.
         polydiff train recipes/audio_unet.yaml profile=cpu trainer.max_steps=500 hydra.run.dir=runs/audio
         (multirun: -m trainer.lr=1e-4,2e-4; every Hydra flag works)
-  sample RUN_DIR [--n N] [overrides]    write new samples from a run's last checkpoint, e.g.
+  sample RUN_DIR [--n N] [--eval] [--seeds K] [overrides]   write new samples from a run's last checkpoint, e.g.
         polydiff sample runs/audio --n 16 sampler.name=ddim sampler.steps=50 guidance.scale=3 label=seven
   bench [--suite quick|full] [--domains ...]   benchmark every registered domain
 """
@@ -104,11 +104,15 @@ def _sample(args: Sequence[str]) -> None:
     p.add_argument("--out", type=Path, default=None, help="default RUN_DIR/samples/sample-TIME")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="repeat with seeds SEED..SEED+K-1 (one folder each); with --eval, metrics' mean and range")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--eval", action="store_true", help="also compute the domain's metrics")
     p.add_argument("overrides", nargs="*", help="sampler.KEY=V guidance.KEY=V label=NAME prior.KEY=V")
     a = p.parse_intermixed_args(args)
 
+    if a.seeds < 1 or a.n < 1:
+        raise _fail(f"--n and --seeds must be at least 1, got --n {a.n} --seeds {a.seeds}")
     ckpt_path = a.checkpoint or a.run_dir / "checkpoints" / "last.pt"
     if not ckpt_path.is_file():
         raise _fail(f"no checkpoint at {ckpt_path}: train first (polydiff train RECIPE hydra.run.dir={a.run_dir})")
@@ -145,34 +149,61 @@ def _sample(args: Sequence[str]) -> None:
             labels = torch.full((a.n,), domain.parse_label(label), dtype=torch.long, device=device)
         elif domain.num_classes:
             labels = torch.arange(a.n, device=device) % domain.num_classes
-        gen = torch.Generator(device=device).manual_seed(a.seed)
-        t0 = time.perf_counter()
-        batch = generate(
-            domain, parts.net, parts.schedule, parts.objective, a.n, sampler=sampler, guidance=guidance,
-            labels=labels, device=device, generator=gen, prior=prior,
-        )
-        dt = time.perf_counter() - t0
         out = a.out or a.run_dir / "samples" / time.strftime("sample-%Y%m%d-%H%M%S")
-        paths = domain.save_samples(batch, out, prefix="samples")
+        seeds = list(range(a.seed, a.seed + a.seeds))
+        runs, paths = [], []
+        for seed in seeds:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            t0 = time.perf_counter()
+            batch = generate(
+                domain, parts.net, parts.schedule, parts.objective, a.n, sampler=sampler, guidance=guidance,
+                labels=labels, device=device, generator=gen, prior=prior,
+            )
+            run = {"seed": seed, "seconds": time.perf_counter() - t0}
+            paths += domain.save_samples(batch, out if len(seeds) == 1 else out / f"seed-{seed}", prefix="samples")
+            if a.eval:
+                run["metrics"] = domain.evaluate(batch)
+            print(f"{a.n} samples ({sampler['name']}, {sampler['steps']} steps, guidance {guidance['scale']}, "
+                  f"seed {seed}) in {run['seconds']:.1f}s" + (f": {_fmt_metrics(run['metrics'])}" if a.eval and len(seeds) > 1 else ""))
+            runs.append(run)
     except _USER_ERRORS as err:
         raise _fail(_message(err)) from err
-    print(f"{a.n} samples ({sampler['name']}, {sampler['steps']} steps, guidance {guidance['scale']}) in {dt:.1f}s")
     record = {
         "checkpoint": str(ckpt_path), "step": int(ckpt["step"]), "n": a.n, "seed": a.seed, "weights": a.weights,
         "sampler": sampler, "guidance": guidance, "label": None if label is None else str(label), "prior": prior,
-        "seconds": dt, "device": str(device),
+        "seconds": sum(r["seconds"] for r in runs), "device": str(device),
     }
+    if len(seeds) > 1:
+        record["runs"] = runs
     if a.eval:
-        record["metrics"] = domain.evaluate(batch)
+        record["metrics"] = runs[0]["metrics"]
+        if len(seeds) > 1:  # mean and range over seeds of every numeric metric
+            keys = [k for k in runs[0]["metrics"] if all(isinstance(r["metrics"].get(k), (int, float)) for r in runs)]
+            values = {k: [float(r["metrics"][k]) for r in runs] for k in keys}
+            record["metrics"] = {k: sum(v) / len(v) for k, v in values.items()}
+            record["metrics_range"] = {k: [min(v), max(v)] for k, v in values.items()}
         record["reference"] = domain.reference_metrics(a.n)  # real data, the same metrics, as many samples
     paths.append(out / "sampling.json")
     (out / "sampling.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     print(f"wrote {len(paths)} files to {out}")
     for path in paths if len(paths) <= 12 else [*paths[:5], "...", *paths[-5:]]:
         print(f"  {path}")
-    for title, metrics in (("samples", record.get("metrics")), ("real data", record.get("reference"))):
-        if metrics:
-            print(f"{title}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    if a.eval:
+        what = "samples" if len(seeds) == 1 else f"samples, mean [range] of {len(seeds)} seeds"
+        print(f"{what}: {_fmt_metrics(record['metrics'], record.get('metrics_range'))}")
+        if record["reference"]:
+            print(f"real data: {_fmt_metrics(record['reference'])}")
+
+
+def _fmt_metrics(metrics: dict[str, Any], ranges: Optional[dict[str, list[float]]] = None) -> str:
+    """``fid 192.3 [175–216], is 4.09 [...]``: floats to 4 significant digits, ranges where given."""
+    parts = []
+    for k, v in metrics.items():
+        text = f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        if ranges and k in ranges:
+            text += f" [{ranges[k][0]:.4g}–{ranges[k][1]:.4g}]"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def _bench(args: Sequence[str]) -> None:

@@ -132,6 +132,22 @@ def test_train_then_sample(tmp_path):
     assert record["n"] == 8 and record["step"] == 40
     assert record["sampler"]["name"] == "dpmpp_2m" and record["sampler"]["steps"] == 10
     assert 0 <= record["metrics"]["dist_to_centre"] < 10 and record["seconds"] > 0
+    # --seeds K: one folder per seed, the metrics' mean and range over seeds.
+    multi = tmp_path / "multi"
+    proc = run("sample", str(run_dir), "--n", "8", "--out", str(multi), "--seed", "5", "--seeds", "3", "--eval",
+               "sampler.name=ddim", "sampler.steps=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((multi / "sampling.json").read_text())
+    assert [r["seed"] for r in record["runs"]] == [5, 6, 7]
+    per_seed = [r["metrics"]["dist_to_centre"] for r in record["runs"]]
+    assert len(set(per_seed)) == 3  # different noise per seed
+    assert record["metrics"]["dist_to_centre"] == pytest.approx(sum(per_seed) / 3)
+    assert record["metrics_range"]["dist_to_centre"] == [min(per_seed), max(per_seed)]
+    for seed in (5, 6, 7):
+        assert torch.load(multi / f"seed-{seed}" / "samples.pt", weights_only=True)["x"].shape == (8, 2)
+    assert "mean [range] of 3 seeds" in proc.stdout
+    bad = run("sample", str(run_dir), "--seeds", "0")
+    assert bad.returncode != 0 and "--seeds" in bad.stderr
     bad = run("sample", str(run_dir), "sampler.stepz=3")
     assert bad.returncode != 0 and "stepz" in bad.stderr
     bad = run("sample", str(run_dir), "label=seven")
