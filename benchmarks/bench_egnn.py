@@ -356,12 +356,10 @@ def sampling_throughput(args, device) -> dict:
         run_steps = min(steps, args.max_sampler_steps)
         gen = torch.Generator(device=device).manual_seed(0)
         sample(name, den, x, schedule, min(run_steps, 2), space=space, generator=gen)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         t0 = time.perf_counter()
         out = sample(name, den, x, schedule, run_steps, space=space, generator=gen)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         dt = (time.perf_counter() - t0) * steps / run_steps
         assert torch.isfinite(out).all()
         note = "" if run_steps == steps else f"  (extrapolated from {run_steps} steps)"
