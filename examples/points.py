@@ -24,7 +24,7 @@ def mixture(n: int, seed: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """``eps(x_t, t)``: an MLP on the point and a sinusoidal embedding of ``t``."""
+    """``net(x_t, t)``, predicting what ``objective.prediction`` names: an MLP on the point and ``t``'s embedding."""
 
     def __init__(self, width: int = 128, depth: int = 3) -> None:
         super().__init__()

@@ -108,11 +108,14 @@ class Parts:
         return cls(domain, net, schedule, objective, train_set)
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a clear error for an unavailable CUDA."""
+def resolve_device(device: str, where: str = "trainer.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a clear error for an unknown or unavailable device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{where}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={device} but CUDA is not available here; use trainer.device=auto or cpu")
+        raise ValueError(f"{where}={device} but CUDA is not available here; use {where}=auto or cpu")
     return dev

@@ -67,11 +67,15 @@ def _train(args: Sequence[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .config import register_configs
+    from .config import check_overrides, register_configs
     from .trainer import train
 
     register_configs()
     path, search = _recipe_paths(args[0])
+    try:
+        check_overrides(args[1:])
+    except KeyError as err:
+        raise _fail(_message(err)) from err
 
     @hydra.main(version_base=None, config_path=None, config_name=None)
     def _task(cfg) -> None:
@@ -94,7 +98,7 @@ def _sample(args: Sequence[str]) -> None:
 
     from .build import Parts, resolve_device
     from .checkpoint import load_checkpoint
-    from .config import GuidanceConfig, SamplerConfig
+    from .config import GuidanceConfig, SamplerConfig, check_overrides
     from .generate import generate
 
     p = argparse.ArgumentParser(prog="polydiff sample", description="Write new samples from a run's checkpoint.")
@@ -113,10 +117,15 @@ def _sample(args: Sequence[str]) -> None:
 
     if a.seeds < 1 or a.n < 1:
         raise _fail(f"--n and --seeds must be at least 1, got --n {a.n} --seeds {a.seeds}")
+    if a.out is not None and (a.out / "sampling.json").exists():
+        raise _fail(f"{a.out} already holds samples (sampling.json): choose another --out, or remove it first")
     ckpt_path = a.checkpoint or a.run_dir / "checkpoints" / "last.pt"
     if not ckpt_path.is_file():
         raise _fail(f"no checkpoint at {ckpt_path}: train first (polydiff train RECIPE hydra.run.dir={a.run_dir})")
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except (ValueError, KeyError) as err:
+        raise _fail(_message(err)) from err
     cfg = ckpt["config"]
 
     over = OmegaConf.from_dotlist(list(a.overrides)) if a.overrides else OmegaConf.create({})
@@ -124,18 +133,19 @@ def _sample(args: Sequence[str]) -> None:
     if unknown:
         raise _fail(f"unknown override(s) {sorted(unknown)}; use sampler.KEY=V, guidance.KEY=V, label=NAME or prior.KEY=V")
     try:
+        check_overrides(a.overrides)
         sampler = OmegaConf.to_container(
             OmegaConf.merge(OmegaConf.structured(SamplerConfig), cfg["sampler"], over.get("sampler", {}))
         )
         guidance = OmegaConf.to_container(
             OmegaConf.merge(OmegaConf.structured(GuidanceConfig), cfg["guidance"], over.get("guidance", {}))
         )
-    except Exception as err:  # omegaconf's ConfigKeyError names the key
-        raise _fail(str(err).splitlines()[0]) from err
+    except Exception as err:  # a misspelled key, or omegaconf's error naming a bad value
+        raise _fail(_message(err).splitlines()[0]) from err
     prior = OmegaConf.to_container(over.get("prior", OmegaConf.create({})))
 
-    device = resolve_device(a.device)
     try:
+        device = resolve_device(a.device, "--device")
         parts = Parts.from_config(cfg, domain_state=ckpt["domain_state"])
         state = ckpt["model"]
         if a.weights == "ema":
@@ -149,7 +159,7 @@ def _sample(args: Sequence[str]) -> None:
             labels = torch.full((a.n,), domain.parse_label(label), dtype=torch.long, device=device)
         elif domain.num_classes:
             labels = torch.arange(a.n, device=device) % domain.num_classes
-        out = a.out or a.run_dir / "samples" / time.strftime("sample-%Y%m%d-%H%M%S")
+        out = a.out or _fresh_dir(a.run_dir / "samples" / time.strftime("sample-%Y%m%d-%H%M%S"))
         seeds = list(range(a.seed, a.seed + a.seeds))
         runs, paths = [], []
         for seed in seeds:
@@ -182,7 +192,12 @@ def _sample(args: Sequence[str]) -> None:
             values = {k: [float(r["metrics"][k]) for r in runs] for k in keys}
             record["metrics"] = {k: sum(v) / len(v) for k, v in values.items()}
             record["metrics_range"] = {k: [min(v), max(v)] for k, v in values.items()}
-        record["reference"] = domain.reference_metrics(a.n)  # real data, the same metrics, as many samples
+        try:  # real data, the same metrics, as many samples
+            record["reference"] = domain.reference_metrics(a.n)
+        except (FileNotFoundError, ValueError, OSError) as err:
+            print(f"polydiff: warning: no real-data reference row: the training data could not be read ({err})",
+                  file=sys.stderr)
+            record["reference"] = None
     paths.append(out / "sampling.json")
     (out / "sampling.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     print(f"wrote {len(paths)} files to {out}")
@@ -193,6 +208,15 @@ def _sample(args: Sequence[str]) -> None:
         print(f"{what}: {_fmt_metrics(record['metrics'], record.get('metrics_range'))}")
         if record["reference"]:
             print(f"real data: {_fmt_metrics(record['reference'])}")
+
+
+def _fresh_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... where it exists (two draws within one second)."""
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate
 
 
 def _fmt_metrics(metrics: dict[str, Any], ranges: Optional[dict[str, list[float]]] = None) -> str:

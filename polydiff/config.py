@@ -2,17 +2,20 @@
 
 Each section mirrors a constructor or function signature. A recipe lists the schema
 ``polydiff_recipe`` first in its defaults, so a misspelled key in ``trainer``, ``sampler``,
-``guidance``, ``schedule`` or ``objective`` fails at composition. The free-form ``domain``
-and ``model`` sections are checked against the domain's constructor and
-``build_network`` signatures by :func:`call_checked`.
+``guidance``, ``schedule`` or ``objective`` fails at composition; :func:`check_keys` names it
+with the likely fix, also for keys added with Hydra's ``+`` (which the schema would otherwise
+carry along unused). The free-form ``domain`` and ``model`` sections are checked against the
+domain's constructor and ``build_network`` signatures by :func:`call_checked`.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 __all__ = [
     "ScheduleConfig",
@@ -24,6 +27,9 @@ __all__ = [
     "register_configs",
     "call_checked",
     "check_call",
+    "check_keys",
+    "check_overrides",
+    "unknown_key",
 ]
 
 
@@ -128,26 +134,68 @@ def register_configs() -> None:
     _REGISTERED = True
 
 
+SECTIONS: Dict[str, type] = {
+    "schedule": ScheduleConfig,
+    "objective": ObjectiveConfig,
+    "trainer": TrainerConfig,
+    "sampler": SamplerConfig,
+    "guidance": GuidanceConfig,
+}
+
+
+def unknown_key(where: str, key: str, known: List[str], owner: str = "") -> KeyError:
+    """``KeyError`` naming ``where.key``, the closest known key and the known keys."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
+    return KeyError(f"unknown key '{where}.{key}'{f' for {owner}' if owner else ''}.{hint} Known keys: {known}")
+
+
+def check_keys(cfg: Mapping[str, Any]) -> None:
+    """Raise :func:`unknown_key` for any key of a recipe outside :class:`RecipeConfig` and its typed sections."""
+    top = list(RecipeConfig.__dataclass_fields__)
+    for key in cfg:
+        if key not in top:
+            raise unknown_key("recipe", str(key), top)
+    for section, schema in SECTIONS.items():
+        known = list(schema.__dataclass_fields__)
+        for key in cfg.get(section) or {}:
+            if key not in known:
+                raise unknown_key(section, str(key), known, schema.__name__)
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Check ``[+|++]section.key=value`` command-line overrides of the typed sections before Hydra sees them."""
+    for item in overrides:
+        path = item.split("=", 1)[0].lstrip("+")
+        parts = path.split(".")
+        if "=" in item and len(parts) >= 2 and parts[0] in SECTIONS:
+            known = list(SECTIONS[parts[0]].__dataclass_fields__)
+            if parts[1] not in known:
+                raise unknown_key(parts[0], parts[1], known, SECTIONS[parts[0]].__name__)
+
+
 def call_checked(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> Any:
     """Call ``fn(**kwargs)``, rejecting unknown keys with a message naming ``where`` and the fix."""
     check_call(fn, kwargs, where)
     return fn(**kwargs)
 
 
-def check_call(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> None:
-    """Raise ``KeyError`` naming ``where.KEY`` for keys ``fn`` does not take, or required keys missing."""
+def check_call(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str, given: Sequence[str] = ()) -> None:
+    """Raise ``KeyError`` naming ``where.KEY`` for keys ``fn`` does not take or required keys missing, and
+    ``TypeError`` for a value whose type contradicts a plain annotation (int, float, bool, str, optional).
+
+    ``given`` names parameters the caller passes itself: they are neither config keys nor missing.
+    """
     sig = inspect.signature(fn)
     params = sig.parameters
+    owner = getattr(fn, "__qualname__", str(fn))
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if not takes_any:
-        known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"]
+        known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and n != "self" and n not in given]
         for key in kwargs:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
-                raise KeyError(
-                    f"unknown key '{where}.{key}' for {getattr(fn, '__qualname__', fn)}.{hint} Known keys: {known}"
-                )
+                raise unknown_key(where, key, known, owner)
         missing = [
             n
             for n, p in params.items()
@@ -155,6 +203,37 @@ def check_call(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) ->
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
             and n != "self"
             and n not in kwargs
+            and n not in given
         ]
         if missing:
-            raise KeyError(f"missing key(s) {[f'{where}.{m}' for m in missing]} for {getattr(fn, '__qualname__', fn)}")
+            raise KeyError(f"missing key(s) {[f'{where}.{m}' for m in missing]} for {owner}")
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # annotations that do not evaluate here: nothing to check
+        return
+    for key, value in kwargs.items():
+        if key in hints and _accepts(value, hints[key]) is False:
+            raise TypeError(f"{where}.{key}={value!r} has the wrong type: it must be {_describe(hints[key])}")
+
+
+_PLAIN = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _accepts(value: Any, tp: Any) -> Optional[bool]:
+    """Whether ``value`` fits the annotation ``tp``; ``None`` where the annotation is not a plain one."""
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp in (bool, str, type(None)):
+        return isinstance(value, tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        verdicts = [_accepts(value, arg) for arg in typing.get_args(tp)]
+        return True if True in verdicts else (None if None in verdicts else False)
+    return None
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(tp))
+    return _PLAIN.get(tp, getattr(tp, "__name__", str(tp)))

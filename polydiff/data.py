@@ -13,7 +13,7 @@ __all__ = ["ResumableBatchSampler"]
 class ResumableBatchSampler(Sampler[list[int]]):
     """Endless shuffled batches whose order depends only on ``(seed, batch number)``.
 
-    Epoch ``e`` is a permutation drawn from ``seed + e``; every rank takes its own slice of
+    Epoch ``e`` is a permutation seeded by ``(seed, e)``; every rank takes its own slice of
     each global batch, so a run resumed at batch ``start`` sees exactly the batches an
     uninterrupted run would, on any number of ranks.
     """

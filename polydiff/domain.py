@@ -104,14 +104,20 @@ class Domain:
 
     # -------------------------------------------------------------- sampling
     def parse_label(self, value: Any) -> int:
-        """A class index from an index or a class name; a clear error for unknown labels."""
+        """A class index from a class name or, unless the names are themselves numbers, an index."""
         if self.num_classes == 0:
             raise ValueError(f"domain {self.name!r} is unconditional: it has no labels, got label={value!r}")
-        if isinstance(value, str) and not value.lstrip("-").isdigit():
-            if value not in self.class_names:
-                raise ValueError(f"unknown label {value!r} for domain {self.name!r}; known labels: {self.class_names}")
-            return self.class_names.index(value)
-        index = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"label={value!r} is neither a class name nor an index; known labels: {self.class_names}")
+        name = str(value)
+        if name in self.class_names:
+            return self.class_names.index(name)
+        if not name.lstrip("-").isdigit():
+            raise ValueError(f"unknown label {value!r} for domain {self.name!r}; known labels: {self.class_names}")
+        if any(c.lstrip("-").isdigit() for c in self.class_names):
+            raise ValueError(f"label {value!r} is not a class name, and indices are ambiguous where class names are "
+                             f"numbers: give one of {self.class_names}")
+        index = int(name)
         if not 0 <= index < self.num_classes:
             raise ValueError(
                 f"label {index} out of range for domain {self.name!r}: expected 0..{self.num_classes - 1} "

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .conditioning import is_null, null_condition
+from .config import check_call
 from .domain import Batch, Domain
 from .guidance import classifier_free_guidance
 from .objectives import Objective
@@ -43,6 +44,7 @@ def generate(
     if chunk < 1:
         raise ValueError(f"sampler.batch_size must be a positive number of samples, got {chunk}")
     prior = dict(prior or {})
+    check_call(domain.prior, prior, "prior", given=("n", "labels", "device", "generator"))
     if n <= chunk:
         return _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior, callback)
     for key, value in prior.items():

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .build import Parts, resolve_device, to_plain
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
+from .config import check_keys
 from .conditioning import drop_condition
 from .data import ResumableBatchSampler
 from .generate import generate
@@ -57,7 +58,7 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path:
         detail = "; ".join(f"{k}: checkpoint {_get(saved, k)!r} vs recipe {_get(current, k)!r}" for k in diffs)
         raise IncompatibleCheckpointError(
             f"checkpoint {path} does not fit this recipe ({detail}). Use another hydra.run.dir, "
-            f"or trainer.resume=never to start afresh."
+            f"or trainer.resume=never to start afresh (the old run's files move to a previous-TIME folder)."
         )
 
 
@@ -75,12 +76,33 @@ def _lr_lambda(warmup: int, max_steps: int, decay: str):
     return f
 
 
+# trainer.KEY -> (lowest allowed value, highest or None): checked before anything is built.
+_LIMITS = {
+    "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "log_every": (1, None),
+    "ckpt_every": (1, None), "num_samples": (1, None), "warmup_steps": (0, None), "sample_every": (0, None),
+    "num_workers": (0, None), "grad_clip": (0, None), "weight_decay": (0, None), "label_dropout": (0, 1),
+}
+
+
+def check_trainer(tc: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming any ``trainer`` value outside its range."""
+    for key, (low, high) in _LIMITS.items():
+        value = tc.get(key)
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"trainer.{key}={value} is out of range: it must be {span}")
+
+
 class Trainer:
     """Trains a recipe's network in ``run_dir``; state lives here, maths in the functional core."""
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path | str) -> None:
         self.cfg = to_plain(cfg)
+        check_keys(self.cfg)
         self.tc = self.cfg["trainer"]
+        check_trainer(self.tc)
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
 
@@ -138,6 +160,8 @@ class Trainer:
     def _maybe_resume(self) -> None:
         mode = self.tc["resume"]
         if mode == "never":
+            if self.ckpt_path.exists() and self.is_main:
+                self._move_previous_run()
             return
         path = self.ckpt_path if mode == "auto" else Path(mode)
         if mode == "auto" and not path.exists():
@@ -157,6 +181,15 @@ class Trainer:
             self.generator.set_state(gen[self.rank].cpu())
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _move_previous_run(self) -> None:
+        """``resume=never`` in a used run directory: move its results aside rather than overwrite them."""
+        old = self.run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        old.mkdir(parents=True)
+        for name in ("checkpoints", "samples", "metrics.jsonl", "tensorboard"):
+            if (self.run_dir / name).exists():
+                (self.run_dir / name).rename(old / name)
+        log.warning("trainer.resume=never: the previous run's checkpoints, samples and metrics moved to %s", old)
 
     def save(self) -> None:
         """Write ``last.pt`` atomically; a non-finite weight never replaces a good checkpoint."""
@@ -329,7 +362,9 @@ def train(cfg: Mapping[str, Any], run_dir: Path | str) -> dict[str, Any]:
 
     from .config import RecipeConfig
 
-    merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg)  # fills defaults, rejects unknown keys
+    plain = to_plain(cfg)  # a plain copy: a typed Hydra node would carry keys added with '+' through the merge
+    check_keys(plain)
+    merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), plain)  # fills defaults
     trainer = Trainer(merged, run_dir)
     try:
         result = trainer.fit()

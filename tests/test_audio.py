@@ -157,6 +157,17 @@ def test_bad_files_are_named(tmp_path, content, match):
     assert "bad.wav" in str(err.value)
 
 
+def test_hidden_folders_and_files_are_skipped_at_every_level(tmp_path):
+    for rel in ("cat/a.wav", "cat/b.wav", "dog/c.wav", ".git/h.wav", "cat/.ipynb_checkpoints/x.wav", "dog/.d.wav"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(tmp_path / rel, tone(440, 8000, 0.2), 8000)
+    index = folder_index(tmp_path, "train", test_fraction=0.01) + folder_index(tmp_path, "test", test_fraction=0.01)
+    assert sorted(p.name for p, _ in index) == ["a.wav", "b.wav", "c.wav"]
+    assert {label for _, label in index} == {"cat", "dog"}
+    domain = AudioDomain(dataset="folder", root=str(tmp_path), sample_rate=8000, duration=0.2, test_fraction=0.01)
+    assert domain.dataset("train").class_names == ["cat", "dog"]
+
+
 def test_folder_without_audio_channel_mismatch_and_unknown_labels(tmp_path):
     (tmp_path / "empty" / "x").mkdir(parents=True)
     (tmp_path / "empty" / "x" / "notes.txt").write_text("no audio here")
@@ -172,6 +183,20 @@ def test_folder_without_audio_channel_mismatch_and_unknown_labels(tmp_path):
     assert domain.parse_label("seven") == 7 and domain.parse_label(3) == 3
     with pytest.raises(ValueError, match="unknown label 'eleven'"):
         domain.parse_label("eleven")
+    for bad in (3.5, True, [1, 2]):  # label=3.5 / label=true / label=[1,2] parse to these: never a silent class
+        with pytest.raises(ValueError, match="neither a class name nor an index"):
+            domain.parse_label(bad)
+    # Class names that are numbers: a name picks its own class, and bare indices are refused as ambiguous.
+    for name in ("3", "5", "7"):
+        (tmp_path / "numbers" / name).mkdir(parents=True)
+        for k in range(2):
+            sf.write(tmp_path / "numbers" / name / f"{k}.wav", tone(300 + 100 * k, 8000, 0.1), 8000)
+    numbers = AudioDomain(dataset="folder", root=str(tmp_path / "numbers"), sample_rate=8000, duration=0.1, test_fraction=0.01)
+    numbers.setup(numbers.dataset("train"))
+    assert numbers.class_names == ["3", "5", "7"]
+    assert numbers.parse_label(5) == 1 and numbers.parse_label("7") == 2
+    with pytest.raises(ValueError, match="ambiguous"):
+        numbers.parse_label(1)
     meta = tmp_path / "digits"
     meta.mkdir()
     (meta / "metadata.csv").write_text("file,label,split,voice,speed,pitch\nx.flac,eleven,train,en,150,50\n")
@@ -275,3 +300,29 @@ def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monke
     wavs = sorted(out.glob("*.wav"))
     assert [p.name for p in wavs] == ["samples_000_seven.wav", "samples_001_seven.wav"]
     assert sf.info(wavs[0]).samplerate == 1000 and sf.info(wavs[0]).frames == 700
+
+
+def test_eval_split_and_clip_length_are_checked_before_training(tmp_path):
+    """Problems that would only surface when scoring after training are named at set-up."""
+    for label in ("cat", "dog"):  # one file per label: the automatic test split takes none
+        (tmp_path / "single" / label).mkdir(parents=True)
+        sf.write(tmp_path / "single" / label / "0.wav", tone(440, 8000, 0.2), 8000)
+    domain = AudioDomain(dataset="folder", root=str(tmp_path / "single"), sample_rate=8000, duration=0.2)
+    with pytest.raises(ValueError, match=r"'test' split .* is empty.*domain.test_fraction.*domain.metrics=false"):
+        domain.setup(domain.dataset("train"))
+    quiet = AudioDomain(dataset="folder", root=str(tmp_path / "single"), sample_rate=8000, duration=0.2, metrics=False)
+    quiet.setup(quiet.dataset("train"))  # without metrics the split is not needed
+    with pytest.raises(ValueError, match=r"domain.duration=0.01 gives 80 samples at 8000 Hz; clips need at least 256"):
+        AudioDomain(sample_rate=8000, duration=0.01)
+    with pytest.raises(ValueError, match=r"prior.duration=0.001 gives 8 samples"):
+        AudioDomain(sample_rate=8000, duration=0.2).prior(2, duration=0.001)
+
+
+def test_stub_recordings_are_named(tmp_path, caplog):
+    (tmp_path / "cat").mkdir()
+    sf.write(tmp_path / "cat" / "whole.wav", tone(440, 8000, 0.2), 8000)
+    sf.write(tmp_path / "cat" / "stub.wav", tone(440, 8000, 0.004), 8000)  # 32 samples of a 0.2 s clip
+    with caplog.at_level(logging.WARNING, logger="domains.audio.io"):
+        load_clips(folder_index(tmp_path, "train", test_fraction=0.01), 8000, 1, 1600)
+    assert "1 file(s) hold under a tenth" in caplog.text and "stub.wav (0.004 s)" in caplog.text
+    assert "whole.wav" not in caplog.text

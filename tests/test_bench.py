@@ -96,10 +96,12 @@ def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
     """--set reaches every domain's recipe; the full suite's compile check times eager against compiled."""
     import benchmarks.suite as suite
 
-    seen = {}
+    seen, outcome = {}, {"domains": {}}
 
     def fake_run_suite(name, domains, device, out, seed, specs, data):
         seen.update(specs)
+        (tmp_path / "fake.json").write_text(json.dumps(outcome))
+        return tmp_path / "fake.json"
 
     monkeypatch.setattr(suite, "run_suite", fake_run_suite)
     main(["--suite", "full", "--set", "trainer.lr=1e-5", "--set", "seed=3"])
@@ -107,6 +109,16 @@ def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
     assert all(seen[n].compile_check for n in ("image", "audio", "molecule", "qm9", "sc09"))
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["--set", "trainer.lr"])
+    # Bad arguments stop before any training; a failed domain makes the exit status non-zero.
+    with pytest.raises(SystemExit, match="Did you mean 'trainer.max_steps'"):
+        main(["--set", "+trainer.max_step=3"])
+    with pytest.raises(SystemExit, match="--steps must be at least 1"):
+        main(["--steps", "0"])
+    with pytest.raises(SystemExit, match="no folder at"):
+        main(["--suite", "full", "--data", f"qm9={tmp_path / 'missing'}"])
+    outcome["domains"] = {"points": {"error": "ValueError: boom"}, "image": {"train": {}}}
+    with pytest.raises(SystemExit, match="1 domain.*failed.*points: ValueError: boom"):
+        main(["--domains", "points", "image"])
     monkeypatch.undo()
 
     spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)],

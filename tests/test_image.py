@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -84,6 +85,34 @@ def test_folder_loader_labels_modes_and_crop(tmp_path):
     assert np.all(everything[labels == 1][:, 2] > 200) and np.all(everything[labels == 1][:, 0] < 30)
     gray = load_folder(root, "train", size=5, mode="grayscale", test_fraction=0.34)
     assert gray.images.shape[1:] == (1, 5, 5)
+
+
+def test_folder_scales_high_bit_images_and_logs_conversions_once(tmp_path, caplog):
+    ramp = np.linspace(0, 1, 64).reshape(8, 8)  # [H, W]
+    root = tmp_path / "imgs" / "a"
+    root.mkdir(parents=True)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(root / "0_g16.png")  # mode I;16
+    Image.fromarray((ramp * 255).round().astype(np.uint8)).save(root / "1_g8.png")  # the same ramp, mode L
+    # A 32-bit TIFF behind a .png name opens as mode I: scaled by the int32 range.
+    Image.fromarray((ramp * np.iinfo(np.int32).max).astype(np.int32)).save(root / "2_g32.png", format="TIFF")
+    _write(root / "3_pal.png", "P", (8, 8), 3, "PNG")
+    _write(root / "4_rgb.png", "RGB", (8, 8), (9, 9, 9), "PNG")
+    _write(root / "5_rgba.png", "RGBA", (8, 8), (0, 0, 255, 128), "PNG")
+    (root / "notes.txt").write_text("not an image")
+    _write(root / "pic.bmp", "RGB", (8, 8), (0, 0, 0), "BMP")
+    with caplog.at_level(logging.INFO):
+        rgb = load_folder(tmp_path / "imgs", "train", size=8, mode="rgb", test_fraction=0.01)
+    assert len(rgb.images) == 6
+    g16, g8, g32 = (rgb.images[i].astype(int) for i in range(3))  # [3, 8, 8]
+    assert np.abs(g16 - g8).max() <= 1 and np.abs(g32 - g8).max() <= 1 and g16.min() == 0 and g16.max() == 255
+    text = caplog.text
+    assert text.count("converted") == 1, text  # one line per data set, not one per file
+    assert "converted 5 of 6 images to RGB" in text
+    assert "1 I;16 (16-bit, scaled to 8 bits)" in text and "1 I (32-bit, scaled to 8 bits)" in text
+    assert "1 L" in text and "1 P" in text and "1 RGBA (alpha dropped)" in text
+    assert "skipped 2 file(s) that are not" in text and "notes.txt" in text and "pic.bmp" in text
+    gray = load_folder(tmp_path / "imgs", "train", size=8, mode="grayscale", test_fraction=0.01)
+    assert np.abs(gray.images[0].astype(int) - gray.images[1]).max() <= 1 and gray.images[0].max() == 255
 
 
 def test_folder_train_test_subfolders(tmp_path):

@@ -250,6 +250,27 @@ def test_sdf_loader_skips_bad_records_by_name(tmp_path, caplog):
         read_sdf(tmp_path / "nope.sdf", ["H", "C"])
 
 
+def test_sdf_flat_depiction_flagged_3d_is_skipped_unless_planar(tmp_path, caplog):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    path = tmp_path / "z0.sdf"
+    w = Chem.SDWriter(str(path))
+    for smi, name in (("CCO", "flat_ethanol"), ("c1ccccc1", "benzene"), ("O", "water")):
+        mol = Chem.AddHs(Chem.MolFromSmiles(smi))
+        AllChem.Compute2DCoords(mol)  # z == 0 everywhere
+        mol.GetConformer().Set3D(True)  # header says "3D" anyway
+        mol.SetProp("_Name", name)
+        w.write(mol)
+    w.close()
+    assert "3D" in path.read_text().splitlines()[1]
+    with caplog.at_level(logging.WARNING):
+        ds = read_sdf(path, ["H", "C", "N", "O", "F"])
+    assert sorted(len(ds[i]["z"]) for i in range(len(ds))) == [3, 12]  # water and benzene stay
+    assert "'flat_ethanol'" in caplog.text and "no 3-D coordinates" in caplog.text and "EmbedMolecule" in caplog.text
+    assert "1 record(s) skipped" in caplog.text
+
+
 def test_smiles_loader_and_builtin_conformers(tmp_path, caplog):
     path = tmp_path / "list.smi"
     path.write_text("CCO first\nC1CC(\nc1ccccc1Cl\nCC#N\n[NH4+]\nCC.O\n")

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,10 +134,32 @@ def test_incompatible_checkpoint_is_named(tmp_path):
     other["model"]["width"] = 48
     with pytest.raises(IncompatibleCheckpointError, match="model"):
         train(other, tmp_path)
+    # The advice it gives, trainer.resume=never, starts afresh without overwriting the saved run.
+    saved = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    other["trainer"]["resume"] = "never"
+    train(other, tmp_path)
+    (previous,) = tmp_path.glob("previous-*")
+    assert (previous / "checkpoints" / "last.pt").read_bytes() == saved
+    assert (previous / "metrics.jsonl").is_file() and (previous / "samples").is_dir()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 10
     with pytest.raises(ValueError, match="not a polydiff checkpoint"):
         bogus = tmp_path / "bogus.pt"
         torch.save({"weights": torch.zeros(1)}, bogus)
         load_checkpoint(bogus)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("batch_size", 0, "trainer.batch_size=0 is out of range: it must be at least 1"),
+    ("grad_accum", 0, "trainer.grad_accum=0"),
+    ("log_every", 0, "trainer.log_every=0"),
+    ("num_samples", 0, "trainer.num_samples=0"),
+    ("label_dropout", 2, "trainer.label_dropout=2.0 is out of range: it must be between 0 and 1"),
+    ("device", "gpu", "trainer.device='gpu' is not a device"),
+])
+def test_bad_trainer_values_are_named_before_training(tmp_path, key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(config(**{key: value}), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_grad_accumulation_and_cosine_lr(tmp_path):

@@ -95,8 +95,14 @@ def spoken_digits_index(root: Path, split: str) -> Index:
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    """WAV/FLAC files under ``folder``; other files (hidden ones aside) are named in a log line."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """WAV/FLAC files under ``folder``; other files (hidden ones aside) are named in a log line.
+
+    Hidden files and everything inside hidden folders (``.git/``, ``.ipynb_checkpoints/``) are skipped.
+    """
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     other = [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES]
     if other:
         log.info("%s: ignored %d file(s) that are not %s, e.g. %s (convert them to WAV or FLAC to use them)", folder,
@@ -140,6 +146,11 @@ def folder_index(root: Path, split: str, test_fraction: float = 0.1) -> Index:
         test = _test_files(files, root, test_fraction)
         files = [p for p in files if (p in test) == (split == "test")]
     if not files:
+        if base == root and _audio_files(root):  # the fraction drawn for the test split took none (or all)
+            raise ValueError(
+                f"the {split!r} split of {root} is empty: domain.test_fraction={test_fraction} of each label's files "
+                f"leaves it no file. Add files, change domain.test_fraction, or give {root}/train and {root}/test"
+            )
         raise ValueError(
             f"no {'/'.join(AUDIO_SUFFIXES)} files for split {split!r} under {base}; "
             "put audio files (optionally in one sub-folder per label) there"

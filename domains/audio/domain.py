@@ -15,6 +15,7 @@ from polydiff.domain import Batch, Domain
 from polydiff.space import DenseSpace, Space
 
 from .data import DIGITS, SPOKEN_DIGITS_DIR, ClipSet, folder_index, load_clips, normalise_split, sc09_index, spoken_digits_index
+from .features import mel_settings
 from .outputs import save_wavs, spectrogram_sheet
 
 __all__ = ["AudioDomain", "DATASETS"]
@@ -66,6 +67,8 @@ class AudioDomain(Domain):
             raise ValueError(f"domain.sample_rate={sample_rate} must be a rate in Hz (>= 100)")
         if not duration > 0:
             raise ValueError(f"domain.duration={duration} must be a positive number of seconds")
+        if limit is not None and limit < 1:
+            raise ValueError(f"domain.limit={limit} must be at least 1 clip per split (or null for all)")
         if int(channels) < 1:
             raise ValueError(f"domain.channels={channels} must be >= 1")
         if crop not in ("start", "center"):
@@ -84,13 +87,22 @@ class AudioDomain(Domain):
         self.metrics = bool(metrics)
         self.classifier_epochs = int(classifier_epochs)
         self.reference_split = normalise_split(reference_split)
-        self.length = round(self.sample_rate * self.duration)
+        self.length = self._checked_length(self.duration, "domain.duration")
         self.sample_shape = (self.channels, self.length)
         # Label names of the data (also for metrics of unconditional models); class_names only when conditional.
         self.label_names: list[str] = list(DIGITS) if dataset in ("spoken_digits", "sc09") else []
         self.class_names = list(self.label_names) if self.conditional else []
         self._splits: dict[str, ClipSet] = {}
         self._scorer: Any = None
+
+    def _checked_length(self, seconds: float, key: str) -> int:
+        """Samples in ``seconds``; an error naming ``key`` below one spectrogram window (~32 ms)."""
+        length = round(self.sample_rate * seconds)
+        shortest = mel_settings(self.sample_rate)["n_fft"]
+        if length < shortest:
+            raise ValueError(f"{key}={seconds} gives {length} samples at {self.sample_rate} Hz; clips need at least "
+                             f"{shortest} ({shortest / self.sample_rate:.3f} s) for their spectrograms and metrics")
+        return length
 
     # ------------------------------------------------------------------ data
     def data_config(self) -> dict[str, Any]:
@@ -134,6 +146,11 @@ class AudioDomain(Domain):
         if not self.label_names:
             self.label_names = list(train_set.class_names)
             self.class_names = list(self.label_names) if self.conditional else []
+        if self.metrics and self.label_names:  # metrics score the held-out split after training: check it now
+            try:
+                self.dataset(self.reference_split)
+            except (ValueError, FileNotFoundError) as err:
+                raise ValueError(f"{err} (the metrics need this split; domain.metrics=false trains without them)") from err
 
     def collate(self, items: Sequence[tuple[Tensor, int]]) -> Batch:
         x = torch.stack([wave for wave, _ in items])  # [B, C, L]
@@ -163,9 +180,7 @@ class AudioDomain(Domain):
         duration: Optional[float] = None,
     ) -> tuple[Space, dict[str, Tensor]]:
         """``n`` clips of the trained length, or of ``duration`` seconds (``prior.duration=2.0``)."""
-        length = self.length if duration is None else round(float(duration) * self.sample_rate)
-        if length < 1:
-            raise ValueError(f"prior.duration={duration} gives no samples at {self.sample_rate} Hz")
+        length = self.length if duration is None else self._checked_length(float(duration), "prior.duration")
         space = DenseSpace((n, self.channels, length), device_=torch.device(device))
         cond: dict[str, Tensor] = {}
         if self.class_names:

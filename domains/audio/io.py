@@ -50,6 +50,7 @@ class Conversions:
     cropped_loud: int = 0  # cropped clips whose dropped part held sound above -40 dB of the clip's peak
     padded: int = 0
     longest: float = 0.0  # seconds, of the longest cropped file
+    stubs: list = field(default_factory=list)  # (file, seconds) of clips under a tenth of the target length
 
     def report(self, what: str, sample_rate: int, channels: int, length: int) -> list[str]:
         """Log one line per kind of conversion; returns the lines."""
@@ -70,6 +71,12 @@ class Conversions:
             lines.append(f"{what}: zero-padded {self.padded} clip(s) shorter than {seconds:g} s")
         for line in lines:
             log.info(line)
+        if self.stubs:
+            named = ", ".join(f"{Path(p).name} ({s:.3f} s)" for p, s in self.stubs[:5])
+            line = (f"{what}: {len(self.stubs)} file(s) hold under a tenth of {seconds:g} s and train as near-silence "
+                    f"(truncated recordings?): {named}{', ...' if len(self.stubs) > 5 else ''}")
+            log.warning(line)
+            lines.append(line)
         return lines
 
 
@@ -140,6 +147,8 @@ def load_clip(path: Path, sample_rate: int, channels: int, length: int, conv: Co
     if rate != sample_rate:
         conv.resampled[rate] += 1
         x = resample(x, rate, sample_rate)
+    if x.shape[-1] * 10 < length:
+        conv.stubs.append((str(path), x.shape[-1] / sample_rate))
     return fit_length(x, length, conv, sample_rate, crop)
 
 

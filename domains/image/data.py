@@ -7,7 +7,9 @@ integer labels ``[N]`` (or none) and class names. :class:`ImageSet` turns them i
 
 from __future__ import annotations
 
+import logging
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,6 +34,8 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,6 +132,15 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _non_images(folder: Path, classes: list[str]) -> list[Path]:
+    """Visible files in ``folder`` and its class folders that :func:`_list_images` leaves out."""
+    dirs = [folder] + [folder / name for name in classes]
+    return sorted(
+        p for d in dirs for p in d.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
+    )
+
+
 def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]]:
     """Image paths with labels from sub-folder names; images directly in ``root`` are unlabelled."""
     if not root.is_dir():
@@ -157,16 +170,36 @@ def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]
     return paths, labels, classes
 
 
-def read_image(path: Path, size: int, mode: str) -> np.ndarray:
-    """One image as uint8 ``[C, size, size]``: shorter side resized to ``size``, then centre-cropped.
+def _to_8bit(img: "PIL.Image.Image") -> "PIL.Image.Image":
+    """A 16- or 32-bit grayscale image (modes ``I;16*``, ``I``) as mode ``L``, scaled by its full range.
 
-    ``mode`` is ``"rgb"`` or ``"grayscale"``; an alpha channel is dropped (not composited).
+    ``convert("L")`` would clip every value above 255, turning such images white.
+    """
+    from PIL import Image
+
+    raw = np.asarray(img)  # [H, W], uint16 or int32
+    # PNG holds at most 16 bits a sample (older Pillow opens 16-bit PNGs as mode "I"); else the dtype's range.
+    top = 65535 if img.format == "PNG" else int(np.iinfo(raw.dtype).max)
+    if raw.min() < 0 or raw.max() > top:
+        raise ValueError(f"mode {img.mode} pixel values span {raw.min()}..{raw.max()}, outside 0..{top}")
+    return Image.fromarray(np.round(raw.astype(np.float64) * (255.0 / top)).astype(np.uint8))
+
+
+def read_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, str]:
+    """One image as uint8 ``[C, size, size]`` and the file's PIL mode: shorter side resized to ``size``,
+    then centre-cropped.
+
+    ``mode`` is ``"rgb"`` or ``"grayscale"``; an alpha channel is dropped (not composited);
+    16- and 32-bit grayscale is scaled to 8 bits.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
+            source = img.mode
+            if source.startswith("I"):
+                img = _to_8bit(img)
             img = img.convert("RGB" if mode == "rgb" else "L")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read image {path}: {err}. Remove or replace the file.") from err
@@ -178,7 +211,29 @@ def read_image(path: Path, size: int, mode: str) -> np.ndarray:
     left, top = (new_w - size) // 2, (new_h - size) // 2
     img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # [C, H, W]
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)), source  # [C, H, W]
+
+
+def _describe_mode(source: str) -> str:
+    """How a PIL mode is converted, for the log: ``"RGBA (alpha dropped)"``, ``"I;16 (16-bit, ...)"``."""
+    if source.startswith("I;16"):
+        return f"{source} (16-bit, scaled to 8 bits)"
+    if source == "I":
+        return "I (32-bit, scaled to 8 bits)"
+    return f"{source} (alpha dropped)" if "A" in source else source
+
+
+def _log_folder(folder: Path, split: str, classes: list[str], sources: list[str], target: str) -> None:
+    """One log line for the files skipped as not images and one for the images converted to ``target``."""
+    skipped = _non_images(folder, classes)
+    if skipped:
+        log.info("%s: skipped %d file(s) that are not %s, e.g. %s (convert them to PNG to use them)", folder,
+                 len(skipped), "/".join(IMAGE_SUFFIXES), [str(p.relative_to(folder)) for p in skipped[:3]])
+    counts = Counter(m for m in sources if m != target)
+    if counts:
+        detail = ", ".join(f"{n} {_describe_mode(m)}" for m, n in sorted(counts.items()))
+        log.info("%s (%s split): converted %d of %d images to %s: %s", folder, split, sum(counts.values()),
+                 len(sources), target, detail)
 
 
 def load_folder(
@@ -203,13 +258,16 @@ def load_folder(
             if test_classes != classes:
                 raise ValueError(f"class folders differ between {root / 'train'} {classes} and {root / 'test'} {test_classes}")
     else:
+        folder = root
         paths, labels, classes = _scan_folder(root)
         lab = None if labels is None else np.asarray(labels)
         train, test = stratified_split(lab, len(paths), test_fraction, seed)
         index = train if _split_kind(split, "folder") == "train" else test
     if len(index) == 0:
         raise ValueError(f"split {split!r} of image folder {root} is empty: add images or change domain.test_fraction")
-    images = np.stack([read_image(paths[i], size, mode) for i in index])
+    read = [read_image(paths[i], size, mode) for i in index]
+    _log_folder(folder, split, classes, [source for _, source in read], "RGB" if mode == "rgb" else "L")
+    images = np.stack([arr for arr, _ in read])  # [N, C, size, size]
     lab_arr = None if labels is None else np.asarray(labels, dtype=np.int64)[index]
     return ImageArrays(images, lab_arr, classes, max_value=255)
 

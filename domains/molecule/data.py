@@ -138,7 +138,7 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
 
 
 def _embed(smiles: str, num_conformers: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """ETKDG v3 conformers (Riniker & Landrum 2015) relaxed with MMFF94: [(z [n], pos [n, 3])]."""
+    """ETKDG v3 conformers (Wang, Witek, Landrum & Riniker 2020) relaxed with MMFF94: [(z [n], pos [n, 3])]."""
     from rdkit import Chem
     from rdkit.Chem import AllChem
 
@@ -166,8 +166,11 @@ def conformers_from_smiles(
     key = hashlib.sha1(("\n".join(smiles) + f"|{num_conformers}|{seed}|etkdgv3+mmff94").encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"molecule_conformers_{tag}{key}.pt" if cache_dir is not None else None
     if cache is not None and cache.is_file():
-        blob = torch.load(cache, weights_only=True)
-        return MoleculeSet(blob["z"], blob["pos"], None, blob["smiles"])
+        try:
+            blob = torch.load(cache, weights_only=True)
+            return MoleculeSet(blob["z"], blob["pos"], None, blob["smiles"])
+        except Exception as err:  # a damaged cache: rebuilt from the SMILES, never trusted
+            log.warning("conformer cache %s is unreadable (%s: %s): rebuilding it", cache, type(err).__name__, err)
     z_list, pos_list, smi_list = [], [], []
     failed = 0
     for i, smi in enumerate(smiles):
@@ -193,6 +196,22 @@ def _overlapping_atoms(pos: np.ndarray, min_distance: float = 0.5) -> bool:
     d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)  # [N, N]
     np.fill_diagonal(d, np.inf)
     return bool(len(pos) > 1 and d.min() < min_distance)
+
+
+def _lacks_3d(mol) -> bool:
+    """True for a missing or 2-D-flagged conformer, or a flat depiction flagged 3-D.
+
+    All z exactly 0 is only a real geometry when the molecule can be planar: an sp3 atom with
+    3 or more neighbours (explicit hydrogens count) never is, so such a record is a 2-D drawing.
+    """
+    from rdkit import Chem
+
+    if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
+        return True
+    if np.any(mol.GetConformer().GetPositions()[:, 2] != 0.0):  # z of [N, 3]
+        return False
+    sp3 = Chem.HybridizationType.SP3
+    return any(a.GetHybridization() == sp3 and a.GetDegree() >= 3 for a in mol.GetAtoms())
 
 
 def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str] = ()) -> MoleculeSet:
@@ -224,8 +243,11 @@ def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str
         where += f" ({name!r})" if name else ""
         reason = None
         symbols = [a.GetSymbol() for a in mol.GetAtoms()]
-        if mol.GetNumConformers() == 0 or not mol.GetConformer().Is3D():
-            reason = "no 3-D coordinates (2-D or missing conformer)"
+        if _lacks_3d(mol):
+            reason = (
+                "no 3-D coordinates (missing conformer, 2-D flag, or all z = 0 for a non-planar molecule); "
+                "give it 3-D coordinates (RDKit: AllChem.EmbedMolecule after Chem.AddHs)"
+            )
         elif any(s not in allowed for s in symbols):
             reason = f"elements {sorted(set(symbols) - allowed)} are outside the vocabulary {sorted(allowed)}"
         elif any(a.GetTotalNumHs(includeNeighbors=False) > 0 for a in mol.GetAtoms()):

@@ -80,6 +80,10 @@ class MoleculeDomain(Domain):
             raise ValueError(f"domain.condition_on={condition_on!r} is not a QM9 target; choose one of {list(QM9_TARGETS)}")
         if condition_on is not None and source in ("builtin", "smiles"):
             raise ValueError("domain.condition_on needs property values: use source=qm9 or source=sdf with an SD tag")
+        for key, value in (("num_conformers", num_conformers), ("max_molecules", max_molecules),
+                           ("max_heavy_atoms", max_heavy_atoms)):
+            if value is not None and value < 1:
+                raise ValueError(f"domain.{key}={value} must be at least 1")
         self.source, self.path = source, path
         self.atom_types = list(atom_types)
         self.max_heavy_atoms, self.num_conformers, self.max_molecules = max_heavy_atoms, num_conformers, max_molecules
@@ -236,9 +240,15 @@ class MoleculeDomain(Domain):
             cpu = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
         ctx_raw: Optional[Tensor] = None
         if num_atoms is not None:
-            counts = torch.as_tensor([num_atoms] * n if isinstance(num_atoms, int) else list(num_atoms), dtype=torch.long)
-            if counts.shape != (n,) or int(counts.min()) < 1:
+            values = [num_atoms] * n if isinstance(num_atoms, int) else list(num_atoms)
+            if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
                 raise ValueError(f"prior.num_atoms must be a positive int or a list of {n} positive ints, got {num_atoms!r}")
+            counts = torch.tensor(values, dtype=torch.long)
+            seen = len(self.num_atoms_hist) - 1
+            if seen > 0 and int(counts.max()) > 2 * seen:
+                log.warning("prior.num_atoms=%d is over twice the largest training molecule (%d atoms): expect poor "
+                            "molecules, and the fully connected EGNN's memory grows with the square of the count",
+                            int(counts.max()), seen)
         elif self.condition_on and context is None and self.context_pairs:
             pick = torch.randint(len(self.context_pairs), (n,), generator=cpu)
             counts = torch.tensor([self.context_pairs[i][0] for i in pick.tolist()], dtype=torch.long)
