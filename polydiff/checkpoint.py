@@ -42,13 +42,16 @@ def atomic_save(obj: Any, path: Path) -> None:
         pass
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a polydiff checkpoint with ``weights_only=True``; a clear error for other files."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load a polydiff checkpoint with ``weights_only=True``; a clear error for other files.
+
+    ``mmap=True`` maps tensors from the file instead of reading them (to look at the config alone).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # corrupt or not a torch file
         raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:

@@ -41,7 +41,7 @@ def _recipe_paths(recipe: str) -> tuple[Path, list[str]]:
     return path, search
 
 
-def compose_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Any:
+def compose_recipe(recipe: str | Path, overrides: Sequence[str] = (), with_hydra: bool = False) -> Any:
     """Compose a recipe with overrides into a DictConfig, exactly as ``polydiff train`` does."""
     from hydra import compose, initialize_config_dir
 
@@ -50,7 +50,20 @@ def compose_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> Any:
     register_configs()
     path, search = _recipe_paths(str(recipe))
     with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-        return compose(config_name=path.stem, overrides=[*search, *overrides])
+        return compose(config_name=path.stem, overrides=[*search, *overrides], return_hydra_config=with_hydra)
+
+
+def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
+    """Refuse a run directory whose checkpoint the recipe cannot resume before Hydra records the new config there."""
+    from .build import to_plain
+    from .checkpoint import load_checkpoint
+    from .trainer import check_compatible
+
+    cfg = compose_recipe(recipe, [o for o in overrides if "=" in o and not o.startswith("-")], with_hydra=True)
+    ckpt = Path(cfg.hydra.run.dir) / "checkpoints" / "last.pt"
+    if cfg.trainer.resume == "auto" and ckpt.is_file():
+        del cfg.hydra
+        check_compatible(load_checkpoint(ckpt, mmap=True)["config"], to_plain(cfg), ckpt)
 
 
 _USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)
@@ -74,7 +87,9 @@ def _train(args: Sequence[str]) -> None:
     path, search = _recipe_paths(args[0])
     try:
         check_overrides(args[1:])
-    except KeyError as err:
+        if not {"-m", "--multirun", "--cfg", "-c", "--help", "-h"} & set(args[1:]):
+            _check_run_dir(args[0], args[1:])
+    except (KeyError, ValueError) as err:
         raise _fail(_message(err)) from err
 
     @hydra.main(version_base=None, config_path=None, config_name=None)

@@ -143,6 +143,11 @@ def test_train_then_sample(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for path in ("checkpoints/last.pt", "metrics.jsonl", "samples"):
         assert (run_dir / path).exists()
+    # A recipe that cannot resume the run is refused before Hydra records its config in the run.
+    recorded = (run_dir / ".hydra" / "config.yaml").read_text()
+    bad = run("train", "examples/points.yaml", "trainer.max_steps=50", "model.width=16", f"hydra.run.dir={run_dir}")
+    assert bad.returncode != 0 and "does not fit this recipe" in bad.stderr and "width" in bad.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == recorded
     out = tmp_path / "new"
     proc = run("sample", str(run_dir), "--n", "8", "--out", str(out), "sampler.name=dpmpp_2m", "sampler.steps=10", "--eval")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -100,6 +100,7 @@ def test_folder_scales_high_bit_images_and_logs_conversions_once(tmp_path, caplo
     _write(root / "5_rgba.png", "RGBA", (8, 8), (0, 0, 255, 128), "PNG")
     (root / "notes.txt").write_text("not an image")
     _write(root / "pic.bmp", "RGB", (8, 8), (0, 0, 0), "BMP")
+    (root / "._4_rgb.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork: hidden, not read
     with caplog.at_level(logging.INFO):
         rgb = load_folder(tmp_path / "imgs", "train", size=8, mode="rgb", test_fraction=0.01)
     assert len(rgb.images) == 6

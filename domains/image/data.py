@@ -129,7 +129,9 @@ def _split_kind(split: str, source: str) -> str:
 
 # ---------------------------------------------------------------------------- folder
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Visible image files directly in ``folder`` (hidden ones such as macOS ``._x.png`` are not images)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _non_images(folder: Path, classes: list[str]) -> list[Path]:
