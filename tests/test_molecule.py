@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,11 @@ def test_qm9_loader_on_fake_raw_folder_and_missing_copy(tmp_path):
     alphas = np.array([4.0, 204.0, 304.0])  # i * 100 + 4 for the kept molecules 0, 2, 3
     mad = np.abs(alphas - alphas.mean()).mean()  # EDM normalises properties by mean and MAD
     assert torch.allclose(cond["context"], torch.full((2, 1), (204.0 - alphas.mean()) / mad))
+    broken = tmp_path / "broken"
+    shutil.copytree(raw, broken / "raw")
+    (broken / "raw" / "gdb9.sdf.csv").write_text(header + "\n")  # no property rows for the molecules
+    with pytest.raises(ValueError, match=r"QM9 raw files in .*broken.*could not be processed.*intact copies"):
+        load_qm9(broken)
 
 
 def test_bad_domain_configuration_messages():

@@ -134,7 +134,8 @@ def folder_index(root: Path, split: str, test_fraction: float = 0.1) -> Index:
     root = Path(root)
     split = normalise_split(split)
     if not root.is_dir():
-        raise FileNotFoundError(f"audio folder {root} does not exist")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"audio folder {root} {what}: point domain.root at the folder holding the audio")
     if (root / "train").is_dir() and (root / "test").is_dir():
         if split == "valid":
             raise ValueError(f"{root} has only 'train' and 'test' sub-folders")

@@ -297,7 +297,13 @@ def load_qm9(root: Path | str) -> MoleculeSet:
         )
     from torch_geometric.datasets import QM9
 
-    ds = QM9(str(root))
+    try:
+        ds = QM9(str(root))
+    except Exception as err:  # PyG parses the raw files on first use; a damaged copy fails deep inside it
+        raise ValueError(
+            f"QM9 raw files in {raw} could not be processed ({type(err).__name__}: {err}); replace them with intact "
+            f"copies of gdb9.sdf, gdb9.sdf.csv and uncharacterized.txt and remove {processed} if it exists"
+        ) from err
     z_list, pos_list, y_list, smi_list = [], [], [], []
     for i in range(len(ds)):
         d = ds[i]
