@@ -389,3 +389,15 @@ def test_dense_layout_benchmark_matches_edge_list():
     assert dense[~mask].abs().max() == 0
     assert edge[:, :3].abs().max() > 0.1
     torch.testing.assert_close(_unpad(dense, batch, torch.tensor(sizes)), edge, atol=1e-5, rtol=1e-5)
+
+
+def test_damaged_conformer_cache_is_rebuilt(tmp_path, caplog):
+    from domains.molecule.data import conformers_from_smiles
+
+    first = conformers_from_smiles(["CCO", "C=O"], 2, tmp_path, seed=0)
+    (cache,) = tmp_path.glob("molecule_conformers_*.pt")
+    cache.write_bytes(cache.read_bytes()[:100])  # a torn write from another program
+    with caplog.at_level(logging.WARNING):
+        again = conformers_from_smiles(["CCO", "C=O"], 2, tmp_path, seed=0)
+    assert "is unreadable" in caplog.text and cache.name in caplog.text
+    assert len(again) == len(first) and all(torch.equal(a["pos"], b["pos"]) for a, b in zip(first, again))
