@@ -131,7 +131,7 @@ def test_sampler_step_is_equivariant():
 
 
 # ----------------------------------------------------------- state / prior
-def test_zero_com_noise_projection_and_prior(tmp_path):
+def test_zero_com_noise_projection_and_prior(tmp_path, caplog):
     dom = MoleculeDomain(source="sdf", path=str(_write_sdf(tmp_path / "m.sdf", ["CCO", "c1ccccc1", "CC#N", "OCC=O"])), split=(1.0, 0.0, 0.0))
     dom.setup(dom.dataset("train"))
     assert dom.num_atoms_hist[9] == 1 and dom.num_atoms_hist[12] == 1 and sum(dom.num_atoms_hist) == 4
@@ -149,8 +149,12 @@ def test_zero_com_noise_projection_and_prior(tmp_path):
     torch.testing.assert_close(proj[:, 3:], shifted[:, 3:])
     space2, cond2 = dom.prior(3, num_atoms=[4, 5, 12])
     assert torch.bincount(cond2["batch"]).tolist() == [4, 5, 12] and space2.shape == (21, 3 + F)
-    with pytest.raises(ValueError, match="num_atoms"):
-        dom.prior(2, num_atoms=[3])
+    for bad in ([3], 7.9, 0, True):  # never truncated to an int nor read as one
+        with pytest.raises(ValueError, match="prior.num_atoms must be a positive int"):
+            dom.prior(2, num_atoms=bad)
+    with caplog.at_level(logging.WARNING):
+        dom.prior(1, num_atoms=40)  # more than twice the 12-atom largest training molecule
+    assert "prior.num_atoms=40 is over twice the largest training molecule (12 atoms)" in caplog.text
     # collate: EDM feature scaling, zero CoM; state_dict round trip keeps sampling possible
     batch = dom.collate([dom.dataset("train")[i] for i in range(2)])
     assert batch.x.shape[1] == 3 + F

@@ -240,7 +240,7 @@ class MoleculeDomain(Domain):
             cpu = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
         ctx_raw: Optional[Tensor] = None
         if num_atoms is not None:
-            values = [num_atoms] * n if isinstance(num_atoms, int) else list(num_atoms)
+            values = list(num_atoms) if isinstance(num_atoms, (list, tuple)) else [num_atoms] * n
             if len(values) != n or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
                 raise ValueError(f"prior.num_atoms must be a positive int or a list of {n} positive ints, got {num_atoms!r}")
             counts = torch.tensor(values, dtype=torch.long)
