@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -55,15 +56,47 @@ def compose_recipe(recipe: str | Path, overrides: Sequence[str] = (), with_hydra
 
 def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
     """Refuse a run directory whose checkpoint the recipe cannot resume before Hydra records the new config there."""
+    from hydra.errors import ConfigCompositionException
+
     from .build import to_plain
     from .checkpoint import load_checkpoint
     from .trainer import check_compatible
 
-    cfg = compose_recipe(recipe, [o for o in overrides if "=" in o and not o.startswith("-")], with_hydra=True)
+    plain = [o for o in overrides if "=" in o and not o.startswith("-")]
+    try:
+        cfg = compose_recipe(recipe, plain, with_hydra=True)
+    except ConfigCompositionException as err:
+        _explain_override(recipe, plain, err)
+        raise
     ckpt = Path(cfg.hydra.run.dir) / "checkpoints" / "last.pt"
     if cfg.trainer.resume == "auto" and ckpt.is_file():
         del cfg.hydra
         check_compatible(load_checkpoint(ckpt, mmap=True)["config"], to_plain(cfg), ckpt)
+
+
+def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> None:
+    """For ``domain.KEY=V`` / ``model.KEY=V`` naming a key the recipe does not set, say whether to add it or fix it."""
+    import difflib
+
+    from . import get_domain
+    from .config import unknown_key
+
+    bad = next((o for o in overrides if f"Could not override '{o.split('=', 1)[0]}'" in str(err)), None)
+    section, _, key = (bad or "").split("=", 1)[0].partition(".")
+    if section not in ("domain", "model") or not key or "." in key:
+        return
+    base = compose_recipe(recipe, [o for o in overrides if o != bad])
+    present = [str(k) for k in base[section]]
+    if section == "domain":
+        cls = get_domain(base.domain.name)
+        known = [n for n in inspect.signature(cls).parameters if n != "self"]
+        if key not in known:
+            raise unknown_key("domain", key, known, cls.__qualname__) from err
+        raise KeyError(f"domain.{key} is an argument of {cls.__qualname__} that this recipe does not set: add it with +{bad}") from err
+    close = difflib.get_close_matches(key, present, n=1)
+    hint = f"Did you mean 'model.{close[0]}'? " if close else ""
+    raise KeyError(f"model.{key} is not in this recipe's model section {present}. {hint}If the network takes it, "
+                   f"add it with +{bad}") from err
 
 
 _USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)

@@ -100,7 +100,12 @@ def test_misspelled_keys_fail_clearly(tmp_path):
     with pytest.raises(Exception, match="lrr"):
         compose_recipe(ROOT / "examples" / "points.yaml", ["trainer.lrr=1"])
     proc = run("train", "examples/points.yaml", "model.widht=3", f"hydra.run.dir={tmp_path}")
-    assert proc.returncode != 0 and "model.widht" in proc.stderr
+    assert proc.returncode != 0 and "Did you mean 'model.width'?" in proc.stderr
+    proc = run("train", "examples/points.yaml", "domain.sise=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "Did you mean 'domain.size'?" in proc.stderr
+    # A real constructor argument the recipe does not set: Hydra needs '+', and the message says so.
+    proc = run("train", "recipes/molecule_egnn.yaml", "domain.max_molecules=30", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "add it with +domain.max_molecules=30" in proc.stderr
     # Inside a recipe file, a misspelled constructor key is named with the likely fix.
     recipe = tmp_path / "typo.yaml"
     recipe.write_text((ROOT / "examples" / "points.yaml").read_text().replace("width: 128", "widht: 128"))
