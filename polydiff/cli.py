@@ -67,7 +67,7 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
         cfg = compose_recipe(recipe, plain, with_hydra=True)
     except ConfigCompositionException as err:
         _explain_override(recipe, plain, err)
-        raise
+        return  # not ours to explain: Hydra reports it as usual
     ckpt = Path(cfg.hydra.run.dir) / "checkpoints" / "last.pt"
     if cfg.trainer.resume == "auto" and ckpt.is_file():
         del cfg.hydra
@@ -85,7 +85,10 @@ def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> 
     section, _, key = (bad or "").split("=", 1)[0].partition(".")
     if section not in ("domain", "model") or not key or "." in key:
         return
-    base = compose_recipe(recipe, [o for o in overrides if o != bad])
+    try:
+        base = compose_recipe(recipe, [o for o in overrides if o != bad])
+    except Exception:  # another override fails too: Hydra names it
+        return
     present = [str(k) for k in base[section]]
     if section == "domain":
         cls = get_domain(base.domain.name)

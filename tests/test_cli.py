@@ -106,6 +106,8 @@ def test_misspelled_keys_fail_clearly(tmp_path):
     # A real constructor argument the recipe does not set: Hydra needs '+', and the message says so.
     proc = run("train", "recipes/molecule_egnn.yaml", "domain.max_molecules=30", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "add it with +domain.max_molecules=30" in proc.stderr
+    proc = run("train", "recipes/molecule_egnn.yaml", "profile=cpuu", f"hydra.run.dir={tmp_path}")  # Hydra's own message
+    assert proc.returncode != 0 and "Could not find 'profile/cpuu'" in proc.stderr and "Traceback" not in proc.stderr
     # Inside a recipe file, a misspelled constructor key is named with the likely fix.
     recipe = tmp_path / "typo.yaml"
     recipe.write_text((ROOT / "examples" / "points.yaml").read_text().replace("width: 128", "widht: 128"))
