@@ -76,8 +76,6 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
 
 def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> None:
     """For ``domain.KEY=V`` / ``model.KEY=V`` naming a key the recipe does not set, say whether to add it or fix it."""
-    import difflib
-
     from . import get_domain
     from .config import unknown_key
 
@@ -89,17 +87,14 @@ def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> 
         base = compose_recipe(recipe, [o for o in overrides if o != bad])
     except Exception:  # another override fails too: Hydra names it
         return
-    present = [str(k) for k in base[section]]
     if section == "domain":
         cls = get_domain(base.domain.name)
         known = [n for n in inspect.signature(cls).parameters if n != "self"]
         if key not in known:
             raise unknown_key("domain", key, known, cls.__qualname__) from err
         raise KeyError(f"domain.{key} is an argument of {cls.__qualname__} that this recipe does not set: add it with +{bad}") from err
-    close = difflib.get_close_matches(key, present, n=1)
-    hint = f"Did you mean 'model.{close[0]}'? " if close else ""
-    raise KeyError(f"model.{key} is not in this recipe's model section {present}. {hint}If the network takes it, "
-                   f"add it with +{bad}") from err
+    message = unknown_key("model", key, [str(k) for k in base.model]).args[0]
+    raise KeyError(f"{message}. If the network takes it, add it with +{bad}") from err
 
 
 _USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)
