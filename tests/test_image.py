@@ -116,6 +116,17 @@ def test_folder_scales_high_bit_images_and_logs_conversions_once(tmp_path, caplo
     assert np.abs(gray.images[0].astype(int) - gray.images[1]).max() <= 1 and gray.images[0].max() == 255
 
 
+def test_folder_reads_images_nested_below_class_folders(tmp_path):
+    _write(tmp_path / "a" / "1.png", "RGB", (9, 9), (10, 10, 10), "PNG")
+    _write(tmp_path / "a" / "batch2" / "2.png", "RGB", (9, 9), (20, 20, 20), "PNG")  # nested: still class 'a'
+    _write(tmp_path / "b" / "2019" / "05" / "3.png", "RGB", (9, 9), (30, 30, 30), "PNG")  # only nested images
+    _write(tmp_path / "b" / ".thumbs" / "4.png", "RGB", (9, 9), (99, 99, 99), "PNG")  # hidden folder: skipped
+    data = load_folder(tmp_path, "train", size=4, test_fraction=0.01)
+    assert data.class_names == ["a", "b"]
+    pairs = sorted(zip(data.images[:, 0, 0, 0].tolist(), data.labels.tolist()))
+    assert pairs == [(10, 0), (20, 0), (30, 1)]
+
+
 def test_folder_train_test_subfolders(tmp_path):
     _write(tmp_path / "train" / "a" / "1.png", "RGB", (9, 9), (10, 10, 10), "PNG")
     _write(tmp_path / "train" / "b" / "2.png", "RGB", (9, 9), (20, 20, 20), "PNG")

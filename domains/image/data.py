@@ -128,23 +128,28 @@ def _split_kind(split: str, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------- folder
-def _list_images(folder: Path) -> list[Path]:
-    """Visible image files directly in ``folder`` (hidden ones such as macOS ``._x.png`` are not images)."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+def _visible_files(folder: Path, recursive: bool) -> list[Path]:
+    """Files in ``folder`` (and below it when ``recursive``), hidden files and folders left out."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and its sub-folders when ``recursive``); hidden ones such as
+    macOS ``._x.png`` and everything in hidden folders are not images."""
+    return [p for p in _visible_files(folder, recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
 def _non_images(folder: Path, classes: list[str]) -> list[Path]:
-    """Visible files in ``folder`` and its class folders that :func:`_list_images` leaves out."""
-    dirs = [folder] + [folder / name for name in classes]
-    return sorted(
-        p for d in dirs for p in d.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES
-    )
+    """Visible files in ``folder`` and under its class folders that :func:`_list_images` leaves out."""
+    files = _visible_files(folder, False) + [p for name in classes for p in _visible_files(folder / name, True)]
+    return [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]]:
-    """Image paths with labels from sub-folder names; images directly in ``root`` are unlabelled."""
+    """Image paths with labels from sub-folder names (images anywhere below a class folder count
+    for it); images directly in ``root``, with no sub-folders, are unlabelled."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (set domain.root to a folder of PNG/JPEG images)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -161,7 +166,7 @@ def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]
     paths: list[Path] = []
     labels: list[int] = []
     for k, name in enumerate(classes):
-        found = _list_images(root / name)
+        found = _list_images(root / name, recursive=True)  # nested folders too, as in torchvision's ImageFolder
         if not found:
             raise ValueError(
                 f"class folder {root / name} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)}); "
