@@ -75,26 +75,36 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
 
 
 def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> None:
-    """For ``domain.KEY=V`` / ``model.KEY=V`` naming a key the recipe does not set, say whether to add it or fix it."""
+    """For ``domain.KEY=V`` / ``model.KEY=V`` naming keys the recipe does not set, say whether to add or fix each."""
     from . import get_domain
     from .config import unknown_key
 
-    bad = next((o for o in overrides if f"Could not override '{o.split('=', 1)[0]}'" in str(err)), None)
-    section, _, key = (bad or "").split("=", 1)[0].partition(".")
-    if section not in ("domain", "model") or not key or "." in key:
-        return
-    try:
-        base = compose_recipe(recipe, [o for o in overrides if o != bad])
-    except Exception:  # another override fails too: Hydra names it
-        return
-    if section == "domain":
-        cls = get_domain(base.domain.name)
-        known = [n for n in inspect.signature(cls).parameters if n != "self"]
-        if key not in known:
-            raise unknown_key("domain", key, known, cls.__qualname__) from err
-        raise KeyError(f"domain.{key} is an argument of {cls.__qualname__} that this recipe does not set: add it with +{bad}") from err
-    message = unknown_key("model", key, [str(k) for k in base.model]).args[0]
-    raise KeyError(f"{message}. If the network takes it, add it with +{bad}") from err
+    bad: list[str] = []
+    rest = list(overrides)
+    while True:  # Hydra names one override at a time: collect them all, then compose what is left
+        o = next((o for o in rest if f"Could not override '{o.split('=', 1)[0]}'" in str(err)), None)
+        section, _, key = (o or "").split("=", 1)[0].partition(".")
+        if section not in ("domain", "model") or not key or "." in key:
+            return  # not a key this function can explain: Hydra reports it as usual
+        bad.append(o)
+        rest.remove(o)
+        try:
+            base = compose_recipe(recipe, rest)
+            break
+        except Exception as e:  # noqa: BLE001 -- the next override Hydra cannot apply
+            err = e
+    messages = []
+    for o in bad:
+        section, key = o.split("=", 1)[0].split(".")
+        if section == "domain":
+            cls = get_domain(base.domain.name)
+            known = [n for n in inspect.signature(cls).parameters if n != "self"]
+            messages.append(unknown_key("domain", key, known, cls.__qualname__).args[0] if key not in known else
+                            f"domain.{key} is an argument of {cls.__qualname__} that this recipe does not set: add it with +{o}")
+        else:
+            message = unknown_key("model", key, [str(k) for k in base.model]).args[0]
+            messages.append(message if "Did you mean" in message else f"{message}. If the network takes it, add it with +{o}")
+    raise KeyError("\n".join(messages)) from err
 
 
 _USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)

@@ -106,6 +106,11 @@ def test_misspelled_keys_fail_clearly(tmp_path):
     # A real constructor argument the recipe does not set: Hydra needs '+', and the message says so.
     proc = run("train", "recipes/molecule_egnn.yaml", "domain.max_molecules=30", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "add it with +domain.max_molecules=30" in proc.stderr
+    # Several at once: each is named, not only the first Hydra stops at.
+    proc = run("train", "recipes/molecule_egnn.yaml", "model.hiden=64", "domain.max_molecules=30",
+               f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "Did you mean 'model.hidden'?" in proc.stderr
+    assert "add it with +domain.max_molecules=30" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("train", "recipes/molecule_egnn.yaml", "profile=cpuu", f"hydra.run.dir={tmp_path}")  # Hydra's own message
     assert proc.returncode != 0 and "Could not find 'profile/cpuu'" in proc.stderr and "Traceback" not in proc.stderr
     # Inside a recipe file, a misspelled constructor key is named with the likely fix.
