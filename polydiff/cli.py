@@ -1,4 +1,4 @@
-"""The ``polydiff`` command: ``train`` (Hydra recipes), ``sample`` (from a run directory), ``bench``."""
+"""The ``polydiff`` command: ``train`` (Hydra recipes), ``sample`` (from a run directory), ``eval`` (score sample files), ``bench``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ commands:
         (multirun: -m trainer.lr=1e-4,2e-4; every Hydra flag works)
   sample RUN_DIR [--n N] [--eval] [--seeds K] [overrides]   write new samples from a run's last checkpoint, e.g.
         polydiff sample runs/audio --n 16 sampler.name=ddim sampler.steps=50 guidance.scale=3 label=seven
+  eval RUN_DIR|RECIPE.yaml SAMPLES... [--json FILE] [domain.KEY=V]   score sample files (WAV/FLAC, SDF/XYZ,
+        PNG/JPEG, .pt) made by any model with the domain's metrics, beside real held-out data, e.g.
+        polydiff eval runs/audio other_model_wavs/ runs/audio/samples/sample-20261129-101500
   bench [--suite quick|full] [--domains ...]   benchmark every registered domain
 """
 
@@ -266,6 +269,41 @@ def _sample(args: Sequence[str]) -> None:
             print(f"real data: {_fmt_metrics(record['reference'])}")
 
 
+def _eval(args: Sequence[str]) -> None:
+    from .scoring import load_domain, score_samples
+
+    p = argparse.ArgumentParser(
+        prog="polydiff eval",
+        description="Score sample files made by any model with a domain's metrics, beside real held-out data.",
+    )
+    p.add_argument("source", help="a run directory (its checkpoint names the domain) or a recipe .yaml")
+    p.add_argument("samples", nargs="+", help="files or folders of samples, one row each; domain.KEY=V overrides too")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--no-reference", action="store_true", help="skip the real-data reference row")
+    a = p.parse_intermixed_args(args)
+    overrides = [s for s in a.samples if "=" in s and s.lstrip("+").startswith("domain.")]
+    paths = [s for s in a.samples if s not in overrides]
+    if not paths:
+        raise _fail("give at least one file or folder of samples to score")
+    if a.json is not None and a.json.exists():
+        raise _fail(f"{a.json} exists: choose another --json file, or remove it first")
+    try:
+        domain, _ = load_domain(a.source, overrides)
+        record = score_samples(domain, paths, reference=not a.no_reference)
+    except _USER_ERRORS + (RuntimeError,) as err:
+        raise _fail(_message(err)) from err
+    if not any(row["metrics"] for row in record["samples"]):
+        print(f"polydiff: warning: domain {domain.name!r} computed no metrics for these samples", file=sys.stderr)
+    for row in record["samples"]:
+        print(f"{row['path']} ({row['n']} samples): {_fmt_metrics(row['metrics'])}")
+    if record.get("reference"):
+        print(f"real data: {_fmt_metrics(record['reference'])}")
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"source": str(a.source), **record}, indent=1, default=float) + "\n")
+        print(f"wrote {a.json}")
+
+
 def _fresh_dir(path: Path) -> Path:
     """``path``, or ``path-2``, ``path-3``, ... where it exists (two draws within one second)."""
     candidate, k = path, 1
@@ -302,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    commands = {"train": _train, "sample": _sample, "bench": _bench}
+    commands = {"train": _train, "sample": _sample, "eval": _eval, "bench": _bench}
     if command not in commands:
         raise _fail(f"unknown command {command!r}; choose one of {sorted(commands)}")
     commands[command](rest)

@@ -55,7 +55,7 @@ class Domain:
     * :meth:`collate` -- items -> :class:`Batch` (dense stacking by default).
     * :meth:`prior` -- the layout and conditions of ``n`` new samples.
     * :meth:`save_samples` / :meth:`evaluate` -- outputs and metrics (a ``.pt`` file and no
-      metrics by default).
+      metrics by default); :meth:`read_samples` reads sample files back (``polydiff eval``).
     * :meth:`concat` -- one batch from the chunks of a large draw (override when ``cond`` holds
       indices into the state, such as a graph batch vector).
     * :meth:`state_dict` / :meth:`load_state_dict` -- what sampling needs from the data
@@ -163,6 +163,31 @@ class Domain:
         first = batches[0]
         cond = {k: torch.cat([b.cond[k] for b in batches]) if isinstance(v, Tensor) else v for k, v in first.cond.items()}
         return Batch(torch.cat([b.x for b in batches]), type(first.space).cat([b.space for b in batches]), cond)
+
+    def read_samples(self, path: Path) -> Batch:
+        """Samples made elsewhere, read back from ``path`` for :meth:`evaluate` (``polydiff eval``).
+
+        The default reads the ``.pt`` files that the default :meth:`save_samples` writes (a file,
+        or every ``.pt`` in a folder): ``x [B, ...]`` and tensor conditions such as ``label``.
+        """
+        path = Path(path)
+        files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+        if not files or not files[0].is_file():
+            raise FileNotFoundError(f"no samples at {path}: give a .pt file written by save_samples, or a folder of them")
+        batches = []
+        for f in files:
+            try:
+                saved = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 -- any unreadable file gets the same message
+                raise ValueError(f"cannot read samples from {f} ({err}); expected a .pt file written by save_samples") from err
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("x"), Tensor):
+                raise ValueError(f"{f} holds no sample tensor 'x'; expected a .pt file written by save_samples")
+            x = saved["x"].float()
+            if self.sample_shape is not None and tuple(x.shape[1:]) != tuple(self.sample_shape):
+                raise ValueError(f"samples in {f} have shape {tuple(x.shape[1:])}, the domain's are {tuple(self.sample_shape)}")
+            cond = {k: v for k, v in saved.items() if k != "x" and isinstance(v, Tensor) and len(v) == len(x)}
+            batches.append(Batch(x, DenseSpace(tuple(x.shape)), cond))
+        return self.concat(batches)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
         """Quality metrics of generated samples (none by default)."""

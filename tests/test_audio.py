@@ -273,6 +273,36 @@ def test_metrics_rank_real_clips_above_noise(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "audio").glob("*.pt"))) == 1
 
 
+def test_eval_scores_wav_files_made_elsewhere_like_the_reference_row(tmp_path, monkeypatch):
+    """polydiff eval on the held-out clips as files (16 kHz FLAC, resampled on reading) gives the reference
+    row's figures; noise WAVs named as polydiff sample names them score far worse, with label accuracy."""
+    from polydiff.cli import main
+
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    real = tmp_path / "real"
+    with open(SPOKEN_DIGITS_DIR / "metadata.csv") as f:
+        for row in csv.DictReader(f):
+            if row["split"] == "test":
+                (real / row["label"]).mkdir(parents=True, exist_ok=True)
+                (real / row["label"] / Path(row["file"]).name).write_bytes((SPOKEN_DIGITS_DIR / row["file"]).read_bytes())
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        sf.write(noise / f"samples_{i:03d}_{DIGITS[i % 10]}.wav", (0.3 * rng.standard_normal(1400)).astype(np.float32), 2000)
+    out = tmp_path / "scores.json"
+    main(["eval", str(Path(__file__).resolve().parents[1] / "recipes" / "audio_unet.yaml"), str(real), str(noise),
+          "domain.sample_rate=2000", "domain.duration=0.7", "domain.classifier_epochs=4", "domain.limit=300",
+          "--json", str(out)])
+    record = json.loads(out.read_text())
+    (real_row, noise_row), ref = record["samples"], record["reference"]
+    assert real_row["n"] == 100 and noise_row["n"] == 20 and ref["num_samples"] == 100
+    for key in ("fid", "is", "am", "label_acc"):
+        assert real_row["metrics"][key] == pytest.approx(ref[key], rel=1e-4), key
+    assert real_row["metrics"]["label_acc"] > 0.8 and noise_row["metrics"]["label_acc"] < 0.5
+    assert noise_row["metrics"]["fid"] > 10 * real_row["metrics"]["fid"]
+
+
 # ------------------------------------------------------------------ training
 def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monkeypatch):
     from polydiff.cli import main

@@ -184,6 +184,19 @@ def test_train_then_sample(tmp_path):
     for seed in (5, 6, 7):
         assert torch.load(multi / f"seed-{seed}" / "samples.pt", weights_only=True)["x"].shape == (8, 2)
     assert "mean [range] of 3 seeds" in proc.stdout
+    # polydiff eval scores sample files with the run's domain: the same samples give the same figures.
+    proc = run("eval", str(run_dir), str(out / "samples.pt"), str(multi / "seed-6"), "--json", str(tmp_path / "e.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads((tmp_path / "e.json").read_text())
+    assert [row["n"] for row in scored["samples"]] == [8, 8]
+    assert scored["samples"][0]["metrics"]["dist_to_centre"] == pytest.approx(json.loads((out / "sampling.json").read_text())["metrics"]["dist_to_centre"])
+    assert scored["samples"][1]["metrics"]["dist_to_centre"] == pytest.approx(per_seed[1])
+    bad = run("eval", str(run_dir), str(tmp_path / "nothing"))
+    assert bad.returncode != 0 and "no samples at" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("eval", str(run_dir), str(out / "samples.pt"), "domain.sise=3")
+    assert bad.returncode != 0 and "Did you mean 'domain.size'?" in bad.stderr
+    bad = run("eval", str(run_dir), str(out / "samples.pt"), "--json", str(tmp_path / "e.json"))  # never overwrites
+    assert bad.returncode != 0 and "exists" in bad.stderr
     bad = run("sample", str(run_dir), "--seeds", "0")
     assert bad.returncode != 0 and "--seeds" in bad.stderr
     bad = run("sample", str(run_dir), "sampler.stepz=3")

@@ -371,6 +371,20 @@ def test_save_samples_writes_sdf_xyz_png(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and png in paths
     metrics = dom.evaluate(both)
     assert metrics["mol_stability"] >= 0.5 and metrics["novelty"] <= 0.5
+    # Read back for scoring (polydiff eval): the SDF and the XYZ files give the same figures, and the
+    # noisy molecules are read unsanitised, not skipped.
+    for written in (tmp_path / "out" / "s.sdf", tmp_path / "out" / "s_xyz"):
+        back = dom.read_samples(written)
+        assert back.num_samples == 4 and back.x.shape == both.x.shape
+        scored = dom.evaluate(back)
+        for key in ("atom_stability", "mol_stability", "validity", "novelty"):
+            assert scored[key] == pytest.approx(metrics[key]), (written, key)
+    (tmp_path / "cl.xyz").write_text("2\nhydrogen chloride\nH 0 0 0\nCl 0 0 1.27\n")
+    with pytest.raises(ValueError, match=r"cl.xyz line 1: elements \['Cl'\] are outside"):
+        dom.read_samples(tmp_path / "cl.xyz")
+    (tmp_path / "bad.xyz").write_text("3\ncut short\nC 0 0 0\nH 0 0 1.1\n")
+    with pytest.raises(ValueError, match="bad.xyz line 1: not an XYZ frame"):
+        dom.read_samples(tmp_path / "bad.xyz")
 
 
 def test_dense_layout_benchmark_matches_edge_list():

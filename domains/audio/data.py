@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .io import AUDIO_SUFFIXES, AudioFileError, Conversions, load_clip
+from .outputs import label_slug
 
 __all__ = [
     "DIGITS",
@@ -26,6 +27,7 @@ __all__ = [
     "ClipSet",
     "normalise_split",
     "spoken_digits_index",
+    "sample_index",
     "folder_index",
     "sc09_index",
     "load_clips",
@@ -108,6 +110,29 @@ def _audio_files(folder: Path) -> list[Path]:
         log.info("%s: ignored %d file(s) that are not %s, e.g. %s (convert them to WAV or FLAC to use them)", folder,
                  len(other), "/".join(AUDIO_SUFFIXES), [str(p.relative_to(folder)) for p in other[:3]])
     return [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+
+
+def sample_index(path: Path, label_names: Sequence[str]) -> Index:
+    """Generated clips to score: a WAV/FLAC file or the files under a folder, with the label each
+    file's name gives (the parent folder's name, or the name's last ``_`` part as ``polydiff sample``
+    writes it: ``samples_007_seven.wav``), ``None`` where neither is a known label."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = _audio_files(path)
+    else:
+        raise FileNotFoundError(f"no samples at {path}: give a WAV/FLAC file or a folder of them")
+    if not files:
+        raise ValueError(f"{path} holds no WAV/FLAC files")
+    slugs = {label_slug(name): name for name in label_names}
+    index: Index = []
+    for f in files:
+        label = f.parent.name if f.parent != path and f.parent.name in label_names else None
+        if label is None and "_" in f.stem:
+            label = slugs.get(f.stem.rsplit("_", 1)[1])
+        index.append((f, label))
+    return index
 
 
 def _test_files(files: list[Path], root: Path, test_fraction: float) -> set[Path]:

@@ -14,7 +14,11 @@ from polydiff.config import call_checked
 from polydiff.domain import Batch, Domain
 from polydiff.space import DenseSpace, Space
 
-from .data import DIGITS, SPOKEN_DIGITS_DIR, ClipSet, folder_index, load_clips, normalise_split, sc09_index, spoken_digits_index
+from .data import (
+    DIGITS, SPOKEN_DIGITS_DIR, ClipSet, folder_index, load_clips, normalise_split, sample_index, sc09_index,
+    spoken_digits_index,
+)
+from .io import Conversions, load_clip
 from .features import mel_settings
 from .outputs import save_wavs, spectrogram_sheet
 
@@ -204,6 +208,23 @@ class AudioDomain(Domain):
         titles = [p.stem for p in paths]
         paths.append(spectrogram_sheet(waves.clamp(-1, 1), self.sample_rate, Path(out_dir) / f"{prefix}_spectrograms.png", titles))
         return paths
+
+    def read_samples(self, path: Path) -> Batch:
+        """Clips generated elsewhere (a WAV/FLAC file or a folder), converted like training data
+        (resampled, channels, cropped or padded to the trained length; each conversion logged).
+        Labels come from file or folder names (see :func:`~domains.audio.data.sample_index`)."""
+        index = sample_index(Path(path), self.label_names)
+        conv = Conversions()
+        waves = torch.stack([load_clip(f, self.sample_rate, self.channels, self.length, conv, self.crop) for f, _ in index])
+        conv.report(f"samples ({path})", self.sample_rate, self.channels, self.length)
+        named = [label for _, label in index if label is not None]
+        cond: dict[str, Tensor] = {}
+        if named:
+            cond["label"] = torch.tensor([self.label_names.index(lab) if lab else NULL_LABEL for _, lab in index])
+            if len(named) < len(index):
+                log.info("samples (%s): %d of %d files have no known label in their name; label accuracy scores "
+                         "the %d that do", path, len(index) - len(named), len(index), len(named))
+        return Batch(waves, DenseSpace(tuple(waves.shape)), cond)
 
     def _get_scorer(self) -> Any:
         if self._scorer is None:

@@ -13,12 +13,13 @@ from torch import Tensor
 from .features import LogMel
 from .io import write_audio
 
-__all__ = ["save_wavs", "spectrogram_sheet"]
+__all__ = ["label_slug", "save_wavs", "spectrogram_sheet"]
 
 log = logging.getLogger(__name__)
 
 
-def _slug(name: str) -> str:
+def label_slug(name: str) -> str:
+    """A label as it appears in sample file names (characters other than letters, digits, ``-``, ``_`` as ``-``)."""
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
@@ -41,7 +42,7 @@ def save_wavs(
     out_dir = Path(out_dir)
     paths = []
     for i, wave in enumerate(waves):
-        suffix = f"_{_slug(names[i])}" if names is not None else ""
+        suffix = f"_{label_slug(names[i])}" if names is not None else ""
         paths.append(write_audio(out_dir / f"{prefix}_{i:03d}{suffix}.wav", wave, sample_rate))
     return paths
 

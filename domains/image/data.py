@@ -12,7 +12,7 @@ import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ __all__ = [
     "load_cifar10",
     "stratified_split",
     "find_cifar10",
+    "read_sample_images",
 ]
 
 #: File suffixes read by :func:`load_folder` (case-insensitive).
@@ -175,6 +176,25 @@ def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]
         paths += found
         labels += [k] * len(found)
     return paths, labels, classes
+
+
+def read_sample_images(path: Path, size: int, mode: str, class_names: Sequence[str]) -> tuple[Tensor, Optional[Tensor]]:
+    """Generated images to score: an image file or the images under a folder, as ``[N, C, size, size]``
+    in ``[-1, 1]``, with labels ``[N]`` from sub-folder names that are class names (-1 elsewhere;
+    ``None`` when no file has one)."""
+    path = Path(path)
+    files = [path] if path.is_file() else _list_images(path, recursive=True) if path.is_dir() else None
+    if files is None:
+        raise FileNotFoundError(f"no samples at {path}: give an image file or a folder of images")
+    if not files:
+        raise ValueError(f"{path} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+    read = [read_image(f, size, mode) for f in files]
+    _log_folder(path if path.is_dir() else path.parent, "samples", [], [source for _, source in read],
+                "RGB" if mode == "rgb" else "L")
+    x = to_unit_range(torch.from_numpy(np.stack([arr for arr, _ in read])), 255)  # [N, C, size, size]
+    names = list(class_names)
+    labels = [names.index(f.parent.name) if f.parent != path and f.parent.name in names else -1 for f in files]
+    return x, (torch.tensor(labels) if any(k >= 0 for k in labels) else None)
 
 
 def _to_8bit(img: "PIL.Image.Image") -> "PIL.Image.Image":

@@ -16,7 +16,7 @@ from polydiff.config import call_checked
 from polydiff.domain import Batch, Domain
 from polydiff.space import DenseSpace
 
-from .data import ImageArrays, ImageSet, load_cifar10, load_digits_split, load_folder
+from .data import ImageArrays, ImageSet, load_cifar10, load_digits_split, load_folder, read_sample_images
 from .outputs import grid_layout, make_grid, save_grid
 
 __all__ = ["ImageDomain", "SOURCES"]
@@ -146,6 +146,18 @@ class ImageDomain(Domain):
         saved = {"x": x, **{k: v.detach().cpu() for k, v in batch.cond.items()}, "class_names": list(self.class_names)}
         torch.save(saved, pt)
         return [png, pt]
+
+    def read_samples(self, path: Path) -> Batch:
+        """Images generated elsewhere (a file or a folder of PNG/JPEG, resized and centre-cropped to the
+        trained size; labels from sub-folders named after classes), or the ``.pt`` that :meth:`save_samples` writes."""
+        path = Path(path)
+        if path.suffix == ".pt" or (path.is_dir() and any(path.glob("*.pt"))):
+            return super().read_samples(path)
+        if self.sample_shape is None:
+            raise RuntimeError("the image domain's sample shape is unknown: call setup(train_set) or load_state_dict first")
+        channels, size = self.sample_shape[0], self.sample_shape[-1]
+        x, labels = read_sample_images(path, size, "rgb" if channels == 3 else "grayscale", self.class_names)
+        return Batch(x, DenseSpace(tuple(x.shape)), {} if labels is None else {"label": labels})
 
     def _get_scorer(self):
         if self._scorer is None:

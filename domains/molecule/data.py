@@ -26,6 +26,7 @@ __all__ = [
     "read_smiles_file",
     "conformers_from_smiles",
     "read_sdf",
+    "read_sample_molecules",
     "load_qm9",
     "QM9_RAW_FILES",
     "QM9_TARGETS",
@@ -280,6 +281,67 @@ def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str
     if skipped:
         log.warning("%s: %d record(s) skipped, %d read", path, skipped, len(z_list))
     return MoleculeSet(z_list, pos_list, y_list, smi_list)
+
+
+# ------------------------------------------------------------ generated samples
+def _read_xyz(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
+    """Every frame of an XYZ file (atom count, comment, ``symbol x y z`` lines; frames may follow each other)."""
+    lines = [ln for ln in path.read_text().splitlines()]
+    out, i = [], 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        where = f"{path} line {i + 1}"
+        try:
+            n = int(lines[i].split()[0])
+            rows = [lines[i + 2 + k].split() for k in range(n)]
+            symbols = [r[0].capitalize() for r in rows]
+            pos = np.array([[float(v) for v in r[1:4]] for r in rows], dtype=np.float64)  # [n, 3]
+        except (ValueError, IndexError) as err:
+            raise ValueError(f"{where}: not an XYZ frame (atom count, comment line, then 'symbol x y z' per atom): {err}") from err
+        if n < 1 or pos.shape != (n, 3):
+            raise ValueError(f"{where}: an XYZ frame needs at least one atom with three coordinates")
+        out.append((symbols, pos, where))
+        i += 2 + n
+    return out
+
+
+def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
+    """Atoms and coordinates of every SDF record, unsanitised: bonds are ignored (the metrics infer them)."""
+    from rdkit import Chem, RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+    out = []
+    for i, mol in enumerate(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)):
+        where = f"{path} record {i + 1}"
+        if mol is None or mol.GetNumConformers() == 0:
+            raise ValueError(f"{where}: RDKit cannot read atoms and coordinates from it; fix or remove the record")
+        out.append(([a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions().astype(np.float64), where))
+    return out
+
+
+def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray, str]]:
+    """Generated molecules to score, as ``(symbols, positions [n, 3] in Å, where)``: an SDF or XYZ file,
+    or every ``.sdf``/``.xyz`` file under a folder. Nothing is sanitised or skipped: invalid molecules
+    are what the metrics measure."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".sdf", ".xyz") and p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"no samples at {path}: give an SDF or XYZ file, or a folder of them")
+    if not files:
+        raise ValueError(f"{path} holds no .sdf or .xyz files")
+    out = []
+    for f in files:
+        if f.suffix.lower() not in (".sdf", ".xyz"):
+            raise ValueError(f"{f} is neither an SDF nor an XYZ file (by its suffix)")
+        out += _read_xyz(f) if f.suffix.lower() == ".xyz" else _read_sdf_atoms(f)
+    if not out:
+        raise ValueError(f"{path} holds no molecules")
+    return out
 
 
 # ----------------------------------------------------------------------- QM9

@@ -26,6 +26,7 @@ from .data import (
     builtin_smiles_path,
     conformers_from_smiles,
     load_qm9,
+    read_sample_molecules,
     read_sdf,
     read_smiles_file,
     split_indices,
@@ -186,7 +187,9 @@ class MoleculeDomain(Domain):
         b = len(items)
         batch = torch.repeat_interleave(torch.arange(b), torch.tensor(counts))
         cond: dict[str, Tensor] = {"batch": batch}
-        if self.condition_on:
+        if self.condition_on and "y" not in items[0]:  # molecules read back for scoring: no property
+            cond["context"] = torch.full((b, 1), float("nan"))
+        elif self.condition_on:
             if self.context_stats is None:
                 raise RuntimeError("conditional molecule domain: call setup(train_set) first (context statistics)")
             cond["context"] = self._normalise(torch.stack([it["y"][:1].float() for it in items]))  # [B, 1]
@@ -297,6 +300,19 @@ class MoleculeDomain(Domain):
         paths.append(out_dir / f"{prefix}_xyz")
         paths.append(write_grid_png(mols, out_dir / f"{prefix}.png"))
         return paths
+
+    def read_samples(self, path: Path) -> Batch:
+        """Molecules generated elsewhere: an SDF or XYZ file, or a folder of them (bonds, if any, are
+        ignored; the metrics infer them from distances as EDM does)."""
+        items = []
+        for symbols, pos, where in read_sample_molecules(path):
+            unknown = sorted(set(symbols) - set(self.atom_types))
+            if unknown:
+                raise ValueError(f"{where}: elements {unknown} are outside domain.atom_types={self.atom_types}; "
+                                 "the metrics score molecules of the model's vocabulary")
+            z = torch.tensor([_SYMBOL_Z[sym] for sym in symbols], dtype=torch.long)
+            items.append({"z": z, "pos": torch.from_numpy(pos).float()})
+        return self.collate(items)
 
     def _molecules(self, data: Dataset, n: Optional[int] = None) -> list[Molecule3D]:
         idx = range(len(data)) if n is None else np.random.RandomState(self.seed).permutation(len(data))[:n]
