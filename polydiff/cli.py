@@ -24,7 +24,8 @@ commands:
   eval RUN_DIR|RECIPE.yaml SAMPLES... [--json FILE] [domain.KEY=V]   score sample files (WAV/FLAC, SDF/XYZ,
         PNG/JPEG, .pt) made by any model with the domain's metrics, beside real held-out data, e.g.
         polydiff eval runs/audio other_model_wavs/ runs/audio/samples/sample-20261129-101500
-  bench [--suite quick|full] [--domains ...]   benchmark every registered domain
+  bench [--suite quick|full] [--domains ...] [--recipe NAME=RECIPE.yaml]   benchmark the built-in domains and
+        the example, plus any domain of your own given by its recipe
 """
 
 

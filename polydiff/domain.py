@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .conditioning import NULL_LABEL
-from .space import DenseSpace, Space
+from .space import DenseSpace, RaggedSpace, Space
 
 __all__ = ["Batch", "Domain"]
 
@@ -159,10 +159,23 @@ class Domain:
         return [path]
 
     def concat(self, batches: Sequence[Batch]) -> Batch:
-        """One batch from several (sampling in chunks): states, layouts and conditions in order."""
+        """One batch from several (sampling in chunks): states, layouts and conditions in order.
+
+        A condition that is a chunk's own ragged row index (equal to its ``space.batch``, as a
+        graph batch vector passed to the network is) becomes the joined layout's index, offset
+        chunk by chunk; other tensors are concatenated.
+        """
         first = batches[0]
-        cond = {k: torch.cat([b.cond[k] for b in batches]) if isinstance(v, Tensor) else v for k, v in first.cond.items()}
-        return Batch(torch.cat([b.x for b in batches]), type(first.space).cat([b.space for b in batches]), cond)
+        space = type(first.space).cat([b.space for b in batches])
+        cond: dict[str, Any] = {}
+        for k, v in first.cond.items():
+            if not isinstance(v, Tensor):
+                cond[k] = v
+            elif isinstance(space, RaggedSpace) and all(torch.equal(b.cond[k], b.space.batch) for b in batches):
+                cond[k] = space.batch
+            else:
+                cond[k] = torch.cat([b.cond[k] for b in batches])
+        return Batch(torch.cat([b.x for b in batches]), space, cond)
 
     def read_samples(self, path: Path) -> Batch:
         """Samples made elsewhere, read back from ``path`` for :meth:`evaluate` (``polydiff eval``).

@@ -50,7 +50,10 @@ def _load(name: str, target: str) -> type[Domain]:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
         raise ImportError(f"domain {name!r} points at {target!r}, which failed to import: {err}") from err
-    cls.name = name
+    if not (isinstance(cls, type) and issubclass(cls, Domain)):
+        raise TypeError(f"domain {name!r} points at {target!r}, which is not a polydiff.Domain subclass")
+    if _REGISTRY.get(cls.name) is not cls:  # a class that registered itself on import keeps its registered name
+        cls.name = name
     _REGISTRY[name] = cls
     return cls
 

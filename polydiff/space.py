@@ -83,6 +83,13 @@ class DenseSpace(Space):
         if len(self.shape) < 1:
             raise ValueError("DenseSpace needs a batch dimension: shape must have rank >= 1")
         if self.mask is not None:
+            try:
+                fits = torch.broadcast_shapes(tuple(self.mask.shape), self.shape) == self.shape
+            except RuntimeError:
+                fits = False
+            if not fits:
+                raise ValueError(f"DenseSpace mask of shape {tuple(self.mask.shape)} does not broadcast to the state's "
+                                 f"shape {self.shape}: give it the state's rank, with 1 for broadcast dimensions")
             self.device_ = self.mask.device
         self.device_ = torch.device(self.device_)
 

@@ -87,6 +87,15 @@ def test_readme_first_command_is_the_audio_recipe_on_the_cpu():
     assert cfg["trainer"]["device"] == "cpu" and cfg["trainer"]["max_steps"] <= 2000
 
 
+def test_readme_python_api_block_runs_as_written():
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\n", text.index("### Python API")) + len("```python\n")
+    scope: dict = {}
+    exec(compile(text[start:text.index("```", start)], "README.md (Python API)", "exec"), scope)
+    assert scope["loss"].dim() == 0 and torch.isfinite(scope["loss"])
+    assert scope["samples"].shape == (16, 1, 4000) and torch.isfinite(scope["samples"]).all()
+
+
 def test_misspelled_keys_fail_clearly(tmp_path):
     proc = run("train", "examples/points.yaml", "trainer.max_stepz=3", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
@@ -238,6 +247,10 @@ def test_registry():
         polydiff.get_domain("no-such-domain")
     with pytest.raises(TypeError):
         polydiff.register_domain("bad", int)
+    # A "module:Class" path to a class that registers itself keeps its registered name (messages use it).
+    assert polydiff.get_domain("examples.points:PointsDomain").name == "points"
+    with pytest.raises(TypeError, match="not a polydiff.Domain subclass"):
+        polydiff.get_domain("examples.points:MLP")
 
 
 def test_entry_points_are_read_only_for_missing_names(monkeypatch):

@@ -88,12 +88,7 @@ class Graphs(Domain):
         if counts.shape != (n,):
             raise ValueError("one count per sample")
         batch = torch.repeat_interleave(torch.arange(n), counts)
-        return RaggedSpace(batch, n, 3), {"batch": batch}
-
-    def concat(self, batches):
-        out = super().concat(batches)
-        out.cond["batch"] = out.space.batch
-        return out
+        return RaggedSpace(batch, n, 3), {"batch": batch}  # no concat override: the default offsets "batch"
 
 
 def test_chunked_ragged_generation_splits_per_sample_prior_options():
@@ -123,3 +118,9 @@ def test_molecule_domain_concat_offsets_its_batch_vector():
     joined = dom.concat(parts)
     assert joined.num_samples == 5 and torch.equal(joined.cond["batch"], joined.space.batch)
     assert len(dom.decode(joined)) == 5
+
+
+def test_dense_space_rejects_a_mask_that_does_not_fit():
+    DenseSpace((4, 1, 64), torch.ones(1, 1, 64))  # broadcast over the batch: fine
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 64\) does not broadcast to the state's shape \(4, 1, 64\)"):
+        DenseSpace((4, 1, 64), torch.ones(4, 64))

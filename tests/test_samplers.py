@@ -175,3 +175,20 @@ def test_cfg_scale_0_and_1_reduce_to_each_model():
     torch.testing.assert_close(space.expand(a) * guided.x0 + space.expand(s) * guided.eps, x)
     plain = classifier_free_guidance(cond, uncond, 3.0, space)(x, t)
     torch.testing.assert_close(plain.x0, uncond(x, t).x0 + 3.0 * (cond(x, t).x0 - uncond(x, t).x0))
+
+
+def test_guidance_rescale_matches_the_conditional_std():
+    """Guidance rescale (Lin et al. 2024, eq. 15-16): phi = 1 gives the conditional x0's per-sample std; phi mixes linearly."""
+    schedule = make_schedule("cosine", 1000)
+    space = DenseSpace((64, 3))
+    cond = gaussian_denoiser(schedule, space, mu=MU)
+    uncond = gaussian_denoiser(schedule, space, mu=-MU)
+    x = space.randn(torch.Generator().manual_seed(9), dtype=torch.float64)
+    t = torch.full((64,), 0.3, dtype=torch.float64)
+    c_x0 = cond(x, t).x0
+    plain = classifier_free_guidance(cond, uncond, 4.0, space)(x, t).x0
+    assert not torch.allclose(space.std(plain), space.std(c_x0))  # guidance inflates the std
+    full = classifier_free_guidance(cond, uncond, 4.0, space, schedule, rescale=1.0)(x, t).x0
+    torch.testing.assert_close(space.std(full), space.std(c_x0))
+    part = classifier_free_guidance(cond, uncond, 4.0, space, schedule, rescale=0.7)(x, t).x0
+    torch.testing.assert_close(part, 0.7 * full + 0.3 * plain)

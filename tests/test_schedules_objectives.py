@@ -23,6 +23,28 @@ def test_schedule_invariants(name, steps):
     assert s.alpha_sigma(torch.tensor([0.5]))[0].dtype == torch.float32  # cast on use
 
 
+def test_schedules_match_their_published_formulas():
+    """Tables against the papers' closed forms, computed here with plain floats."""
+    import math
+
+    cos = make_schedule("cosine", 1000).alpha_bar_table  # Nichol & Dhariwal 2021, eq. 17, s = 0.008
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    for i in (1, 10, 250, 500, 900, 990):
+        assert cos[i].item() == pytest.approx(f(i / 1000) / f(0), rel=1e-9)
+    # The README's figures: beta clipped at 0.999 leaves the last step at SNR ~2.4e-9, alpha ~4.9e-5.
+    last = cos[-1].item()
+    assert last / (1 - last) == pytest.approx(2.4e-9, rel=0.05) and math.sqrt(last) == pytest.approx(4.9e-5, rel=0.02)
+    lin = make_schedule("linear", 1000).alpha_bar_table  # DDPM: beta from 1e-4 to 0.02 over 1000 steps
+    prod = 1.0
+    for j in range(1000):
+        prod *= 1 - (1e-4 + j * (0.02 - 1e-4) / 999)
+        if j + 1 in (1, 100, 500, 1000):
+            assert lin[j + 1].item() == pytest.approx(prod, rel=1e-9)
+    poly = make_schedule("polynomial", 1000, power=2, precision=1e-5).alpha_bar_table  # EDM, App. B
+    for i in (1, 300, 500, 800):
+        assert poly[i].item() == pytest.approx((1 - 2e-5) * (1 - (i / 1000) ** 2) ** 2 + 1e-5, rel=1e-9)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_terminal_snr(name):
     s = make_schedule(name, 1000, zero_terminal_snr=True)
@@ -105,6 +127,8 @@ def test_loss_reduces_over_valid_elements_only():
     t = torch.full((2,), 0.5)
     losses = obj.losses(net, Batch(x, DenseSpace(x.shape, mask=mask)), schedule, torch.Generator().manual_seed(0), t=t)
     assert losses.max() < 10  # the 1e6 outputs sit in masked elements
+    eps = torch.randn(2, 1, 10, generator=torch.Generator().manual_seed(0))  # the draw the loss made
+    torch.testing.assert_close(losses, (eps[:, :, :6] ** 2).mean(dim=(1, 2)))  # mean over the 6 valid elements
     # Ragged: the per-sample mean divides by that sample's own element count.
     batch = torch.tensor([0, 0, 0, 1])
     space = RaggedSpace(batch, 2, 2)

@@ -274,11 +274,6 @@ class MoleculeDomain(Domain):
             raise ValueError("prior.context given, but this model is unconditional (domain.condition_on is not set)")
         return RaggedSpace(batch, n, 3 + self.num_features, centered=(0, 1, 2)), cond
 
-    def concat(self, batches: Sequence[Batch]) -> Batch:
-        out = super().concat(batches)
-        out.cond["batch"] = out.space.batch  # atom -> molecule index, offset chunk by chunk
-        return out
-
     # --------------------------------------------------------------- outputs
     def decode(self, batch: Batch) -> list[Molecule3D]:
         """Molecules ``(symbols, positions)`` of a state batch: argmax atom types (EDM)."""
