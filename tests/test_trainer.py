@@ -16,6 +16,7 @@ import polydiff.checkpoint as checkpoint_module
 from examples.points import PointsDomain
 from polydiff.checkpoint import load_checkpoint
 from polydiff.config import RecipeConfig
+from polydiff.objectives import Objective
 from polydiff.trainer import IncompatibleCheckpointError, NonFiniteLossError, Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,29 @@ def test_resume_is_bit_identical(tmp_path):
     for key in ("model", "ema"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resume"
+    # Retraining from scratch would give the same bits: the second call must have logged only steps 13-30.
+    records = [json.loads(l) for l in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [5, 10, 12, 15, 20, 25, 30]
+
+
+def test_ema_follows_the_exponential_average_of_the_weights(tmp_path):
+    cfg = config(max_steps=5, ema_decay=0.5)
+    trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path)
+    after_step = []
+    trainer.opt.register_step_post_hook(
+        lambda opt, args, kwargs: after_step.append({n: p.detach().clone() for n, p in trainer.net.named_parameters()})
+    )
+    trainer.fit()
+    assert len(after_step) == 5
+    # AveragedModel copies the weights on its first update, then e = d * e + (1 - d) * p.
+    expected = dict(after_step[0])
+    for params in after_step[1:]:
+        expected = {n: 0.5 * expected[n] + 0.5 * p for n, p in params.items()}
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert int(ckpt["ema"]["n_averaged"]) == 5
+    for name, value in expected.items():
+        torch.testing.assert_close(ckpt["ema"][f"module.{name}"], value, msg=f"ema.{name}")
+        assert not torch.allclose(ckpt["ema"][f"module.{name}"], ckpt["model"][name]), f"ema.{name} is the model"
 
 
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
@@ -162,21 +186,72 @@ def test_bad_trainer_values_are_named_before_training(tmp_path, key, value, mess
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_grad_accumulation_and_cosine_lr(tmp_path):
+def test_grad_accumulation_and_cosine_lr(tmp_path, monkeypatch):
     train(config(max_steps=8, grad_accum=2, lr_decay="cosine", batch_size=32), tmp_path)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
     assert train_records[-1]["lr"] < 1e-3 * 0.5  # cosine decay towards the end
     assert all(r["samples_per_s"] > 0 for r in train_records)
 
+    # Two micro-batches of 32 take the same items as one batch of 64; with each item's time and target
+    # fixed by the item itself, the accumulated gradient must equal the large batch's.
+    def per_item_loss(self, net, batch, schedule, generator=None):
+        x0 = batch.x
+        return ((net(x0, x0[:, 0].sigmoid()) - x0.flip(1)) ** 2).mean()
+
+    monkeypatch.setattr(Objective, "loss", per_item_loss)
+
+    def step_grads(run_dir, **tc):
+        trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(max_steps=2, grad_clip=0, **tc)), run_dir)
+        grads = []
+        trainer.opt.register_step_pre_hook(
+            lambda opt, args, kwargs: grads.append([p.grad.clone() for p in trainer.net.parameters()])
+        )
+        trainer.fit()
+        return grads
+
+    accumulated = step_grads(tmp_path / "accum", grad_accum=2, batch_size=32)
+    large = step_grads(tmp_path / "large", grad_accum=1, batch_size=64)
+    assert len(accumulated) == len(large) == 2
+    for step, (a, b) in enumerate(zip(accumulated, large)):
+        for g_a, g_b in zip(a, b):
+            torch.testing.assert_close(g_a, g_b, msg=f"gradient at step {step}")
+
+
+# Runs ``polydiff train`` with each rank saving its final weights and first batch to DUMP/rank{N}.pt.
+DDP_LAUNCHER = """
+import sys
+import torch
+from polydiff import trainer
+from polydiff.cli import main
+
+dump = sys.argv.pop(1)
+real_fit, real_micro_step = trainer.Trainer.fit, trainer.Trainer._micro_step
+first_batch = []
+
+def micro_step(self, batch, last):
+    first_batch.append(batch.x.clone())
+    return real_micro_step(self, batch, last)
+
+def fit(self):
+    result = real_fit(self)
+    torch.save({"model": self.net.state_dict(), "first_batch": first_batch[0]}, f"{dump}/rank{self.rank}.pt")
+    return result
+
+trainer.Trainer._micro_step, trainer.Trainer.fit = micro_step, fit
+main()
+"""
+
 
 def test_ddp_two_processes_on_cpu(tmp_path):
     """``torchrun --nproc_per_node 2`` runs DistributedDataParallel over gloo."""
     run_dir = tmp_path / "ddp"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(DDP_LAUNCHER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        "-m", "polydiff.cli", "train", str(ROOT / "examples" / "points.yaml"),
+        str(launcher), str(tmp_path), "train", str(ROOT / "examples" / "points.yaml"),
         "trainer.max_steps=20", "trainer.batch_size=64", "trainer.log_every=5", "trainer.num_samples=32",
         "trainer.ckpt_every=10", "model.width=32", f"hydra.run.dir={run_dir}",
     ]
@@ -188,3 +263,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert len(train_records) == 4  # only rank 0 logs
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["step"] == 20 and len(ckpt["rng"]["generators"]) == 2
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(rank0["first_batch"], rank1["first_batch"]), "both ranks drew the same data"
+    for name, value in ckpt["model"].items():
+        assert torch.equal(rank0["model"][name], value), f"rank 0's {name} is not the checkpoint's"
+        assert torch.equal(rank1["model"][name], value), f"rank 1's {name} differs from rank 0's"
