@@ -421,3 +421,13 @@ def test_damaged_conformer_cache_is_rebuilt(tmp_path, caplog):
         again = conformers_from_smiles(["CCO", "C=O"], 2, tmp_path, seed=0)
     assert "is unreadable" in caplog.text and cache.name in caplog.text
     assert len(again) == len(first) and all(torch.equal(a["pos"], b["pos"]) for a, b in zip(first, again))
+
+
+def test_grid_png_survives_molecules_rdkit_cannot_depict(tmp_path):
+    """An untrained model's dense nonsense graphs (atoms on one 2-D point) are drawn as atoms, not a crash."""
+    from domains.molecule.outputs import write_grid_png
+
+    rng = np.random.default_rng(0)
+    mols = [(list(rng.choice(["C", "H", "N", "O"], 16)), rng.normal(size=(16, 3)) * 0.8) for _ in range(10)]
+    path = write_grid_png(mols, tmp_path / "grid.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

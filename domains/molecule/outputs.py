@@ -61,6 +61,17 @@ def write_sdf(molecules: Sequence[Molecule3D], path: Path) -> Path:
     return path
 
 
+def _drawable(mol, size: int) -> bool:
+    """Whether RDKit's grid drawer can depict ``mol`` (it fails on bonds of zero length in 2-D)."""
+    from rdkit.Chem import Draw
+
+    try:
+        Draw.MolsToGridImage([mol], molsPerRow=1, subImgSize=(size, size))
+    except RuntimeError:
+        return False
+    return True
+
+
 def write_grid_png(molecules: Sequence[Molecule3D], path: Path, per_row: int = 6, size: int = 220) -> Path:
     """A PNG grid of 2-D depictions (largest fragment, hydrogens hidden when the molecule is valid)."""
     from rdkit import Chem
@@ -76,8 +87,15 @@ def write_grid_png(molecules: Sequence[Molecule3D], path: Path, per_row: int = 6
             mol = Chem.RemoveHs(mol)
         rdDepictor.Compute2DCoords(mol)
         stable, n = stability(symbols, pos)
+        legend = f"{i}: {'valid' if ok else 'invalid'}, {stable}/{n} stable"
+        if not ok and not _drawable(mol, size):  # a dense nonsense graph can put two atoms on one 2-D point
+            mol = Chem.RWMol(mol)
+            for bond in list(mol.GetBonds()):
+                mol.RemoveBond(bond.GetBeginAtomIdx(), bond.GetEndAtomIdx())
+            rdDepictor.Compute2DCoords(mol)
+            legend += " (atoms only)"
         mols.append(mol)
-        legends.append(f"{i}: {'valid' if ok else 'invalid'}, {stable}/{n} stable")
+        legends.append(legend)
     img = Draw.MolsToGridImage(mols, molsPerRow=per_row, subImgSize=(size, size), legends=legends)
     img.save(str(path))
     return path
