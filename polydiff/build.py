@@ -109,7 +109,10 @@ class Parts:
 
 
 def resolve_device(device: str, where: str = "trainer.device") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; a clear error for an unknown or unavailable device."""
+    """``auto`` -> CUDA when available, else CPU; a clear error for an unknown or unavailable device.
+
+    A numbered GPU (``cuda:1``) also becomes the current one.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -118,4 +121,8 @@ def resolve_device(device: str, where: str = "trainer.device") -> torch.device:
         raise ValueError(f"{where}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{where}={device} but CUDA is not available here; use {where}=auto or cpu")
+    if dev.type == "cuda" and dev.index is not None:
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{where}={device} but this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(dev)  # the current GPU: code that asks for "cuda" (metric classifiers) lands here too
     return dev

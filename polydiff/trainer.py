@@ -12,6 +12,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -115,12 +116,14 @@ class Trainer:
                 "no GPU found: training on the CPU with trainer.device=auto. Shipped recipes' defaults are sized "
                 "for one GPU; add profile=cpu for their few-minute CPU version (or trainer.device=cpu to silence this)"
             )
-        if self.world_size > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", self.local_rank)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.world_size > 1 and self.device.type == "cuda":
+            # Launchers that show each task one GPU still number LOCAL_RANK across the node.
+            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)  # code that asks for "cuda" (metric classifiers) lands here too
+        if self.world_size > 1 and not dist.is_initialized():
+            # Rank 0 samples and scores alone (sample_every, the end of training) while the others wait:
+            # longer than the default 10-minute collective timeout on big evaluations.
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
         self.is_main = self.rank == 0
 
         torch.manual_seed(self.cfg["seed"])  # identical initial weights on every rank
@@ -166,7 +169,9 @@ class Trainer:
         path = self.ckpt_path if mode == "auto" else Path(mode)
         if mode == "auto" and not path.exists():
             return
-        ckpt = load_checkpoint(path, map_location=self.device)
+        # On the CPU first: load_state_dict moves each tensor to its parameter's device, and Adam's step
+        # counters must stay on the CPU (on the GPU they cost a device sync per parameter and step).
+        ckpt = load_checkpoint(path, map_location="cpu")
         check_compatible(ckpt["config"], self.cfg, path)
         self.net.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
@@ -174,13 +179,25 @@ class Trainer:
         self.sched.load_state_dict(ckpt["lr_scheduler"])
         self.domain.load_state_dict(ckpt["domain_state"])
         self.step = int(ckpt["step"])
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        gen = rng["generators"]
-        if self.rank < len(gen):
-            self.generator.set_state(gen[self.rank].cpu())
+        self._restore_rng(ckpt["rng"], path)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _restore_rng(self, rng: dict[str, Any], path: Path) -> None:
+        """The random streams of the run, where the checkpoint's come from the same kind of device and rank."""
+        torch.set_rng_state(rng["torch"].cpu())
+        same_device = rng.get("device_type", "cpu") == self.device.type
+        gen, cuda = rng["generators"], rng.get("cuda") or []
+        if same_device and self.rank < len(gen):
+            self.generator.set_state(gen[self.rank].cpu())
+            if self.device.type == "cuda" and self.rank < len(cuda):
+                torch.cuda.set_rng_state(cuda[self.rank].cpu(), self.device)
+        else:  # a CPU generator's state does not fit a CUDA one (and back): continue on a fresh, distinct stream
+            self.generator.manual_seed(self.cfg["seed"] * 7919 + self.rank + 104_729 * (self.step + 1))
+            if self.is_main:
+                log.warning("%s was trained on %s, this run is on %s: training continues with new random streams, so "
+                            "it is not bit-identical to an uninterrupted run", path, rng.get("device_type", "cpu"),
+                            self.device.type)
 
     def _move_previous_run(self) -> None:
         """``resume=never`` in a used run directory: move its results aside rather than overwrite them."""
@@ -196,10 +213,11 @@ class Trainer:
         for name, p in self.net.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise NonFiniteLossError(f"parameter {name!r} is not finite at step {self.step}; {self.ckpt_path} is kept")
-        states = [self.generator.get_state()]
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None  # dropout's stream
+        states = [(self.generator.get_state().cpu(), cuda)]
         if self.world_size > 1:
             gathered: list[Any] = [None] * self.world_size
-            dist.all_gather_object(gathered, self.generator.get_state().cpu())
+            dist.all_gather_object(gathered, states[0])
             states = gathered
         if not self.is_main:
             return
@@ -213,7 +231,10 @@ class Trainer:
                 "ema": self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(),
                 "lr_scheduler": self.sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "generators": [s.cpu() for s in states]},
+                "rng": {
+                    "torch": torch.get_rng_state(), "device_type": self.device.type,
+                    "generators": [g for g, _ in states], "cuda": [c for _, c in states if c is not None],
+                },
                 "torch_version": str(torch.__version__),
             },
             self.ckpt_path,

@@ -72,6 +72,21 @@ def test_resume_is_bit_identical(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "train"] == [5, 10, 12, 15, 20, 25, 30]
 
 
+def test_resume_on_another_kind_of_device_continues_with_new_random_streams(tmp_path, caplog):
+    """A run moved between GPU and CPU cannot restore its generator (a CUDA state is 16 bytes, a CPU one
+    5,056): it resumes with a warning instead of a crash."""
+    train(config(max_steps=6), tmp_path)
+    path = tmp_path / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["rng"]["device_type"] == "cpu" and ckpt["rng"]["cuda"] == []
+    ckpt["rng"].update(device_type="cuda", generators=[torch.zeros(16, dtype=torch.uint8)], cuda=[torch.zeros(16, dtype=torch.uint8)])
+    torch.save(ckpt, path)
+    with caplog.at_level(logging.WARNING):
+        train(config(max_steps=10), tmp_path)
+    assert "was trained on cuda, this run is on cpu" in caplog.text
+    assert load_checkpoint(path)["step"] == 10
+
+
 def test_ema_follows_the_exponential_average_of_the_weights(tmp_path):
     cfg = config(max_steps=5, ema_decay=0.5)
     trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path)
