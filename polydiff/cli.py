@@ -344,7 +344,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     commands = {"train": _train, "sample": _sample, "eval": _eval, "bench": _bench}
     if command not in commands:
         raise _fail(f"unknown command {command!r}; choose one of {sorted(commands)}")
-    commands[command](rest)
+    try:
+        commands[command](rest)
+    except KeyboardInterrupt as err:  # Ctrl-C: the trainer has saved what it could and says so
+        print(f"polydiff: {err.args[0] if err.args else 'interrupted'}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

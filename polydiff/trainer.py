@@ -11,10 +11,12 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+import signal
+import threading
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -29,9 +31,13 @@ from .conditioning import drop_condition
 from .data import ResumableBatchSampler
 from .generate import generate
 
-__all__ = ["Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointError"]
+__all__ = ["Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointError", "TrainingInterrupted"]
 
 log = logging.getLogger("polydiff")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C after a checkpoint of the last whole step."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -181,7 +187,22 @@ class Trainer:
         self.step = int(ckpt["step"])
         self._restore_rng(ckpt["rng"], path)
         if self.is_main:
+            self._trim_metrics()
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _trim_metrics(self) -> None:
+        """Drop records logged after the checkpoint's step (a run stopped between checkpoints logs them again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= self.step]
+        if len(kept) < len(lines):
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+            log.info("metrics.jsonl: dropped %d record(s) after step %d, logged before the run stopped",
+                     len(lines) - len(kept), self.step)
 
     def _restore_rng(self, rng: dict[str, Any], path: Path) -> None:
         """The random streams of the run, where the checkpoint's come from the same kind of device and rank."""
@@ -302,7 +323,51 @@ class Trainer:
             bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         self.net.train()
         t_last, n_last, losses = time.perf_counter(), 0, []
-        while self.step < max_steps:
+        try:
+            with self._stop_on_interrupt():
+                self._steps(data, bar, max_steps, t_last, n_last, losses)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.save()
+        result = self.sample_and_evaluate(reference=True)
+        if self.tb is not None:
+            self.tb.close()
+        return result
+
+    @contextmanager
+    def _stop_on_interrupt(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) ends training after the step in progress with a checkpoint, then raises
+        :class:`TrainingInterrupted`; a second Ctrl-C stops at once. Single-process runs only: DDP
+        ranks would stop at different steps."""
+        self._interrupted = False
+        if self.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self._interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("interrupted: stopping after step %d with a checkpoint (Ctrl-C again to stop at once)", self.step + 1)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self._interrupted:
+            self.save()
+            if self.tb is not None:
+                self.tb.close()
+            raise TrainingInterrupted(
+                f"training interrupted at step {self.step} of {self.tc['max_steps']}; {self.ckpt_path} holds it: "
+                "run the same command again to resume"
+            )
+
+    def _steps(self, data: Iterator[Any], bar: Any, max_steps: int, t_last: float, n_last: int, losses: list) -> None:
+        """Optimizer steps until ``max_steps`` (or an interrupt), logging, checkpointing and sampling on schedule."""
+        tc = self.tc
+        while self.step < max_steps and not self._interrupted:
             self.opt.zero_grad(set_to_none=True)
             for micro in range(tc["grad_accum"]):
                 batch = next(data).to(self.device)
@@ -340,13 +405,6 @@ class Trainer:
                 self.save()
             if tc["sample_every"] > 0 and self.step % tc["sample_every"] == 0 and self.step < max_steps:
                 self.sample_and_evaluate()
-        if bar is not None:
-            bar.close()
-        self.save()
-        result = self.sample_and_evaluate(reference=True)
-        if self.tb is not None:
-            self.tb.close()
-        return result
 
     @torch.no_grad()
     def sample_and_evaluate(self, reference: bool = False) -> dict[str, Any]:

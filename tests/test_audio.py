@@ -4,7 +4,9 @@ import csv
 import json
 import logging
 import math
+import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -92,13 +94,16 @@ def test_resampling_keeps_pitch_and_level_and_mono_is_the_channel_mean(tmp_path)
     assert both.shape == (2, 2000)
 
 
-def make_fake_sc09(root: Path) -> Path:
-    base = root / "SpeechCommands" / "speech_commands_v0.02"
+def make_fake_sc09(root: Path, base: Optional[Path] = None) -> Path:
+    """Speech Commands v0.02 in miniature at ``base`` (default: the documented ROOT/SpeechCommands/speech_commands_v0.02)."""
+    base = base or root / "SpeechCommands" / "speech_commands_v0.02"
     words = DIGITS + ["cat"]
     for w, word in enumerate(words):
         (base / word).mkdir(parents=True)
         for s in range(3):
             sf.write(base / word / f"spk{s}_nohash_0.wav", tone(200 + 50 * w, 16000, 1.0), 16000)
+    (base / "_background_noise_").mkdir()
+    sf.write(base / "_background_noise_" / "white_noise.wav", tone(300, 16000, 1.0), 16000)
     (base / "validation_list.txt").write_text("\n".join(f"{w}/spk1_nohash_0.wav" for w in words) + "\n")
     (base / "testing_list.txt").write_text("\n".join(f"{w}/spk2_nohash_0.wav" for w in words) + "\n")
     return base
@@ -116,6 +121,31 @@ def test_sc09_layout_uses_the_official_lists_and_only_digits(tmp_path):
     clips = domain.dataset("test")
     assert clips.waves.shape == (10, 1, 2000) and clips.class_names == DIGITS
     assert [clips.class_names[int(y)] for y in clips.labels] == [p.parent.name for p in clips.files]
+
+
+def test_sc09_folder_of_any_name_is_read_with_the_official_split(tmp_path):
+    """A copy whose folder name holds dots (``speech-commands-v0.02``) works as domain.root itself, with the same
+    split as the documented layout (only digits, no background noise)."""
+    own = make_fake_sc09(tmp_path, tmp_path / "data.v2" / "speech-commands-v0.02")
+    documented = make_fake_sc09(tmp_path / "x.y")
+    for split in ("train", "valid", "test"):
+        index = sc09_index(own, split)
+        assert [(p.relative_to(own), label) for p, label in index] == [
+            (p.relative_to(documented), label) for p, label in sc09_index(tmp_path / "x.y", split)
+        ]
+        assert len(index) == 10 and all(p.is_file() and p.parent.name == label for p, label in index)
+    clips = AudioDomain(dataset="sc09", root=str(own), sample_rate=2000).dataset("valid")
+    assert clips.waves.shape == (10, 1, 2000) and clips.class_names == DIGITS
+
+
+@pytest.mark.parametrize("missing", ["testing_list.txt", "validation_list.txt"])
+def test_sc09_missing_split_list_is_named(tmp_path, missing):
+    base = make_fake_sc09(tmp_path)
+    (base / missing).unlink()
+    for root in (tmp_path, base):  # domain.root at the parent (documented layout) or at the copy itself
+        with pytest.raises(FileNotFoundError, match=f"but not {missing}: looked for {re.escape(str(base / missing))}. Copy") as err:
+            AudioDomain(dataset="sc09", root=str(root)).dataset("train")
+        assert "no Speech Commands v0.02 copy" not in str(err.value)
 
 
 def test_sc09_missing_copy_says_where_to_put_it(tmp_path):
@@ -271,6 +301,50 @@ def test_metrics_rank_real_clips_above_noise(tmp_path, monkeypatch):
     again = AudioDomain(sample_rate=2000, duration=0.7, classifier_epochs=6, limit=300)
     assert again.reference_metrics(50) == ref
     assert len(list((tmp_path / "cache" / "audio").glob("*.pt"))) == 1
+
+
+def test_evaluate_scores_the_clipped_waves_that_are_written(tmp_path):
+    """sampling.json describes the WAVs: evaluate sees samples clipped to [-1, 1] as save_samples writes them."""
+
+    class Recorder:  # stands in for the fitted classifier scorer
+        def __init__(self) -> None:
+            self.seen: list[torch.Tensor] = []
+
+        def score(self, x: torch.Tensor, labels=None) -> dict[str, float]:
+            self.seen.append(x.clone())
+            return {"peak": float(x.abs().max())}
+
+    domain = AudioDomain(sample_rate=2000, duration=0.5)
+    domain._scorer = recorder = Recorder()
+    x = torch.randn(3, 1, 1000, generator=torch.Generator().manual_seed(0))  # peaks near 3: overshoots [-1, 1]
+    batch = Batch(x, DenseSpace(tuple(x.shape)), {"label": torch.tensor([1, 2, 3])})
+    assert domain.evaluate(batch)["peak"] == 1.0
+    wavs = [p for p in domain.save_samples(batch, tmp_path) if p.suffix == ".wav"]
+    written = torch.stack([torch.from_numpy(sf.read(p, dtype="float32", always_2d=True)[0].T) for p in wavs])
+    assert torch.allclose(recorder.seen[0], written, atol=1e-4)  # 16-bit PCM rounding
+    real = x.clamp(-0.9, 0.9)  # real clips lie within [-1, 1]: scored unchanged
+    domain.evaluate(Batch(real, DenseSpace(tuple(real.shape)), {}))
+    assert torch.equal(recorder.seen[1], real)
+
+
+def test_classifier_cache_key_follows_the_clips_not_their_location(tmp_path, labelled_folder):
+    """A moved copy of the same data reuses the fitted metric classifier; changed clips or settings do not."""
+    from domains.audio.metrics import classifier_cache_path
+
+    def key(root: Path, **kwargs) -> Path:
+        domain = AudioDomain(dataset="folder", root=str(root), sample_rate=4000, duration=0.5, test_fraction=0.3, **kwargs)
+        return classifier_cache_path(domain.data_config(), domain.dataset("train"), tmp_path / "cache")
+
+    moved = tmp_path / "elsewhere" / "sounds.v2"
+    moved.parent.mkdir()
+    labelled_folder.rename(moved)
+    first = key(moved)
+    moved.rename(tmp_path / "again")
+    assert key(tmp_path / "again") == first
+    assert key(tmp_path / "again", crop="center") != first
+    for wav in (tmp_path / "again" / "cat").glob("*.wav"):  # same names, other sounds
+        sf.write(wav, tone(350.0, 16000, 0.3), 16000)
+    assert key(tmp_path / "again") != first
 
 
 def test_eval_scores_wav_files_made_elsewhere_like_the_reference_row(tmp_path, monkeypatch):

@@ -305,22 +305,32 @@ def test_smiles_loader_and_builtin_conformers(tmp_path, caplog):
         dom.dataset("test")
 
 
+QM9_CSV_HEADER = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
+QM9_SMILES = ["C", "N", "O", "CC#N"]  # molecule 2 (ammonia) is listed as uncharacterised
+
+
+def _fake_qm9_raw(raw: Path, smiles: list[str] = QM9_SMILES) -> Path:
+    """gdb9.sdf of ``smiles``, a csv whose molecule i has column j = i * 100 + j, and uncharacterized.txt."""
+    raw.mkdir(parents=True, exist_ok=True)
+    _write_sdf(raw / "gdb9.sdf", smiles)
+    rows = [f"gdb_{i + 1}," + ",".join(str(float(i * 100 + j)) for j in range(19)) for i in range(len(QM9_SMILES))]
+    (raw / "gdb9.sdf.csv").write_text("\n".join([QM9_CSV_HEADER, *rows]) + "\n")
+    (raw / "uncharacterized.txt").write_text("\n".join(f"header {k}" for k in range(9)) + "\n2 skipped\n----\n")
+    return raw
+
+
 def test_qm9_loader_on_fake_raw_folder_and_missing_copy(tmp_path):
     root = tmp_path / "qm9"
     with pytest.raises(FileNotFoundError, match=r"gdb9.sdf.*raw"):
         load_qm9(root)
-    raw = root / "raw"
-    raw.mkdir(parents=True)
-    _write_sdf(raw / "gdb9.sdf", ["C", "N", "O", "CC#N"])
-    header = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
-    rows = [f"gdb_{i + 1}," + ",".join(str(float(i * 100 + j)) for j in range(19)) for i in range(4)]
-    (raw / "gdb9.sdf.csv").write_text("\n".join([header, *rows]) + "\n")
-    (raw / "uncharacterized.txt").write_text("\n".join(f"header {k}" for k in range(9)) + "\n2 skipped\n----\n")
+    raw = _fake_qm9_raw(root / "raw")
+    header = QM9_CSV_HEADER
     ds = load_qm9(root)
     assert len(ds) == 3  # molecule 2 is listed as uncharacterised
     assert ds[0]["z"].tolist() == [6, 1, 1, 1, 1]
     assert ds[1]["z"].tolist()[0] == 8  # water follows the skipped ammonia
-    assert float(ds[0]["y"][1]) == pytest.approx(4.0)  # alpha column
+    assert float(ds[0]["y"][1]) == pytest.approx(4.0)  # alpha column, Bohr^3 in the csv and in PyG
+    assert float(ds[0]["y"][4]) == pytest.approx(7.0 * 27.211386, rel=1e-5)  # gap: the csv's Hartree, PyG's eV
     dom = MoleculeDomain(source="qm9", path=str(root), condition_on="alpha", split=(3, 0, 0))
     train = dom.dataset("train")
     dom.setup(train)
@@ -337,6 +347,103 @@ def test_qm9_loader_on_fake_raw_folder_and_missing_copy(tmp_path):
     (broken / "raw" / "gdb9.sdf.csv").write_text(header + "\n")  # no property rows for the molecules
     with pytest.raises(ValueError, match=r"QM9 raw files in .*broken.*could not be processed.*intact copies"):
         load_qm9(broken)
+
+
+def test_max_molecules_subsets_the_training_split_of_qm9_and_sdf(tmp_path, caplog):
+    """max_molecules applies to every source: qm9 and sdf split first, then keep a seeded random subset of train."""
+    root = tmp_path / "qm9"
+    _fake_qm9_raw(root / "raw")
+    full = MoleculeDomain(source="qm9", path=str(root), split=(2, 1, 0))
+    with caplog.at_level(logging.INFO):
+        cut = MoleculeDomain(source="qm9", path=str(root), split=(2, 1, 0), max_molecules=1)
+        train = cut.dataset("train")
+    assert len(full.dataset("train")) == 2 and len(train) == 1  # one of the two molecules of the same split
+    assert any(torch.equal(train[0]["pos"], it["pos"]) for it in full.dataset("train"))
+    assert len(cut.dataset("val")) == len(full.dataset("val")) == 1  # valid and test stay whole
+    assert "domain.max_molecules=1" in caplog.text and "of the 2 qm9 training molecules" in caplog.text
+    sdf = str(_write_sdf(tmp_path / "m.sdf", ["CCO", "CC#N", "C=O", "CO", "CCC"]))
+    picks = [MoleculeDomain(source="sdf", path=sdf, split=(1.0, 0.0, 0.0), max_molecules=3, seed=s).dataset("train")
+             for s in (0, 0)]
+    assert [len(t) for t in picks] == [3, 3]
+    assert all(torch.equal(a["pos"], b["pos"]) for a, b in zip(picks[0], picks[1]))  # seeded: the same subset twice
+    assert len(MoleculeDomain(source="sdf", path=sdf, split=(1.0, 0.0, 0.0), max_molecules=50).dataset("train")) == 5
+
+
+def test_stale_qm9_processed_data_is_rebuilt_when_raw_files_change(tmp_path, caplog):
+    root = tmp_path / "qm9"
+    raw = _fake_qm9_raw(root / "raw", QM9_SMILES[:3])  # a truncated gdb9.sdf: methane, (ammonia), water
+    assert len(load_qm9(root)) == 2
+    assert (root / "processed" / "polydiff_raw_fingerprint.json").is_file()
+    _write_sdf(raw / "gdb9.sdf", QM9_SMILES)  # the full file restored
+    with caplog.at_level(logging.INFO):
+        assert len(load_qm9(root)) == 3
+    assert "data_v3.pt cannot be trusted" in caplog.text and "['gdb9.sdf'] changed" in caplog.text
+    assert "rebuilt from the changed raw files" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert len(load_qm9(root)) == 3  # unchanged raw files: the processed data is reused quietly
+    assert "rebuilt" not in caplog.text and "cannot be trusted" not in caplog.text
+
+
+def test_qm9_path_one_level_too_deep_names_its_parent(tmp_path):
+    raw = _fake_qm9_raw(tmp_path / "qm9" / "raw")
+    with pytest.raises(FileNotFoundError, match=r"one level too deep.*Use domain.path=.*qm9$") as err:
+        MoleculeDomain(source="qm9", path=str(raw)).dataset("train")
+    assert "raw/raw" not in str(err.value)
+    flat = tmp_path / "flat"
+    shutil.copytree(raw, flat)  # files directly in the given folder, which is not named raw
+    with pytest.raises(FileNotFoundError, match=r"holds the QM9 raw files .* directly, but they must be in .*flat/raw/"):
+        load_qm9(flat)
+
+
+def test_context_is_in_torch_geometric_units_and_far_values_are_warned(tmp_path, caplog):
+    gap = MoleculeDomain(source="qm9", path="/x", condition_on="gap")
+    with pytest.raises(ValueError, match=r"gap in eV, torch_geometric's QM9 units, not the csv's Hartree.*meV"):
+        gap.parse_label("3")
+    assert MoleculeDomain(source="qm9", path="/x", condition_on="alpha").context_units().startswith("Bohr^3")
+    assert MoleculeDomain(source="qm9", path="/x", condition_on="Cv").context_units().startswith("cal/(mol K)")
+    sdf = _write_sdf(tmp_path / "m.sdf", ["CCO", "CC#N", "C=O", "CO"], {"alpha": [60.0, 64.0, 70.0, 62.0]})
+    dom = MoleculeDomain(source="sdf", path=str(sdf), condition_on="alpha", split=(1.0, 0.0, 0.0))
+    dom.setup(dom.dataset("train"))
+    assert "SD tag 'alpha'" in dom.context_units()
+    with caplog.at_level(logging.WARNING):
+        dom.prior(2, num_atoms=5, context=[66.0, 58.0])  # inside: mean 64, mean absolute deviation 3
+    assert "prior.context" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        dom.prior(2, num_atoms=5, context=0.27)
+    assert "prior.context=0.27 is far outside the training distribution of alpha" in caplog.text
+    assert "training mean 64, range [60, 70]" in caplog.text and "21.2 deviations" in caplog.text
+    fresh = MoleculeDomain(source="sdf", path=str(sdf), condition_on="alpha")  # a checkpoint keeps the range
+    fresh.load_state_dict(dom.state_dict())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fresh.prior(1, num_atoms=5, context=100.0)
+    assert "prior.context=100 is far outside" in caplog.text and "range [60, 70]" in caplog.text
+
+
+def test_rdkit_valence_messages_are_silenced_not_disabled(capfd, caplog):
+    """RDKit's "Explicit valence ..." lines are silenced around setup and scoring, and its logger restored after."""
+    from rdkit import RDLogger, rdBase
+
+    from domains.molecule.data import MoleculeSet
+
+    methane5 = torch.tensor([[0.0, 0, 0], [1.09, 0, 0], [-1.09, 0, 0], [0, 1.09, 0], [0, -1.09, 0], [0, 0, 1.09]])
+    train = MoleculeSet([torch.tensor([6, 1, 1, 1, 1, 1])], [methane5])  # a pentavalent carbon
+    before = rdBase.LogStatus()
+    RDLogger.EnableLog("rdApp.error")
+    try:
+        dom = MoleculeDomain(source="sdf", path="unused.sdf")
+        capfd.readouterr()
+        with caplog.at_level(logging.INFO):
+            dom.setup(train)
+            dom.evaluate(dom.collate([train[0]]))
+        err = capfd.readouterr().err
+        assert "valence" not in err, err
+        assert "molecule setup: 1 training conformers, 0 distinct EDM SMILES" in caplog.text  # ours still shown
+        assert "rdApp.error:enabled" in rdBase.LogStatus()  # RDKit's logger is back on for everyone else
+    finally:
+        if "rdApp.error:disabled" in before:
+            RDLogger.DisableLog("rdApp.error")
 
 
 def test_bad_domain_configuration_messages():

@@ -4,8 +4,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +167,34 @@ def test_kill_during_save_keeps_last_complete_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "checkpoints" / ".last.pt.stale.tmp").write_bytes(b"torn")
     train(config(max_steps=15), tmp_path)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 15
+
+
+def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_without_duplicate_records(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "polydiff.cli", "train", "examples/points.yaml", "trainer.max_steps=1000000",
+           "trainer.log_every=10", "trainer.ckpt_every=1000000", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    for _ in range(600):  # until a few steps are logged
+        if metrics.is_file() and metrics.read_text().count("\n") >= 2:
+            break
+        proc.poll() is None or pytest.fail(proc.communicate()[1][-2000:])
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert f"training interrupted at step {step} of 1000000" in err and "Traceback" not in err
+    # A hard kill after the last checkpoint leaves records past it: the resumed run drops them, then logs its own.
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"kind": "train", "step": step + 5, "loss": 1.0}) + "\n")
+    cmd[cmd.index("trainer.max_steps=1000000")] = f"trainer.max_steps={step + 20}"
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert rerun.returncode == 0 and f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {step}" in rerun.stdout + rerun.stderr
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert {"kind": "train", "step": step + 5, "loss": 1.0} not in records  # logged past the checkpoint: dropped
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == step + 20
 
 
 def test_incompatible_checkpoint_is_named(tmp_path):

@@ -39,6 +39,8 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 SPOKEN_DIGITS_DIR = Path(__file__).resolve().parent / "data" / "spoken_digits"
 _SPLITS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test", "testing": "test"}
 
+_SC09_LISTS = ("validation_list.txt", "testing_list.txt")  # Speech Commands' split lists (Warden 2018, Sec. 7)
+
 Index = list[tuple[Path, Optional[str]]]
 
 
@@ -192,11 +194,24 @@ def folder_index(root: Path, split: str, test_fraction: float = 0.1) -> Index:
 
 
 def _sc09_folder(root: Path) -> Path:
-    """The folder holding the word sub-folders and the split lists, from its parent or itself."""
+    """The folder holding the word sub-folders and the split lists, from its parent or itself (any name)."""
     root = Path(root)
-    for candidate in (root / "SpeechCommands" / "speech_commands_v0.02", root / "speech_commands_v0.02", root):
-        if (candidate / "testing_list.txt").is_file() and (candidate / "validation_list.txt").is_file():
+    candidates = (root / "SpeechCommands" / "speech_commands_v0.02", root / "speech_commands_v0.02", root)
+    for candidate in candidates:
+        if all((candidate / name).is_file() for name in _SC09_LISTS):
             return candidate
+    for candidate in candidates:  # a copy that lacks a split list: name the missing file
+        found = [name for name in _SC09_LISTS if (candidate / name).is_file()]
+        words = [f"{word}/" for word in DIGITS if (candidate / word).is_dir()]
+        if found or words:
+            missing = [name for name in _SC09_LISTS if name not in found]
+            held = ", ".join(found + words[:3] + (["..."] if len(words) > 3 else []))
+            raise FileNotFoundError(
+                f"{candidate} holds part of a Speech Commands v0.02 copy ({held}) but not {' or '.join(missing)}: "
+                f"looked for {' and '.join(str(candidate / name) for name in missing)}. Copy the missing list(s) from "
+                "the top level of speech_commands_v0.02.tar.gz (http://download.tensorflow.org/data/"
+                "speech_commands_v0.02.tar.gz) into that folder; they define the validation and test splits"
+            )
     raise FileNotFoundError(
         f"no Speech Commands v0.02 copy under {root}. Extract speech_commands_v0.02.tar.gz "
         f"(http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz) into "
@@ -211,8 +226,9 @@ def sc09_index(root: Path, split: str) -> Index:
 
     folder = _sc09_folder(root)
     subset = {"train": "training", "valid": "validation", "test": "testing"}[normalise_split(split)]
-    # torchaudio's class finds the files and applies the official lists; decoding is ours (soundfile).
-    ds = SPEECHCOMMANDS(folder.parent.parent, url=folder.name, folder_in_archive=folder.parent.name, download=False, subset=subset)
+    # torchaudio's class finds the files and applies the official lists; decoding is ours (soundfile). It
+    # derives the folder from an archive name by cutting two suffixes, so any folder name is passed as one.
+    ds = SPEECHCOMMANDS(folder.parent, url=f"{folder.name}.tar.gz", folder_in_archive="", download=False, subset=subset)
     index: Index = []
     for walked in ds._walker:
         path = Path(walked)

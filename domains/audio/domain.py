@@ -110,9 +110,10 @@ class AudioDomain(Domain):
 
     # ------------------------------------------------------------------ data
     def data_config(self) -> dict[str, Any]:
-        """What determines the decoded clips (the metric classifier's cache key)."""
+        """The settings that shape the decoded clips (the metric classifier's cache key, beside a hash of the
+        training clips and labels themselves; no data location, so a moved copy of the same data reuses the weights)."""
         return {
-            "dataset": self.dataset_name, "root": str(self.root.resolve()), "sample_rate": self.sample_rate,
+            "dataset": self.dataset_name, "sample_rate": self.sample_rate,
             "length": self.length, "channels": self.channels, "crop": self.crop,
             "test_fraction": self.test_fraction, "limit": self.limit,
         }
@@ -237,10 +238,13 @@ class AudioDomain(Domain):
         return self._scorer
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
-        """FID, IS, mIS and AM from the digit classifier; label accuracy for conditional samples."""
+        """FID, IS, mIS and AM from the digit classifier; label accuracy for conditional samples.
+
+        Scores the clips clipped to [-1, 1], as :meth:`save_samples` writes them; the reference row scores the
+        real clips as loaded (PCM files, as Speech Commands and the shipped set are, lie within [-1, 1])."""
         if not self.metrics or not self.label_names:
             return {}
-        x = batch.x.detach().float().cpu()
+        x = batch.x.detach().float().cpu().clamp(-1.0, 1.0)  # [B, C, L] as save_wavs writes it
         if x.shape[1:] != (self.channels, self.length):
             return {}  # other lengths (prior.duration) have no reference statistics
         labels = batch.cond.get("label")

@@ -8,6 +8,7 @@ counted and logged by name; a source with no usable record is an error.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "load_qm9",
     "QM9_RAW_FILES",
     "QM9_TARGETS",
+    "QM9_UNITS",
     "EDM_QM9_SPLIT",
     "split_indices",
 ]
@@ -37,8 +39,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 QM9_RAW_FILES = ("gdb9.sdf", "gdb9.sdf.csv", "uncharacterized.txt")
-#: Column names of ``torch_geometric.datasets.QM9``'s ``y`` (units: PyG's, eV for energies).
+#: Column names of ``torch_geometric.datasets.QM9``'s ``y``, in PyG's units (:data:`QM9_UNITS`).
 QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "Cv")
+#: Units of each target as ``torch_geometric.datasets.QM9`` stores it (its docstring's table): PyG
+#: converts the csv's Hartree energies to eV, so these are neither the csv's units nor EDM's
+#: tables' (EDM reports homo, lumo and gap in meV: divide EDM's figure by 1000).
+QM9_UNITS = {
+    "mu": "D", "alpha": "Bohr^3", "homo": "eV", "lumo": "eV", "gap": "eV", "r2": "Bohr^2",
+    "zpve": "eV", "U0": "eV", "U": "eV", "H": "eV", "G": "eV", "Cv": "cal/(mol K)",
+}
+#: Where polydiff records the raw files that ``processed/`` was built from (beside PyG's data_v3.pt).
+QM9_FINGERPRINT = "polydiff_raw_fingerprint.json"
 #: EDM's QM9 split sizes (train, valid, test) over the 130,831 characterised molecules.
 EDM_QM9_SPLIT = (100_000, 17_748, 13_083)
 
@@ -345,27 +356,95 @@ def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray,
 
 
 # ----------------------------------------------------------------------- QM9
+def _qm9_raw_fingerprint(raw: Path) -> dict[str, list[int]]:
+    """``{name: [size in bytes, mtime in ns]}`` of the QM9 raw files present under ``raw``."""
+    out = {}
+    for name in QM9_RAW_FILES:
+        if (raw / name).is_file():
+            st = (raw / name).stat()
+            out[name] = [int(st.st_size), int(st.st_mtime_ns)]
+    return out
+
+
+def _qm9_stale_reason(processed: Path, fingerprint: dict[str, list[int]]) -> Optional[str]:
+    """Why ``processed`` (PyG's data_v3.pt) no longer matches the raw files, or ``None`` when it does."""
+    record = processed.parent / QM9_FINGERPRINT
+    if not record.is_file():
+        return f"no record of the raw files it was built from ({record.name} is missing)"
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        return f"its record {record.name} is unreadable ({type(err).__name__}: {err})"
+    changed = sorted(n for n in set(recorded) | set(fingerprint) if recorded.get(n) != fingerprint.get(n))
+    if changed:
+        return f"raw file(s) {changed} changed (size or modification time) since it was built"
+    return None
+
+
+def _write_qm9_fingerprint(processed_dir: Path, fingerprint: dict[str, list[int]]) -> None:
+    """Record ``fingerprint`` beside the processed data (temporary file + rename: never torn)."""
+    path = processed_dir / QM9_FINGERPRINT
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_qm9_root(root: Path, missing: list[str], processed: Path) -> None:
+    """Raise a FileNotFoundError that says where the raw files must go when ``root/raw`` lacks them."""
+    if not missing or processed.is_file():
+        return
+    here = [f for f in QM9_RAW_FILES if (root / f).is_file()]
+    if here and root.name == "raw":
+        raise FileNotFoundError(
+            f"domain.path={root} is one level too deep: it holds the QM9 raw files {here} itself, but domain.path "
+            f"must be the folder above raw/ (where processed/ is written). Use domain.path={root.parent}"
+        )
+    if here:
+        raise FileNotFoundError(
+            f"domain.path={root} holds the QM9 raw files {here} directly, but they must be in {root / 'raw'}/: "
+            f"move them there (mkdir {root / 'raw'} && mv {' '.join(str(root / f) for f in here)} {root / 'raw'}/)"
+        )
+    raise FileNotFoundError(
+        f"QM9 raw files {missing} are missing under {root / 'raw'}. This machine does not download data: place "
+        f"gdb9.sdf and gdb9.sdf.csv (from the MoleculeNet qm9.zip) and uncharacterized.txt (figshare file "
+        f"3195404, renamed) in {root / 'raw'}/, then run again; processing them once writes {processed}."
+    )
+
+
 def load_qm9(root: Path | str) -> MoleculeSet:
-    """QM9 via ``torch_geometric.datasets.QM9`` from local raw files (no download)."""
+    """QM9 via ``torch_geometric.datasets.QM9`` from local raw files (no download).
+
+    ``y`` holds :data:`QM9_TARGETS` in PyG's units (:data:`QM9_UNITS`: eV for energies, not the
+    csv's Hartree). PyG caches its parse in ``root/processed/data_v3.pt``; the raw files' names,
+    sizes and modification times are recorded beside it, and a processed file whose record does
+    not match the raw files (or that has none) is deleted and rebuilt, with a warning.
+    """
+    from .metrics import quiet_rdkit
+
     root = Path(root).expanduser()
     raw = root / "raw"
     missing = [f for f in QM9_RAW_FILES if not (raw / f).is_file()]
     processed = root / "processed" / "data_v3.pt"
-    if missing and not processed.is_file():
-        raise FileNotFoundError(
-            f"QM9 raw files {missing} are missing under {raw}. This machine does not download data: place "
-            f"gdb9.sdf and gdb9.sdf.csv (from the MoleculeNet qm9.zip) and uncharacterized.txt (figshare file "
-            f"3195404, renamed) in {raw}/, then run again; processing them once writes {processed}."
-        )
+    _check_qm9_root(root, missing, processed)
+    fingerprint = _qm9_raw_fingerprint(raw)
+    stale = _qm9_stale_reason(processed, fingerprint) if processed.is_file() and not missing else None
+    if stale is not None:
+        log.warning("QM9 processed data %s cannot be trusted: %s; deleting it and rebuilding it from %s", processed, stale, raw)
+        processed.unlink()
     from torch_geometric.datasets import QM9
 
     try:
-        ds = QM9(str(root))
+        with quiet_rdkit():  # PyG's RDKit parse of gdb9.sdf ("Explicit valence ..." lines)
+            ds = QM9(str(root))
     except Exception as err:  # PyG parses the raw files on first use; a damaged copy fails deep inside it
         raise ValueError(
             f"QM9 raw files in {raw} could not be processed ({type(err).__name__}: {err}); replace them with intact "
             f"copies of gdb9.sdf, gdb9.sdf.csv and uncharacterized.txt and remove {processed} if it exists"
         ) from err
+    if not missing and _qm9_stale_reason(processed, fingerprint) is not None:  # just built
+        _write_qm9_fingerprint(processed.parent, fingerprint)
+    if stale is not None:
+        log.info("QM9 processed data %s rebuilt from the changed raw files in %s (%d molecules)", processed, raw, len(ds))
     z_list, pos_list, y_list, smi_list = [], [], [], []
     for i in range(len(ds)):
         d = ds[i]

@@ -22,6 +22,7 @@ from polydiff import Batch, Domain, RaggedSpace
 from .data import (
     EDM_QM9_SPLIT,
     QM9_TARGETS,
+    QM9_UNITS,
     MoleculeSet,
     builtin_smiles_path,
     conformers_from_smiles,
@@ -32,7 +33,7 @@ from .data import (
     split_indices,
 )
 from .egnn import EGNN
-from .metrics import Molecule3D, edm_smiles, molecule_metrics
+from .metrics import Molecule3D, edm_smiles, molecule_metrics, quiet_rdkit
 from .outputs import write_grid_png, write_sdf, write_xyz
 
 __all__ = ["MoleculeDomain"]
@@ -43,6 +44,9 @@ _SYMBOL_Z = {"H": 1, "B": 5, "C": 6, "N": 7, "O": 8, "F": 9, "Si": 14, "P": 15, 
 SOURCES = ("builtin", "smiles", "sdf", "qm9")
 #: EDM's feature scaling: one-hot / 4 and atomic number / 10.
 ONE_HOT_SCALE, CHARGE_SCALE = 4.0, 10.0
+#: A ``prior.context`` value further than this many mean absolute deviations from the training
+#: mean is far outside the training distribution (warned: the model extrapolates).
+CONTEXT_FAR_MADS = 4.0
 
 
 class MoleculeDomain(Domain):
@@ -51,6 +55,14 @@ class MoleculeDomain(Domain):
     ``source``: ``builtin`` (RDKit's NCI list, ETKDG+MMFF conformers), ``smiles`` (a SMILES file
     at ``path``), ``sdf`` (an SDF with 3-D coordinates at ``path``) or ``qm9`` (raw files under
     ``path``/raw). ``condition_on``: a QM9 target name (``alpha``, ``gap``, ...) or an SD tag.
+    Property values (training data and ``prior.context``) are in torch_geometric's QM9 units
+    (``QM9_UNITS``: D, Bohr^3, eV for all energies, cal/(mol K) for Cv; not the csv's Hartree,
+    and EDM's tables give homo/lumo/gap in meV) or, for ``sdf``, the SD tag's own units.
+
+    ``max_molecules`` applies to every source: for ``builtin`` and ``smiles`` it keeps the first
+    ``max_molecules`` SMILES of the filtered list before the split (each with its conformers); for
+    ``qm9`` and ``sdf`` the split is made first (QM9: EDM's split) and the training split is cut to
+    a random ``max_molecules`` of its records, seeded by ``seed``; valid and test stay whole.
     """
 
     guidance_keys = ("context",)
@@ -95,7 +107,8 @@ class MoleculeDomain(Domain):
         self.seed = seed
         self.num_atoms_hist: list[int] = []  # hist[n] = training molecules with n atoms
         self.context_stats: Optional[tuple[float, float]] = None  # (mean, mean absolute deviation), EDM
-        self.context_pairs: list[tuple[int, float]] = []  # (num_atoms, raw property) to sample context jointly
+        self.context_range: Optional[tuple[float, float]] = None  # (min, max) of the training property
+        self.context_pairs: list[tuple[int, float]] = []  # (num_atoms, property in its data units) to sample context jointly
         self._splits: Optional[dict[str, MoleculeSet]] = None
         self._train_smiles: Optional[set[str]] = None
         self._z_to_type = {_SYMBOL_Z[s]: i for i, s in enumerate(self.atom_types)}
@@ -151,10 +164,21 @@ class MoleculeDomain(Domain):
                     raise ValueError(f"QM9 has atomic numbers {bad} outside domain.atom_types={self.atom_types}")
             parts = split_indices(len(full), sizes, self.seed)
             splits = {name: full.subset(p.tolist()) for name, p in zip(("train", "val", "test"), parts)}
+            splits["train"] = self._limit_train(splits["train"])
         for name, s in splits.items():
             log.info("molecule %s split: %d conformers", name, len(s))
         self._splits = splits
         return splits
+
+    def _limit_train(self, train: MoleculeSet) -> MoleculeSet:
+        """A seeded random ``max_molecules`` of the training records (qm9 and sdf; after the split)."""
+        if self.max_molecules is None or self.max_molecules >= len(train):
+            return train
+        keep = np.sort(np.random.RandomState(self.seed).permutation(len(train))[: self.max_molecules])
+        log.info("domain.max_molecules=%d: training on a random %d of the %d %s training molecules (seed %d); "
+                 "valid and test stay whole; set domain.max_molecules=null to train on all",
+                 self.max_molecules, len(keep), len(train), self.source, self.seed)
+        return train.subset(keep.tolist())
 
     def dataset(self, split: str) -> Dataset:
         splits = self._load()
@@ -204,11 +228,12 @@ class MoleculeDomain(Domain):
             mean = float(ys.mean())
             mad = float(np.abs(ys - mean).mean()) or 1.0
             self.context_stats = (mean, mad)
+            self.context_range = (float(ys.min()), float(ys.max()))
             rng = np.random.RandomState(self.seed)
             pick = rng.choice(len(ys), size=min(len(ys), 2000), replace=False)
             self.context_pairs = [(sizes[i], float(ys[i])) for i in pick]
         # Training SMILES go into the checkpoint, so novelty needs no data at sampling time.
-        self._train_smiles = {s for s in (edm_smiles(*m) for m in self._molecules(train_set)) if s is not None}
+        self._train_smiles = self._smiles_of(self._molecules(train_set))
         log.info("molecule setup: %d training conformers, %d distinct EDM SMILES", len(train_set), len(self._train_smiles))
 
     # --------------------------------------------------------------- network
@@ -216,10 +241,45 @@ class MoleculeDomain(Domain):
         return EGNN(self.num_features, context_dim=1 if self.condition_on else 0, **model)
 
     # -------------------------------------------------------------- sampling
+    def context_units(self) -> str:
+        """The units ``prior.context`` (and the training property) is in, in words."""
+        name = self.condition_on
+        if name is None:
+            return "no property: domain.condition_on is not set"
+        if self.source == "qm9" and name in QM9_UNITS:
+            meV = " (EDM's tables give meV: divide by 1000)" if name in ("homo", "lumo", "gap") else ""
+            hartree = ", not the csv's Hartree" if QM9_UNITS[name] == "eV" else ""
+            return f"{QM9_UNITS[name]}, torch_geometric's QM9 units{hartree}{meV}"
+        return f"the units of the SD tag {name!r} in {self.path}"
+
     def parse_label(self, value: Any) -> int:
         raise ValueError(
             "the molecule domain has no class labels: condition on a property with prior.context=VALUE "
-            f"(raw units of {self.condition_on or 'the property set by domain.condition_on'})"
+            f"({self.condition_on or 'the property set by domain.condition_on'} in {self.context_units()})"
+        )
+
+    def _context_bounds(self) -> tuple[float, float]:
+        """(min, max) of the training property: recorded by setup, else the sampled pairs' (older checkpoints)."""
+        if self.context_range is not None:
+            return self.context_range
+        ys = [y for _, y in self.context_pairs]
+        return (min(ys), max(ys)) if ys else (float("nan"), float("nan"))
+
+    def _warn_far_context(self, values: Sequence[float]) -> None:
+        """Warn when a ``prior.context`` value lies far outside the training property's distribution."""
+        if self.context_stats is None:
+            return
+        mean, mad = self.context_stats
+        far = sorted({v for v in values if abs(v - mean) > CONTEXT_FAR_MADS * mad}, key=lambda v: -abs(v - mean))
+        if not far:
+            return
+        lo, hi = self._context_bounds()
+        log.warning(
+            "prior.context=%g is far outside the training distribution of %s (%s): training mean %.4g, range "
+            "[%.4g, %.4g], mean absolute deviation %.4g, so %g is %.1f deviations from the mean (warned beyond %g)%s. "
+            "The model will extrapolate: give a value inside the training range, in those units",
+            far[0], self.condition_on, self.context_units(), mean, lo, hi, mad, far[0], abs(far[0] - mean) / mad,
+            CONTEXT_FAR_MADS, f"; {len(far) - 1} more value(s) as far" if len(far) > 1 else "",
         )
 
     def prior(
@@ -233,8 +293,10 @@ class MoleculeDomain(Domain):
     ) -> tuple[RaggedSpace, dict[str, Tensor]]:
         """``n`` molecules; atom counts from ``num_atoms`` (int or list of n) or the training histogram.
 
-        For a conditional model ``context`` (raw property units, one value or n) sets the
-        property; without it, (atom count, property) pairs are drawn jointly from training.
+        For a conditional model ``context`` (one value or n, in the training property's units:
+        torch_geometric's for QM9, see :meth:`context_units`) sets the property, warned when far
+        outside the training distribution; without it, (atom count, property) pairs are drawn
+        jointly from training.
         """
         if labels is not None:
             raise ValueError("the molecule domain takes no labels; use prior.context=VALUE for a property")
@@ -268,6 +330,7 @@ class MoleculeDomain(Domain):
                 vals = [float(context)] * n if isinstance(context, (int, float)) else [float(c) for c in context]
                 if len(vals) != n:
                     raise ValueError(f"prior.context must be one value or {n} values, got {len(vals)}")
+                self._warn_far_context(vals)
                 ctx_raw = torch.tensor(vals).unsqueeze(-1)
             cond["context"] = (self._normalise(ctx_raw) if ctx_raw is not None else torch.full((n, 1), float("nan"))).to(device)
         elif context is not None:
@@ -290,10 +353,11 @@ class MoleculeDomain(Domain):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         mols = self.decode(batch)
-        paths = [write_sdf(mols, out_dir / f"{prefix}.sdf")]
-        write_xyz(mols, out_dir / f"{prefix}_xyz")
-        paths.append(out_dir / f"{prefix}_xyz")
-        paths.append(write_grid_png(mols, out_dir / f"{prefix}.png"))
+        with quiet_rdkit():  # invalid molecules are tagged valid=0, not printed
+            paths = [write_sdf(mols, out_dir / f"{prefix}.sdf")]
+            write_xyz(mols, out_dir / f"{prefix}_xyz")
+            paths.append(out_dir / f"{prefix}_xyz")
+            paths.append(write_grid_png(mols, out_dir / f"{prefix}.png"))
         return paths
 
     def read_samples(self, path: Path) -> Batch:
@@ -318,6 +382,12 @@ class MoleculeDomain(Domain):
             out.append(([inv[int(a)] for a in item["z"].tolist()], item["pos"].numpy().astype(np.float64)))
         return out
 
+    @staticmethod
+    def _smiles_of(mols: Sequence[Molecule3D]) -> set[str]:
+        """EDM-pipeline SMILES of valid ``mols``; RDKit's sanitisation messages are silenced."""
+        with quiet_rdkit():
+            return {s for s in (edm_smiles(*m) for m in mols) if s is not None}
+
     def train_smiles(self) -> Optional[set[str]]:
         """EDM-pipeline SMILES of the training conformers (for novelty), or ``None`` without data."""
         if self._train_smiles is None:
@@ -326,7 +396,7 @@ class MoleculeDomain(Domain):
             except (FileNotFoundError, ValueError) as err:
                 log.warning("novelty not computed: training data unavailable (%s)", err)
                 return None
-            self._train_smiles = {s for s in (edm_smiles(*m) for m in mols) if s is not None}
+            self._train_smiles = self._smiles_of(mols)
         return self._train_smiles
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
@@ -343,6 +413,7 @@ class MoleculeDomain(Domain):
             "num_atoms_hist": list(self.num_atoms_hist),
             "condition_on": self.condition_on,
             "context_stats": list(self.context_stats) if self.context_stats else None,
+            "context_range": list(self.context_range) if self.context_range else None,
             "context_pairs": [list(p) for p in self.context_pairs],
             "train_smiles": sorted(self._train_smiles) if self._train_smiles is not None else None,
         }
@@ -353,6 +424,8 @@ class MoleculeDomain(Domain):
         self.num_atoms_hist = list(state.get("num_atoms_hist", []))
         stats = state.get("context_stats")
         self.context_stats = (float(stats[0]), float(stats[1])) if stats else None
+        bounds = state.get("context_range")  # absent from older checkpoints: the sampled pairs' range
+        self.context_range = (float(bounds[0]), float(bounds[1])) if bounds else None
         self.context_pairs = [(int(a), float(b)) for a, b in state.get("context_pairs", [])]
         smiles = state.get("train_smiles")
         self._train_smiles = set(smiles) if smiles is not None else None

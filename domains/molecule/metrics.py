@@ -12,18 +12,32 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Iterable, Optional, Sequence
 
 import numpy as np
 
 from .bonds import atom_stability, bond_order_matrix
 
-__all__ = ["Molecule3D", "edm_mol", "edm_smiles", "rdkit_perceived_smiles", "stability", "molecule_metrics"]
+__all__ = ["Molecule3D", "edm_mol", "edm_smiles", "rdkit_perceived_smiles", "stability", "molecule_metrics", "quiet_rdkit"]
 
 log = logging.getLogger(__name__)
 
 #: (element symbols [n], positions [n, 3] in Angstrom)
 Molecule3D = tuple[Sequence[str], np.ndarray]
+
+
+@contextmanager
+def quiet_rdkit() -> Iterator[None]:
+    """Silence RDKit's own logger (``rdApp.*``: "Explicit valence ..." on every molecule that fails
+    sanitisation) for the block, then restore its previous state. Python logging is untouched."""
+    from rdkit import rdBase
+
+    block = rdBase.BlockLogs()
+    try:
+        yield
+    finally:
+        del block
 
 
 def edm_mol(symbols: Sequence[str], positions: np.ndarray):
@@ -98,9 +112,11 @@ def molecule_metrics(
     rdkit_second_opinion: bool = True,
 ) -> dict[str, float]:
     """EDM's stability / validity / uniqueness / novelty (and RDKit-perception validity) of a set."""
-    from rdkit import RDLogger
+    with quiet_rdkit():  # sanitisation failures are counted, not printed
+        return _molecule_metrics(molecules, train_smiles, rdkit_second_opinion)
 
-    RDLogger.DisableLog("rdApp.*")  # sanitisation failures are counted, not printed
+
+def _molecule_metrics(molecules: Iterable[Molecule3D], train_smiles: Optional[set[str]], rdkit_second_opinion: bool) -> dict[str, float]:
     n_mols = n_stable_mols = n_atoms = n_stable_atoms = 0
     valid: list[str] = []
     valid_rdkit: list[str] = []
