@@ -329,3 +329,15 @@ def test_read_samples_from_image_files_and_saved_tensors(tmp_path, monkeypatch):
     torch.save({"x": torch.zeros(3, 1, 16, 16)}, tmp_path / "big" / "s.pt")
     with pytest.raises(ValueError, match=r"s.pt have shape \(1, 16, 16\), the domain's are \(1, 8, 8\)"):
         dom.read_samples(tmp_path / "big")
+
+
+def test_folder_split_names_val_is_held_out_and_a_lone_train_is_refused(tmp_path):
+    for split, shade in (("train", 10), ("val", 30)):
+        for label in ("a", "b"):
+            _write(tmp_path / "tv" / split / label / "1.png", "RGB", (9, 9), (shade, shade, shade), "PNG")
+    train = load_folder(tmp_path / "tv", "train", size=4)
+    assert train.class_names == ["a", "b"] and train.images[:, 0, 0, 0].tolist() == [10, 10]  # not classes train/val
+    assert load_folder(tmp_path / "tv", "test", size=4).images[:, 0, 0, 0].tolist() == [30, 30]
+    _write(tmp_path / "lone" / "train" / "a" / "1.png", "RGB", (9, 9), (10, 10, 10), "PNG")
+    with pytest.raises(ValueError, match=r"holds split folders \['train'\]: give it train/ and one held-out folder"):
+        load_folder(tmp_path / "lone", "train", size=4)

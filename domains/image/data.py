@@ -129,6 +129,8 @@ def _split_kind(split: str, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------- folder
+#: Names of a folder's held-out split beside ``train/`` (the first found is used).
+_HELD_OUT_NAMES = ("test", "val", "valid", "validation")
 def _visible_files(folder: Path, recursive: bool) -> list[Path]:
     """Files in ``folder`` (and below it when ``recursive``), hidden files and folders left out."""
     found = folder.rglob("*") if recursive else folder.iterdir()
@@ -268,22 +270,30 @@ def load_folder(
 ) -> ImageArrays:
     """A folder of PNG/JPEG images, labels from sub-folder names.
 
-    ``root/train`` and ``root/test`` are used as the splits when both exist; otherwise the
-    images are split seeded and stratified with ``test_fraction`` held out.
+    ``root/train`` and ``root/test`` (or ``val``/``valid``/``validation``) are the splits when
+    present; otherwise the images are split seeded and stratified with ``test_fraction`` held out.
     """
     if mode not in ("rgb", "grayscale"):
         raise ValueError(f"domain.mode must be 'rgb' or 'grayscale', got {mode!r}")
     root = Path(root).expanduser()
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    held_out = [root / name for name in _HELD_OUT_NAMES if (root / name).is_dir()]
+    if (root / "train").is_dir() and held_out:  # train/val/test: the test split is held out
         kind = _split_kind(split, "folder")
-        folder = root / kind
+        folder = root / "train" if kind == "train" else held_out[0]
         paths, labels, classes = _scan_folder(folder)
         index = np.arange(len(paths))
         if kind == "train":
             # Class names must agree between the two splits, or labels would mean different things.
-            test_classes = _scan_folder(root / "test")[2]
+            test_classes = _scan_folder(held_out[0])[2]
             if test_classes != classes:
-                raise ValueError(f"class folders differ between {root / 'train'} {classes} and {root / 'test'} {test_classes}")
+                raise ValueError(f"class folders differ between {root / 'train'} {classes} and {held_out[0]} {test_classes}")
+    elif (root / "train").is_dir() or held_out:
+        found = [p.name for p in [root / "train", *held_out] if p.is_dir()]
+        raise ValueError(
+            f"image folder {root} holds split folders {found}: give it train/ and one held-out folder "
+            f"(one of {', '.join(_HELD_OUT_NAMES)}), each with the same class sub-folders; or put the class "
+            f"folders directly in {root} to split them with domain.test_fraction"
+        )
     else:
         folder = root
         paths, labels, classes = _scan_folder(root)
