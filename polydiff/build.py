@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +15,7 @@ from .objectives import Objective
 from .registry import domain_module_prefixes, get_domain
 from .schedules import NoiseSchedule, make_schedule
 
-__all__ = ["Parts", "build_domain", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
+__all__ = ["Parts", "build_domain", "with_domain_overrides", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
 
 
 def to_plain(cfg: Any) -> Any:
@@ -53,6 +53,18 @@ def build_domain(domain_cfg: Mapping[str, Any]) -> Domain:
         raise KeyError("the recipe's 'domain' section needs 'name' (one of polydiff.list_domains())")
     cls = get_domain(cfg.pop("name"))
     return call_checked(cls, cfg, "domain")
+
+
+def with_domain_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``cfg`` with ``domain.KEY=V`` overrides merged into its domain section (e.g. where the data now lie);
+    keys are checked against the domain's constructor when it is built."""
+    bad = [o for o in overrides if "=" not in o or not o.lstrip("+").startswith("domain.")]
+    if bad:
+        raise KeyError(f"only domain.KEY=V overrides apply here, got {bad}")
+    if not overrides:
+        return dict(cfg)
+    given = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]).domain
+    return {**cfg, "domain": to_plain(OmegaConf.merge(OmegaConf.create(dict(cfg["domain"])), given))}
 
 
 def build_network(domain: Domain, model_cfg: Mapping[str, Any]) -> nn.Module:

@@ -156,7 +156,7 @@ def _sample(args: Sequence[str]) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from .build import Parts, resolve_device
+    from .build import Parts, resolve_device, with_domain_overrides
     from .checkpoint import load_checkpoint
     from .config import GuidanceConfig, SamplerConfig, check_overrides
     from .generate import generate
@@ -189,9 +189,11 @@ def _sample(args: Sequence[str]) -> None:
     cfg = ckpt["config"]
 
     over = OmegaConf.from_dotlist(list(a.overrides)) if a.overrides else OmegaConf.create({})
-    unknown = set(over.keys()) - {"sampler", "guidance", "label", "prior"}
+    unknown = set(over.keys()) - {"sampler", "guidance", "label", "prior", "domain"}
     if unknown:
-        raise _fail(f"unknown override(s) {sorted(unknown)}; use sampler.KEY=V, guidance.KEY=V, label=NAME or prior.KEY=V")
+        raise _fail(f"unknown override(s) {sorted(unknown)}; use sampler.KEY=V, guidance.KEY=V, label=NAME, prior.KEY=V "
+                    "or domain.KEY=V (e.g. domain.root=DIR where the training data now lie, for --eval)")
+    domain_over = [o for o in a.overrides if o.lstrip("+").startswith("domain.")]
     try:
         check_overrides(a.overrides)
         sampler = OmegaConf.to_container(
@@ -206,7 +208,7 @@ def _sample(args: Sequence[str]) -> None:
 
     try:
         device = resolve_device(a.device, "--device")
-        parts = Parts.from_config(cfg, domain_state=ckpt["domain_state"])
+        parts = Parts.from_config(with_domain_overrides(cfg, domain_over), domain_state=ckpt["domain_state"])
         state = ckpt["model"]
         if a.weights == "ema":
             state = {k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
@@ -232,7 +234,11 @@ def _sample(args: Sequence[str]) -> None:
             run = {"seed": seed, "seconds": time.perf_counter() - t0}
             paths += domain.save_samples(batch, out if len(seeds) == 1 else out / f"seed-{seed}", prefix="samples")
             if a.eval:
-                run["metrics"] = domain.evaluate(batch)
+                try:
+                    run["metrics"] = domain.evaluate(batch)
+                except (FileNotFoundError, ValueError, OSError) as err:  # the metric classifier needs the data
+                    raise _fail(f"{err}; the samples are in {out}. Score them later with polydiff eval "
+                                f"{a.run_dir} {out} domain.root=DIR (where the training data now lie)") from err
             print(f"{a.n} samples ({sampler['name']}, {sampler['steps']} steps, guidance {guidance['scale']}, "
                   f"seed {seed}) in {run['seconds']:.1f}s" + (f": {_fmt_metrics(run['metrics'])}" if a.eval and len(seeds) > 1 else ""))
             runs.append(run)

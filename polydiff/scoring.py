@@ -8,13 +8,16 @@ by :meth:`~polydiff.Domain.evaluate`, beside the same metrics for real held-out 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from .build import build_domain, to_plain
+from .build import build_domain, to_plain, with_domain_overrides
 from .domain import Domain
 
 __all__ = ["load_domain", "score_samples"]
+
+log = logging.getLogger(__name__)
 
 
 def load_domain(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Domain, dict[str, Any]]:
@@ -22,13 +25,8 @@ def load_domain(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Doma
 
     ``overrides`` are ``domain.KEY=V`` settings (e.g. where the training data now lies).
     """
-    from omegaconf import OmegaConf
-
     from .checkpoint import load_checkpoint
 
-    bad = [o for o in overrides if "=" not in o or not o.lstrip("+").startswith("domain.")]
-    if bad:
-        raise KeyError(f"only domain.KEY=V overrides apply when scoring samples, got {bad}")
     source = Path(source)
     state = None
     if source.suffix in (".yaml", ".yml"):
@@ -41,9 +39,7 @@ def load_domain(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Doma
             raise FileNotFoundError(f"{source} is neither a recipe (.yaml) nor a run directory with checkpoints/last.pt")
         ckpt = load_checkpoint(ckpt_path, mmap=True)
         cfg, state = ckpt["config"], ckpt["domain_state"]
-    if overrides:  # checked against the domain's constructor by build_domain
-        given = OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]).domain
-        cfg = {**cfg, "domain": to_plain(OmegaConf.merge(OmegaConf.create(cfg["domain"]), given))}
+    cfg = with_domain_overrides(cfg, overrides)
     domain = build_domain(cfg["domain"])
     if state is None:
         domain.setup(domain.dataset("train"))
@@ -64,5 +60,10 @@ def score_samples(domain: Domain, paths: Sequence[str | Path], reference: bool =
         rows.append({"path": str(path), "n": batch.num_samples, "metrics": domain.evaluate(batch)})
     record: dict[str, Any] = {"domain": domain.name, "samples": rows}
     if reference:
-        record["reference"] = domain.reference_metrics(max(r["n"] for r in rows))
+        try:
+            record["reference"] = domain.reference_metrics(max(r["n"] for r in rows))
+        except (FileNotFoundError, ValueError, OSError) as err:
+            log.warning("no real-data reference row: the training data could not be read (%s); point domain.root "
+                        "(or domain.path) at them, or pass --no-reference", err)
+            record["reference"] = None
     return record

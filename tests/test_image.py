@@ -341,3 +341,37 @@ def test_folder_split_names_val_is_held_out_and_a_lone_train_is_refused(tmp_path
     _write(tmp_path / "lone" / "train" / "a" / "1.png", "RGB", (9, 9), (10, 10, 10), "PNG")
     with pytest.raises(ValueError, match=r"holds split folders \['train'\]: give it train/ and one held-out folder"):
         load_folder(tmp_path / "lone", "train", size=4)
+
+
+def test_sample_and_eval_after_the_data_moved(tmp_path, monkeypatch, capsys):
+    """Metrics need the training data (the classifier): moved data are named, and domain.root=NEW points at them."""
+    from polydiff.cli import main
+    from polydiff.trainer import train
+
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for label, base in (("dark", 40), ("light", 200)):
+        for i in range(12):
+            pixels = np.clip(base + rng.normal(0, 10, (8, 8)), 0, 255).astype(np.uint8)
+            (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    cfg = {
+        "domain": {"name": "image", "source": "folder", "root": str(tmp_path / "data"), "size": 8, "mode": "grayscale",
+                   "test_fraction": 0.25, "metric_epochs": 2},
+        "model": {"channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": []},
+        "schedule": {"name": "cosine", "steps": 50},
+        "trainer": dict(max_steps=4, batch_size=8, device="cpu", num_samples=4, progress=False, eval=False),
+        "sampler": {"name": "ddim", "steps": 3},
+    }
+    run = tmp_path / "run"
+    train(cfg, run)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    with pytest.raises(SystemExit, match="Score them later with polydiff eval") as err:
+        main(["sample", str(run), "--n", "4", "--eval", "--out", str(tmp_path / "s1")])
+    assert str(tmp_path / "data") in str(err.value) and (tmp_path / "s1" / "samples.pt").is_file()
+    main(["sample", str(run), "--n", "4", "--eval", "--out", str(tmp_path / "s2"), f"domain.root={tmp_path / 'moved'}"])
+    record = json.loads((tmp_path / "s2" / "sampling.json").read_text())
+    assert {"fid", "is", "label_acc"} <= set(record["metrics"]) and record["reference"]["num_samples"] == 4
+    main(["eval", str(run), str(tmp_path / "s1"), f"domain.root={tmp_path / 'moved'}", "--json", str(tmp_path / "e.json")])
+    scored = json.loads((tmp_path / "e.json").read_text())
+    assert scored["samples"][0]["n"] == 4 and "fid" in scored["samples"][0]["metrics"] and scored["reference"]
