@@ -419,6 +419,14 @@ def test_context_is_in_torch_geometric_units_and_far_values_are_warned(tmp_path,
     with caplog.at_level(logging.WARNING):
         fresh.prior(1, num_atoms=5, context=100.0)
     assert "prior.context=100 is far outside" in caplog.text and "range [60, 70]" in caplog.text
+    # The SDF of conditional samples records the property each molecule was asked for (null: empty).
+    space, cond = dom.prior(3, num_atoms=4, context=[61.5, 66.0, 70.0])
+    cond["context"][2] = float("nan")
+    dom.save_samples(Batch(space.randn(), space, cond), tmp_path / "out")
+    from rdkit import Chem
+
+    asked = [m.GetProp("alpha") for m in Chem.SDMolSupplier(str(tmp_path / "out" / "samples.sdf"), sanitize=False, removeHs=False)]
+    assert asked == ["61.5", "66", ""]
 
 
 def test_rdkit_valence_messages_are_silenced_not_disabled(capfd, caplog):

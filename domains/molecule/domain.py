@@ -350,11 +350,17 @@ class MoleculeDomain(Domain):
         return out
 
     def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        """An SDF (tagged with the requested property when conditional), XYZ files and a PNG grid."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         mols = self.decode(batch)
+        tags = {}
+        context = batch.cond.get("context")
+        if self.condition_on and context is not None and self.context_stats is not None:
+            mean, mad = self.context_stats  # back to the property's units; null (unconditional) rows stay empty
+            tags[self.condition_on] = ["" if v != v else f"{v:.6g}" for v in (context[:, 0].cpu() * mad + mean).tolist()]
         with quiet_rdkit():  # invalid molecules are tagged valid=0, not printed
-            paths = [write_sdf(mols, out_dir / f"{prefix}.sdf")]
+            paths = [write_sdf(mols, out_dir / f"{prefix}.sdf", tags)]
             write_xyz(mols, out_dir / f"{prefix}_xyz")
             paths.append(out_dir / f"{prefix}_xyz")
             paths.append(write_grid_png(mols, out_dir / f"{prefix}.png"))

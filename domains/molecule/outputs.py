@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -42,8 +42,9 @@ def _as_writable(symbols: Sequence[str], pos: np.ndarray):
     return mol, ok
 
 
-def write_sdf(molecules: Sequence[Molecule3D], path: Path) -> Path:
-    """An SDF of all molecules with EDM's distance-inferred bonds; tags ``valid`` and ``stable``."""
+def write_sdf(molecules: Sequence[Molecule3D], path: Path, tags: Optional[Mapping[str, Sequence[Any]]] = None) -> Path:
+    """An SDF of all molecules with EDM's distance-inferred bonds; tags ``valid``, ``stable`` and any
+    per-molecule ``tags`` (e.g. the property a conditional model was asked for)."""
     from rdkit import Chem
 
     writer = Chem.SDWriter(str(path))
@@ -55,6 +56,8 @@ def write_sdf(molecules: Sequence[Molecule3D], path: Path) -> Path:
             mol.SetProp("_Name", f"generated_{i}")
             mol.SetProp("valid", str(int(ok)))
             mol.SetProp("stable", str(int(stable == n)))
+            for name, values in (tags or {}).items():
+                mol.SetProp(name, str(values[i]))
             writer.write(mol)
     finally:
         writer.close()
