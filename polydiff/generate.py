@@ -12,7 +12,7 @@ from .config import check_call
 from .domain import Batch, Domain
 from .guidance import classifier_free_guidance
 from .objectives import Objective
-from .samplers import sample
+from .samplers import Known, sample
 from .schedules import NoiseSchedule
 
 __all__ = ["generate"]
@@ -32,11 +32,15 @@ def generate(
     generator: Optional[torch.Generator] = None,
     prior: Optional[Mapping[str, Any]] = None,
     callback=None,
+    known: Optional[Known] = None,
 ) -> Batch:
     """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ..., batch_size}, ``guidance`` = {scale, rescale}.
 
-    More than ``sampler["batch_size"]`` samples are drawn in chunks of that size (labels and
-    per-sample prior options are split with them) and joined by :meth:`Domain.concat`.
+    More than ``sampler["batch_size"]`` samples are drawn in chunks of that size (labels,
+    per-sample prior options and the rows of ``known`` are split with them) and joined by
+    :meth:`Domain.concat`. ``known`` holds part of every sample fixed (see :class:`Known`): its
+    values and mask are laid out like the whole draw's state (rows: samples, or atoms of a
+    ragged layout, which then needs a fixed layout such as ``prior.num_atoms``), or broadcast.
     """
     sampler = dict(sampler)
     chunk = sampler.pop("batch_size", None)
@@ -46,18 +50,26 @@ def generate(
     prior = dict(prior or {})
     check_call(domain.prior, prior, "prior", given=("n", "labels", "device", "generator"))
     if n <= chunk:
-        return _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior, callback)
+        return _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior,
+                         callback, known)
     for key, value in prior.items():
         if _per_sample(value) and len(value) != n:
             raise ValueError(f"prior.{key} has {len(value)} values for {n} samples: give one value or {n}")
-    parts = []
+    parts, row = [], 0
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         part_prior = {k: (v[start:stop] if _per_sample(v) else v) for k, v in prior.items()}
         part_labels = None if labels is None else labels[start:stop]
-        parts.append(_generate(domain, net, schedule, objective, stop - start, sampler, guidance, part_labels, device,
-                               generator, part_prior, callback))
+        part = _generate(domain, net, schedule, objective, stop - start, sampler, guidance, part_labels, device,
+                         generator, part_prior, callback, known, row)
+        row += part.x.shape[0]
+        parts.append(part)
     return domain.concat(parts)
+
+
+def _rows(t: Tensor, start: int, count: int) -> Tensor:
+    """Rows ``start .. start + count`` of a tensor laid out like the whole draw (a first dimension of 1 broadcasts)."""
+    return t if t.dim() == 0 or t.shape[0] == 1 else t[start : start + count]
 
 
 def _per_sample(value: Any) -> bool:
@@ -65,8 +77,9 @@ def _per_sample(value: Any) -> bool:
     return isinstance(value, (list, tuple, Tensor)) and not (isinstance(value, Tensor) and value.dim() == 0)
 
 
-def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior, callback) -> Batch:
-    """One chunk of :func:`generate`."""
+def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior, callback,
+              known=None, row=0) -> Batch:
+    """One chunk of :func:`generate`; its state starts at row ``row`` of the whole draw's."""
     sampler = dict(sampler)
     name, steps = sampler.pop("name"), sampler.pop("steps")
     guidance = dict(guidance or {})
@@ -83,7 +96,10 @@ def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, de
         if conditioned and (scale != 1.0 or rescale > 0):
             uncond = objective.denoiser(net, schedule, space, null_condition(cond, keys))
             den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
-        x = sample(name, den, noise, schedule, steps, space=space, generator=generator, callback=callback, **sampler)
+        if known is not None:
+            known = Known(_rows(known.values, row, noise.shape[0]), _rows(known.mask, row, noise.shape[0]))
+        x = sample(name, den, noise, schedule, steps, space=space, generator=generator, callback=callback, known=known,
+                   **sampler)
     finally:
         net.train(was_training)
     return Batch(x, space, cond)

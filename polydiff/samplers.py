@@ -9,7 +9,8 @@ Every sampler shares one signature::
 * ``steps`` is a number of steps, or an explicit time grid ``[n + 1]`` or per-sample ``[n + 1, B]``
   running from noise (``t`` near 1) down to ``0``;
 * ``space`` says how per-sample scalars broadcast and how states are projected (dense by default);
-* ``callback({"i", "t", "x", "x0"})`` is called after every step.
+* ``callback({"i", "t", "x", "x0"})`` is called after every step;
+* ``known=Known(values, mask)`` holds part of the state fixed (imputation, inpainting, continuation).
 
 Coefficients are computed once per call in float64 and cast to the state's dtype, so the
 loop only does the elementwise update.
@@ -18,7 +19,7 @@ loop only does the elementwise update.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -27,9 +28,20 @@ from .objectives import DenoiserFn, Prediction
 from .schedules import NoiseSchedule
 from .space import DenseSpace, Space
 
-__all__ = ["timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample", "SAMPLERS"]
+__all__ = ["Known", "timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample", "SAMPLERS"]
 
 Callback = Callable[[dict[str, Any]], None]
+
+
+class Known(NamedTuple):
+    """Part of the state held fixed while sampling, by replacement (Song et al. 2021, App. I.2; RePaint,
+    Lugmayr et al. 2022, eq. 8, without its resampling): after every step the known elements are set to
+    ``values`` noised to the next time, and to ``values`` themselves at the end. The rest is generated
+    to fit them, as well as an unconditional model can (an approximation of the true conditional).
+    """
+
+    values: Tensor  # like the state; only read where mask is 1
+    mask: Tensor  # broadcastable to the state, 1 (True) = known
 SPACINGS = ("trailing", "leading", "linspace")
 
 
@@ -91,6 +103,27 @@ def _noise(space: Space, generator: Optional[torch.Generator], like: Tensor) -> 
 Update = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
+def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Generator], like: Tensor):
+    """``impose(x, alpha[B], sigma[B])``: ``x`` with its known elements drawn from q(x_t | values)."""
+    if known is None:
+        return lambda x, a, s: x
+    values = known.values.to(device=like.device, dtype=like.dtype)
+    mask = known.mask.to(like.device).bool()
+    try:
+        if torch.broadcast_shapes(tuple(mask.shape), tuple(like.shape)) != like.shape:
+            raise RuntimeError("the mask would enlarge the state")
+        values = torch.broadcast_to(values, like.shape)
+    except RuntimeError as err:
+        raise ValueError(f"known values {tuple(known.values.shape)} and mask {tuple(known.mask.shape)} do not fit "
+                         f"the state {tuple(like.shape)}") from err
+
+    def impose(x: Tensor, a: Tensor, s: Tensor) -> Tensor:
+        noisy = (values * space.expand(a)).addcmul_(_noise(space, generator, x), space.expand(s))
+        return torch.where(mask, noisy, x)
+
+    return impose
+
+
 def _run(
     denoiser: DenoiserFn,
     noise: Tensor,
@@ -100,14 +133,17 @@ def _run(
     clip_x0: Optional[float],
     callback: Optional[Callback],
     update: Update,
+    known: Optional[Known] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """The loop every sampler shares: predict, ``update(i, x, x0, eps)``, project, report."""
+    """The loop every sampler shares: predict, ``update(i, x, x0, eps)``, impose the known part, project, report."""
     dt = noise.dtype
     a_, s_, t_ = ab.sqrt().to(dt), (1 - ab).sqrt().to(dt), grid.to(dt)  # [n + 1, B]
-    x = noise
+    impose = _imposer(known, space, generator, noise)
+    x = impose(noise, a_[0], s_[0])
     for i in range(grid.shape[0] - 1):
         x0, eps = _predict(denoiser, x, t_[i], clip_x0, space.expand(a_[i]), space.expand(s_[i]))
-        x = space.project(update(i, x, x0, eps))
+        x = space.project(impose(update(i, x, x0, eps), a_[i + 1], s_[i + 1]))
         if callback is not None:
             callback({"i": i, "t": grid[i], "x": x, "x0": x0})
     return x
@@ -126,6 +162,7 @@ def sample_ddim(
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
+    known: Optional[Known] = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12); ``eta = 0`` is deterministic, ``eta = 1`` is ancestral DDPM."""
     space, grid, ab = _setup(noise, space, steps, schedule, spacing)
@@ -141,7 +178,7 @@ def sample_ddim(
             x = x.addcmul_(_noise(space, generator, x), space.expand(c_[i]))
         return x
 
-    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update)
+    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
 
 
 @torch.no_grad()
@@ -157,6 +194,7 @@ def sample_ddpm(
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
+    known: Optional[Known] = None,
 ) -> Tensor:
     """Ancestral DDPM (Ho et al. 2020, eq. 6-7) with the posterior (``small``) or ``large`` (beta) variance."""
     if variance not in ("small", "large"):
@@ -176,7 +214,7 @@ def sample_ddpm(
         x = (x0 * space.expand(w_x0_[i])).addcmul_(x, space.expand(w_xt_[i]))
         return x.addcmul_(_noise(space, generator, x), space.expand(std_[i]))
 
-    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update)
+    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
 
 
 @torch.no_grad()
@@ -191,6 +229,7 @@ def sample_dpmpp_2m(
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
+    known: Optional[Known] = None,
 ) -> Tensor:
     """DPM-Solver++(2M), multistep second order in log-SNR (Lu et al. 2022, Algorithm 2).
 
@@ -220,7 +259,7 @@ def sample_dpmpp_2m(
         prev[:] = [x0]
         return (x * space.expand(ratio_[i])).addcmul_(d, space.expand(w_x0_[i]))
 
-    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update)
+    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
@@ -245,7 +284,7 @@ def sample(
         close = difflib.get_close_matches(name, SAMPLERS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown sampler {name!r}. Known samplers: {sorted(SAMPLERS)}.{hint}")
-    common = {"space", "generator", "callback", "clip_x0", "spacing"}
+    common = {"space", "generator", "callback", "clip_x0", "spacing", "known"}
     every = set().union(*_OPTIONS.values())
     unknown = set(options) - common - every
     if unknown:

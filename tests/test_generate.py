@@ -124,3 +124,20 @@ def test_dense_space_rejects_a_mask_that_does_not_fit():
     DenseSpace((4, 1, 64), torch.ones(1, 1, 64))  # broadcast over the batch: fine
     with pytest.raises(ValueError, match=r"mask of shape \(4, 64\) does not broadcast to the state's shape \(4, 1, 64\)"):
         DenseSpace((4, 1, 64), torch.ones(4, 64))
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_known_values_follow_their_samples_through_chunks(batch_size):
+    """Per-sample known values are split with the chunks: each sample keeps its own, the rest is generated."""
+    from polydiff.samplers import Known
+
+    schedule, objective = make_schedule("cosine", 100), Objective(prediction="x0")
+    labels = torch.arange(7)
+    values = torch.arange(7.0).reshape(7, 1, 1).expand(7, 2, 3) * -10  # sample k: -10 k
+    mask = torch.zeros(1, 2, 3, dtype=torch.bool)
+    mask[0, 0, 0] = True  # one element of every sample, broadcast over the draw
+    out = generate(Toy(), LabelToValue(), schedule, objective, 7, {"name": "ddim", "steps": 5, "batch_size": batch_size},
+                   labels=labels, generator=torch.Generator().manual_seed(0), known=Known(values, mask))
+    assert torch.equal(out.x[:, 0, 0], values[:, 0, 0])
+    rest = out.x.reshape(7, -1)[:, 1:]  # generated: the label, as the net answers
+    assert torch.allclose(rest, labels.float()[:, None].expand_as(rest), atol=1e-4)

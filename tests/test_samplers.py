@@ -192,3 +192,28 @@ def test_guidance_rescale_matches_the_conditional_std():
     torch.testing.assert_close(space.std(full), space.std(c_x0))
     part = classifier_free_guidance(cond, uncond, 4.0, space, schedule, rescale=0.7)(x, t).x0
     torch.testing.assert_close(part, 0.7 * full + 0.3 * plain)
+
+
+@pytest.mark.parametrize("name,steps", [("ddpm", 200), ("ddim", 50), ("dpmpp_2m", 20)])
+def test_known_values_are_kept_and_independent_parts_keep_their_law(name, steps):
+    """Imputation by replacement: the known coordinate ends exactly at its value; with independent coordinates
+    the exact conditional of the others is their marginal, which every sampler must reproduce."""
+    from polydiff.samplers import Known
+
+    schedule = make_schedule("cosine", 1000)
+    space = DenseSpace((4000, 3))
+    var = torch.tensor([1.0, 0.25, 2.0], dtype=torch.float64)
+
+    def denoise(x, t):  # the exact posterior mean of N(MU, diag(var))
+        a, s = (space.expand(v) for v in schedule.alpha_sigma(t, dtype=torch.float64))
+        x0 = MU + a * var / (a**2 * var + s**2) * (x - a * MU)
+        return Prediction(x0, (x - a * x0) / s)
+
+    g = torch.Generator().manual_seed(11)
+    known = Known(torch.tensor([[5.0, 0.0, 0.0]], dtype=torch.float64), torch.tensor([[True, False, False]]))
+    x = sample(name, denoise, space.randn(g, dtype=torch.float64), schedule, steps, generator=g, known=known)
+    assert torch.equal(x[:, 0], torch.full((4000,), 5.0, dtype=torch.float64))
+    assert (x[:, 1:].mean(0) - MU[1:]).abs().max() < 0.08
+    assert (x[:, 1:].var(0) / var[1:] - 1).abs().max() < 0.1
+    with pytest.raises(ValueError, match=r"known values \(1, 3\) and mask \(2, 4000, 3\) do not fit the state \(4000, 3\)"):
+        sample(name, denoise, space.randn(g, dtype=torch.float64), schedule, 2, known=Known(known.values, torch.ones(2, 4000, 3)))
