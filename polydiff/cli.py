@@ -21,6 +21,7 @@ commands:
         (multirun: -m trainer.lr=1e-4,2e-4; every Hydra flag works)
   sample RUN_DIR [--n N] [--eval] [--seeds K] [overrides]   write new samples from a run's last checkpoint, e.g.
         polydiff sample runs/audio --n 16 sampler.name=ddim sampler.steps=50 guidance.scale=3 label=seven
+        polydiff sample runs/audio --n 4 --known take.wav known.start=0.4 known.end=0.6   (fill 0.4-0.6 s)
   eval RUN_DIR|RECIPE.yaml SAMPLES... [--json FILE] [domain.KEY=V]   score sample files (WAV/FLAC, SDF/XYZ,
         PNG/JPEG, .pt) made by any model with the domain's metrics, beside real held-out data, e.g.
         polydiff eval runs/audio other_model_wavs/ runs/audio/samples/sample-20261129-101500
@@ -111,7 +112,7 @@ def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> 
     raise KeyError("\n".join(messages)) from err
 
 
-_USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError)
+_USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError, NotImplementedError)
 
 
 def _message(err: BaseException) -> str:
@@ -158,7 +159,7 @@ def _sample(args: Sequence[str]) -> None:
 
     from .build import Parts, resolve_device, with_domain_overrides
     from .checkpoint import load_checkpoint
-    from .config import GuidanceConfig, SamplerConfig, check_overrides
+    from .config import GuidanceConfig, SamplerConfig, check_call, check_overrides
     from .generate import generate
 
     p = argparse.ArgumentParser(prog="polydiff sample", description="Write new samples from a run's checkpoint.")
@@ -172,6 +173,9 @@ def _sample(args: Sequence[str]) -> None:
                    help="repeat with seeds SEED..SEED+K-1 (one folder each); with --eval, metrics' mean and range")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema")
     p.add_argument("--eval", action="store_true", help="also compute the domain's metrics")
+    p.add_argument("--known", type=Path, default=None,
+                   help="a sample file whose part outside the region given by known.KEY=V is kept (inpainting, "
+                        "continuation): audio known.start=S known.end=E (seconds), images known.box=[l,t,r,b]")
     p.add_argument("overrides", nargs="*", help="sampler.KEY=V guidance.KEY=V label=NAME prior.KEY=V")
     a = p.parse_intermixed_args(args)
 
@@ -189,7 +193,7 @@ def _sample(args: Sequence[str]) -> None:
     cfg = ckpt["config"]
 
     over = OmegaConf.from_dotlist(list(a.overrides)) if a.overrides else OmegaConf.create({})
-    unknown = set(over.keys()) - {"sampler", "guidance", "label", "prior", "domain"}
+    unknown = set(over.keys()) - {"sampler", "guidance", "label", "prior", "domain", "known"}
     if unknown:
         raise _fail(f"unknown override(s) {sorted(unknown)}; use sampler.KEY=V, guidance.KEY=V, label=NAME, prior.KEY=V "
                     "or domain.KEY=V (e.g. domain.root=DIR where the training data now lie, for --eval)")
@@ -205,6 +209,9 @@ def _sample(args: Sequence[str]) -> None:
     except Exception as err:  # a misspelled key, or omegaconf's error naming a bad value
         raise _fail(_message(err).splitlines()[0]) from err
     prior = OmegaConf.to_container(over.get("prior", OmegaConf.create({})))
+    known_options = OmegaConf.to_container(over.get("known", OmegaConf.create({})))
+    if known_options and a.known is None:
+        raise _fail("known.KEY=V options need --known FILE (the sample to keep part of)")
 
     try:
         device = resolve_device(a.device, "--device")
@@ -221,6 +228,10 @@ def _sample(args: Sequence[str]) -> None:
             labels = torch.full((a.n,), domain.parse_label(label), dtype=torch.long, device=device)
         elif domain.num_classes:
             labels = torch.arange(a.n, device=device) % domain.num_classes
+        known = None
+        if a.known is not None:
+            check_call(domain.known_values, known_options, "known", given=("path", "n"))
+            known = domain.known_values(a.known, a.n, **known_options)
         out = a.out or _fresh_dir(a.run_dir / "samples" / time.strftime("sample-%Y%m%d-%H%M%S"))
         seeds = list(range(a.seed, a.seed + a.seeds))
         runs, paths = [], []
@@ -229,7 +240,7 @@ def _sample(args: Sequence[str]) -> None:
             t0 = time.perf_counter()
             batch = generate(
                 domain, parts.net, parts.schedule, parts.objective, a.n, sampler=sampler, guidance=guidance,
-                labels=labels, device=device, generator=gen, prior=prior,
+                labels=labels, device=device, generator=gen, prior=prior, known=known,
             )
             run = {"seed": seed, "seconds": time.perf_counter() - t0}
             paths += domain.save_samples(batch, out if len(seeds) == 1 else out / f"seed-{seed}", prefix="samples")
@@ -247,6 +258,7 @@ def _sample(args: Sequence[str]) -> None:
     record = {
         "checkpoint": str(ckpt_path), "step": int(ckpt["step"]), "n": a.n, "seed": a.seed, "weights": a.weights,
         "sampler": sampler, "guidance": guidance, "label": None if label is None else str(label), "prior": prior,
+        "known": None if a.known is None else {"path": str(a.known), **known_options},
         "seconds": sum(r["seconds"] for r in runs), "device": str(device),
     }
     if len(seeds) > 1:

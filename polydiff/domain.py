@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from torch.utils.data import Dataset
 
 from .conditioning import NULL_LABEL
 from .space import DenseSpace, RaggedSpace, Space
+
+if TYPE_CHECKING:
+    from .samplers import Known
 
 __all__ = ["Batch", "Domain"]
 
@@ -55,7 +58,8 @@ class Domain:
     * :meth:`collate` -- items -> :class:`Batch` (dense stacking by default).
     * :meth:`prior` -- the layout and conditions of ``n`` new samples.
     * :meth:`save_samples` / :meth:`evaluate` -- outputs and metrics (a ``.pt`` file and no
-      metrics by default); :meth:`read_samples` reads sample files back (``polydiff eval``).
+      metrics by default); :meth:`read_samples` reads sample files back (``polydiff eval``) and
+      :meth:`known_values` says what ``polydiff sample --known FILE`` keeps of one.
     * :meth:`concat` -- one batch from the chunks of a large draw (override when ``cond`` holds
       indices into the state, such as a graph batch vector).
     * :meth:`state_dict` / :meth:`load_state_dict` -- what sampling needs from the data
@@ -201,6 +205,14 @@ class Domain:
             cond = {k: v for k, v in saved.items() if k != "x" and isinstance(v, Tensor) and len(v) == len(x)}
             batches.append(Batch(x, DenseSpace(tuple(x.shape)), cond))
         return self.concat(batches)
+
+    def known_values(self, path: Path, n: int, **options: Any) -> Known:
+        """What ``n`` new samples keep of the sample file at ``path`` (``polydiff sample --known PATH known.KEY=V``):
+        inpainting or continuation. Domains that support it say which part is generated (the options)."""
+        raise NotImplementedError(
+            f"domain {self.name!r} cannot take known values from a file; from Python, pass "
+            "known=polydiff.samplers.Known(values, mask) to polydiff.generate.generate"
+        )
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
         """Quality metrics of generated samples (none by default)."""

@@ -404,6 +404,23 @@ def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monke
     wavs = sorted(out.glob("*.wav"))
     assert [p.name for p in wavs] == ["samples_000_seven.wav", "samples_001_seven.wav"]
     assert sf.info(wavs[0]).samplerate == 1000 and sf.info(wavs[0]).frames == 700
+    # Inpainting: a recording is kept outside [0.2 s, 0.4 s), which is generated.
+    sf.write(tmp_path / "take.wav", tone(110.0, 1000, 0.7), 1000)
+    filled = tmp_path / "filled"
+    main(["sample", str(run), "--n", "2", "--out", str(filled), "--known", str(tmp_path / "take.wav"),
+          "known.start=0.2", "known.end=0.4", "sampler.steps=4", "label=seven"])
+    take = torch.from_numpy(sf.read(tmp_path / "take.wav", dtype="float32")[0])  # [700]
+    for wav in sorted(filled.glob("*.wav")):
+        out = torch.from_numpy(sf.read(wav, dtype="float32")[0])
+        keep = torch.ones(700, dtype=torch.bool)
+        keep[200:400] = False
+        assert torch.allclose(out[keep], take[keep], atol=1 / 16384)  # kept, up to 16-bit rounding
+        assert (out[~keep] - take[~keep]).abs().max() > 0.05  # generated
+    assert json.loads((filled / "sampling.json").read_text())["known"] == {"path": str(tmp_path / "take.wav"), "start": 0.2, "end": 0.4}
+    with pytest.raises(SystemExit, match=r"known.start=0.5 and known.end=0.9 must satisfy 0 <= start < end <= 0.7"):
+        main(["sample", str(run), "--known", str(tmp_path / "take.wav"), "known.start=0.5", "known.end=0.9"])
+    with pytest.raises(SystemExit, match="unknown key 'known.stat'"):
+        main(["sample", str(run), "--known", str(tmp_path / "take.wav"), "known.stat=0.5"])
 
 
 def test_eval_split_and_clip_length_are_checked_before_training(tmp_path):

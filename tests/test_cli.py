@@ -216,6 +216,8 @@ def test_train_then_sample(tmp_path):
     assert bad.returncode != 0 and "no checkpoint" in bad.stderr
     bad = run("sample", str(run_dir), "prior.foo=1")
     assert bad.returncode != 0 and "unknown prior option(s) ['foo']" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("sample", str(run_dir), "--known", str(out / "samples.pt"))  # a domain without known_values
+    assert bad.returncode != 0 and "cannot take known values from a file" in bad.stderr and "Traceback" not in bad.stderr
     bad = run("sample", str(run_dir), "--device", "gpu")
     assert bad.returncode != 0 and "--device='gpu' is not a device" in bad.stderr and "Traceback" not in bad.stderr
     bad = run("sample", str(run_dir), "--n", "8", "--out", str(out))  # never overwrites earlier samples

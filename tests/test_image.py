@@ -375,3 +375,14 @@ def test_sample_and_eval_after_the_data_moved(tmp_path, monkeypatch, capsys):
     main(["eval", str(run), str(tmp_path / "s1"), f"domain.root={tmp_path / 'moved'}", "--json", str(tmp_path / "e.json")])
     scored = json.loads((tmp_path / "e.json").read_text())
     assert scored["samples"][0]["n"] == 4 and "fid" in scored["samples"][0]["metrics"] and scored["reference"]
+    # Inpainting: an image is kept outside known.box, which is generated.
+    photo = tmp_path / "moved" / "light" / "0.png"
+    main(["sample", str(run), "--n", "3", "--out", str(tmp_path / "inpaint"), "--known", str(photo), "known.box=[2,1,6,7]"])
+    x = torch.load(tmp_path / "inpaint" / "samples.pt", weights_only=True)["x"]  # [3, 1, 8, 8]
+    kept = torch.from_numpy(np.asarray(Image.open(photo), dtype=np.float32)) / 127.5 - 1  # [8, 8]
+    box = torch.zeros(8, 8, dtype=torch.bool)
+    box[1:7, 2:6] = True
+    assert torch.allclose(x[:, 0][:, ~box], kept[~box].expand(3, -1), atol=1e-6)
+    assert (x[:, 0][:, box] - kept[box]).abs().max() > 0.05
+    with pytest.raises(SystemExit, match=r"known.box=\[2, 1, 9, 7\] lies outside the 8x8 images"):
+        main(["sample", str(run), "--known", str(photo), "known.box=[2,1,9,7]"])

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from polydiff.conditioning import NULL_LABEL
 from polydiff.config import call_checked
 from polydiff.domain import Batch, Domain
+from polydiff.samplers import Known
 from polydiff.space import DenseSpace, Space
 
 from .data import (
@@ -226,6 +227,21 @@ class AudioDomain(Domain):
                 log.info("samples (%s): %d of %d files have no known label in their name; label accuracy scores "
                          "the %d that do", path, len(index) - len(named), len(index), len(named))
         return Batch(waves, DenseSpace(tuple(waves.shape)), cond)
+
+    def known_values(self, path: Path, n: int, start: float = 0.0, end: Optional[float] = None) -> Known:
+        """Inpainting or continuation of a recording: the clip at ``path`` (converted like training data) is
+        kept outside ``[start, end)`` seconds, which is generated; ``end`` defaults to the clip's end."""
+        batch = self.read_samples(Path(path))
+        if batch.num_samples != 1:
+            raise ValueError(f"--known {path} holds {batch.num_samples} clips: give one WAV/FLAC file")
+        seconds = self.length / self.sample_rate
+        lo, hi = round(float(start) * self.sample_rate), self.length if end is None else round(float(end) * self.sample_rate)
+        if not 0 <= lo < hi <= self.length:
+            raise ValueError(f"known.start={start} and known.end={end} must satisfy 0 <= start < end <= {seconds:g} "
+                             f"(the trained clip length, seconds): they mark the part to generate")
+        mask = torch.ones(1, self.channels, self.length, dtype=torch.bool)  # [1, C, L], broadcast over the n samples
+        mask[..., lo:hi] = False
+        return Known(batch.x[:1], mask)
 
     def _get_scorer(self) -> Any:
         if self._scorer is None:

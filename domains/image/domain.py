@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from polydiff.config import call_checked
 from polydiff.domain import Batch, Domain
+from polydiff.samplers import Known
 from polydiff.space import DenseSpace
 
 from .data import ImageArrays, ImageSet, load_cifar10, load_digits_split, load_folder, read_sample_images
@@ -158,6 +159,24 @@ class ImageDomain(Domain):
         channels, size = self.sample_shape[0], self.sample_shape[-1]
         x, labels = read_sample_images(path, size, "rgb" if channels == 3 else "grayscale", self.class_names)
         return Batch(x, DenseSpace(tuple(x.shape)), {} if labels is None else {"label": labels})
+
+    def known_values(self, path: Path, n: int, box: Optional[Sequence[int]] = None) -> Known:
+        """Inpainting: the image at ``path`` (resized and cropped to the trained size) is kept outside
+        ``box = [left, top, right, bottom]`` (pixels of the trained size, right and bottom excluded),
+        which is generated."""
+        batch = self.read_samples(Path(path))
+        if batch.num_samples != 1:
+            raise ValueError(f"--known {path} holds {batch.num_samples} images: give one image file")
+        _, height, width = self.sample_shape
+        if box is None or len(box) != 4 or not all(isinstance(v, int) for v in box):
+            raise ValueError(f"known.box=[left,top,right,bottom] (integer pixels of the {width}x{height} images) "
+                             "must mark the part to generate")
+        left, top, right, bottom = box
+        if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+            raise ValueError(f"known.box={list(box)} lies outside the {width}x{height} images or is empty")
+        mask = torch.ones(1, 1, height, width, dtype=torch.bool)  # [1, 1, H, W], broadcast over samples and channels
+        mask[..., top:bottom, left:right] = False
+        return Known(batch.x[:1], mask)
 
     def _get_scorer(self):
         if self._scorer is None:
