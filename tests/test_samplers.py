@@ -217,3 +217,17 @@ def test_known_values_are_kept_and_independent_parts_keep_their_law(name, steps)
     assert (x[:, 1:].var(0) / var[1:] - 1).abs().max() < 0.1
     with pytest.raises(ValueError, match=r"known values \(1, 3\) and mask \(2, 4000, 3\) do not fit the state \(4000, 3\)"):
         sample(name, denoise, space.randn(g, dtype=torch.float64), schedule, 2, known=Known(known.values, torch.ones(2, 4000, 3)))
+
+
+def test_known_rows_of_a_zero_centre_of_mass_layout_keep_their_relative_geometry():
+    from polydiff.samplers import Known
+
+    schedule = make_schedule("cosine", 1000)
+    space = RaggedSpace(torch.tensor([0, 0, 0, 1, 1]), 2, 3, centered=(0, 1, 2))
+    zero = lambda x, t: Prediction(torch.zeros_like(x), x / space.expand(schedule.alpha_sigma(t, dtype=x.dtype)[1]))
+    values = torch.tensor([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    mask = torch.tensor([True, True, False, False, False])[:, None]
+    g = torch.Generator().manual_seed(0)
+    x = sample_ddim(zero, space.randn(g), schedule, 10, space=space, generator=g, known=Known(values, mask))
+    torch.testing.assert_close(x[0] - x[1], values[0] - values[1])  # the kept atoms, up to the re-centring
+    torch.testing.assert_close(space.mean(x), torch.zeros(2))  # every molecule stays centred
