@@ -192,7 +192,7 @@ def _sample(args: Sequence[str]) -> None:
         raise _fail(_message(err)) from err
     cfg = ckpt["config"]
 
-    over = OmegaConf.from_dotlist(list(a.overrides)) if a.overrides else OmegaConf.create({})
+    over = OmegaConf.from_dotlist([o.lstrip("+") for o in a.overrides]) if a.overrides else OmegaConf.create({})
     unknown = set(over.keys()) - {"sampler", "guidance", "label", "prior", "domain", "known"}
     if unknown:
         raise _fail(f"unknown override(s) {sorted(unknown)}; use sampler.KEY=V, guidance.KEY=V, label=NAME, prior.KEY=V "
@@ -312,7 +312,9 @@ def _eval(args: Sequence[str]) -> None:
     except _USER_ERRORS + (RuntimeError,) as err:
         raise _fail(_message(err)) from err
     if not any(row["metrics"] for row in record["samples"]):
-        print(f"polydiff: warning: domain {domain.name!r} computed no metrics for these samples", file=sys.stderr)
+        print(f"polydiff: warning: domain {domain.name!r} computed no metrics for these samples (too few samples for "
+              "its metrics, samples of another length or size than the trained ones, or a domain without metrics)",
+              file=sys.stderr)
     for row in record["samples"]:
         print(f"{row['path']} ({row['n']} samples): {_fmt_metrics(row['metrics'])}")
     if record.get("reference"):

@@ -185,10 +185,10 @@ class Domain:
         """Samples made elsewhere, read back from ``path`` for :meth:`evaluate` (``polydiff eval``).
 
         The default reads the ``.pt`` files that the default :meth:`save_samples` writes (a file,
-        or every ``.pt`` in a folder): ``x [B, ...]`` and tensor conditions such as ``label``.
+        or every ``.pt`` under a folder): ``x [B, ...]`` and tensor conditions such as ``label``.
         """
         path = Path(path)
-        files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+        files = sorted(path.rglob("*.pt")) if path.is_dir() else [path]  # --seeds K writes a folder per seed
         if not files or not files[0].is_file():
             raise FileNotFoundError(f"no samples at {path}: give a .pt file written by save_samples, or a folder of them")
         batches = []
@@ -202,7 +202,7 @@ class Domain:
             x = saved["x"].float()
             if self.sample_shape is not None and tuple(x.shape[1:]) != tuple(self.sample_shape):
                 raise ValueError(f"samples in {f} have shape {tuple(x.shape[1:])}, the domain's are {tuple(self.sample_shape)}")
-            cond = {k: v for k, v in saved.items() if k != "x" and isinstance(v, Tensor) and len(v) == len(x)}
+            cond = {k: v for k, v in saved.items() if k != "x" and isinstance(v, Tensor) and v.dim() and len(v) == len(x)}
             batches.append(Batch(x, DenseSpace(tuple(x.shape)), cond))
         return self.concat(batches)
 

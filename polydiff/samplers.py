@@ -115,7 +115,8 @@ def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Gen
         values = torch.broadcast_to(values, like.shape)
     except RuntimeError as err:
         raise ValueError(f"known values {tuple(known.values.shape)} and mask {tuple(known.mask.shape)} do not fit "
-                         f"the state {tuple(like.shape)}") from err
+                         f"the state {tuple(like.shape)}: the kept sample must have the new samples' layout (e.g. "
+                         "the trained clip length, without prior.duration)") from err
 
     def impose(x: Tensor, a: Tensor, s: Tensor) -> Tensor:
         noisy = (values * space.expand(a)).addcmul_(_noise(space, generator, x), space.expand(s))

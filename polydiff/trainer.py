@@ -36,6 +36,20 @@ __all__ = ["Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointErro
 log = logging.getLogger("polydiff")
 
 
+def _record_step(line: str, path: Path) -> float:
+    """The step of one metrics.jsonl record; a torn line (a kill mid-write) counts as past every step."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        log.warning("%s: dropped a line that is not a JSON record (a kill during a write?): %r", path, line[:80])
+        return math.inf
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers keep serving batches through Ctrl-C, so the step in progress can finish."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C after a checkpoint of the last whole step."""
 
@@ -158,7 +172,7 @@ class Trainer:
         model: nn.Module = self.net
         if self.world_size > 1:
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.local_rank] if self.device.type == "cuda" else None
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.model = torch.compile(model) if self.tc["compile"] else model
         self._ddp = model if self.world_size > 1 else None
@@ -174,6 +188,8 @@ class Trainer:
             return
         path = self.ckpt_path if mode == "auto" else Path(mode)
         if mode == "auto" and not path.exists():
+            if self.is_main:
+                self._trim_metrics()  # a run stopped before its first checkpoint starts again from step 0
             return
         # On the CPU first: load_state_dict moves each tensor to its parameter's device, and Adam's step
         # counters must stay on the CPU (on the GPU they cost a device sync per parameter and step).
@@ -196,7 +212,7 @@ class Trainer:
         if not path.is_file():
             return
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= self.step]
+        kept = [line for line in lines if line.strip() and _record_step(line, path) <= self.step]
         if len(kept) < len(lines):
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept))
@@ -207,8 +223,10 @@ class Trainer:
     def _restore_rng(self, rng: dict[str, Any], path: Path) -> None:
         """The random streams of the run, where the checkpoint's come from the same kind of device and rank."""
         torch.set_rng_state(rng["torch"].cpu())
-        same_device = rng.get("device_type", "cpu") == self.device.type
         gen, cuda = rng["generators"], rng.get("cuda") or []
+        # Checkpoints without the key: a CUDA generator's state is 16 bytes, a CPU one's 5,056.
+        saved = rng.get("device_type") or ("cuda" if gen and gen[0].numel() < 100 else "cpu")
+        same_device = saved == self.device.type
         if same_device and self.rank < len(gen):
             self.generator.set_state(gen[self.rank].cpu())
             if self.device.type == "cuda" and self.rank < len(cuda):
@@ -217,8 +235,7 @@ class Trainer:
             self.generator.manual_seed(self.cfg["seed"] * 7919 + self.rank + 104_729 * (self.step + 1))
             if self.is_main:
                 log.warning("%s was trained on %s, this run is on %s: training continues with new random streams, so "
-                            "it is not bit-identical to an uninterrupted run", path, rng.get("device_type", "cpu"),
-                            self.device.type)
+                            "it is not bit-identical to an uninterrupted run", path, saved, self.device.type)
 
     def _move_previous_run(self) -> None:
         """``resume=never`` in a used run directory: move its results aside rather than overwrite them."""
@@ -296,6 +313,7 @@ class Trainer:
             collate_fn=self.domain.collate,
             num_workers=self.tc["num_workers"],
             persistent_workers=self.tc["num_workers"] > 0,
+            worker_init_fn=_ignore_sigint,  # Ctrl-C reaches the whole process group: the main process handles it
         )
 
     def _micro_step(self, batch, last: bool) -> torch.Tensor:
@@ -348,7 +366,8 @@ class Trainer:
         def handler(signum: int, frame: Any) -> None:
             self._interrupted = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            log.warning("interrupted: stopping after step %d with a checkpoint (Ctrl-C again to stop at once)", self.step + 1)
+            log.warning("interrupted: stopping at the end of the step in progress with a checkpoint (Ctrl-C again "
+                        "to stop at once)")
 
         previous = signal.signal(signal.SIGINT, handler)
         try:

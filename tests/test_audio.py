@@ -419,6 +419,8 @@ def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monke
     assert json.loads((filled / "sampling.json").read_text())["known"] == {"path": str(tmp_path / "take.wav"), "start": 0.2, "end": 0.4}
     with pytest.raises(SystemExit, match=r"known.start=0.5 and known.end=0.9 must satisfy 0 <= start < end <= 0.7"):
         main(["sample", str(run), "--known", str(tmp_path / "take.wav"), "known.start=0.5", "known.end=0.9"])
+    with pytest.raises(SystemExit, match=r"needs known.start=S and/or known.end=E \(seconds, within 0.7\)"):
+        main(["sample", str(run), "--known", str(tmp_path / "take.wav")])  # nothing to generate
     with pytest.raises(SystemExit, match="unknown key 'known.stat'"):
         main(["sample", str(run), "--known", str(tmp_path / "take.wav"), "known.stat=0.5"])
 

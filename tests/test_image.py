@@ -326,7 +326,7 @@ def test_read_samples_from_image_files_and_saved_tensors(tmp_path, monkeypatch):
     again = dom.read_samples(tmp_path / "pt" / "samples.pt")
     assert torch.equal(again.x, x) and torch.equal(again.cond["label"], labels)
     (tmp_path / "big").mkdir()
-    torch.save({"x": torch.zeros(3, 1, 16, 16)}, tmp_path / "big" / "s.pt")
+    torch.save({"x": torch.zeros(3, 1, 16, 16), "step": torch.tensor(5)}, tmp_path / "big" / "s.pt")  # a 0-d entry too
     with pytest.raises(ValueError, match=r"s.pt have shape \(1, 16, 16\), the domain's are \(1, 8, 8\)"):
         dom.read_samples(tmp_path / "big")
 
@@ -375,6 +375,10 @@ def test_sample_and_eval_after_the_data_moved(tmp_path, monkeypatch, capsys):
     main(["eval", str(run), str(tmp_path / "s1"), f"domain.root={tmp_path / 'moved'}", "--json", str(tmp_path / "e.json")])
     scored = json.loads((tmp_path / "e.json").read_text())
     assert scored["samples"][0]["n"] == 4 and "fid" in scored["samples"][0]["metrics"] and scored["reference"]
+    main(["sample", str(run), "--n", "3", "--seeds", "2", "--out", str(tmp_path / "seeds")])  # a folder per seed
+    main(["eval", str(run), str(tmp_path / "seeds"), f"domain.root={tmp_path / 'moved'}", "--no-reference",
+          "--json", str(tmp_path / "seeds.json")])
+    assert json.loads((tmp_path / "seeds.json").read_text())["samples"][0]["n"] == 6  # the tensors, not the grids
     # Inpainting: an image is kept outside known.box, which is generated.
     photo = tmp_path / "moved" / "light" / "0.png"
     main(["sample", str(run), "--n", "3", "--out", str(tmp_path / "inpaint"), "--known", str(photo), "known.box=[2,1,6,7]"])

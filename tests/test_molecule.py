@@ -490,7 +490,7 @@ def test_save_samples_writes_sdf_xyz_png(tmp_path):
     assert metrics["mol_stability"] >= 0.5 and metrics["novelty"] <= 0.5
     # Read back for scoring (polydiff eval): the SDF and the XYZ files give the same figures, and the
     # noisy molecules are read unsanitised, not skipped.
-    for written in (tmp_path / "out" / "s.sdf", tmp_path / "out" / "s_xyz"):
+    for written in (tmp_path / "out" / "s.sdf", tmp_path / "out" / "s_xyz", tmp_path / "out"):  # the folder: once
         back = dom.read_samples(written)
         assert back.num_samples == 4 and back.x.shape == both.x.shape
         scored = dom.evaluate(back)

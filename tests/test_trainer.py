@@ -172,15 +172,17 @@ def test_kill_during_save_keeps_last_complete_checkpoint(tmp_path, monkeypatch):
 def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_without_duplicate_records(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "polydiff.cli", "train", "examples/points.yaml", "trainer.max_steps=1000000",
-           "trainer.log_every=10", "trainer.ckpt_every=1000000", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "trainer.log_every=10", "trainer.ckpt_every=1000000", "trainer.progress=false", "trainer.num_workers=1",
+           "trainer.grad_accum=4", f"hydra.run.dir={run_dir}"]
+    # Its own process group, which a terminal's Ctrl-C signals whole: the data-loading worker too.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     for _ in range(600):  # until a few steps are logged
         if metrics.is_file() and metrics.read_text().count("\n") >= 2:
             break
         proc.poll() is None or pytest.fail(proc.communicate()[1][-2000:])
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
@@ -188,9 +190,11 @@ def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_without_duplicate_reco
     # A hard kill after the last checkpoint leaves records past it: the resumed run drops them, then logs its own.
     with open(metrics, "a") as f:
         f.write(json.dumps({"kind": "train", "step": step + 5, "loss": 1.0}) + "\n")
+        f.write('{"kind": "train", "st')  # torn by the kill
     cmd[cmd.index("trainer.max_steps=1000000")] = f"trainer.max_steps={step + 20}"
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert rerun.returncode == 0 and f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {step}" in rerun.stdout + rerun.stderr
+    assert "dropped a line that is not a JSON record" in rerun.stdout + rerun.stderr
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert {"kind": "train", "step": step + 5, "loss": 1.0} not in records  # logged past the checkpoint: dropped
     steps = [r["step"] for r in records if r["kind"] == "train"]

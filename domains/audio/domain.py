@@ -235,6 +235,9 @@ class AudioDomain(Domain):
         if batch.num_samples != 1:
             raise ValueError(f"--known {path} holds {batch.num_samples} clips: give one WAV/FLAC file")
         seconds = self.length / self.sample_rate
+        if float(start) == 0.0 and end is None:
+            raise ValueError(f"--known {path} needs known.start=S and/or known.end=E (seconds, within {seconds:g}): "
+                             "the part to generate; the rest of the clip is kept")
         lo, hi = round(float(start) * self.sample_rate), self.length if end is None else round(float(end) * self.sample_rate)
         if not 0 <= lo < hi <= self.length:
             raise ValueError(f"known.start={start} and known.end={end} must satisfy 0 <= start < end <= {seconds:g} "

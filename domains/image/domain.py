@@ -152,7 +152,7 @@ class ImageDomain(Domain):
         """Images generated elsewhere (a file or a folder of PNG/JPEG, resized and centre-cropped to the
         trained size; labels from sub-folders named after classes), or the ``.pt`` that :meth:`save_samples` writes."""
         path = Path(path)
-        if path.suffix == ".pt" or (path.is_dir() and any(path.glob("*.pt"))):
+        if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("*.pt"))):  # polydiff's own: not its grid PNGs
             return super().read_samples(path)
         if self.sample_shape is None:
             raise RuntimeError("the image domain's sample shape is unknown: call setup(train_set) or load_state_dict first")

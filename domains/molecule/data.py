@@ -320,11 +320,14 @@ def _read_xyz(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
 
 def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
     """Atoms and coordinates of every SDF record, unsanitised: bonds are ignored (the metrics infer them)."""
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem
 
-    RDLogger.DisableLog("rdApp.*")
+    from .metrics import quiet_rdkit
+
     out = []
-    for i, mol in enumerate(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False)):
+    with quiet_rdkit():
+        mols = list(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False))
+    for i, mol in enumerate(mols):
         where = f"{path} record {i + 1}"
         if mol is None or mol.GetNumConformers() == 0:
             raise ValueError(f"{where}: RDKit cannot read atoms and coordinates from it; fix or remove the record")
@@ -339,6 +342,9 @@ def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray,
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".sdf", ".xyz") and p.is_file())
+        # polydiff writes each draw twice, NAME.sdf and NAME_xyz/*.xyz: read it once.
+        files = [p for p in files if not (p.parent != path and p.parent.name.endswith("_xyz") and
+                                          (p.parent.parent / f"{p.parent.name[:-4]}.sdf").is_file())]
     elif path.is_file():
         files = [path]
     else:
@@ -357,27 +363,24 @@ def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray,
 
 # ----------------------------------------------------------------------- QM9
 def _qm9_raw_fingerprint(raw: Path) -> dict[str, list[int]]:
-    """``{name: [size in bytes, mtime in ns]}`` of the QM9 raw files present under ``raw``."""
-    out = {}
-    for name in QM9_RAW_FILES:
-        if (raw / name).is_file():
-            st = (raw / name).stat()
-            out[name] = [int(st.st_size), int(st.st_mtime_ns)]
-    return out
+    """``{name: [size in bytes]}`` of the QM9 raw files present under ``raw`` (sizes only: copying the
+    data set elsewhere changes modification times, not contents)."""
+    return {name: [int((raw / name).stat().st_size)] for name in QM9_RAW_FILES if (raw / name).is_file()}
 
 
 def _qm9_stale_reason(processed: Path, fingerprint: dict[str, list[int]]) -> Optional[str]:
     """Why ``processed`` (PyG's data_v3.pt) no longer matches the raw files, or ``None`` when it does."""
     record = processed.parent / QM9_FINGERPRINT
-    if not record.is_file():
-        return f"no record of the raw files it was built from ({record.name} is missing)"
+    if not record.is_file():  # built before records were kept: trusted, and recorded from now on
+        _write_qm9_fingerprint(processed.parent, fingerprint)
+        return None
     try:
         recorded = json.loads(record.read_text())
     except (OSError, ValueError) as err:
         return f"its record {record.name} is unreadable ({type(err).__name__}: {err})"
     changed = sorted(n for n in set(recorded) | set(fingerprint) if recorded.get(n) != fingerprint.get(n))
     if changed:
-        return f"raw file(s) {changed} changed (size or modification time) since it was built"
+        return f"raw file(s) {changed} changed size since it was built"
     return None
 
 
@@ -415,9 +418,9 @@ def load_qm9(root: Path | str) -> MoleculeSet:
     """QM9 via ``torch_geometric.datasets.QM9`` from local raw files (no download).
 
     ``y`` holds :data:`QM9_TARGETS` in PyG's units (:data:`QM9_UNITS`: eV for energies, not the
-    csv's Hartree). PyG caches its parse in ``root/processed/data_v3.pt``; the raw files' names,
-    sizes and modification times are recorded beside it, and a processed file whose record does
-    not match the raw files (or that has none) is deleted and rebuilt, with a warning.
+    csv's Hartree). PyG caches its parse in ``root/processed/data_v3.pt``; the raw files' names
+    and sizes are recorded beside it, and a processed file whose record does not match the raw
+    files is deleted and rebuilt, with a warning (one without a record is trusted and recorded).
     """
     from .metrics import quiet_rdkit
 
