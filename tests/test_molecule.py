@@ -546,3 +546,11 @@ def test_grid_png_survives_molecules_rdkit_cannot_depict(tmp_path):
     mols = [(list(rng.choice(["C", "H", "N", "O"], 16)), rng.normal(size=(16, 3)) * 0.8) for _ in range(10)]
     path = write_grid_png(mols, tmp_path / "grid.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_egnn_traces_for_torch_compile_with_one_break():
+    """torch.compile sees the EGNN as two graphs around the (eager) edge-list builder, not one per data-dependent op."""
+    net = EGNN(num_features=F, hidden=16, layers=2)
+    batch = torch.repeat_interleave(torch.arange(3), torch.tensor([3, 5, 4]))
+    explained = torch._dynamo.explain(net)(torch.randn(12, 3 + F), torch.rand(3), batch)
+    assert explained.graph_break_count == 1 and explained.graph_count == 2, explained.break_reasons

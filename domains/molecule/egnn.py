@@ -30,6 +30,7 @@ from torch import Tensor, nn
 __all__ = ["EGNN", "fully_connected_edges"]
 
 
+@torch.compiler.disable  # data-dependent sizes: run eagerly, one clean break instead of one per op
 def fully_connected_edges(batch: Tensor) -> tuple[Tensor, Tensor]:
     """All ordered pairs ``(i, j)``, ``i != j``, of rows in the same sample: ``row, col [E]``."""
     n = batch.shape[0]
@@ -169,6 +170,7 @@ class EGNN(nn.Module):
             h, pos = block(h, pos, row, col, d0)
         vel = pos - pos0  # [N, 3] translation-invariant, rotation-equivariant
         b = t.shape[0]
-        counts = torch.bincount(batch, minlength=b).clamp(min=1).to(x.dtype)  # [B]
+        counts = torch.zeros(b, device=x.device, dtype=x.dtype).index_add_(0, batch, torch.ones_like(batch, dtype=x.dtype))
+        counts = counts.clamp(min=1)  # [B] atoms per molecule (index_add_, unlike bincount, compiles without a break)
         mean = torch.zeros(b, 3, device=x.device, dtype=x.dtype).index_add_(0, batch, vel) / counts[:, None]
         return torch.cat([vel - mean[batch], self.out(h)], dim=-1)
