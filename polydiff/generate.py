@@ -97,7 +97,7 @@ def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, de
             uncond = objective.denoiser(net, schedule, space, null_condition(cond, keys))
             den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
         if known is not None:
-            known = Known(_rows(known.values, row, noise.shape[0]), _rows(known.mask, row, noise.shape[0]))
+            known = known._replace(values=_rows(known.values, row, noise.shape[0]), mask=_rows(known.mask, row, noise.shape[0]))
         x = sample(name, den, noise, schedule, steps, space=space, generator=generator, callback=callback, known=known,
                    **sampler)
     finally:
