@@ -211,7 +211,7 @@ def _time_alternating(fns: dict[str, Callable[[], None]], device: torch.device, 
 
 def _layout_problem(hidden: int, layers: int, b: int, device: torch.device) -> tuple[EGNN, tuple]:
     """A seeded EGNN and QM9-sized batch ``(x [N, 3+F], t [B], batch [N], sizes [B])``."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # manual_seed seeds CUDA too
         torch.manual_seed(0)
         net = EGNN(F, hidden=hidden, layers=layers).to(device)
     x, batch, sizes, _ = qm9_like_batch(b, device)
