@@ -17,6 +17,12 @@ and the tensors autograd saves for backward (the activation memory, independent 
     python benchmarks/bench_egnn.py --quick
     python benchmarks/bench_egnn.py --device cuda
     python benchmarks/bench_egnn.py --only layout --hidden 128 --layers 4
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python benchmarks/bench_egnn.py --only compile --hidden 64 --layers 4 --batch 32
+
+The compile section (``--only compile``) counts the graphs and graph breaks ``torch.compile``
+traces, the time until compilation settles over batches whose atom counts change, and then the
+compiled against the eager step (disable Inductor's on-disk caches, as above, or a second run
+compiles from cache).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from domains.molecule.egnn import EGNN
 from polydiff import RaggedSpace
 
 F = 6  # QM9: H, C, N, O, F one-hot + atomic number
-SECTIONS = ("train", "layout", "sampling")
+SECTIONS = ("train", "layout", "sampling", "compile")
 
 
 def qm9_like_batch(b: int, device: torch.device, seed: int = 0):
@@ -368,6 +374,47 @@ def sampling_throughput(args, device) -> dict:
     return rows
 
 
+def compile_cost(args, device) -> dict:
+    """``torch.compile`` of the EGNN on ragged batches whose atom counts change every step: graphs and
+    breaks traced, seconds until compilation settles, then compiled against eager forward + backward."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        net = EGNN(F, hidden=args.hidden, layers=args.layers).to(device)
+    compiled = torch.compile(net)
+    batches = [qm9_like_batch(args.batch, device, seed=k)[:2] for k in range(args.compile_batches + 2 * args.reps)]
+    t = torch.rand(args.batch, generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step(model, x, b) -> None:
+        model.zero_grad(set_to_none=True)
+        model(x, t, b).square().mean().backward()
+
+    t0 = time.perf_counter()
+    for x, b in batches[: args.compile_batches]:  # shapes change: the first ones (re)compile
+        step(compiled, x, b)
+    _sync(device)
+    settle = time.perf_counter() - t0
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+    timed = {}
+    for name, model in (("compiled", compiled), ("eager", net)):
+        t0 = time.perf_counter()
+        for x, b in batches[args.compile_batches:]:
+            step(model, x, b)
+        _sync(device)
+        timed[name] = (time.perf_counter() - t0) / (2 * args.reps)
+    ratio = timed["eager"] / timed["compiled"]
+    print(f"EGNN torch.compile ({args.layers} layers, width {args.hidden}, {args.batch} molecules of 9-29 atoms, "
+          f"{device}): {graphs} graphs, {breaks} graph breaks; {settle:.1f} s over the first {args.compile_batches} "
+          f"batches; then {timed['compiled'] * 1e3:.1f} ms compiled vs {timed['eager'] * 1e3:.1f} ms eager a step "
+          f"(eager/compiled {ratio:.2f})")
+    return {"unique_graphs": graphs, "graph_breaks": breaks, "settle_s": settle,
+            "step_s_compiled": timed["compiled"], "step_s_eager": timed["eager"], "eager_over_compiled": ratio}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU-sized run: small model, few repetitions, truncated samplers")
@@ -379,7 +426,8 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-sampling", action="store_true")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, --quick 3)")
     p.add_argument("--skip-layout", action="store_true", help="leave out the edge-list vs. dense layout comparison")
-    p.add_argument("--only", choices=SECTIONS, default=None, help="run this section alone")
+    p.add_argument("--only", choices=SECTIONS, default=None, help="run this section alone (compile runs only so)")
+    p.add_argument("--compile-batches", type=int, default=8, help="compile section: batches timed as warm-up")
     args = p.parse_args(argv)
     args.hidden = args.hidden or (64 if args.quick else 256)
     args.layers = args.layers or (4 if args.quick else 9)
@@ -390,8 +438,9 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu" and args.quick:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    runners = {"train": train_throughput, "layout": layout_comparison, "sampling": sampling_throughput}
-    skipped = {"layout": args.skip_layout, "sampling": args.skip_sampling}
+    runners = {"train": train_throughput, "layout": layout_comparison, "sampling": sampling_throughput,
+               "compile": compile_cost}
+    skipped = {"layout": args.skip_layout, "sampling": args.skip_sampling, "compile": True}  # minutes of compiling
     sections = [args.only] if args.only else [k for k in SECTIONS if not skipped.get(k)]
     result: dict[str, Any] = {"device": str(device)}
     for name in sections:
