@@ -449,3 +449,24 @@ def test_stub_recordings_are_named(tmp_path, caplog):
         load_clips(folder_index(tmp_path, "train", test_fraction=0.01), 8000, 1, 1600)
     assert "1 file(s) hold under a tenth" in caplog.text and "stub.wav (0.004 s)" in caplog.text
     assert "whole.wav" not in caplog.text
+
+
+def test_inpainting_benchmark_runs_on_a_trained_run(tmp_path, monkeypatch):
+    """benchmarks/bench_inpainting.py end to end on a tiny run: every row scored, the filled stretch generated."""
+    from benchmarks.bench_inpainting import main as bench_inpainting
+    from polydiff.trainer import train
+
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    cfg = {
+        "domain": {"name": "audio", "sample_rate": 1000, "duration": 0.7, "limit": 200, "classifier_epochs": 2},
+        "model": TINY_NET,
+        "schedule": {"name": "cosine", "steps": 100},
+        "objective": {"prediction": "v"},
+        "trainer": dict(max_steps=10, batch_size=16, device="cpu", num_samples=2, progress=False, eval=False),
+        "sampler": {"name": "ddim", "steps": 3},
+    }
+    train(cfg, tmp_path / "run")
+    result = bench_inpainting([str(tmp_path / "run"), "--per-label", "1", "--steps", "3"])
+    assert list(result) == ["originals", "with the gap", "filled without a label", "filled with the label"]
+    assert all(math.isfinite(row["fid"]) and 0 <= row["label_acc"] <= 1 for row in result.values())
+    assert result["filled without a label"]["fid"] != result["with the gap"]["fid"]
