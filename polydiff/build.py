@@ -15,7 +15,7 @@ from .objectives import Objective
 from .registry import domain_module_prefixes, get_domain
 from .schedules import NoiseSchedule, make_schedule
 
-__all__ = ["Parts", "build_domain", "with_domain_overrides", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
+__all__ = ["Parts", "build_domain", "split_domain_overrides", "with_domain_overrides", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
 
 
 def to_plain(cfg: Any) -> Any:
@@ -55,10 +55,16 @@ def build_domain(domain_cfg: Mapping[str, Any]) -> Domain:
     return call_checked(cls, cfg, "domain")
 
 
+def split_domain_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``([domain.KEY=V, ...], [everything else])`` of command-line items (a leading ``+`` allowed)."""
+    ours = [o for o in items if "=" in o and o.lstrip("+").startswith("domain.")]
+    return ours, [o for o in items if o not in ours]
+
+
 def with_domain_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``cfg`` with ``domain.KEY=V`` overrides merged into its domain section (e.g. where the data now lie);
     keys are checked against the domain's constructor when it is built."""
-    bad = [o for o in overrides if "=" not in o or not o.lstrip("+").startswith("domain.")]
+    bad = split_domain_overrides(overrides)[1]
     if bad:
         raise KeyError(f"only domain.KEY=V overrides apply here, got {bad}")
     if not overrides:

@@ -157,7 +157,7 @@ def _sample(args: Sequence[str]) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from .build import Parts, resolve_device, with_domain_overrides
+    from .build import Parts, resolve_device, split_domain_overrides, with_domain_overrides
     from .checkpoint import load_checkpoint
     from .config import GuidanceConfig, SamplerConfig, check_call, check_overrides
     from .generate import generate
@@ -197,7 +197,7 @@ def _sample(args: Sequence[str]) -> None:
     if unknown:
         raise _fail(f"unknown override(s) {sorted(unknown)}; use sampler.KEY=V, guidance.KEY=V, label=NAME, prior.KEY=V "
                     "or domain.KEY=V (e.g. domain.root=DIR where the training data now lie, for --eval)")
-    domain_over = [o for o in a.overrides if o.lstrip("+").startswith("domain.")]
+    domain_over = split_domain_overrides(a.overrides)[0]
     try:
         check_overrides(a.overrides)
         sampler = OmegaConf.to_container(
@@ -289,6 +289,7 @@ def _sample(args: Sequence[str]) -> None:
 
 
 def _eval(args: Sequence[str]) -> None:
+    from .build import split_domain_overrides
     from .scoring import load_domain, score_samples
 
     p = argparse.ArgumentParser(
@@ -300,8 +301,7 @@ def _eval(args: Sequence[str]) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data reference row")
     a = p.parse_intermixed_args(args)
-    overrides = [s for s in a.samples if "=" in s and s.lstrip("+").startswith("domain.")]
-    paths = [s for s in a.samples if s not in overrides]
+    overrides, paths = split_domain_overrides(a.samples)
     if not paths:
         raise _fail("give at least one file or folder of samples to score")
     if a.json is not None and a.json.exists():

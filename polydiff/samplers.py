@@ -42,6 +42,8 @@ class Known(NamedTuple):
 
     values: Tensor  # like the state; only read where mask is 1
     mask: Tensor  # broadcastable to the state, 1 (True) = known
+
+
 SPACINGS = ("trailing", "leading", "linspace")
 
 
@@ -115,8 +117,8 @@ def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Gen
         values = torch.broadcast_to(values, like.shape)
     except RuntimeError as err:
         raise ValueError(f"known values {tuple(known.values.shape)} and mask {tuple(known.mask.shape)} do not fit "
-                         f"the state {tuple(like.shape)}: the kept sample must have the new samples' layout (e.g. "
-                         "the trained clip length, without prior.duration)") from err
+                         f"the state {tuple(like.shape)}: the kept sample must have the new samples' layout (the "
+                         "trained length or size; no prior option that changes it)") from err
 
     def impose(x: Tensor, a: Tensor, s: Tensor) -> Tensor:
         noisy = (values * space.expand(a)).addcmul_(_noise(space, generator, x), space.expand(s))

@@ -126,6 +126,7 @@ class Trainer:
         check_trainer(self.tc)
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
+        self.metrics_file = self.run_dir / "metrics.jsonl"
 
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -176,7 +177,6 @@ class Trainer:
             )
         self.model = torch.compile(model) if self.tc["compile"] else model
         self._ddp = model if self.world_size > 1 else None
-        self.metrics_file = self.run_dir / "metrics.jsonl"
         self.tb = self._tensorboard() if self.is_main else None
 
     # ------------------------------------------------------------ checkpoints
@@ -208,7 +208,7 @@ class Trainer:
 
     def _trim_metrics(self) -> None:
         """Drop records logged after the checkpoint's step (a run stopped between checkpoints logs them again)."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.metrics_file
         if not path.is_file():
             return
         lines = path.read_text().splitlines(keepends=True)
