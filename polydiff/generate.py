@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Optional
 
 import torch
@@ -16,6 +17,8 @@ from .samplers import Known, sample
 from .schedules import NoiseSchedule
 
 __all__ = ["generate"]
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -96,6 +99,9 @@ def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, de
         if conditioned and (scale != 1.0 or rescale > 0):
             uncond = objective.denoiser(net, schedule, space, null_condition(cond, keys))
             den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
+        elif (scale != 1.0 or rescale > 0) and row == 0:
+            log.warning("guidance (scale %g, rescale %g) has no effect: these samples have no condition to guide "
+                        "towards (an unconditional model, or no label or property given)", scale, rescale)
         if known is not None:
             known = known._replace(values=_rows(known.values, row, noise.shape[0]), mask=_rows(known.mask, row, noise.shape[0]))
         x = sample(name, den, noise, schedule, steps, space=space, generator=generator, callback=callback, known=known,

@@ -137,6 +137,10 @@ class Objective:
         """The sampler-facing denoiser ``(x_t, t[B]) -> Prediction`` of ``net`` under this objective."""
         cond = dict(cond or {})
         kind = self.prediction
+        if kind == "eps" and float(schedule.alpha_bar_table[-1]) == 0.0:
+            # x0 = (x_t - sigma eps) / alpha divides by alpha = 0 at t = 1: every sample would be NaN.
+            raise ValueError("a zero-terminal-SNR schedule needs prediction 'v' or 'x0': an eps-prediction "
+                             "cannot recover x0 where the signal is exactly zero (Lin et al. 2024, sec. 3.2)")
 
         def denoise(x_t: Tensor, t: Tensor) -> Prediction:
             alpha, sigma = schedule.alpha_sigma(t, dtype=x_t.dtype)

@@ -46,8 +46,17 @@ def cosine_betas(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> 
     return betas.clamp(max=max_beta)
 
 
-def sigmoid_betas(steps: int, beta_start: float = 1e-7, beta_end: float = 2e-3) -> Tensor:
-    """Sigmoid betas over ``[-6, 6]`` as in GeoDiff (Xu et al. 2022)."""
+def sigmoid_betas(steps: int, beta_start: Optional[float] = None, beta_end: Optional[float] = None) -> Tensor:
+    """Sigmoid betas over ``[-6, 6]`` as in GeoDiff (Xu et al. 2022, their QM9 config).
+
+    GeoDiff's range 1e-7..2e-3 is set for 5,000 steps; the defaults scale it by ``5000 / steps``
+    so that any ``steps`` ends as close to noise (alpha_bar ~ 7e-3): unscaled, 1,000 steps would
+    end at alpha_bar 0.37 (SNR 0.58) and samplers would start far from their N(0, I) prior.
+    Explicit ``beta_start`` / ``beta_end`` are used as given.
+    """
+    scale = 5000.0 / steps
+    beta_start = 1e-7 * scale if beta_start is None else beta_start
+    beta_end = min(2e-3 * scale, 0.999) if beta_end is None else beta_end  # below 10 steps it would pass 1
     x = torch.linspace(-6, 6, steps, dtype=torch.float64)
     return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -65,6 +67,21 @@ def test_chunked_generation_keeps_each_sample_with_its_label(batch_size):
     assert torch.allclose(out.x, labels.float().reshape(7, 1, 1).expand(7, 2, 3), atol=1e-4)
     with pytest.raises(ValueError, match="sampler.batch_size"):
         generate(Toy(), LabelToValue(), schedule, objective, 3, {"name": "ddim", "steps": 2, "batch_size": 0})
+
+
+def test_guidance_without_a_condition_is_named_once(caplog):
+    """guidance.scale on samples with no label (null labels: nothing to guide towards) is warned, once per draw."""
+    schedule, objective = make_schedule("cosine", 100), Objective(prediction="x0")
+    with caplog.at_level(logging.WARNING, logger="polydiff.generate"):
+        out = generate(Toy(), LabelToValue(), schedule, objective, 6, {"name": "ddim", "steps": 3, "batch_size": 2},
+                       guidance={"scale": 3.0}, labels=torch.full((6,), -1))
+    assert torch.allclose(out.x, torch.zeros_like(out.x), atol=1e-4)  # the null label's answer, unguided
+    assert caplog.text.count("guidance (scale 3, rescale 0) has no effect") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="polydiff.generate"):
+        generate(Toy(), LabelToValue(), schedule, objective, 2, {"name": "ddim", "steps": 3}, guidance={"scale": 3.0},
+                 labels=torch.tensor([1, 2]))
+    assert "no effect" not in caplog.text
 
 
 class RowIndexNet(nn.Module):

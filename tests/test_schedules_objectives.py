@@ -45,6 +45,22 @@ def test_schedules_match_their_published_formulas():
         assert poly[i].item() == pytest.approx((1 - 2e-5) * (1 - (i / 1000) ** 2) ** 2 + 1e-5, rel=1e-9)
 
 
+def test_sigmoid_default_reaches_geodiffs_noise_at_any_step_count():
+    """GeoDiff's sigmoid betas 1e-7..2e-3 (Xu et al. 2022) are set for 5,000 steps; the default ends as noisy at any count."""
+    import math
+
+    geo = 1.0  # GeoDiff's QM9 table, with plain floats
+    for j in range(5000):
+        geo *= 1 - (1e-7 + (2e-3 - 1e-7) / (1 + math.exp(-(-6 + 12 * j / 4999))))
+    assert make_schedule("sigmoid", 5000).alpha_bar_table[-1].item() == pytest.approx(geo, rel=1e-9)  # ~6.7e-3
+    for steps in (100, 1000):  # unscaled, 1,000 steps would end at alpha_bar 0.37 (SNR 0.58), far from noise
+        assert make_schedule("sigmoid", steps).alpha_bar_table[-1].item() == pytest.approx(geo, rel=0.25)
+    # Explicit betas are the formula as written (diffusers' "sigmoid" with the same range).
+    betas = make_schedule("sigmoid", 1000, beta_start=1e-7, beta_end=2e-3).betas
+    x = torch.linspace(-6, 6, 1000, dtype=torch.float64)
+    torch.testing.assert_close(betas, torch.sigmoid(x) * (2e-3 - 1e-7) + 1e-7)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_zero_terminal_snr(name):
     s = make_schedule(name, 1000, zero_terminal_snr=True)
@@ -102,6 +118,21 @@ def test_v_prediction_defined_at_zero_snr():
     a, s = torch.zeros(4, 1), torch.ones(4, 1)
     pred = to_prediction("v", v, x_t, a, s)
     assert torch.isfinite(pred.x0).all() and torch.isfinite(pred.eps).all()
+
+
+def test_eps_denoiser_on_a_zero_terminal_schedule_is_refused():
+    """At SNR 0 an eps-prediction gives x0 = (x_t - eps) / 0: refused loudly, not sampled as NaN."""
+    from polydiff.samplers import sample_ddim
+
+    zt = make_schedule("cosine", 100, zero_terminal_snr=True)
+    space = DenseSpace((4, 3))
+    zero = lambda x, t: torch.zeros_like(x)
+    with pytest.raises(ValueError, match="zero-terminal-SNR schedule needs prediction 'v' or 'x0'"):
+        Objective("eps").denoiser(zero, zt, space)
+    for kind in ("v", "x0"):  # both are defined at SNR 0
+        x = sample_ddim(Objective(kind).denoiser(zero, zt, space), space.randn(), zt, 10, space=space)
+        assert torch.isfinite(x).all()
+    Objective("eps").denoiser(zero, make_schedule("cosine", 100), space)  # fine where alpha > 0
 
 
 def test_min_snr_weights():
