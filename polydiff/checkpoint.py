@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ def atomic_save(obj: Any, path: Path) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -42,6 +42,18 @@ def atomic_save(obj: Any, path: Path) -> None:
         pass
 
 
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new file beside ``path`` with the permissions ``torch.save(path)`` would give it (0666 less the umask;
+    ``mkstemp``'s 0600 would hide checkpoints from the rest of a group)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a polydiff checkpoint with ``weights_only=True``; a clear error for other files.
 
@@ -53,7 +65,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # corrupt or not a torch file
-        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"checkpoint {path} could not be read: the file ({path.stat().st_size} bytes) is truncated or corrupt, or "
+            f"not a torch.save file ({type(err).__name__}: {reason}). Move it aside, then start afresh or resume "
+            f"another checkpoint with trainer.resume=PATH (polydiff sample --checkpoint PATH samples another)"
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a polydiff checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return ckpt

@@ -65,7 +65,7 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
 
     from .build import to_plain
     from .checkpoint import load_checkpoint
-    from .trainer import check_compatible
+    from .trainer import check_resumable, resume_source
 
     plain = [o for o in overrides if "=" in o and not o.startswith("-")]
     try:
@@ -73,10 +73,10 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
     except ConfigCompositionException as err:
         _explain_override(recipe, plain, err)
         return  # not ours to explain: Hydra reports it as usual
-    ckpt = Path(cfg.hydra.run.dir) / "checkpoints" / "last.pt"
-    if cfg.trainer.resume == "auto" and ckpt.is_file():
+    ckpt = resume_source(cfg.trainer.resume, Path(cfg.hydra.run.dir) / "checkpoints" / "last.pt")
+    if ckpt is not None:
         del cfg.hydra
-        check_compatible(load_checkpoint(ckpt, mmap=True)["config"], to_plain(cfg), ckpt)
+        check_resumable(load_checkpoint(ckpt, mmap=True), to_plain(cfg), ckpt)
 
 
 def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> None:
@@ -120,14 +120,17 @@ def _message(err: BaseException) -> str:
 
 
 def _train(args: Sequence[str]) -> None:
-    if not args or args[0] in ("-h", "--help"):
+    if args and args[0] in ("-h", "--help"):
         print(USAGE)
         return
+    if not args or args[0].startswith("-") or "=" in args[0]:
+        raise _fail("train needs a recipe first: polydiff train RECIPE.yaml [hydra overrides], e.g. "
+                    "polydiff train recipes/image_unet.yaml profile=cpu")
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     from .config import check_overrides, register_configs
-    from .trainer import train
+    from .trainer import CheckpointWriteError, train
 
     register_configs()
     path, search = _recipe_paths(args[0])
@@ -135,14 +138,14 @@ def _train(args: Sequence[str]) -> None:
         check_overrides(args[1:])
         if not {"-m", "--multirun", "--cfg", "-c", "--help", "-h"} & set(args[1:]):
             _check_run_dir(args[0], args[1:])
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, FileNotFoundError) as err:
         raise _fail(_message(err)) from err
 
     @hydra.main(version_base=None, config_path=None, config_name=None)
     def _task(cfg) -> None:
         try:
             train(cfg, HydraConfig.get().runtime.output_dir)
-        except _USER_ERRORS as err:
+        except _USER_ERRORS + (CheckpointWriteError,) as err:
             raise _fail(_message(err)) from err
 
     saved = sys.argv
@@ -207,7 +210,7 @@ def _sample(args: Sequence[str]) -> None:
             OmegaConf.merge(OmegaConf.structured(GuidanceConfig), cfg["guidance"], over.get("guidance", {}))
         )
     except Exception as err:  # a misspelled key, or omegaconf's error naming a bad value
-        raise _fail(_message(err).splitlines()[0]) from err
+        raise _fail(_override_error(err)) from err
     prior = OmegaConf.to_container(over.get("prior", OmegaConf.create({})))
     known_options = OmegaConf.to_container(over.get("known", OmegaConf.create({})))
     if known_options and a.known is None:
@@ -222,6 +225,7 @@ def _sample(args: Sequence[str]) -> None:
         parts.net.load_state_dict(state)
         parts.net.to(device)
         domain = parts.domain
+        _check_guidance(domain, guidance, over.get("guidance", {}))
         labels = None
         label = over.get("label", None)
         if label is not None and str(label) != "all":
@@ -286,6 +290,28 @@ def _sample(args: Sequence[str]) -> None:
         print(f"{what}: {_fmt_metrics(record['metrics'], record.get('metrics_range'))}")
         if record["reference"]:
             print(f"real data: {_fmt_metrics(record['reference'])}")
+
+
+def _override_error(err: Exception) -> str:
+    """The first line of an override's error, naming ``section.key`` where omegaconf knows which value it was."""
+    message = _message(err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    section = getattr(err, "object_type", None)
+    where = {"SamplerConfig": "sampler", "GuidanceConfig": "guidance"}.get(getattr(section, "__name__", ""))
+    return f"{where}.{key}: {message}" if key and where else message
+
+
+def _check_guidance(domain: Any, guidance: dict[str, Any], given: Any) -> None:
+    """Refuse guidance options given for a model without labels: they would change nothing, yet be recorded."""
+    if not given or tuple(domain.guidance_keys) != ("label",) or domain.num_classes:
+        return  # the recipe's own guidance, a conditional model, or conditions this check cannot see
+    if float(guidance["scale"]) != 1.0 or float(guidance["rescale"]) > 0:
+        named = " ".join(f"guidance.{k}={v}" for k, v in given.items())
+        raise ValueError(
+            f"{named} would have no effect: domain "
+            f"{domain.name!r} of this run is unconditional (no labels to guide towards); drop the guidance.KEY=V "
+            f"overrides"
+        )
 
 
 def _eval(args: Sequence[str]) -> None:

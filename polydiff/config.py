@@ -81,7 +81,8 @@ class TrainerConfig:
     eval: bool = True  # compute the domain's metrics when sampling
     log_every: int = 50
     label_dropout: float = 0.1  # classifier-free guidance training (conditional domains)
-    resume: str = "auto"  # auto (resume from the run dir's last.pt if any) | never | PATH
+    # auto (the run dir's last.pt if any) | never | PATH (start there; the run's own last.pt, once written, wins)
+    resume: str = "auto"
     progress: bool = True
 
 

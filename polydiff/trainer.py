@@ -31,7 +31,10 @@ from .conditioning import drop_condition
 from .data import ResumableBatchSampler
 from .generate import generate
 
-__all__ = ["Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointError", "TrainingInterrupted"]
+__all__ = [
+    "Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointError", "CheckpointWriteError",
+    "TrainingInterrupted", "resume_source", "check_resumable",
+]
 
 log = logging.getLogger("polydiff")
 
@@ -62,6 +65,10 @@ class IncompatibleCheckpointError(ValueError):
     """A checkpoint from another domain or with an incompatible network/diffusion config."""
 
 
+class CheckpointWriteError(OSError):
+    """``last.pt`` could not be written (a full disk, a read-only folder): the previous one is kept."""
+
+
 # Config sections that must match for a checkpoint to be resumed or sampled.
 _MUST_MATCH = ("domain.name", "model", "schedule", "objective.prediction")
 
@@ -83,6 +90,38 @@ def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path:
         )
 
 
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
+    """:func:`check_compatible`, and a checkpoint already past ``trainer.max_steps`` refused."""
+    check_compatible(saved["config"], current, path)
+    step, max_steps = int(saved["step"]), current["trainer"]["max_steps"]
+    if step > max_steps:
+        raise ValueError(
+            f"checkpoint {path} is at step {step}, past trainer.max_steps={max_steps}: raise trainer.max_steps to "
+            f"train on, or draw samples from it with polydiff sample"
+        )
+
+
+def resume_source(mode: str, own: Path) -> Path | None:
+    """The checkpoint a run starts from under ``trainer.resume=mode``, ``None`` for a fresh start.
+
+    The run's own ``last.pt`` wins over ``resume=PATH``: a run started from PATH and stopped goes on
+    from its own progress when the same command runs again, rather than from PATH over it.
+    """
+    if mode == "never":
+        return None
+    if own.is_file():
+        return own
+    if mode == "auto":
+        return None
+    path = Path(mode)
+    if path.is_dir():
+        raise FileNotFoundError(f"trainer.resume={mode} is a folder: give a checkpoint file, e.g. "
+                                f"trainer.resume={path / 'checkpoints' / 'last.pt'}")
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.resume={mode!r} is neither auto, never nor an existing checkpoint file")
+    return path
+
+
 def _lr_lambda(warmup: int, max_steps: int, decay: str):
     if decay not in ("constant", "cosine"):
         raise KeyError(f"unknown trainer.lr_decay {decay!r}; choose 'constant' or 'cosine'")
@@ -102,11 +141,22 @@ _LIMITS = {
     "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "log_every": (1, None),
     "ckpt_every": (1, None), "num_samples": (1, None), "warmup_steps": (0, None), "sample_every": (0, None),
     "num_workers": (0, None), "grad_clip": (0, None), "weight_decay": (0, None), "label_dropout": (0, 1),
+    "lr": (0, None), "ema_decay": (0, 1),
 }
 
 
+# trainer.KEY -> its allowed values: checked before anything is built (or a previous run moved aside).
+_CHOICES = {"precision": ("auto", "fp32", "bf16"), "lr_decay": ("constant", "cosine")}
+
+
 def check_trainer(tc: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming any ``trainer`` value outside its range."""
+    """Raise ``ValueError`` naming any ``trainer`` value outside its range or choices."""
+    for key, choices in _CHOICES.items():
+        if key in tc and tc[key] not in choices:
+            raise ValueError(f"unknown trainer.{key} {tc[key]!r}; choose one of {list(choices)}")
+    betas = tc.get("betas")
+    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"trainer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     for key, (low, high) in _LIMITS.items():
         value = tc.get(key)
         if value is None:
@@ -163,9 +213,7 @@ class Trainer:
         self.step = 0
         self._maybe_resume()
 
-        precision = self.tc["precision"]
-        if precision not in ("auto", "fp32", "bf16"):
-            raise KeyError(f"unknown trainer.precision {precision!r}; choose auto, fp32 or bf16")
+        precision = self.tc["precision"]  # one of check_trainer's choices
         use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.autocast = (
             (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else (lambda: nullcontext())
@@ -186,25 +234,55 @@ class Trainer:
             if self.ckpt_path.exists() and self.is_main:
                 self._move_previous_run()
             return
-        path = self.ckpt_path if mode == "auto" else Path(mode)
-        if mode == "auto" and not path.exists():
+        path = resume_source(mode, self.ckpt_path)
+        if path is None:
             if self.is_main:
                 self._trim_metrics()  # a run stopped before its first checkpoint starts again from step 0
             return
         # On the CPU first: load_state_dict moves each tensor to its parameter's device, and Adam's step
         # counters must stay on the CPU (on the GPU they cost a device sync per parameter and step).
         ckpt = load_checkpoint(path, map_location="cpu")
-        check_compatible(ckpt["config"], self.cfg, path)
-        self.net.load_state_dict(ckpt["model"])
-        self.ema.load_state_dict(ckpt["ema"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.sched.load_state_dict(ckpt["lr_scheduler"])
-        self.domain.load_state_dict(ckpt["domain_state"])
+        check_resumable(ckpt, self.cfg, path)
+        self._load_states(ckpt, path)
         self.step = int(ckpt["step"])
         self._restore_rng(ckpt["rng"], path)
+        self._apply_optimizer_settings()
         if self.is_main:
             self._trim_metrics()
+            if mode not in ("auto", "never") and path == self.ckpt_path:
+                log.info("trainer.resume=%s: this run's own %s (step %d) goes on from there", mode, path, self.step)
             log.info("resumed from %s at step %d", path, self.step)
+
+    def _load_states(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """Network, EMA, optimizer, schedule and domain states; one that does not fit names the checkpoint."""
+        try:
+            self.net.load_state_dict(ckpt["model"])
+            self.ema.load_state_dict(ckpt["ema"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()
+            raise IncompatibleCheckpointError(
+                f"checkpoint {path} holds a network that this recipe builds differently ({' '.join(first[:3])}): "
+                f"a domain setting that shapes the network (classes, channels) differs from the run's. Use the "
+                f"run's settings, another hydra.run.dir, or trainer.resume=never to start afresh"
+            ) from err
+        self.sched.load_state_dict(ckpt["lr_scheduler"])
+        self.domain.load_state_dict(ckpt["domain_state"])
+
+    def _apply_optimizer_settings(self) -> None:
+        """The recipe's lr, betas and weight decay over the checkpoint's: a resumed run may change them
+        (the checkpoint's optimizer and scheduler states carry the old values), and the learning rate
+        follows the recipe's warm-up and decay from the checkpoint's step."""
+        tc, lam = self.tc, self.sched.lr_lambdas[0]
+        wanted = {"betas": tuple(tc["betas"]), "weight_decay": tc["weight_decay"]}
+        for key, value in [("lr", tc["lr"]), *wanted.items()]:
+            old = self.sched.base_lrs[0] if key == "lr" else self.opt.param_groups[0][key]
+            if (tuple(old) if key == "betas" else old) != value and self.is_main:
+                log.info("trainer.%s=%s replaces the checkpoint's %s from here on", key, tc[key], old)
+        for group in self.opt.param_groups:
+            group.update(wanted, initial_lr=tc["lr"], lr=tc["lr"] * lam(self.sched.last_epoch))
+        self.sched.base_lrs = [tc["lr"]] * len(self.opt.param_groups)
+        self.sched._last_lr = [group["lr"] for group in self.opt.param_groups]
 
     def _trim_metrics(self) -> None:
         """Drop records logged after the checkpoint's step (a run stopped between checkpoints logs them again)."""
@@ -247,7 +325,7 @@ class Trainer:
         log.warning("trainer.resume=never: the previous run's checkpoints, samples and metrics moved to %s", old)
 
     def save(self) -> None:
-        """Write ``last.pt`` atomically; a non-finite weight never replaces a good checkpoint."""
+        """Write ``last.pt`` atomically; a non-finite weight or a failed write never replaces a good checkpoint."""
         for name, p in self.net.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise NonFiniteLossError(f"parameter {name!r} is not finite at step {self.step}; {self.ckpt_path} is kept")
@@ -259,6 +337,19 @@ class Trainer:
             states = gathered
         if not self.is_main:
             return
+        try:
+            self._write_checkpoint(states)
+        except OSError as err:
+            kept = (f"{self.ckpt_path} still holds the last checkpoint written" if self.ckpt_path.is_file()
+                    else "no checkpoint was written yet")
+            raise CheckpointWriteError(
+                err.errno, f"could not write the checkpoint of step {self.step} to {self.ckpt_path} "
+                f"({err.strerror or err}); {kept}. Free disk space (or make the folder writable) and run the same "
+                f"command again with hydra.run.dir={self.run_dir} to resume"
+            ) from err
+
+    def _write_checkpoint(self, states: list[Any]) -> None:
+        """``atomic_save`` of everything a bit-identical resume needs; ``states``: every rank's generator states."""
         atomic_save(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -380,7 +471,7 @@ class Trainer:
                 self.tb.close()
             raise TrainingInterrupted(
                 f"training interrupted at step {self.step} of {self.tc['max_steps']}; {self.ckpt_path} holds it: "
-                "run the same command again to resume"
+                f"run the same command again with hydra.run.dir={self.run_dir} to resume"
             )
 
     def _steps(self, data: Iterator[Any], bar: Any, max_steps: int, t_last: float, n_last: int, losses: list) -> None:

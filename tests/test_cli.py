@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -271,3 +272,59 @@ def test_entry_points_are_read_only_for_missing_names(monkeypatch):
     assert calls == []
     cls = polydiff.get_domain("ep-points")
     assert calls == [registry.ENTRY_POINT_GROUP] and cls.__name__ == "PointsDomain"
+
+
+def _sample_fails(run_dir: Path, *args: str) -> str:
+    """The message of ``polydiff sample RUN_DIR ARGS`` failing in this process."""
+    from polydiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(run_dir), "--out", str(run_dir / "never-written"), *args])
+    assert not (run_dir / "never-written").exists()
+    return str(exit_info.value.code)
+
+
+def test_sample_refuses_what_it_would_ignore_and_names_bad_values(tmp_path):
+    """Guidance on a model without labels would change nothing yet be recorded in sampling.json; a value of the
+    wrong type names its key."""
+    cfg = {"domain": {"name": "examples.points:PointsDomain", "size": 256}, "model": {"width": 16, "depth": 1},
+           "schedule": {"steps": 50}, "objective": {"prediction": "v"}, "sampler": {"name": "ddim", "steps": 5},
+           "trainer": {"max_steps": 2, "batch_size": 32, "device": "cpu", "num_samples": 8, "progress": False}}
+    train(cfg, tmp_path)
+    message = _sample_fails(tmp_path, "guidance.scale=3")
+    assert "guidance.scale=3 would have no effect" in message and "unconditional" in message
+    assert "sampler.eta: Value 'abc'" in _sample_fails(tmp_path, "sampler.eta=abc")
+    assert "guidance.scale: Value 'x'" in _sample_fails(tmp_path, "guidance.scale=x")
+
+
+def test_train_without_a_recipe_fails(tmp_path):
+    """``polydiff train $RECIPE`` with an empty variable must not exit 0 as if it had trained."""
+    from polydiff.cli import main
+
+    for args in ([], ["trainer.max_steps=3"]):
+        with pytest.raises(SystemExit, match="train needs a recipe first"):
+            main(["train", *args])
+
+
+def test_train_refuses_a_run_past_max_steps_before_recording_its_config(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run("train", "examples/points.yaml", "trainer.max_steps=6", "trainer.num_samples=8", "model.width=16",
+               f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recorded = (run_dir / ".hydra" / "config.yaml").read_text()
+    bad = run("train", "examples/points.yaml", "trainer.max_steps=3", "trainer.num_samples=8", "model.width=16",
+              f"hydra.run.dir={run_dir}")
+    assert bad.returncode != 0 and "is at step 6, past trainer.max_steps=3" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == recorded
+    # A failed checkpoint write (a full disk) ends with the message, not a traceback.
+    launcher = tmp_path / "full_disk.py"
+    launcher.write_text("import errno, polydiff.checkpoint as c\n"
+                        "def save(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                        "c.torch.save = save\nfrom polydiff.cli import main\nmain()\n")
+    full = subprocess.run([sys.executable, str(launcher), "train", "examples/points.yaml", "trainer.max_steps=8",
+                           "trainer.num_samples=8", "model.width=16", f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert full.returncode == 1 and "could not write the checkpoint of step 8" in full.stderr, full.stderr[-2000:]
+    assert "Traceback" not in full.stderr

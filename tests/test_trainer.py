@@ -1,10 +1,12 @@
 """Trainer behaviour on the worked example domain (2-D points, MLP): resume, NaN, atomic saves, DDP."""
 
+import errno
 import json
 import logging
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,11 +17,11 @@ import torch
 from omegaconf import OmegaConf
 
 import polydiff.checkpoint as checkpoint_module
-from examples.points import PointsDomain
+from examples.points import MLP, PointsDomain
 from polydiff.checkpoint import load_checkpoint
 from polydiff.config import RecipeConfig
 from polydiff.objectives import Objective
-from polydiff.trainer import IncompatibleCheckpointError, NonFiniteLossError, Trainer, train
+from polydiff.trainer import IncompatibleCheckpointError, NonFiniteLossError, Trainer, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,11 +230,109 @@ def test_incompatible_checkpoint_is_named(tmp_path):
     ("num_samples", 0, "trainer.num_samples=0"),
     ("label_dropout", 2, "trainer.label_dropout=2.0 is out of range: it must be between 0 and 1"),
     ("device", "gpu", "trainer.device='gpu' is not a device"),
+    ("precision", "fp16", "unknown trainer.precision 'fp16'; choose one of ['auto', 'fp32', 'bf16']"),
+    ("lr_decay", "linear", "unknown trainer.lr_decay 'linear'"),
+    ("ema_decay", 1.5, "trainer.ema_decay=1.5 is out of range: it must be between 0 and 1"),
+    ("lr", -1.0, "trainer.lr=-1.0 is out of range"),
+    ("betas", [0.9], "trainer.betas=[0.9] must be two numbers in [0, 1)"),
 ])
 def test_bad_trainer_values_are_named_before_training(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train(config(**{key: value}), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_bad_value_with_resume_never_leaves_the_previous_run_in_place(tmp_path):
+    """Values are checked before trainer.resume=never moves the previous run aside."""
+    train(config(max_steps=5), tmp_path)
+    with pytest.raises(ValueError, match="trainer.precision"):
+        train(config(max_steps=5, resume="never", precision="fp16"), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and not list(tmp_path.glob("previous-*"))
+
+
+def test_resume_applies_the_recipes_lr_betas_and_weight_decay(tmp_path, caplog):
+    """The checkpoint's optimizer and scheduler states carry the old values: the recipe's win from the resumed step."""
+    train(config(max_steps=10, lr=1e-3), tmp_path)
+    with caplog.at_level(logging.INFO, logger="polydiff"):
+        train(config(max_steps=15, lr=1e-4, weight_decay=0.1, betas=[0.8, 0.99]), tmp_path)
+    assert "trainer.lr=0.0001 replaces the checkpoint's 0.001" in caplog.text
+    group = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-4) and group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.99)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records if r["kind"] == "train" and r["step"] > 10] == [pytest.approx(1e-4)]
+
+
+def test_rerun_with_resume_path_goes_on_from_the_runs_own_checkpoint(tmp_path, caplog):
+    """trainer.resume=PATH starts a run from PATH; the same command again continues that run, not PATH over it."""
+    train(config(max_steps=6), tmp_path / "base")
+    base = tmp_path / "base" / "checkpoints" / "last.pt"
+    run = tmp_path / "finetune"
+    train(config(max_steps=10, resume=str(base)), run)
+    with caplog.at_level(logging.INFO, logger="polydiff"):
+        train(config(max_steps=14, resume=str(base)), run)
+    assert f"resumed from {run / 'checkpoints' / 'last.pt'} at step 10" in caplog.text
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 14 and load_checkpoint(base)["step"] == 6
+    with pytest.raises(FileNotFoundError, match="trainer.resume='nevr' is neither auto, never nor an existing"):
+        train(config(resume="nevr"), tmp_path / "typo")
+    with pytest.raises(FileNotFoundError, match="is a folder: give a checkpoint file"):
+        train(config(resume=str(tmp_path / "base")), tmp_path / "folder")
+
+
+def test_resume_past_max_steps_is_refused(tmp_path):
+    train(config(max_steps=10), tmp_path)
+    saved = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(ValueError, match="is at step 10, past trainer.max_steps=5: raise trainer.max_steps"):
+        train(config(max_steps=5), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == saved
+
+
+def test_a_network_that_does_not_fit_the_checkpoint_is_named(tmp_path, monkeypatch):
+    """A domain setting that reshapes the network (its config unchanged) fails naming the checkpoint, not torch's
+    bare state-dict error."""
+    train(config(max_steps=5), tmp_path)
+    monkeypatch.setattr(PointsDomain, "build_network", lambda self, width=128, depth=3: MLP(width, depth + 1))
+    with pytest.raises(IncompatibleCheckpointError, match=f"checkpoint {re.escape(str(tmp_path))}.* holds a network"):
+        train(config(max_steps=10), tmp_path)
+
+
+def test_failed_checkpoint_write_keeps_the_last_one_and_says_so(tmp_path, monkeypatch):
+    """A full disk during a periodic checkpoint: the previous last.pt stays, no temporary file is left, and the
+    error names the file, the step and how to go on."""
+    train(config(max_steps=5), tmp_path)
+    good = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    path = tmp_path / "checkpoints" / "last.pt"
+    message = re.escape(f"could not write the checkpoint of step 8 to {path} (No space left on device)")
+    with pytest.raises(OSError, match=message + ".*still holds"):
+        train(config(max_steps=10, ckpt_every=8), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
+
+
+def test_checkpoints_get_the_permissions_of_any_new_file(tmp_path):
+    """Not mkstemp's 0600: others in a group can read (sample, evaluate) a run's checkpoints."""
+    old = os.umask(0o022)
+    try:
+        checkpoint_module.atomic_save({"x": torch.zeros(1)}, tmp_path / "last.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o644
+
+
+def test_interrupt_message_names_the_run_directory(tmp_path):
+    """'Run the same command again' resumes only in the same run directory (Hydra's default one is new each time)."""
+    trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(max_steps=100)), tmp_path)
+    trainer.opt.register_step_post_hook(
+        lambda opt, args, kwargs: signal.raise_signal(signal.SIGINT) if trainer.step == 2 else None
+    )
+    with pytest.raises(TrainingInterrupted, match=re.escape(f"with hydra.run.dir={tmp_path} to resume")):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
 
 
 def test_grad_accumulation_and_cosine_lr(tmp_path, monkeypatch):
