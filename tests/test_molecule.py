@@ -76,6 +76,26 @@ def test_egnn_is_e3_and_permutation_equivariant(reflect, context_dim):
     assert com.abs().max() < 1e-10
 
 
+def test_egnn_coordinate_update_uses_the_full_coords_range_in_every_block():
+    """EDM's egnn_new.EGNN hands coords_range (15), not coords_range / n_layers, to each block."""
+    layers, d0 = 3, 1.0
+    net = EGNN(F, hidden=8, layers=layers, coords_range=15.0).double().eval()
+    with torch.no_grad():  # saturate tanh(phi_x) at +1 on every edge: each block moves by 15 (x_i - x_j) / (d + 1)
+        for block in net.blocks:
+            for p in block.coord_mlp.parameters():
+                p.zero_()
+            block.coord_mlp.out.bias.fill_(10.0)
+            block.coord_out.weight.fill_(1.0)
+    x = torch.zeros(2, 3 + F, dtype=torch.float64)
+    x[0, 0], x[1, 0] = -d0 / 2, d0 / 2
+    out = net(x, torch.tensor([0.5], dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    d = d0
+    for _ in range(layers):
+        d = d + 2 * 15.0 * d / (d + 1)  # both atoms move apart
+    torch.testing.assert_close(out[1, 0], torch.tensor((d - d0) / 2, dtype=torch.float64))
+    assert all(block.coords_range == 15.0 for block in net.blocks)
+
+
 def test_egnn_float32_equivariance_and_unsorted_batch():
     gen = torch.Generator().manual_seed(1)
     net = EGNN(F, hidden=32, layers=2).eval()
@@ -257,6 +277,17 @@ def test_sdf_loader_skips_bad_records_by_name(tmp_path, caplog):
         read_sdf(tmp_path / "nope.sdf", ["H", "C"])
 
 
+def test_sdf_blank_3d_record_is_skipped_not_read_as_a_zero_atom_molecule(tmp_path, caplog):
+    """A 0-atom record flagged 3-D would add 0 to the atom-count prior and a 0/0 (NaN) term to the loss."""
+    path = _write_sdf(tmp_path / "blank.sdf", ["CCO"])
+    blank = "blank\n     RDKit          3D\n\n  0  0  0  0  0  0  0  0  0  0999 V2000\nM  END\n$$$$\n"
+    path.write_text(path.read_text() + blank)
+    with caplog.at_level(logging.WARNING):
+        ds = read_sdf(path, ["H", "C", "N", "O", "F"])
+    assert len(ds) == 1 and len(ds[0]["z"]) == 9
+    assert "'blank'" in caplog.text and "no atoms" in caplog.text and "1 record(s) skipped" in caplog.text
+
+
 def test_sdf_flat_depiction_flagged_3d_is_skipped_unless_planar(tmp_path, caplog):
     from rdkit import Chem
     from rdkit.Chem import AllChem
@@ -280,10 +311,11 @@ def test_sdf_flat_depiction_flagged_3d_is_skipped_unless_planar(tmp_path, caplog
 
 def test_smiles_loader_and_builtin_conformers(tmp_path, caplog):
     path = tmp_path / "list.smi"
-    path.write_text("CCO first\nC1CC(\nc1ccccc1Cl\nCC#N\n[NH4+]\nCC.O\n")
+    path.write_text("CCO first\nC1CC(\nc1ccccc1Cl\nCC#N\n[NH4+]\nCC.O\nOCC ethanol again\n")
     with caplog.at_level(logging.INFO):
         kept = read_smiles_file(path, ["H", "C", "N", "O", "F"], max_heavy_atoms=9)
     assert kept == ["CCO", "CC#N"]
+    assert "list.smi:7" in caplog.text and "same molecule as an earlier line" in caplog.text
     assert "list.smi:2" in caplog.text and "C1CC(" in caplog.text
     # every filtered record is named with its reason
     assert "list.smi:3" in caplog.text and "['Cl']" in caplog.text
@@ -406,6 +438,16 @@ def test_context_is_in_torch_geometric_units_and_far_values_are_warned(tmp_path,
     dom = MoleculeDomain(source="sdf", path=str(sdf), condition_on="alpha", split=(1.0, 0.0, 0.0))
     dom.setup(dom.dataset("train"))
     assert "SD tag 'alpha'" in dom.context_units()
+    # Given atom counts and no context, the property is drawn among training molecules of that size (EDM's p(c | N)).
+    norm = lambda values: dom._normalise(torch.tensor(values).unsqueeze(-1))  # noqa: E731
+    _, cond = dom.prior(40, num_atoms=6, generator=torch.Generator().manual_seed(0))  # CC#N and CO: 64 and 62
+    assert set(cond["context"].flatten().tolist()) == set(norm([64.0, 62.0]).flatten().tolist())
+    _, cond = dom.prior(3, num_atoms=9)  # ethanol only
+    assert torch.allclose(cond["context"], norm([60.0] * 3))
+    with caplog.at_level(logging.WARNING):
+        _, cond = dom.prior(2, num_atoms=5)  # no 5-atom molecule: the nearest count, 4 (C=O, 70)
+    assert torch.allclose(cond["context"], norm([70.0] * 2)) and "no training molecule has [5] atoms" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         dom.prior(2, num_atoms=5, context=[66.0, 58.0])  # inside: mean 64, mean absolute deviation 3
     assert "prior.context" not in caplog.text
@@ -502,6 +544,36 @@ def test_save_samples_writes_sdf_xyz_png(tmp_path):
     (tmp_path / "bad.xyz").write_text("3\ncut short\nC 0 0 0\nH 0 0 1.1\n")
     with pytest.raises(ValueError, match="bad.xyz line 1: not an XYZ frame"):
         dom.read_samples(tmp_path / "bad.xyz")
+
+
+def _kekule_benzene() -> tuple[list[str], np.ndarray]:
+    """A planar C6H6 whose ring bonds alternate 1.33 / 1.46 Angstrom: EDM infers double / single."""
+    ring, angle = [np.zeros(2)], 0.0
+    for k in range(5):
+        ring.append(ring[-1] + (1.33 if k % 2 == 0 else 1.46) * np.array([np.cos(angle), np.sin(angle)]))
+        angle += np.pi / 3
+    ring = np.array(ring) - np.mean(ring, axis=0)  # [6, 2]
+    hydrogens = ring * (1 + 1.08 / np.linalg.norm(ring, axis=1, keepdims=True))  # [6, 2]
+    pos = np.concatenate([np.c_[ring, np.zeros(6)], np.c_[hydrogens, np.zeros(6)]])  # [12, 3]
+    return ["C"] * 6 + ["H"] * 6, pos
+
+
+def test_sdf_bonds_are_the_inferred_orders_not_aromatic(tmp_path):
+    """A valid aromatic sample keeps EDM's single/double bonds in the SDF (V2000 type 4 is query-only)."""
+    from rdkit import Chem
+
+    from domains.molecule.bonds import bond_order_matrix
+    from domains.molecule.outputs import write_sdf
+
+    symbols, pos = _kekule_benzene()
+    orders = bond_order_matrix(symbols, pos)
+    assert sorted(orders[0][:6].tolist()) == [0, 0, 0, 0, 1, 2]
+    write_sdf([(symbols, pos)], tmp_path / "b.sdf")
+    mol = next(iter(Chem.SDMolSupplier(str(tmp_path / "b.sdf"), removeHs=False, sanitize=False)))
+    assert mol.GetProp("valid") == "1" and mol.GetProp("stable") == "1"
+    written = {(b.GetBeginAtomIdx(), b.GetEndAtomIdx()): b.GetBondTypeAsDouble() for b in mol.GetBonds()}
+    inferred = {(i, j): float(orders[i, j]) for i in range(12) for j in range(i + 1, 12) if orders[i, j]}
+    assert {tuple(sorted(k)): v for k, v in written.items()} == inferred
 
 
 def test_dense_layout_benchmark_matches_edge_list():

@@ -101,8 +101,8 @@ def builtin_smiles_path() -> Path:
 def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms: int) -> list[str]:
     """SMILES (first column) of neutral, single-fragment molecules made only of ``elements``.
 
-    Unparsable lines are skipped and logged with their line number; molecules outside the
-    filter are counted in one summary line.
+    Unparsable lines, molecules outside the filter and repeats of an earlier molecule (same
+    canonical SMILES) are skipped, each named with its line number and counted in one summary line.
     """
     from rdkit import Chem, RDLogger
 
@@ -112,9 +112,11 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
     RDLogger.DisableLog("rdApp.*")
     allowed = set(elements)
     kept: list[str] = []
-    bad = filtered = 0
+    seen: set[str] = set()
+    bad = filtered = repeated = 0
     # Each filtered record is named; for RDKit's bundled list (thousands of them) only at debug level.
-    quiet = logging.DEBUG if path.resolve() == builtin_smiles_path().resolve() else logging.INFO
+    bundled = path.resolve() == builtin_smiles_path().resolve()
+    quiet = logging.DEBUG if bundled else logging.INFO
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
@@ -122,7 +124,7 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
         mol = Chem.MolFromSmiles(parts[0])
         if mol is None:
             bad += 1
-            log.warning("%s:%d: skipped SMILES %r: RDKit cannot parse it", path, lineno, parts[0])
+            log.log(logging.DEBUG if bundled else logging.WARNING, "%s:%d: skipped SMILES %r: RDKit cannot parse it", path, lineno, parts[0])
             continue
         symbols = {a.GetSymbol() for a in mol.GetAtoms()}
         reason = (
@@ -136,10 +138,17 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
             filtered += 1
             log.log(quiet, "%s:%d: skipped SMILES %r: %s", path, lineno, parts[0], reason)
             continue
-        kept.append(Chem.MolToSmiles(mol))
+        canonical = Chem.MolToSmiles(mol)
+        if canonical in seen:  # a molecule listed twice would count double and could straddle the splits
+            repeated += 1
+            log.log(quiet, "%s:%d: skipped SMILES %r: the same molecule as an earlier line", path, lineno, parts[0])
+            continue
+        seen.add(canonical)
+        kept.append(canonical)
     log.info(
-        "%s: %d molecules kept, %d outside the filter (elements %s, <= %d heavy atoms, neutral, one fragment), %d unparsable",
-        path, len(kept), filtered, sorted(allowed), max_heavy_atoms, bad,
+        "%s: %d molecules kept, %d outside the filter (elements %s, <= %d heavy atoms, neutral, one fragment), "
+        "%d repeats of an earlier molecule, %d unparsable",
+        path, len(kept), filtered, sorted(allowed), max_heavy_atoms, repeated, bad,
     )
     if not kept:
         raise ValueError(
@@ -229,7 +238,7 @@ def _lacks_3d(mol) -> bool:
 def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str] = ()) -> MoleculeSet:
     """3-D molecules with explicit hydrogens from an SDF file; ``properties`` are SD tags read as floats.
 
-    Records that do not parse, lack 3-D coordinates, lack explicit hydrogens, contain elements
+    Records that do not parse, have no atoms, lack 3-D coordinates, lack explicit hydrogens, contain elements
     outside ``elements`` or lack a requested property are skipped and logged by record number
     and name.
     """
@@ -255,7 +264,9 @@ def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str
         where += f" ({name!r})" if name else ""
         reason = None
         symbols = [a.GetSymbol() for a in mol.GetAtoms()]
-        if _lacks_3d(mol):
+        if not symbols:  # a blank record: a 0-atom sample would put 0 in the atom-count prior and 0/0 in the loss
+            reason = "no atoms"
+        elif _lacks_3d(mol):
             reason = (
                 "no 3-D coordinates (missing conformer, 2-D flag, or all z = 0 for a non-planar molecule); "
                 "give it 3-D coordinates (RDKit: AllChem.EmbedMolecule after Chem.AddHs)"

@@ -296,7 +296,7 @@ class MoleculeDomain(Domain):
         For a conditional model ``context`` (one value or n, in the training property's units:
         torch_geometric's for QM9, see :meth:`context_units`) sets the property, warned when far
         outside the training distribution; without it, (atom count, property) pairs are drawn
-        jointly from training.
+        jointly from training, or the property given each atom count when ``num_atoms`` is set.
         """
         if labels is not None:
             raise ValueError("the molecule domain takes no labels; use prior.context=VALUE for a property")
@@ -314,6 +314,8 @@ class MoleculeDomain(Domain):
                 log.warning("prior.num_atoms=%d is over twice the largest training molecule (%d atoms): expect poor "
                             "molecules, and the fully connected EGNN's memory grows with the square of the count",
                             int(counts.max()), seen)
+            if self.condition_on and context is None and self.context_pairs:
+                ctx_raw = self._context_given_counts(counts, cpu)
         elif self.condition_on and context is None and self.context_pairs:
             pick = torch.randint(len(self.context_pairs), (n,), generator=cpu)
             counts = torch.tensor([self.context_pairs[i][0] for i in pick.tolist()], dtype=torch.long)
@@ -336,6 +338,20 @@ class MoleculeDomain(Domain):
         elif context is not None:
             raise ValueError("prior.context given, but this model is unconditional (domain.condition_on is not set)")
         return RaggedSpace(batch, n, 3 + self.num_features, centered=(0, 1, 2)), cond
+
+    def _context_given_counts(self, counts: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        """A training property value per molecule, drawn among training molecules of its atom count (EDM's p(c | N)): [n, 1]."""
+        pools: dict[int, list[float]] = {}
+        for size, value in self.context_pairs:
+            pools.setdefault(size, []).append(value)
+        nearest = {c: min(pools, key=lambda k: (abs(k - c), k)) for c in set(counts.tolist())}
+        if any(k != c for c, k in nearest.items()):
+            log.warning("no training molecule has %s atoms: their property values are drawn from the nearest atom "
+                        "count seen in training (give prior.context=VALUE to choose them)",
+                        sorted(c for c, k in nearest.items() if k != c))
+        picks = torch.rand(len(counts), generator=generator)
+        values = [pools[nearest[c]][int(u * len(pools[nearest[c]]))] for c, u in zip(counts.tolist(), picks.tolist())]
+        return torch.tensor(values).unsqueeze(-1)
 
     # --------------------------------------------------------------- outputs
     def decode(self, batch: Batch) -> list[Molecule3D]:

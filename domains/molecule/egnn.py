@@ -3,8 +3,9 @@
 Each block runs one message-passing layer on invariant node features ``h`` (Satorras Eq. 3-6,
 messages from ``h_i``, ``h_j`` and the current and initial squared distances, an optional
 sigmoid attention gate, sum aggregation and a residual node MLP) followed by a coordinate
-update ``x_i += sum_j (x_i - x_j) / (|x_i - x_j| + 1) * tanh(phi_x(m_ij)) * range`` (EDM's
-bounded form of Satorras Eq. 4). Graphs are fully connected within each molecule.
+update ``x_i += sum_j (x_i - x_j) / (|x_i - x_j| + 1) * tanh(phi_x(m_ij)) * coords_range`` (EDM's
+bounded form of Satorras Eq. 4, the same range of 15 in every block). Graphs are fully connected
+within each molecule.
 
 Layout: a sparse edge list over the whole ragged batch (PyTorch Geometric style ``batch``
 vector), not a dense ``[B, n_max, n_max]`` layout with masks. ``python benchmarks/bench_egnn.py
@@ -132,9 +133,10 @@ class EGNN(nn.Module):
         self.time_embedding_dim = time_embedding_dim
         in_dim = num_features + 1 + time_embedding_dim + (context_dim + 1 if context_dim else 0)
         self.embed = nn.Linear(in_dim, hidden)
-        # EDM splits the coordinate range evenly over the layers (15 / layers each).
+        # Every block bounds its update by the full coords_range, as EDM's egnn_new.EGNN passes
+        # coords_range (not its unused coords_range / n_layers) to each EquivariantBlock.
         self.blocks = nn.ModuleList(
-            _Block(hidden, attention, coords_range / layers, norm_constant, aggregation_norm) for _ in range(layers)
+            _Block(hidden, attention, coords_range, norm_constant, aggregation_norm) for _ in range(layers)
         )
         self.out = nn.Linear(hidden, num_features)
         if context_dim:

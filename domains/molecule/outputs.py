@@ -28,17 +28,25 @@ def write_xyz(molecules: Sequence[Molecule3D], folder: Path) -> list[Path]:
     return paths
 
 
-def _as_writable(symbols: Sequence[str], pos: np.ndarray):
-    """The EDM-bonded molecule, sanitised when possible (properties still computed when not)."""
+def _bonded(symbols: Sequence[str], pos: np.ndarray, aromatic: bool):
+    """The EDM-bonded molecule and whether RDKit sanitises it (valid).
+
+    ``aromatic``: the sanitised form when valid (for depictions); otherwise exactly the inferred
+    single/double/triple bonds, as an SDF must hold them (a sanitised ring would be written as
+    V2000 bond type 4, a query-only type).
+    """
     from rdkit import Chem
 
     mol = edm_mol(symbols, pos)
+    sanitised = Chem.Mol(mol)  # a copy: validity never changes the inferred bonds
     try:
-        Chem.SanitizeMol(mol)
+        Chem.SanitizeMol(sanitised)
         ok = True
     except Exception:  # invalid valences: keep the raw bond graph
-        mol.UpdatePropertyCache(strict=False)
         ok = False
+    if aromatic and ok:
+        return sanitised, True
+    mol.UpdatePropertyCache(strict=False)
     return mol, ok
 
 
@@ -48,10 +56,10 @@ def write_sdf(molecules: Sequence[Molecule3D], path: Path, tags: Optional[Mappin
     from rdkit import Chem
 
     writer = Chem.SDWriter(str(path))
-    writer.SetKekulize(False)  # invalid molecules may not kekulise
+    writer.SetKekulize(False)  # the bonds are EDM's orders as inferred: nothing aromatic to kekulise
     try:
         for i, (symbols, pos) in enumerate(molecules):
-            mol, ok = _as_writable(symbols, pos)
+            mol, ok = _bonded(symbols, pos, aromatic=False)
             stable, n = stability(symbols, pos)
             mol.SetProp("_Name", f"generated_{i}")
             mol.SetProp("valid", str(int(ok)))
@@ -82,7 +90,7 @@ def write_grid_png(molecules: Sequence[Molecule3D], path: Path, per_row: int = 6
 
     mols, legends = [], []
     for i, (symbols, pos) in enumerate(molecules):
-        mol, ok = _as_writable(symbols, pos)
+        mol, ok = _bonded(symbols, pos, aromatic=True)
         mol.RemoveAllConformers()
         if ok:
             frags = Chem.GetMolFrags(mol, asMols=True)
