@@ -9,8 +9,9 @@ weights, and scores generated samples against the training split's statistics wi
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +57,21 @@ def fit_classifier(
     return net
 
 
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the CPU and current CUDA device generators for the block only (a forked RNG); others are left alone."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []  # where make_net puts "cuda"
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)  # the current device only; manual_seed_all would reseed every GPU for good
+        yield
+
+
 class ClassifierScorer:
     """Fits (or loads from ``cache``) a classifier; scores samples by FID/IS/mIS/AM/label accuracy.
+
+    The fit is seeded by ``seed`` on a forked RNG, so it is reproducible and leaves the global RNG as it was.
 
     As in the SC09 protocol (DiffWave, Kong et al. 2021; SaShiMi, Goel et al. 2022, Table 4), the
     FID statistics and the AM score's class marginal come from the classifier's training split;
@@ -73,18 +87,22 @@ class ClassifierScorer:
         cache: Optional[Path] = None,
         fit_kwargs: Optional[dict] = None,
         batch_size: int = 256,
+        seed: int = 0,
     ) -> None:
-        self.net = make_net()
         self.batch_size = batch_size
-        if cache is not None and Path(cache).exists():
-            self.net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-            self.net.eval()
-        else:
-            with torch.enable_grad():  # scorers are often built lazily inside no_grad evaluation
-                fit_classifier(self.net, *train, **(fit_kwargs or {}))
-            if cache is not None:
-                Path(cache).parent.mkdir(parents=True, exist_ok=True)
-                atomic_save(self.net.state_dict(), Path(cache))
+        # The initial weights and dropout come from ``seed`` alone, on a forked RNG: the same data gives the
+        # same classifier whatever ran before, and the caller's (the trainer's) random streams are untouched.
+        with _seeded(seed):
+            self.net = make_net()
+            if cache is not None and Path(cache).exists():
+                self.net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+                self.net.eval()
+            else:
+                with torch.enable_grad():  # scorers are often built lazily inside no_grad evaluation
+                    fit_classifier(self.net, *train, **{"seed": seed, **(fit_kwargs or {})})
+                if cache is not None:
+                    Path(cache).parent.mkdir(parents=True, exist_ok=True)
+                    atomic_save(self.net.state_dict(), Path(cache))
         self.train_feats, self.train_probs = self.features(train[0])  # [N_train, D], [N_train, K]
         self.heldout_x, self.heldout_y = heldout
         self.heldout_feats, self.heldout_probs = self.features(self.heldout_x)

@@ -36,12 +36,18 @@ def _np64(x: Tensor | np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` (Heusel et al. 2017)."""
+    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` (Heusel et al. 2017).
+
+    NaN when a feature is NaN or infinite (diverged samples), as IS, mIS and AM then are.
+    """
     a, b = _np64(feats_a), _np64(feats_b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"frechet_distance needs two [N, D] arrays with equal D, got {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
-        raise ValueError("frechet_distance needs at least 2 samples in each set")
+        raise ValueError(f"frechet_distance needs at least 2 samples in each set to fit a covariance, got "
+                         f"{len(a)} and {len(b)}: score 2 or more samples")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("nan")  # numpy's eigvals would raise deep inside
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # Tr sqrt(A B) for PSD A, B is the sum of the square roots of the eigenvalues of A B, which
@@ -88,10 +94,10 @@ def am_score(probs: Tensor | np.ndarray, reference_probs: Tensor | np.ndarray) -
 
 
 def label_accuracy(probs: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
-    """Fraction of samples whose most probable class is the requested label."""
+    """Fraction of samples whose most probable class is the requested label (rows holding NaN count as misses)."""
     p = _np64(probs)
     y = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels).reshape(-1)
-    return float((p.argmax(1) == y).mean())
+    return float(((p.argmax(1) == y) & np.isfinite(p).all(1)).mean())  # argmax takes a NaN as the top class
 
 
 def classifier_metrics(

@@ -209,6 +209,8 @@ def test_folder_without_audio_channel_mismatch_and_unknown_labels(tmp_path):
         load_clips(folder_index(tmp_path / "three", "train", test_fraction=0.01), 8000, 2, 1600)
     with pytest.raises(ValueError, match=r"label\(s\) \['dog'\] are not among"):
         load_clips([(tmp_path / "three" / "surround.wav", "dog")], 8000, 1, 1600, class_names=["cat"])
+    with pytest.raises(ValueError, match="domain.classifier_epochs must be at least 1"):
+        AudioDomain(classifier_epochs=0)
     domain = AudioDomain()
     assert domain.parse_label("seven") == 7 and domain.parse_label(3) == 3
     with pytest.raises(ValueError, match="unknown label 'eleven'"):
@@ -345,6 +347,52 @@ def test_classifier_cache_key_follows_the_clips_not_their_location(tmp_path, lab
     for wav in (tmp_path / "again" / "cat").glob("*.wav"):  # same names, other sounds
         sf.write(wav, tone(350.0, 16000, 0.3), 16000)
     assert key(tmp_path / "again") != first
+
+
+def test_metric_classifier_is_refitted_when_its_epochs_change(tmp_path, monkeypatch, labelled_folder):
+    """domain.classifier_epochs is part of the cache key: other epochs never reuse weights fitted with fewer."""
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    for epochs in (1, 2, 1):
+        domain = AudioDomain(dataset="folder", root=str(labelled_folder), sample_rate=4000, duration=0.5,
+                             test_fraction=0.3, classifier_epochs=epochs)
+        domain.setup(domain.dataset("train"))
+        assert "fid" in domain.reference_metrics(4)
+    assert len(list((tmp_path / "cache" / "audio").glob("digit_classifier_*.pt"))) == 2
+
+
+def test_sample_labels_with_underscores_are_read_back_from_file_names(tmp_path):
+    """``samples_000_left_hand.wav`` is "left_hand" (not "hand"), as save_samples names it."""
+    from domains.audio.data import sample_index
+
+    domain = AudioDomain(dataset="folder", root=str(tmp_path), sample_rate=4000, duration=0.25)
+    domain.label_names = domain.class_names = ["hand", "left_hand", "dog bark"]
+    x = torch.rand(4, 1, 1000, generator=torch.Generator().manual_seed(0)) - 0.5
+    batch = Batch(x, DenseSpace(tuple(x.shape)), {"label": torch.tensor([1, 0, 2, -1])})
+    domain.save_samples(batch, tmp_path / "out")
+    index = sample_index(tmp_path / "out", domain.label_names)
+    assert [(p.name, label) for p, label in index] == [
+        ("samples_000_left_hand.wav", "left_hand"), ("samples_001_hand.wav", "hand"),
+        ("samples_002_dog-bark.wav", "dog bark"), ("samples_003_uncond.wav", None),
+    ]
+    assert domain.read_samples(tmp_path / "out").cond["label"].tolist() == [1, 0, 2, -1]
+
+
+def test_evaluate_one_clip_gives_no_metrics_not_an_error(tmp_path, caplog):
+    """FID needs a covariance: one clip gives no metrics and a warning, as in the image domain."""
+    from polydiff.metrics import classifier_metrics
+
+    class Scorer:  # real metrics on stand-in features
+        def score(self, x: torch.Tensor, labels=None) -> dict[str, float]:
+            feats, probs = x.flatten(1)[:, :4], torch.full((len(x), 3), 1 / 3)
+            return classifier_metrics(feats, probs, torch.randn(10, 4), torch.full((10, 3), 1 / 3), labels)
+
+    domain = AudioDomain(sample_rate=2000, duration=0.5)
+    domain._scorer = Scorer()
+    x = torch.rand(2, 1, 1000) - 0.5
+    assert "fid" in domain.evaluate(Batch(x, DenseSpace(tuple(x.shape)), {}))
+    with caplog.at_level(logging.WARNING):
+        assert domain.evaluate(Batch(x[:1], DenseSpace((1, 1, 1000)), {})) == {}
+    assert "at least 2 clips" in caplog.text
 
 
 def test_eval_scores_wav_files_made_elsewhere_like_the_reference_row(tmp_path, monkeypatch):

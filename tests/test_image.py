@@ -87,6 +87,23 @@ def test_folder_loader_labels_modes_and_crop(tmp_path):
     assert gray.images.shape[1:] == (1, 5, 5)
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise) is read as displayed."""
+    from domains.image.data import read_image
+
+    stored = np.zeros((20, 40), dtype=np.uint8)  # [H, W]: top half white as stored
+    stored[:10] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=95)
+    arr, _ = read_image(path, 20, "grayscale")  # displayed 20 wide, 40 tall; the centre square
+    assert arr.shape == (1, 20, 20)
+    assert arr[0, :, :8].mean() < 30 and arr[0, :, 12:].mean() > 225  # the stored top is now the right side
+    with pytest.raises(ValueError, match="domain.metric_epochs must be at least 1"):
+        ImageDomain(metric_epochs=0)
+
+
 def test_folder_scales_high_bit_images_and_logs_conversions_once(tmp_path, caplog):
     ramp = np.linspace(0, 1, 64).reshape(8, 8)  # [H, W]
     root = tmp_path / "imgs" / "a"

@@ -77,3 +77,45 @@ def test_scorer_reference_row_uses_training_statistics(tmp_path):
     # Cached weights give the same figures.
     again = ClassifierScorer(Net, train, heldout, cache=tmp_path / "c.pt")
     assert again.reference_row(1000) == pytest.approx(row)
+
+
+def test_non_finite_features_give_nan_and_too_few_samples_are_named():
+    """Diverged samples give NaN FID (as IS/mIS/AM) rather than numpy's LinAlgError; NaN rows are label misses."""
+    feats = torch.randn(10, 4)
+    bad = feats.clone()
+    bad[3, 1] = float("nan")
+    assert np.isnan(frechet_distance(bad, feats)) and np.isnan(frechet_distance(feats, bad * float("inf")))
+    with pytest.raises(ValueError, match="got 1 and 10: score 2 or more samples"):
+        frechet_distance(feats[:1], feats)
+    probs = torch.eye(3)[[0, 1, 2, 0]]
+    probs[3] = float("nan")  # argmax would read the NaN row as class 0, a hit
+    out = classifier_metrics(feats[:4], probs, feats, torch.eye(3)[torch.arange(10) % 3], labels=torch.tensor([0, 1, 2, 0]))
+    assert out["label_acc"] == pytest.approx(0.75)
+
+
+def test_scorer_fit_is_seeded_and_leaves_the_global_rng_alone():
+    """The same data gives the same classifier whatever the global RNG held, and the caller's RNG is untouched."""
+    from torch import nn
+
+    from domains.classifier import ClassifierScorer
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.drop, self.head = nn.Linear(4, 6), nn.Dropout(0.3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            f = self.body(x).tanh()
+            return f, self.head(self.drop(f))
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(90) % 3
+    data = (torch.eye(3, 4)[y] * 3 + torch.randn(90, 4, generator=g), y)
+    feats = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        scorer = ClassifierScorer(Net, data, data, fit_kwargs={"epochs": 2})
+        assert torch.equal(torch.get_rng_state(), before)
+        feats.append(scorer.train_feats)
+    assert torch.equal(feats[0], feats[1])

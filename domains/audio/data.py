@@ -116,7 +116,7 @@ def _audio_files(folder: Path) -> list[Path]:
 
 def sample_index(path: Path, label_names: Sequence[str]) -> Index:
     """Generated clips to score: a WAV/FLAC file or the files under a folder, with the label each
-    file's name gives (the parent folder's name, or the name's last ``_`` part as ``polydiff sample``
+    file's name gives (the parent folder's name, or a label ending the name after ``_`` as ``polydiff sample``
     writes it: ``samples_007_seven.wav``), ``None`` where neither is a known label."""
     path = Path(path)
     if path.is_file():
@@ -127,12 +127,13 @@ def sample_index(path: Path, label_names: Sequence[str]) -> Index:
         raise FileNotFoundError(f"no samples at {path}: give a WAV/FLAC file or a folder of them")
     if not files:
         raise ValueError(f"{path} holds no WAV/FLAC files")
-    slugs = {label_slug(name): name for name in label_names}
+    # Longest first: a name's ending "_left_hand" is the label "left_hand", not "hand" (slugs may hold "_").
+    slugs = sorted(((label_slug(name), name) for name in label_names), key=lambda pair: -len(pair[0]))
     index: Index = []
     for f in files:
         label = f.parent.name if f.parent != path and f.parent.name in label_names else None
-        if label is None and "_" in f.stem:
-            label = slugs.get(f.stem.rsplit("_", 1)[1])
+        if label is None:
+            label = next((name for slug, name in slugs if f.stem.endswith(f"_{slug}")), None)
         index.append((f, label))
     return index
 

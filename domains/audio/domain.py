@@ -90,6 +90,8 @@ class AudioDomain(Domain):
         self.test_fraction = float(test_fraction)
         self.limit = limit
         self.metrics = bool(metrics)
+        if int(classifier_epochs) < 1:
+            raise ValueError(f"domain.classifier_epochs must be at least 1 (epochs of the metric classifier's fit), got {classifier_epochs}")
         self.classifier_epochs = int(classifier_epochs)
         self.reference_split = normalise_split(reference_split)
         self.length = self._checked_length(self.duration, "domain.duration")
@@ -262,6 +264,9 @@ class AudioDomain(Domain):
         Scores the clips clipped to [-1, 1], as :meth:`save_samples` writes them; the reference row scores the
         real clips as loaded (PCM files, as Speech Commands and the shipped set are, lie within [-1, 1])."""
         if not self.metrics or not self.label_names:
+            return {}
+        if batch.num_samples < 2:  # as the image domain: FID fits a covariance
+            log.warning("audio metrics need at least 2 clips (FID fits a covariance), got %d: none computed", batch.num_samples)
             return {}
         x = batch.x.detach().float().cpu().clamp(-1.0, 1.0)  # [B, C, L] as save_wavs writes it
         if x.shape[1:] != (self.channels, self.length):

@@ -1,8 +1,8 @@
 """SC09-protocol metrics for audio: a log-mel digit classifier scored through :class:`ClassifierScorer`.
 
 The classifier is fitted once per data configuration and cached under
-:func:`domains.classifier.default_cache_dir`, keyed by a hash of that configuration and of the
-training clips themselves, so a changed data set never reuses stale weights.
+:func:`domains.classifier.default_cache_dir`, keyed by a hash of that configuration, of the fitting
+settings (epochs) and of the training clips themselves, so a changed data set never reuses stale weights.
 """
 
 from __future__ import annotations
@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 CLASSIFIER_VERSION = 1
 
 
-def classifier_cache_path(config: Mapping[str, Any], train: ClipSet, cache_dir: Optional[Path] = None) -> Path:
-    """Cache file of the classifier for a data ``config`` and its training clips."""
-    h = hashlib.sha1(json.dumps({**config, "version": CLASSIFIER_VERSION}, sort_keys=True, default=str).encode())
+def classifier_cache_path(
+    config: Mapping[str, Any], train: ClipSet, cache_dir: Optional[Path] = None, fit: Optional[Mapping[str, Any]] = None
+) -> Path:
+    """Cache file of the classifier for a data ``config``, its training clips and the ``fit`` settings (epochs, ...)."""
+    key = {**config, "version": CLASSIFIER_VERSION, "fit": dict(fit or {})}
+    h = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode())
     h.update(train.waves.numpy().tobytes())
     h.update(train.labels.numpy().tobytes())
     return Path(cache_dir or default_cache_dir()) / "audio" / f"digit_classifier_{h.hexdigest()[:16]}.pt"
@@ -49,19 +52,19 @@ def make_scorer(
     if not train.class_names:
         raise ValueError("audio metrics need labelled training clips (one sub-folder per label)")
     channels, k = train.waves.shape[1], len(train.class_names)
-    cache = classifier_cache_path(config, train, cache_dir)
+    fit = {"epochs": int(epochs), "batch_size": 64, "lr": 3e-3}
+    cache = classifier_cache_path(config, train, cache_dir, fit)
     cached = cache.exists()
     start = time.perf_counter()
     # A GPU when there is one: SC09 has ~31,000 training clips.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)  # the classifier's initial weights
     with torch.enable_grad():  # evaluation usually runs under no_grad; fitting needs gradients
-        scorer = ClassifierScorer(
+        scorer = ClassifierScorer(  # seeded inside, on a forked RNG
             lambda: DigitClassifier(sample_rate, channels, k).to(device),
             (train.waves.to(device), train.labels.to(device)),
             (heldout.waves, heldout.labels),
             cache=cache,
-            fit_kwargs={"epochs": epochs, "batch_size": 64, "lr": 3e-3, "augment": augment_waves},
+            fit_kwargs={**fit, "augment": augment_waves},
         )
     log.info(
         "audio metric classifier %s in %.1f s (%s); held-out accuracy %.3f on %d clips",

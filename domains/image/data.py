@@ -219,14 +219,15 @@ def read_image(path: Path, size: int, mode: str) -> tuple[np.ndarray, str]:
     then centre-cropped.
 
     ``mode`` is ``"rgb"`` or ``"grayscale"``; an alpha channel is dropped (not composited);
-    16- and 32-bit grayscale is scaled to 8 bits.
+    16- and 32-bit grayscale is scaled to 8 bits; an EXIF orientation is applied first.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()
             source = img.mode
+            img = ImageOps.exif_transpose(img)  # a camera's EXIF orientation: pixels as they are displayed
             if source.startswith("I"):
                 img = _to_8bit(img)
             img = img.convert("RGB" if mode == "rgb" else "L")

@@ -6,6 +6,7 @@ everything image-specific (data sources, the PNG grid, classifier metrics) lives
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -21,6 +22,8 @@ from .data import ImageArrays, ImageSet, load_cifar10, load_digits_split, load_f
 from .outputs import grid_layout, make_grid, save_grid
 
 __all__ = ["ImageDomain", "SOURCES"]
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("digits", "folder", "cifar10")
 _FIXED_SIZE = {"digits": 8, "cifar10": 32}
@@ -83,6 +86,8 @@ class ImageDomain(Domain):
         self.split_seed = int(split_seed)
         self.hflip = bool(hflip)
         self.grid_upscale = grid_upscale
+        if int(metric_epochs) < 1:
+            raise ValueError(f"domain.metric_epochs must be at least 1 (epochs of the metric classifier's fit), got {metric_epochs}")
         self.metric_epochs = int(metric_epochs)
         self._arrays: dict[str, ImageArrays] = {}
         self._scorer = None
@@ -195,7 +200,10 @@ class ImageDomain(Domain):
     def evaluate(self, batch: Batch) -> dict[str, float]:
         """FID / IS / mIS / AM (and label accuracy when conditional) from the metric classifier."""
         scorer = self._get_scorer()
-        if scorer is None or batch.num_samples < 2:
+        if scorer is None:
+            return {}
+        if batch.num_samples < 2:
+            log.warning("image metrics need at least 2 images (FID fits a covariance), got %d: none computed", batch.num_samples)
             return {}
         labels = batch.cond.get("label")
         return scorer.score(batch.x.detach().float().cpu(), None if labels is None else labels.cpu())
