@@ -211,6 +211,7 @@ class Trainer:
         )
         self.generator = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] * 7919 + self.rank)
         self.step = 0
+        self._saved_step: int | None = None  # the step this run's last.pt holds: never written twice
         self._maybe_resume()
 
         precision = self.tc["precision"]  # one of check_trainer's choices
@@ -245,6 +246,8 @@ class Trainer:
         check_resumable(ckpt, self.cfg, path)
         self._load_states(ckpt, path)
         self.step = int(ckpt["step"])
+        if path == self.ckpt_path:
+            self._saved_step = self.step
         self._restore_rng(ckpt["rng"], path)
         self._apply_optimizer_settings()
         if self.is_main:
@@ -325,7 +328,9 @@ class Trainer:
         log.warning("trainer.resume=never: the previous run's checkpoints, samples and metrics moved to %s", old)
 
     def save(self) -> None:
-        """Write ``last.pt`` atomically; a non-finite weight or a failed write never replaces a good checkpoint."""
+        """Write ``last.pt`` atomically (once per step); a non-finite weight or a failed write never replaces a good checkpoint."""
+        if self._saved_step == self.step:
+            return  # e.g. the final save when max_steps is a multiple of ckpt_every
         for name, p in self.net.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise NonFiniteLossError(f"parameter {name!r} is not finite at step {self.step}; {self.ckpt_path} is kept")
@@ -336,9 +341,11 @@ class Trainer:
             dist.all_gather_object(gathered, states[0])
             states = gathered
         if not self.is_main:
+            self._saved_step = self.step  # as rank 0 does: every rank must skip (or gather) alike
             return
         try:
             self._write_checkpoint(states)
+            self._saved_step = self.step
         except OSError as err:
             kept = (f"{self.ckpt_path} still holds the last checkpoint written" if self.ckpt_path.is_file()
                     else "no checkpoint was written yet")
@@ -491,6 +498,7 @@ class Trainer:
                     "the data for NaN/Inf values."
                 )
             self.opt.step()
+            lr = self.opt.param_groups[0]["lr"]  # this step's rate (the scheduler then sets the next one's)
             self.sched.step()
             self.ema.update_parameters(self.net)
             self.step += 1
@@ -502,7 +510,7 @@ class Trainer:
                     "kind": "train",
                     "step": self.step,
                     "loss": float(torch.stack(losses).mean()),
-                    "lr": self.sched.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": float(grad_norm),
                     "samples_per_s": n_last / max(dt, 1e-9),
                     "world_size": self.world_size,

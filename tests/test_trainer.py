@@ -417,3 +417,16 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     for name, value in ckpt["model"].items():
         assert torch.equal(rank0["model"][name], value), f"rank 0's {name} is not the checkpoint's"
         assert torch.equal(rank1["model"][name], value), f"rank 1's {name} differs from rank 0's"
+
+
+def test_logged_lr_is_the_steps_own_and_the_last_checkpoint_is_written_once(tmp_path, monkeypatch):
+    """metrics.jsonl's lr is the rate the step used (warm-up: step k of 5 at k/5 of the peak), and a final
+    step that is also a checkpoint step is saved once."""
+    writes = []
+    real = checkpoint_module.atomic_save
+    monkeypatch.setattr("polydiff.trainer.atomic_save", lambda obj, path: (writes.append(obj["step"]), real(obj, path)))
+    train(config(max_steps=10, ckpt_every=5, log_every=1, warmup_steps=5, sample_every=0), tmp_path)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    assert [lrs[k] for k in (1, 2, 5, 6, 10)] == pytest.approx([2e-4, 4e-4, 1e-3, 1e-3, 1e-3])
+    assert writes == [5, 10]
