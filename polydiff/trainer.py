@@ -39,13 +39,14 @@ __all__ = [
 log = logging.getLogger("polydiff")
 
 
-def _record_step(line: str, path: Path) -> float:
-    """The step of one metrics.jsonl record; a torn line (a kill mid-write) counts as past every step."""
+def _record_step(line: str, path: Path) -> tuple[float, str]:
+    """The step and kind of one metrics.jsonl record; a torn line (a kill mid-write) counts as past every step."""
     try:
-        return float(json.loads(line).get("step", 0))
+        record = json.loads(line)
+        return float(record.get("step", 0)), str(record.get("kind", ""))
     except (ValueError, AttributeError):
         log.warning("%s: dropped a line that is not a JSON record (a kill during a write?): %r", path, line[:80])
-        return math.inf
+        return math.inf, ""
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -288,18 +289,26 @@ class Trainer:
         self.sched._last_lr = [group["lr"] for group in self.opt.param_groups]
 
     def _trim_metrics(self) -> None:
-        """Drop records logged after the checkpoint's step (a run stopped between checkpoints logs them again)."""
+        """Drop records logged after the checkpoint's step (a run stopped between checkpoints logs them again),
+        and a finished run's final evaluation, which running it again draws and scores anew."""
         path = self.metrics_file
         if not path.is_file():
             return
+        finished = self.step >= self.tc["max_steps"]
+
+        def keep(line: str) -> bool:
+            step, kind = _record_step(line, path)
+            return step < self.step or (step == self.step and not (finished and kind in ("eval", "reference")))
+
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and _record_step(line, path) <= self.step]
+        kept = [line for line in lines if line.strip() and keep(line)]
         if len(kept) < len(lines):
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
-            log.info("metrics.jsonl: dropped %d record(s) after step %d, logged before the run stopped",
-                     len(lines) - len(kept), self.step)
+            log.info("metrics.jsonl: dropped %d record(s) %s", len(lines) - len(kept),
+                     f"of the final evaluation at step {self.step}, drawn again now" if finished
+                     else f"after step {self.step}, logged before the run stopped")
 
     def _restore_rng(self, rng: dict[str, Any], path: Path) -> None:
         """The random streams of the run, where the checkpoint's come from the same kind of device and rank."""

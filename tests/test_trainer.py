@@ -430,3 +430,15 @@ def test_logged_lr_is_the_steps_own_and_the_last_checkpoint_is_written_once(tmp_
     lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
     assert [lrs[k] for k in (1, 2, 5, 6, 10)] == pytest.approx([2e-4, 4e-4, 1e-3, 1e-3, 1e-3])
     assert writes == [5, 10]
+
+
+def test_running_a_finished_run_again_replaces_its_final_evaluation(tmp_path):
+    """The same command on a finished run draws and scores the final samples again, without a second record."""
+    cfg = config(max_steps=6)
+    train(cfg, tmp_path)
+    before = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train(cfg, tmp_path)
+    after = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in after]
+    assert kinds == [r["kind"] for r in before] and kinds.count("eval") == 1
+    assert [r for r in after if r["kind"] == "train"] == [r for r in before if r["kind"] == "train"]
