@@ -28,7 +28,6 @@ compiles from cache).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -36,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from benchmarks.memory import peak_rss_kib, reset_peak_rss, run_isolated
+from benchmarks.memory import peak_rss_kib, release_free_heap, reset_peak_rss, run_isolated
 from domains.molecule.egnn import EGNN
 from polydiff import RaggedSpace
 
@@ -272,14 +271,6 @@ def _saved_mib(forward: Callable[[], Tensor]) -> float:
     return sum(sizes.values()) / 2**20
 
 
-def _release_free_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc ``malloc_trim``), so that peak RSS sees reuse as growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _layout_peak(spec: dict[str, Any]) -> dict[str, float]:
     """Peak memory (MiB) of one layout's forward + backward after a warm-up step, above its start."""
     torch.set_num_threads(spec["threads"])
@@ -288,7 +279,7 @@ def _layout_peak(spec: dict[str, Any]) -> dict[str, float]:
     step = _layout_steps(net, *data)[spec["layout"]]
     step()  # one-time costs (library pages, thread pools) are not the layout's
     _sync(device)
-    _release_free_heap()  # else the measured step reuses what the warm-up freed and shows no growth
+    release_free_heap()  # else the measured step reuses what the warm-up freed and shows no growth
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -399,6 +390,8 @@ def compile_cost(args, device) -> dict:
     settle = time.perf_counter() - t0
     counters = torch._dynamo.utils.counters
     graphs, breaks = int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+    step(net, *batches[0])  # eager's warm-up (its kernels' first launches), as the batches above were compiled's
+    _sync(device)
     timed = {}
     for name, model in (("compiled", compiled), ("eager", net)):
         t0 = time.perf_counter()

@@ -62,8 +62,8 @@ def drive_diffusers(scheduler, net, noise: torch.Tensor, steps: int, generator=N
     if isinstance(scheduler, DDIMScheduler):  # eps re-derived from a clipped x0, as polydiff does
         extra["use_clipped_model_output"] = True
     x = noise
-    for k in scheduler.timesteps:
-        t = torch.full((noise.shape[0],), (int(k) + 1) / T_train, device=noise.device)
+    for k in scheduler.timesteps:  # on noise's device, as diffusers' pipelines pass them: no int(k), a host sync a step on a GPU
+        t = ((k.to(torch.float64) + 1) / T_train).to(noise.dtype).reshape(1).repeat(noise.shape[0])  # [B]
         x = scheduler.step(net(x, t), k, x, **extra).prev_sample
     return x
 

@@ -3,9 +3,11 @@ runner that measures a function in a fresh process (so one model's peak never hi
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import resource
 from pathlib import Path
+from queue import Empty
 from typing import Any, Callable
 
 
@@ -29,6 +31,15 @@ def reset_peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``) before a reset: else the resident
+    set, and so the next phase's peak, still holds what an earlier phase freed but the heap kept."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_kib() -> int:
     """The process's peak resident set since the last :func:`reset_peak_rss`, in KiB."""
     try:
@@ -50,6 +61,19 @@ def run_isolated(fn: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str,
     queue = ctx.Queue()
     proc = ctx.Process(target=_isolated_worker, args=(fn, spec, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a process killed outright (the kernel's OOM killer, a crash) puts nothing: never wait for it forever
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if proc.is_alive():
+                continue
+            try:  # it may have put its result just before it exited
+                result = queue.get(timeout=1.0)
+            except Empty:
+                code = proc.exitcode
+                how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+                result = {"error": f"the measuring process {how} without a result (out of memory?)"}
+            break
     proc.join()
     return result

@@ -36,9 +36,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
             e = d["environment"]
             lines += ["", f"measured on {e['device_name']} ({e['device']}), commit `{e['git_commit'][:12]}`, {e['date']}"]
         lines += ["", f"training: {t['steps']} steps in {t['wall_s']:.0f} s, {t['samples_per_s']:.1f} samples/s, "
-                      f"peak memory {t['peak_mem_mb']:.0f} MB, final loss {t['final_loss']:.4f}", ""]
+                      f"peak memory {t['peak_mem_mb']:.0f} MiB, final loss {t['final_loss']:.4f}", ""]
         keys = _metric_keys(d["sampling"])
-        lines.append("| sampler | steps | guidance | samples/s | wall s | peak MB | " + " | ".join(keys) + " |")
+        lines.append("| sampler | steps | guidance | samples/s | wall s | peak MiB | " + " | ".join(keys) + " |")
         lines.append("|---|---|---|---|---|---|" + "---|" * len(keys))
         if d.get("reference"):
             ref = d["reference"]
@@ -49,14 +49,18 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {speed} | {r['wall_s']:.2f} | "
                          f"{r['peak_mem_mb']:.0f} | " + " | ".join(_fmt(r["metrics"].get(k, "")) for k in keys) + " |")
         lines += ["", "training throughput against batch size: "
-                  + ", ".join(f"{x['batch_size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MB)" for x in d["throughput_vs_batch"]), ""]
+                  + ", ".join(f"{x['batch_size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MiB)" for x in d["throughput_vs_batch"]), ""]
         if d.get("throughput_vs_size"):
             lines += [f"training throughput against {d['throughput_vs_size'][0]['axis']} (batch {d['throughput_vs_size'][0]['batch_size']}): "
-                      + ", ".join(f"{x['size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MB)" for x in d["throughput_vs_size"]), ""]
+                      + ", ".join(f"{x['size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MiB)" for x in d["throughput_vs_size"]), ""]
         if d.get("compile"):
             c = d["compile"]
-            lines += [f"torch.compile, training at batch {c['batch_size']}: eager {c['eager_samples_per_s']:.1f}/s, compiled "
-                      f"{c['compiled_samples_per_s']:.1f}/s (x{c['ratio_compiled_over_eager']:.2f}), compiled in {c['compile_s']:.0f} s", ""]
+            if "error" in c:
+                lines += [f"torch.compile check failed: {c['error']}", ""]
+            else:
+                lines += [f"torch.compile, training at batch {c['batch_size']}: eager {c['eager_samples_per_s']:.1f}/s, compiled "
+                          f"{c['compiled_samples_per_s']:.1f}/s (x{c['ratio_compiled_over_eager']:.2f}), compiled in {c['compile_s']:.0f} s",
+                          ""]
         for peer, p in d.get("peers", {}).items():
             if peer == "diffusers" and "samplers" in p:
                 lines += _diffusers_table(p, keys)
@@ -86,17 +90,19 @@ def _peer_line(p: dict[str, Any]) -> str:
         return f"not run ({p['error']})"
     if "skipped" in p:
         return f"skipped ({p['skipped']})"
-    parts = []
+    parts, failed = [], []
 
     def walk(prefix: str, obj: Any) -> None:
         if isinstance(obj, dict):
             for k, v in obj.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
+        elif prefix.rpartition(".")[2] == "error":  # one model of the comparison failed (e.g. out of memory)
+            failed.append(f"{prefix.rpartition('.')[0]} failed ({obj})")
         elif "ratio" in prefix and isinstance(obj, (int, float)):
             parts.append(f"{prefix} = {obj:.2f}")
 
     walk("", p)
-    return "; ".join(parts) or "no ratios reported"
+    return "; ".join(parts + failed) or "no ratios reported"
 
 
 def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:

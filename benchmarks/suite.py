@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from benchmarks.memory import peak_rss_kib, reset_peak_rss
+from benchmarks.memory import peak_rss_kib, release_free_heap, reset_peak_rss
 from polydiff.build import resolve_device
 from polydiff.cli import compose_recipe
 from polydiff.config import check_overrides
@@ -33,6 +33,9 @@ from polydiff.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path("benchmarks") / "results"  # below the working directory (the repository's own folder when run there)
+# A sweep's step count that stands for the recipe's own schedule.steps: DDPM at the training T, whatever
+# a --recipe domain or a --set schedule.steps=... makes it (a fixed 1000 would fail on a shorter schedule).
+TRAINING_T = "T"
 
 
 @dataclass
@@ -42,7 +45,7 @@ class DomainBench:
     recipe: str
     overrides: list[str]
     num_samples: int
-    samplers: list[tuple[str, int]]
+    samplers: list[tuple[str, int | str]]  # (name, steps); steps TRAINING_T: the recipe's schedule.steps
     guidance: list[float] = field(default_factory=lambda: [1.0])
     batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
     peers: list[str] = field(default_factory=list)
@@ -67,15 +70,16 @@ QM9_HELP = "gdb9.sdf, gdb9.sdf.csv and uncharacterized.txt in PATH/raw"
 SC09_HELP = "speech_commands_v0.02 extracted to PATH/SpeechCommands/speech_commands_v0.02"
 
 
-def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
+def suites() -> dict[str, dict[str, DomainBench]]:
     """The quick (2 CPU cores, ~10 min) and full (one GPU) suites.
 
     ``full`` adds the literature settings where the data are placed locally: ``qm9`` with EDM's
     model, schedule and optimiser (Hoogeboom et al. 2022: 82.0% molecule stability from DDPM-1000,
     10,000 samples) and ``sc09`` at 16 kHz (DiffWave, Kong et al. 2021: IS 5.30 vs 8.48 for real clips).
     """
-    quick_samplers = [("ddpm", T_quick), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
-    full_samplers = [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
+    quick_samplers = [("ddpm", TRAINING_T), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 20),
+                      ("dpmpp_2m", 10)]
+    full_samplers = list(quick_samplers)  # the same sweep
     return {
         "quick": {
             "points": DomainBench("examples/points.yaml", _train_steps(1500), 512, quick_samplers, batch_sizes=[64, 256, 1024],
@@ -83,7 +87,7 @@ def suites(T_quick: int = 1000) -> dict[str, dict[str, DomainBench]]:
             "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(1000)], 100, quick_samplers,
                                  guidance=[1.0, 3.0], batch_sizes=[16, 32, 64], peers=["unet2d", "diffusers"], max_guided_steps=100),
             "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(1000)], 30,
-                                 [("ddpm", 1000), ("ddpm", 200), *quick_samplers[1:]], guidance=[1.0, 3.0],
+                                 [("ddpm", TRAINING_T), ("ddpm", 200), *quick_samplers[1:]], guidance=[1.0, 3.0],
                                  batch_sizes=[4, 8, 16], peers=["unet1d", "diffusers"], scaling=("duration", [0.35, 0.7, 1.4, 2.8]),
                                  max_guided_steps=100),
             "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(800)], 64,
@@ -125,8 +129,9 @@ class PeakMemory:
     """Peak memory of a phase: CUDA's allocator peak above the phase's start, or on a CPU the
     process's peak resident set during the phase (Linux ``VmHWM``, reset when the phase starts).
 
-    The CPU figure includes what the process already holds (libraries, model, data): growth over
-    the start reads zero whenever the allocator reuses memory freed by an earlier phase.
+    The CPU figure includes what the process already holds (libraries, model, data), though not the
+    free pages an earlier phase left in the C heap (returned to the OS first); growth over the start
+    would read zero whenever the allocator reuses memory freed by an earlier phase.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -143,6 +148,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
             return
+        release_free_heap()  # else the heap's free pages, an earlier phase's, count in this phase's peak
         reset_peak_rss()
         try:
             yield self
@@ -305,7 +311,11 @@ def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
     if peer == "egnn":
         from benchmarks.bench_egnn import main as bench_egnn
 
-        return bench_egnn(["--device", device.type] + (["--quick", "--skip-sampling"] if quick else []))
+        threads = torch.get_num_threads()
+        try:
+            return bench_egnn(["--device", device.type] + (["--quick", "--skip-sampling"] if quick else []))
+        finally:  # its --quick pins torch to 2 threads: not for the domains measured after it in this process
+            torch.set_num_threads(threads)
     raise KeyError(f"unknown peer {peer!r}")
 
 
@@ -347,9 +357,14 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
         if spec.scaling else [],
     }
     if spec.compile_check:
-        result["compile"] = compile_speedup(trainer, spec.batch_sizes[-1])
+        try:
+            result["compile"] = compile_speedup(trainer, spec.batch_sizes[-1])
+        except Exception as err:  # a compiler that fails on this network must not lose the domain's figures
+            traceback.print_exc()
+            result["compile"] = {"error": f"{type(err).__name__}: {err}"}
     guidance = spec.guidance if trainer.domain.num_classes else [1.0]
     for sampler, steps in spec.samplers:
+        steps = int(cfg.schedule.steps) if steps == TRAINING_T else steps
         for scale in guidance:
             if scale != 1.0 and steps > spec.max_guided_steps:
                 continue
@@ -468,10 +483,13 @@ def merge_results(paths: list[Path], out_dir: Path) -> Path:
                                      f"{path}; pass only one of them")
                 if not ran:
                     continue
-            merged["domains"][name] = {**d, "environment": r["environment"]}
+            # A merged file's domains already say where they ran (its own environment is its first file's).
+            merged["domains"][name] = {**d, "environment": d.get("environment", r["environment"])}
             merged["config"][name] = r["config"].get(name)
             origin[name] = path
-    devices = sorted({e["device_name"] if e["device"].startswith("cuda") else "cpu" for e in (r["environment"] for _, r in results)})
+    # Where each domain ran, through earlier merges too.
+    envs = [d["environment"] for d in merged["domains"].values()] or [r["environment"] for _, r in results]
+    devices = sorted({e["device_name"] if e["device"].startswith("cuda") else "cpu" for e in envs})
     tag = f"{time.strftime('%Y%m%d-%H%M%S')}_{first['suite']}_{'+'.join(devices)}_merged".replace(" ", "-").replace("/", "-")
     return write_result(merged, out_dir, tag)
 

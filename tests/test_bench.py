@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import threading
 from dataclasses import replace
 
 import pytest
@@ -171,6 +173,7 @@ def test_merge_joins_runs_of_one_suite(tmp_path):
     skipped = tmp_path / "skipped.json"
     result = json.loads(b.read_text())
     result["domains"]["p1"] = {"skipped": "not placed"}
+    result["environment"]["device_name"] = "machine B"  # where p2 ran: not the first file's machine
     skipped.write_text(json.dumps(result))
     path = main(["--merge", str(a), str(skipped), "--out", str(tmp_path / "m")])
     merged = json.loads(path.read_text())
@@ -180,7 +183,17 @@ def test_merge_joins_runs_of_one_suite(tmp_path):
     assert merged["domains"]["p2"]["environment"]["git_commit"]
     md = path.with_suffix(".md").read_text()
     assert "## p1" in md and "## p2" in md and "skipped" not in md and md.count("measured on ") == 2
+    assert "peak MiB" in md and " MB" not in md  # the figures are 2**20 bytes
     assert sorted(p.name for p in (path.parent / path.stem).glob("*.png")) == ["loss_curves.png", "quality_vs_steps.png", "scaling.png"]
+    # A merged result merged again: every domain keeps the environment it ran in, not the merged file's first one.
+    third = json.loads(b.read_text())
+    third["environment"]["device_name"] = "machine C"
+    third["domains"] = {"p3": third["domains"]["p2"]}
+    third["config"] = {"p3": third["config"]["p2"]}
+    (tmp_path / "c.json").write_text(json.dumps(third))
+    again = json.loads(main(["--merge", str(path), str(tmp_path / "c.json"), "--out", str(tmp_path / "m2")]).read_text())
+    assert [again["domains"][n]["environment"]["device_name"] for n in ("p2", "p3")] == ["machine B", "machine C"]
+    assert again["domains"]["p1"]["environment"] == merged["domains"]["p1"]["environment"]
     with pytest.raises(SystemExit, match="measured in both"):
         main(["--merge", str(a), str(a), "--out", str(tmp_path / "m")])
     (tmp_path / "bad.json").write_text("{not json")
@@ -210,3 +223,126 @@ def test_diffusers_schedulers_match_polydiff_with_x0_clipping():
     unclipped = compare_on_network(toy_eps, Objective(prediction="eps"), make_schedule("cosine", 1000), space, noise,
                                    [("ddim", 20)])[0]
     assert (unclipped["x_polydiff"] - rows[1]["x_polydiff"]).abs().max() > 1e-3  # clipping took effect
+
+
+def test_ddpm_row_runs_at_the_recipes_training_T(tmp_path):
+    """The sweep's DDPM row samples at the recipe's schedule.steps (a --recipe or --set schedule.steps=...),
+    rather than at a fixed 1000 that a 50-step schedule refuses, losing the domain."""
+    points = suites()["quick"]["points"]
+    spec = replace(points, overrides=[*_train_steps(5), "model.width=16", "schedule.steps=50"], num_samples=16,
+                   samplers=points.samplers[:1], batch_sizes=[16], peers=[])
+    path = run_suite("quick", ["points"], "cpu", tmp_path, specs={"points": spec})
+    d = json.loads(path.read_text())["domains"]["points"]
+    assert "error" not in d, d["error"]
+    assert [(r["sampler"], r["steps"]) for r in d["sampling"]] == [("ddpm", 50)]
+
+
+def test_a_failing_compiler_keeps_the_domains_figures(tmp_path, monkeypatch):
+    """torch.compile failing on a network (after hours of training on a GPU) is reported, and the sweep still runs."""
+    import torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)],
+                       batch_sizes=[16], compile_check=True)
+    path = run_suite("full", ["points"], "cpu", tmp_path, specs={"points": spec})
+    d = json.loads(path.read_text())["domains"]["points"]
+    assert "error" not in d, d["error"]
+    assert d["compile"] == {"error": "RuntimeError: no backend"} and len(d["sampling"]) == 1
+    assert "torch.compile check failed: RuntimeError: no backend" in path.with_suffix(".md").read_text()
+
+
+def test_drive_diffusers_reads_no_timestep_back_to_the_host():
+    """diffusers' loop is timed as its pipelines run it: no int(timestep) a step (a device sync on a GPU,
+    which polydiff's samplers avoid). Meta tensors raise on any read back to the host."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.bench_samplers import drive_diffusers, toy_eps
+
+    class MetaScheduler:
+        config = SimpleNamespace(num_train_timesteps=1000)
+
+        def set_timesteps(self, steps, device):
+            self.timesteps = torch.arange(999, -1, -1000 // steps, device=device)
+
+        def step(self, out, k, x):
+            return SimpleNamespace(prev_sample=x - 0.1 * out)
+
+    x = drive_diffusers(MetaScheduler(), toy_eps, torch.empty(4, 3, device="meta"), 5)
+    assert x.shape == (4, 3) and x.device.type == "meta"
+
+
+def _die(spec):
+    os._exit(spec["code"])  # as the kernel's OOM killer would end it: no exception, no result
+
+
+def test_run_isolated_reports_a_process_that_dies():
+    """A measuring process killed outright gives an error, not a suite that waits for it forever."""
+    from benchmarks.memory import run_isolated
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(run_isolated(_die, {"code": 3})), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "run_isolated still waits for a process that has exited"
+    assert "exited with code 3" in out["error"]
+
+
+def test_peer_line_names_a_failed_model():
+    """A peer whose one model failed in its own process says so in the Markdown, not 'no ratios reported'."""
+    from benchmarks.report import _peer_line
+
+    line = _peer_line({"results": {"1d": {"ours": {"samples_per_s": 3.0}, "lucidrains": {"error": "OutOfMemoryError: CUDA"}}}})
+    assert line == "results.1d.lucidrains failed (OutOfMemoryError: CUDA)"
+
+
+def test_cpu_peak_memory_excludes_what_an_earlier_phase_freed():
+    """On a CPU a phase's peak starts from the live memory, not from the free heap pages an earlier phase left."""
+    import torch
+
+    from benchmarks.suite import PeakMemory
+
+    net = torch.nn.Sequential(*[torch.nn.Conv1d(64, 64, 3, padding=1) for _ in range(8)])
+
+    def phase(fn) -> float:
+        mem = PeakMemory(torch.device("cpu"))
+        with mem.measure():
+            fn()
+        return mem.peak_mb
+
+    def big() -> None:
+        x = torch.randn(16, 64, 8000, requires_grad=True)
+        net(x).square().mean().backward()  # activations of ~30 MB each, freed at the end
+
+    def small() -> None:
+        with torch.no_grad():
+            net(torch.randn(1, 64, 100))
+
+    base = phase(lambda: None)
+    assert phase(big) > base + 150
+    assert phase(small) < base + 30
+
+
+def test_egnn_peer_leaves_the_thread_count_as_it_was(monkeypatch):
+    """bench_egnn --quick pins torch to 2 threads; the domains benchmarked after it keep the run's count."""
+    import torch
+
+    import benchmarks.bench_egnn
+    from benchmarks.suite import run_peer
+
+    def pinning(argv):
+        torch.set_num_threads(1)
+        return {"argv": argv}
+
+    monkeypatch.setattr(benchmarks.bench_egnn, "main", pinning)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert run_peer("egnn", torch.device("cpu"), quick=True) == {"argv": ["--device", "cpu", "--quick", "--skip-sampling"]}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
