@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,7 @@ def generate(
     callback=None,
     known: Optional[Known] = None,
 ) -> Batch:
-    """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ..., batch_size}, ``guidance`` = {scale, rescale}.
+    """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ..., batch_size, precision}, ``guidance`` = {scale, rescale}.
 
     More than ``sampler["batch_size"]`` samples are drawn in chunks of that size (labels,
     per-sample prior options and the rows of ``known`` are split with them) and joined by
@@ -70,6 +70,21 @@ def generate(
     return domain.concat(parts)
 
 
+def in_precision(net: Callable[..., Tensor], precision: str, device: torch.device | str) -> Callable[..., Tensor]:
+    """``net`` under bf16 autocast (``precision="bf16"``; the sampler's arithmetic stays in the state's dtype), or as it is."""
+    if precision == "fp32":
+        return net
+    if precision != "bf16":
+        raise ValueError(f"sampler.precision={precision!r}: choose fp32 or bf16")
+    kind = torch.device(device).type
+
+    def run(*args: Any, **kwargs: Any) -> Tensor:
+        with torch.autocast(kind, dtype=torch.bfloat16):
+            return net(*args, **kwargs)
+
+    return run
+
+
 def _rows(t: Tensor, start: int, count: int) -> Tensor:
     """Rows ``start .. start + count`` of a tensor laid out like the whole draw (a first dimension of 1 broadcasts)."""
     return t if t.dim() == 0 or t.shape[0] == 1 else t[start : start + count]
@@ -85,19 +100,20 @@ def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, de
     """One chunk of :func:`generate`; its state starts at row ``row`` of the whole draw's."""
     sampler = dict(sampler)
     name, steps = sampler.pop("name"), sampler.pop("steps")
+    run = in_precision(net, sampler.pop("precision", "fp32"), device)
     guidance = dict(guidance or {})
     was_training = net.training
     net.eval()
     try:
         space, cond = domain.prior(n, labels=labels, device=device, generator=generator, **prior)
         noise = space.randn(generator=generator)
-        den = objective.denoiser(net, schedule, space, cond)
+        den = objective.denoiser(run, schedule, space, cond)
         keys = [k for k in domain.guidance_keys if k in cond and cond[k] is not None]
         scale = float(guidance.get("scale", 1.0))
         rescale = float(guidance.get("rescale", 0.0))
         conditioned = any(not bool(is_null(cond[k]).all()) for k in keys)
         if conditioned and (scale != 1.0 or rescale > 0):
-            uncond = objective.denoiser(net, schedule, space, null_condition(cond, keys))
+            uncond = objective.denoiser(run, schedule, space, null_condition(cond, keys))
             den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
         elif (scale != 1.0 or rescale > 0) and row == 0:
             log.warning("guidance (scale %g, rescale %g) has no effect: these samples have no condition to guide "

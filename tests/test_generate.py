@@ -84,6 +84,38 @@ def test_guidance_without_a_condition_is_named_once(caplog):
     assert "no effect" not in caplog.text
 
 
+class LinearDenoiser(nn.Module):
+    """An x0-predictor through a Linear layer, recording whether it ran under autocast and in which dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.seen = nn.Linear(3, 3), []
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # the same weights in every instance
+            self.lin.weight.copy_(0.3 * torch.randn(3, 3, generator=g))
+            self.lin.bias.copy_(0.1 * torch.randn(3, generator=g))
+
+    def forward(self, x, t, label):
+        out = self.lin(x)
+        self.seen.append((torch.is_autocast_enabled(x.device.type), out.dtype))
+        return out
+
+
+def test_sampler_precision_runs_the_network_in_bf16_and_the_sampler_in_fp32():
+    schedule, objective = make_schedule("cosine", 100), Objective(prediction="x0")
+    draws = {}
+    for precision in ("fp32", "bf16"):
+        net = LinearDenoiser()
+        draws[precision] = generate(Toy(), net, schedule, objective, 4, {"name": "ddim", "steps": 5, "precision": precision},
+                                    labels=torch.arange(4), generator=torch.Generator().manual_seed(0)).x
+        expected = (True, torch.bfloat16) if precision == "bf16" else (False, torch.float32)
+        assert set(net.seen) == {expected}
+    assert draws["bf16"].dtype == torch.float32
+    assert 0 < (draws["bf16"] - draws["fp32"]).abs().max() < 0.05 * draws["fp32"].abs().max()
+    with pytest.raises(ValueError, match=r"sampler.precision='fp16': choose fp32 or bf16"):
+        generate(Toy(), LinearDenoiser(), schedule, objective, 2, {"name": "ddim", "steps": 2, "precision": "fp16"})
+
+
 class RowIndexNet(nn.Module):
     """An x0-predictor that answers, on every row, the index of its sample (read from the batch vector)."""
 
