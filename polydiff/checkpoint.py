@@ -17,14 +17,21 @@ CHECKPOINT_FORMAT = "polydiff-checkpoint-v1"
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A process killed at any moment leaves either the old file or the new one, never a torn one.
+    A process killed at any moment leaves either the old file or the new one, never a torn one;
+    a write that fails (a full disk) raises ``OSError`` and leaves the old one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:
+                # torch's zip writer reports a failed write (a full disk) as "unexpected pos": the OSError is its context.
+                if isinstance(err.__context__, OSError):
+                    raise OSError(err.__context__.errno, err.__context__.strerror) from err
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

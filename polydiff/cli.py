@@ -123,7 +123,8 @@ def _train(args: Sequence[str]) -> None:
     if args and args[0] in ("-h", "--help"):
         print(USAGE)
         return
-    if not args or args[0].startswith("-") or "=" in args[0]:
+    # KEY=V first is an override; a recipe file may still hold "=" (a sweep's folder: lr=1e-4/recipe.yaml).
+    if not args or args[0].startswith("-") or ("=" in args[0] and not Path(args[0]).is_file()):
         raise _fail("train needs a recipe first: polydiff train RECIPE.yaml [hydra overrides], e.g. "
                     "polydiff train recipes/image_unet.yaml profile=cpu")
     import hydra

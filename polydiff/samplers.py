@@ -209,8 +209,8 @@ def sample_ddpm(
     one_m_ab_t = (1 - ab_t).clamp(min=1e-20)
     w_x0 = ab_s.sqrt() * beta_ts / one_m_ab_t
     w_xt = alpha_ts2.sqrt() * (1 - ab_s) / one_m_ab_t
-    var = beta_ts * (1 - ab_s) / one_m_ab_t if variance == "small" else beta_ts.clone()
-    var[grid[1:] == 0] = 0.0  # no noise on the final step to clean data
+    var = beta_ts * (1 - ab_s) / one_m_ab_t if variance == "small" else beta_ts
+    var = var.masked_fill(grid[1:] == 0, 0.0)  # no noise on the final step to clean data (a mask, not an index: no sync)
     w_x0_, w_xt_, std_ = (v.to(noise.dtype) for v in (w_x0, w_xt, var.clamp(min=0).sqrt()))  # [n, B]
 
     def update(i: int, x: Tensor, x0: Tensor, eps: Tensor) -> Tensor:

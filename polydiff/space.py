@@ -14,6 +14,7 @@ is what keeps ``polydiff`` free of image-shaped assumptions.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
@@ -162,6 +163,11 @@ class RaggedSpace(Space):
         self._counts = torch.bincount(self.batch, minlength=self.num_samples)
         if self.batch.numel() and int(self.batch.max()) >= self.num_samples:
             raise ValueError(f"batch index {int(self.batch.max())} >= num_samples {self.num_samples}")
+        # The centred columns as a slice (or a device index), not a Python list: indexing a GPU tensor
+        # with a list copies it to the device and waits for the copy, twice per project().
+        c, lo = self.centered, self.centered[0] if self.centered else 0
+        self._cols: slice | Tensor = (slice(lo, lo + len(c)) if c == tuple(range(lo, lo + len(c)))
+                                      else torch.tensor(c, dtype=torch.long, device=self.batch.device))
 
     @property
     def device(self) -> torch.device:
@@ -187,7 +193,7 @@ class RaggedSpace(Space):
     def project(self, x: Tensor) -> Tensor:
         if not self.centered:
             return x
-        cols = list(self.centered)
+        cols = self._cols
         sub = x[:, cols]  # [N, c]
         mean = self.segment_sum(sub) / self._counts.clamp(min=1).unsqueeze(-1).to(x.dtype)  # [B, c]
         x = x.clone()
@@ -201,7 +207,13 @@ class RaggedSpace(Space):
         return self._counts * self.num_features
 
     def to(self, device: torch.device | str) -> "RaggedSpace":
-        return RaggedSpace(self.batch.to(device), self.num_samples, self.num_features, self.centered)
+        # Checked where it was built: the counts move along rather than being recounted on the device
+        # (bincount and the index check would each wait for the GPU, once per training batch).
+        moved = copy.copy(self)
+        moved.batch, moved._counts = self.batch.to(device), self._counts.to(device)
+        if isinstance(self._cols, Tensor):
+            moved._cols = self._cols.to(device)
+        return moved
 
     @classmethod
     def cat(cls, spaces: Sequence["RaggedSpace"]) -> "RaggedSpace":

@@ -6,6 +6,7 @@ DistributedDataParallel over the launched processes (NCCL on GPUs, gloo on CPUs)
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -52,6 +53,27 @@ def _record_step(line: str, path: Path) -> tuple[float, str]:
 def _ignore_sigint(worker_id: int) -> None:
     """DataLoader workers keep serving batches through Ctrl-C, so the step in progress can finish."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@torch.no_grad()
+def _update_ema(ema: AveragedModel, net: nn.Module) -> None:
+    """``ema.update_parameters(net)`` without its per-step host-to-device copy of ``n_averaged``.
+
+    AveragedModel hands ``n_averaged.to(device)`` to its multi_avg_fn, a blocking copy that waits for the
+    GPU every step, although the EMA function ignores it; the update itself is the same foreach lerp.
+    """
+    if ema.multi_avg_fn is None or not ema.use_buffers or int(ema.n_averaged) == 0:  # n_averaged lives on the CPU
+        ema.update_parameters(net)  # the first call copies the weights
+        return
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for p_ema, p in zip(itertools.chain(ema.module.parameters(), ema.module.buffers()),
+                        itertools.chain(net.parameters(), net.buffers())):
+        mine, theirs = groups.setdefault((p_ema.device, p_ema.dtype), ([], []))
+        mine.append(p_ema.detach())
+        theirs.append(p.detach().to(p_ema.device))  # a no-op where both share a device, as here
+    for mine, theirs in groups.values():
+        ema.multi_avg_fn(mine, theirs, None)
+    ema.n_averaged += 1
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -509,7 +531,7 @@ class Trainer:
             self.opt.step()
             lr = self.opt.param_groups[0]["lr"]  # this step's rate (the scheduler then sets the next one's)
             self.sched.step()
-            self.ema.update_parameters(self.net)
+            _update_ema(self.ema, self.net)
             self.step += 1
             if bar is not None:
                 bar.update(1)

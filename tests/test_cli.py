@@ -304,6 +304,12 @@ def test_train_without_a_recipe_fails(tmp_path):
     for args in ([], ["trainer.max_steps=3"]):
         with pytest.raises(SystemExit, match="train needs a recipe first"):
             main(["train", *args])
+    # A recipe in a folder named by an override (a Hydra sweep's override_dirname) is a recipe.
+    recipe = tmp_path / "trainer.lr=1e-4" / "points.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text((ROOT / "examples" / "points.yaml").read_text())
+    proc = run("train", str(recipe), "trainer.max_steps=3", "--cfg", "job")
+    assert proc.returncode == 0 and "max_steps: 3" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_train_refuses_a_run_past_max_steps_before_recording_its_config(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 from domains.molecule import EGNN, MoleculeDomain
 from domains.molecule.bonds import bond_order
@@ -108,6 +109,34 @@ def test_egnn_float32_equivariance_and_unsorted_batch():
     row, col = fully_connected_edges(torch.tensor([1, 0, 1, 0, 1]))
     assert sorted(zip(row.tolist(), col.tolist())) == [(0, 2), (0, 4), (1, 3), (2, 0), (2, 4), (3, 1), (4, 0), (4, 2)]
 
+
+
+def test_edge_list_reads_the_device_once_and_keeps_its_order():
+    """One host read (the edge count): no bincount, no boolean mask, repeat_interleave told its size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((str(func), args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    batch = torch.tensor([1, 0, 1, 0, 1, 3, 3, 1])  # sample 2 is empty
+    with Ops() as ops:
+        row, col = fully_connected_edges(batch, 4)
+    names = [name for name, _, _ in ops.calls]
+    assert names.count("aten._local_scalar_dense.default") == 1 and "aten.bincount.default" not in names
+    assert all(kw.get("output_size") is not None for name, _, kw in ops.calls if "repeat_interleave" in name)
+    assert not any(isinstance(a, torch.Tensor) and a.dtype == torch.bool
+                   for name, args, _ in ops.calls if name.startswith("aten.index") for a in tree_leaves(args))
+    # Row-major over the rows sorted by sample, partners in ascending sorted order: the order of the masked n^2 list.
+    order = torch.argsort(batch, stable=True).tolist()
+    expected = [(i, j) for i in order for j in order if i != j and batch[i] == batch[j]]
+    assert list(zip(row.tolist(), col.tolist())) == expected
+    assert all(torch.equal(a, b) for a, b in zip(fully_connected_edges(batch), (row, col)))
 
 def test_null_context_is_learned_token_and_differs_from_a_value():
     gen = torch.Generator().manual_seed(2)

@@ -231,3 +231,39 @@ def test_known_rows_of_a_zero_centre_of_mass_layout_keep_their_relative_geometry
     x = sample_ddim(zero, space.randn(g), schedule, 10, space=space, generator=g, known=Known(values, mask))
     torch.testing.assert_close(x[0] - x[1], values[0] - values[1])  # the kept atoms, up to the re-centring
     torch.testing.assert_close(space.mean(x), torch.zeros(2))  # every molecule stays centred
+
+
+def test_ragged_space_moves_and_projects_without_reading_the_device():
+    """On the meta device (no data), any host read or index list copied from the CPU would fail or show."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Indices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names, self.indices, self.devices = [], [], set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            if str(func).startswith(("aten.index.", "aten.index_put")):
+                self.indices += [i for i in tree_leaves(args[1]) if isinstance(i, torch.Tensor)]
+            self.devices |= {a.device.type for a in tensors}
+            return func(*args, **(kwargs or {}))
+
+    batch = torch.tensor([0, 1, 0, 1, 1, 2])
+    for centered in ((0, 1, 2), (0, 2)):
+        cpu = RaggedSpace(batch, 3, 4, centered=centered)
+        x = torch.randn(6, 4)
+        cols = list(centered)  # the projection as written with a column list
+        sub = x[:, cols]
+        ref = x.clone()
+        ref[:, cols] = sub - (cpu.segment_sum(sub) / cpu._counts.clamp(min=1).unsqueeze(-1).float())[batch]
+        assert torch.equal(cpu.project(x), ref)
+        meta, x = cpu.to("meta"), x.to("meta")  # no bincount or index check: they would read the device
+        with Indices() as log:
+            out = meta.project(x)
+        assert out.device.type == "meta" and meta.count().device.type == "meta" and log.devices == {"meta"}
+        assert "aten._local_scalar_dense.default" not in log.names
+        # Only the space's own device tensors index: no list turned into an index (a copy from the host) per call.
+        assert log.indices and all(any(i is own for own in (meta.batch, meta._cols)) for i in log.indices)

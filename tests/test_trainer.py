@@ -324,6 +324,25 @@ def test_checkpoints_get_the_permissions_of_any_new_file(tmp_path):
     assert stat.S_IMODE((tmp_path / "last.pt").stat().st_mode) == 0o644
 
 
+def test_a_write_failing_inside_torch_save_is_an_os_error(tmp_path):
+    """torch's zip writer turns a failed write (a full disk; here a file-size limit) into RuntimeError("unexpected
+    pos"): atomic_save raises the OSError behind it, which the trainer names, and keeps the previous file."""
+    resource = pytest.importorskip("resource")
+    path = tmp_path / "last.pt"
+    checkpoint_module.atomic_save({"x": torch.zeros(1)}, path)
+    good = path.read_bytes()
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, limits[1]))  # 64 KiB: the 1 MiB tensor stops half-way
+    try:
+        with pytest.raises(OSError) as info:
+            checkpoint_module.atomic_save({"x": torch.zeros(1 << 18)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert info.value.errno == errno.EFBIG
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
 def test_interrupt_message_names_the_run_directory(tmp_path):
     """'Run the same command again' resumes only in the same run directory (Hydra's default one is new each time)."""
     trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(max_steps=100)), tmp_path)
@@ -442,3 +461,47 @@ def test_running_a_finished_run_again_replaces_its_final_evaluation(tmp_path):
     kinds = [r["kind"] for r in after]
     assert kinds == [r["kind"] for r in before] and kinds.count("eval") == 1
     assert [r for r in after if r["kind"] == "train"] == [r for r in before if r["kind"] == "train"]
+
+
+def test_ema_update_matches_averaged_model_without_moving_its_counter():
+    """Bit for bit AveragedModel's EMA; its CPU step counter never copied to the network's device (a GPU sync)."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from polydiff.trainer import _update_ema
+
+    torch.manual_seed(0)
+    net = MLP(16, 2)
+    net.register_buffer("calls", torch.zeros((), dtype=torch.long))  # an integer buffer takes the non-lerp path
+    ours, ref = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True) for _ in range(2))
+    for _ in range(4):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+            net.calls += 3
+        _update_ema(ours, net)
+        ref.update_parameters(net)
+        assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mixed = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            devices = {a.device.type for a in tree_leaves((args, kwargs, out)) if isinstance(a, torch.Tensor)}
+            if len(devices) > 1 or func is torch.ops.aten._local_scalar_dense.default and "meta" in devices:
+                self.mixed.append(str(func))
+            return out
+
+    meta_net = MLP(16, 2).to("meta")  # the network on a device; AveragedModel keeps n_averaged on the CPU
+    ema = AveragedModel(meta_net, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    _update_ema(ema, meta_net)  # the first call copies
+    with Reads() as log:
+        _update_ema(ema, meta_net)
+    assert log.mixed == [] and int(ema.n_averaged) == 2
+    with Reads() as log:
+        ema.update_parameters(meta_net)  # what it replaces moves the counter to the device every step
+    assert log.mixed

@@ -32,20 +32,31 @@ __all__ = ["EGNN", "fully_connected_edges"]
 
 
 @torch.compiler.disable  # data-dependent sizes: run eagerly, one clean break instead of one per op
-def fully_connected_edges(batch: Tensor) -> tuple[Tensor, Tensor]:
-    """All ordered pairs ``(i, j)``, ``i != j``, of rows in the same sample: ``row, col [E]``."""
+def fully_connected_edges(batch: Tensor, num_samples: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """All ordered pairs ``(i, j)``, ``i != j``, of rows in the same sample: ``row, col [E]``.
+
+    One device sync (the edge count): ``num_samples`` (``B``, e.g. ``t.shape[0]``) spares bincount's read of
+    ``batch.max()``, and the diagonal is skipped rather than masked out (boolean indexing waits for the GPU).
+    """
     n = batch.shape[0]
     perm = torch.argsort(batch, stable=True)  # rows grouped by sample
     b_sorted = batch[perm]  # [N]
-    counts = torch.bincount(b_sorted)  # [B]
+    if num_samples is None:
+        counts = torch.bincount(b_sorted)  # [B]
+    else:
+        counts = torch.zeros(num_samples, dtype=torch.long, device=batch.device).index_add_(
+            0, b_sorted, torch.ones_like(b_sorted))  # [B]
     ptr = torch.cumsum(counts, 0) - counts  # [B] first sorted row of each sample
-    reps = counts[b_sorted]  # [N] each row pairs with every row of its sample
-    row_s = torch.repeat_interleave(torch.arange(n, device=batch.device), reps)  # [N2]
+    first = ptr[b_sorted]  # [N]
+    reps = counts[b_sorted] - 1  # [N] each row pairs with every other row of its sample
+    num_edges = int(reps.sum())  # the one sync: E sizes the outputs
+    rows = torch.arange(n, device=batch.device)
+    row_s = torch.repeat_interleave(rows, reps, output_size=num_edges)  # [E]
     starts = torch.cumsum(reps, 0) - reps
-    within = torch.arange(row_s.shape[0], device=batch.device) - torch.repeat_interleave(starts, reps)
-    col_s = ptr[b_sorted[row_s]] + within  # [N2]
-    keep = row_s != col_s
-    return perm[row_s[keep]], perm[col_s[keep]]
+    within = torch.arange(num_edges, device=batch.device) - torch.repeat_interleave(starts, reps, output_size=num_edges)
+    # The k-th partner of sorted row r is its sample's k-th row, skipping r itself.
+    col_s = first[row_s] + within + (within >= (rows - first)[row_s])  # [E]
+    return perm[row_s], perm[col_s]
 
 
 def _sinusoidal(t: Tensor, dim: int) -> Tensor:
@@ -164,7 +175,7 @@ class EGNN(nn.Module):
         pos0 = x[:, :3]  # [N, 3]
         t = t.to(x.dtype).reshape(-1)
         h = self.embed(self._node_inputs(x[:, 3:], t, batch, context))  # [N, H]
-        row, col = fully_connected_edges(batch)
+        row, col = fully_connected_edges(batch, t.shape[0])
         diff0 = pos0.index_select(0, row) - pos0.index_select(0, col)
         d0 = (diff0 * diff0).sum(-1, keepdim=True)  # [E, 1]
         pos = pos0
