@@ -13,10 +13,10 @@ from .config import check_call
 from .domain import Batch, Domain
 from .guidance import classifier_free_guidance
 from .objectives import Objective
-from .samplers import Known, sample
+from .samplers import Known, check_options, sample, timesteps
 from .schedules import NoiseSchedule
 
-__all__ = ["generate"]
+__all__ = ["generate", "check_sampler"]
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,29 @@ def generate(
     return domain.concat(parts)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_sampler(sampler: Mapping[str, Any], schedule: NoiseSchedule) -> None:
+    """Raise naming a ``sampler`` value (name, option, steps, spacing, precision, batch_size) before any
+    work: a recipe's typo would otherwise surface only when samples are drawn, after training."""
+    options = dict(sampler)
+    name, steps = options.pop("name"), options.pop("steps")
+    precision, chunk = options.pop("precision", "fp32"), options.pop("batch_size", None)
+    check_options(name, options)
+    timesteps(int(steps), schedule.num_steps, options.get("spacing", "trailing"))
+    if precision not in PRECISIONS:
+        raise ValueError(f"sampler.precision={precision!r}: choose one of {list(PRECISIONS)}")
+    if chunk is not None and int(chunk) < 1:
+        raise ValueError(f"sampler.batch_size must be a positive number of samples, got {chunk}")
+
+
 def in_precision(net: Callable[..., Tensor], precision: str, device: torch.device | str) -> Callable[..., Tensor]:
     """``net`` under bf16 autocast (``precision="bf16"``; the sampler's arithmetic stays in the state's dtype), or as it is."""
     if precision == "fp32":
         return net
     if precision != "bf16":
-        raise ValueError(f"sampler.precision={precision!r}: choose fp32 or bf16")
+        raise ValueError(f"sampler.precision={precision!r}: choose one of {list(PRECISIONS)}")
     kind = torch.device(device).type
 
     def run(*args: Any, **kwargs: Any) -> Tensor:

@@ -19,7 +19,7 @@ loop only does the elementwise update.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -283,14 +283,21 @@ def sample(
     **options: Any,
 ) -> Tensor:
     """Run the sampler registered as ``name``; options another sampler uses are dropped, unknown ones rejected."""
+    check_options(name, options)
+    kept = {k: v for k, v in options.items() if k in _COMMON or k in _OPTIONS[name]}
+    return SAMPLERS[name](denoiser, noise, schedule, steps, **kept)
+
+
+_COMMON = {"space", "generator", "callback", "clip_x0", "spacing", "known"}
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ``KeyError`` naming an unknown sampler or option (with the closest known name)."""
     if name not in SAMPLERS:
         close = difflib.get_close_matches(name, SAMPLERS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown sampler {name!r}. Known samplers: {sorted(SAMPLERS)}.{hint}")
-    common = {"space", "generator", "callback", "clip_x0", "spacing", "known"}
     every = set().union(*_OPTIONS.values())
-    unknown = set(options) - common - every
+    unknown = set(options) - _COMMON - every
     if unknown:
-        raise KeyError(f"unknown sampler option(s) {sorted(unknown)}; known: {sorted(common | every)}")
-    kept = {k: v for k, v in options.items() if k in common or k in _OPTIONS[name]}
-    return SAMPLERS[name](denoiser, noise, schedule, steps, **kept)
+        raise KeyError(f"unknown sampler option(s) {sorted(unknown)}; known: {sorted(_COMMON | every)}")

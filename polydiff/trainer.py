@@ -25,12 +25,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from .build import Parts, resolve_device, to_plain
+from .build import Parts, build_schedule, resolve_device, to_plain
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from .config import check_keys
 from .conditioning import drop_condition
 from .data import ResumableBatchSampler
-from .generate import generate
+from .generate import check_sampler, generate
 
 __all__ = [
     "Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointError", "CheckpointWriteError",
@@ -197,6 +197,8 @@ class Trainer:
         check_keys(self.cfg)
         self.tc = self.cfg["trainer"]
         check_trainer(self.tc)
+        if "sampler" in self.cfg:  # its typos would otherwise surface only when sampling, after training
+            check_sampler(self.cfg["sampler"], build_schedule(self.cfg["schedule"]))
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.pt"
         self.metrics_file = self.run_dir / "metrics.jsonl"

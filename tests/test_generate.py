@@ -112,7 +112,7 @@ def test_sampler_precision_runs_the_network_in_bf16_and_the_sampler_in_fp32():
         assert set(net.seen) == {expected}
     assert draws["bf16"].dtype == torch.float32
     assert 0 < (draws["bf16"] - draws["fp32"]).abs().max() < 0.05 * draws["fp32"].abs().max()
-    with pytest.raises(ValueError, match=r"sampler.precision='fp16': choose fp32 or bf16"):
+    with pytest.raises(ValueError, match=r"sampler.precision='fp16': choose one of \['fp32', 'bf16'\]"):
         generate(Toy(), LinearDenoiser(), schedule, objective, 2, {"name": "ddim", "steps": 2, "precision": "fp16"})
 
 

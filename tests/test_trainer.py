@@ -242,6 +242,22 @@ def test_bad_trainer_values_are_named_before_training(tmp_path, key, value, mess
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("key, value, error, message", [
+    ("name", "dpmpp2m", KeyError, "unknown sampler 'dpmpp2m'. Known samplers: ['ddim', 'ddpm', 'dpmpp_2m']. Did you mean 'dpmpp_2m'?"),
+    ("steps", 500, ValueError, "sampler.steps must be in 1..100 (the schedule's trained steps), got 500"),
+    ("spacing", "uniform", KeyError, "unknown sampler.spacing 'uniform'"),
+    ("precision", "fp16", ValueError, "sampler.precision='fp16': choose one of ['fp32', 'bf16']"),
+    ("batch_size", 0, ValueError, "sampler.batch_size must be a positive number of samples, got 0"),
+])
+def test_bad_sampler_values_are_named_before_training(tmp_path, key, value, error, message):
+    """A recipe's sampler section is only used when sampling, after training: it is checked first."""
+    cfg = config(sample_every=0)
+    cfg["sampler"] = {**cfg["sampler"], key: value}
+    with pytest.raises(error, match=re.escape(message)):
+        train(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_a_bad_value_with_resume_never_leaves_the_previous_run_in_place(tmp_path):
     """Values are checked before trainer.resume=never moves the previous run aside."""
     train(config(max_steps=5), tmp_path)
