@@ -91,11 +91,7 @@ def build_schedule(schedule_cfg: Mapping[str, Any]) -> NoiseSchedule:
 
 def build_objective(objective_cfg: Mapping[str, Any], schedule: NoiseSchedule) -> Objective:
     objective = call_checked(Objective, dict(to_plain(objective_cfg)), "objective")
-    if objective.prediction == "eps" and float(schedule.alpha_bar_table[-1]) == 0.0:
-        raise ValueError(
-            "schedule.zero_terminal_snr=true needs objective.prediction=v or x0: "
-            "an eps-prediction cannot recover x0 where the signal is exactly zero"
-        )
+    objective.check_schedule(schedule)  # before training, not only when sampling
     return objective
 
 

@@ -133,14 +133,19 @@ class Objective:
         """Mean weighted loss over the batch."""
         return self.losses(net, batch, schedule, generator).mean()
 
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        """Refuse an eps-prediction on a zero-terminal-SNR schedule (Lin et al. 2024, sec. 3.2): x0 = (x_t - sigma eps)
+        / alpha divides by alpha = 0 at t = 1, and every sample would be NaN."""
+        if self.prediction == "eps" and float(schedule.alpha_bar_table[-1]) == 0.0:
+            raise ValueError("a zero-terminal-SNR schedule (schedule.zero_terminal_snr=true) needs prediction 'v' or "
+                             "'x0' (objective.prediction=v): an eps-prediction cannot recover x0 where the signal is "
+                             "exactly zero")
+
     def denoiser(self, net: Callable[..., Tensor], schedule: NoiseSchedule, space: Space, cond: Optional[dict] = None) -> DenoiserFn:
         """The sampler-facing denoiser ``(x_t, t[B]) -> Prediction`` of ``net`` under this objective."""
         cond = dict(cond or {})
         kind = self.prediction
-        if kind == "eps" and float(schedule.alpha_bar_table[-1]) == 0.0:
-            # x0 = (x_t - sigma eps) / alpha divides by alpha = 0 at t = 1: every sample would be NaN.
-            raise ValueError("a zero-terminal-SNR schedule needs prediction 'v' or 'x0': an eps-prediction "
-                             "cannot recover x0 where the signal is exactly zero (Lin et al. 2024, sec. 3.2)")
+        self.check_schedule(schedule)
 
         def denoise(x_t: Tensor, t: Tensor) -> Prediction:
             alpha, sigma = schedule.alpha_sigma(t, dtype=x_t.dtype)

@@ -127,8 +127,12 @@ def test_eps_denoiser_on_a_zero_terminal_schedule_is_refused():
     zt = make_schedule("cosine", 100, zero_terminal_snr=True)
     space = DenseSpace((4, 3))
     zero = lambda x, t: torch.zeros_like(x)
-    with pytest.raises(ValueError, match="zero-terminal-SNR schedule needs prediction 'v' or 'x0'"):
+    with pytest.raises(ValueError, match=r"zero-terminal-SNR schedule .*needs prediction 'v' or 'x0'"):
         Objective("eps").denoiser(zero, zt, space)
+    from polydiff.build import build_objective
+
+    with pytest.raises(ValueError, match=r"schedule.zero_terminal_snr=true\) needs prediction 'v' or 'x0'"):
+        build_objective({"prediction": "eps"}, zt)  # a recipe: refused before training
     for kind in ("v", "x0"):  # both are defined at SNR 0
         x = sample_ddim(Objective(kind).denoiser(zero, zt, space), space.randn(), zt, 10, space=space)
         assert torch.isfinite(x).all()
