@@ -48,6 +48,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
             speed = f"{r['samples_per_s']:.2f}" + (f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else "")
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {speed} | {r['wall_s']:.2f} | "
                          f"{r['peak_mem_mb']:.0f} | " + " | ".join(_fmt(r["metrics"].get(k, "")) for k in keys) + " |")
+        for r in d.get("sampling_errors", []):
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | failed: {r['error']} |")
         lines += ["", "training throughput against batch size: "
                   + ", ".join(f"{x['batch_size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MiB)" for x in d["throughput_vs_batch"]), ""]
         if d.get("throughput_vs_size"):

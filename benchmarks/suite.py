@@ -368,7 +368,13 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
         for scale in guidance:
             if scale != 1.0 and steps > spec.max_guided_steps:
                 continue
-            row = sampler_row(trainer, sampler, steps, scale, spec.num_samples, seed)
+            try:
+                row = sampler_row(trainer, sampler, steps, scale, spec.num_samples, seed)
+            except Exception as err:  # one row (out of memory at DDPM-1000, say) must not lose the trained domain
+                traceback.print_exc()
+                result.setdefault("sampling_errors", []).append(
+                    {"sampler": sampler, "steps": steps, "guidance": scale, "error": f"{type(err).__name__}: {err}"})
+                continue
             print(f"[bench] {name}: {sampler}-{steps} guidance {scale}: {row['wall_s']:.1f} s, {row['metrics']}", flush=True)
             result["sampling"].append(row)
     result["peers"] = {}
@@ -556,10 +562,13 @@ def main(argv: Optional[list[str]] = None) -> Path:
         raise SystemExit(f"polydiff bench: no {a.suite}-suite configuration for domain(s) {unknown}; known: "
                          f"{sorted(specs)}{hint} (a domain of your own: --recipe NAME=RECIPE.yaml)")
     path = run_suite(a.suite, domains, a.device, a.out, a.seed, specs=specs, data=data)
-    failed = {n: r["error"] for n, r in json.loads(path.read_text())["domains"].items() if "error" in r}
+    results = json.loads(path.read_text())["domains"]
+    failed = {n: r["error"] for n, r in results.items() if "error" in r}
+    failed.update({f"{n} {e['sampler']}-{e['steps']} guidance {e['guidance']}": e["error"]
+                   for n, r in results.items() for e in r.get("sampling_errors", [])})
     if failed:  # the results are written; the exit status still says the run is not whole
-        raise SystemExit(f"polydiff bench: {len(failed)} domain(s) failed ({'; '.join(f'{n}: {e}' for n, e in failed.items())});"
-                         f" results so far in {path}")
+        raise SystemExit(f"polydiff bench: {len(failed)} domain(s) or sampler row(s) failed "
+                         f"({'; '.join(f'{n}: {e}' for n, e in failed.items())}); results so far in {path}")
     return path
 
 

@@ -254,6 +254,31 @@ def test_a_failing_compiler_keeps_the_domains_figures(tmp_path, monkeypatch):
     assert "torch.compile check failed: RuntimeError: no backend" in path.with_suffix(".md").read_text()
 
 
+def test_a_failing_sampler_row_keeps_the_others(tmp_path, monkeypatch):
+    """One sampler row failing (out of memory at DDPM-1000 on a GPU, say) is recorded; the trained domain's other rows stay."""
+    import benchmarks.suite as suite_module
+
+    real = suite_module.sampler_row
+
+    def row(trainer, sampler, steps, *args):
+        if sampler == "ddpm":
+            raise MemoryError("no room for DDPM")
+        return real(trainer, sampler, steps, *args)
+
+    monkeypatch.setattr(suite_module, "sampler_row", row)
+    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddpm", 10), ("ddim", 2)],
+                       batch_sizes=[16])
+    path = run_suite("quick", ["points"], "cpu", tmp_path, specs={"points": spec})
+    d = json.loads(path.read_text())["domains"]["points"]
+    assert "error" not in d and [(r["sampler"], r["steps"]) for r in d["sampling"]] == [("ddim", 2)]
+    assert d["sampling_errors"] == [{"sampler": "ddpm", "steps": 10, "guidance": 1.0, "error": "MemoryError: no room for DDPM"}]
+    assert "| ddpm | 10 | 1.0 | failed: MemoryError: no room for DDPM |" in path.with_suffix(".md").read_text()
+    monkeypatch.setattr(suite_module, "suites", lambda: {"quick": {"points": spec}, "full": {}})
+    with pytest.raises(SystemExit, match=r"1 domain\(s\) or sampler row\(s\) failed \(points ddpm-10 guidance 1.0: "
+                                         r"MemoryError: no room for DDPM\); results so far in"):
+        main(["--suite", "quick", "--domains", "points", "--out", str(tmp_path / "cli")])
+
+
 def test_drive_diffusers_reads_no_timestep_back_to_the_host():
     """diffusers' loop is timed as its pipelines run it: no int(timestep) a step (a device sync on a GPU,
     which polydiff's samplers avoid). Meta tensors raise on any read back to the host."""
