@@ -159,7 +159,11 @@ class RaggedSpace(Space):
     def __post_init__(self) -> None:
         if self.batch.dim() != 1:
             raise ValueError(f"RaggedSpace.batch must be 1-D [N], got shape {tuple(self.batch.shape)}")
-        self.centered = tuple(int(c) for c in self.centered)
+        F = self.num_features
+        bad = [c for c in self.centered if not -F <= int(c) < F]
+        if bad:
+            raise ValueError(f"RaggedSpace.centered columns {bad} are outside the state's {F} features")
+        self.centered = tuple(int(c) % F for c in self.centered)  # -1 -> F - 1: one form for the slice below
         self._counts = torch.bincount(self.batch, minlength=self.num_samples)
         if self.batch.numel() and int(self.batch.max()) >= self.num_samples:
             raise ValueError(f"batch index {int(self.batch.max())} >= num_samples {self.num_samples}")

@@ -233,6 +233,18 @@ def test_known_rows_of_a_zero_centre_of_mass_layout_keep_their_relative_geometry
     torch.testing.assert_close(space.mean(x), torch.zeros(2))  # every molecule stays centred
 
 
+def test_ragged_space_centred_columns_count_from_the_end_and_are_checked():
+    batch, x = torch.tensor([0, 0, 1, 1, 1]), torch.arange(15.0).reshape(5, 3)
+    for negative, positive in [((-1,), (2,)), ((-3, -2, -1), (0, 1, 2)), ((0, -1), (0, 2))]:
+        space = RaggedSpace(batch, 2, 3, negative)
+        assert space.centered == positive
+        assert torch.equal(space.project(x), RaggedSpace(batch, 2, 3, positive).project(x))
+    assert RaggedSpace(batch, 2, 3, (-1,)).project(x)[:, 2].tolist() == [-1.5, 1.5, -3.0, 0.0, 3.0]
+    for bad in [(3,), (2, 3), (-4,)]:
+        with pytest.raises(ValueError, match=r"centered columns \[-?\d\] are outside the state's 3 features"):
+            RaggedSpace(batch, 2, 3, bad)
+
+
 def test_ragged_space_moves_and_projects_without_reading_the_device():
     """On the meta device (no data), any host read or index list copied from the CPU would fail or show."""
     from torch.utils._python_dispatch import TorchDispatchMode
