@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_save", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["atomic_save", "keep_copy", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "polydiff-checkpoint-v1"
 
@@ -47,6 +48,25 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def keep_copy(src: Path, dst: Path) -> None:
+    """Keep ``src`` as ``dst`` too: a hard link (no extra disk while ``src`` is unchanged; ``atomic_save``
+    replaces ``src`` by a new file, so the link keeps this content), or an atomic copy where links fail."""
+    src, dst = Path(src), Path(dst)
+    fd, tmp = _create_temporary(dst)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _create_temporary(path: Path) -> tuple[int, str]:

@@ -75,7 +75,8 @@ class TrainerConfig:
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 0
-    ckpt_every: int = 1000
+    ckpt_every: int = 1000  # checkpoints/last.pt, replaced each time
+    keep_every: int = 0  # also keep checkpoints/step_NNNNNNN.pt every this many steps (0: last.pt only)
     sample_every: int = 0  # 0: sample only at the end
     num_samples: int = 16
     eval: bool = True  # compute the domain's metrics when sampling

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from .build import Parts, build_schedule, resolve_device, to_plain
-from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, atomic_save, keep_copy, load_checkpoint
 from .config import check_keys
 from .conditioning import drop_condition
 from .data import ResumableBatchSampler
@@ -162,7 +162,8 @@ def _lr_lambda(warmup: int, max_steps: int, decay: str):
 # trainer.KEY -> (lowest allowed value, highest or None): checked before anything is built.
 _LIMITS = {
     "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "log_every": (1, None),
-    "ckpt_every": (1, None), "num_samples": (1, None), "warmup_steps": (0, None), "sample_every": (0, None),
+    "ckpt_every": (1, None), "keep_every": (0, None), "num_samples": (1, None), "warmup_steps": (0, None),
+    "sample_every": (0, None),
     "num_workers": (0, None), "grad_clip": (0, None), "weight_decay": (0, None), "label_dropout": (0, 1),
     "lr": (0, None), "ema_decay": (0, 1),
 }
@@ -376,14 +377,18 @@ class Trainer:
         if not self.is_main:
             self._saved_step = self.step  # as rank 0 does: every rank must skip (or gather) alike
             return
+        target = self.ckpt_path
         try:
             self._write_checkpoint(states)
             self._saved_step = self.step
+            if self.tc["keep_every"] > 0 and self.step % self.tc["keep_every"] == 0:
+                target = self.ckpt_path.with_name(f"step_{self.step:07d}.pt")
+                keep_copy(self.ckpt_path, target)
         except OSError as err:
             kept = (f"{self.ckpt_path} still holds the last checkpoint written" if self.ckpt_path.is_file()
                     else "no checkpoint was written yet")
             raise CheckpointWriteError(
-                err.errno, f"could not write the checkpoint of step {self.step} to {self.ckpt_path} "
+                err.errno, f"could not write the checkpoint of step {self.step} to {target} "
                 f"({err.strerror or err}); {kept}. Free disk space (or make the folder writable) and run the same "
                 f"command again with hydra.run.dir={self.run_dir} to resume"
             ) from err
@@ -552,7 +557,7 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}")
                 t_last, n_last, losses = time.perf_counter(), 0, []
-            if tc["ckpt_every"] > 0 and self.step % tc["ckpt_every"] == 0:
+            if self.step % tc["ckpt_every"] == 0 or (tc["keep_every"] > 0 and self.step % tc["keep_every"] == 0):
                 self.save()
             if tc["sample_every"] > 0 and self.step % tc["sample_every"] == 0 and self.step < max_steps:
                 self.sample_and_evaluate()

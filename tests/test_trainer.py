@@ -330,6 +330,23 @@ def test_failed_checkpoint_write_keeps_the_last_one_and_says_so(tmp_path, monkey
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.pt"]
 
 
+def test_keep_every_keeps_a_snapshot_per_step_that_later_saves_do_not_change(tmp_path):
+    """trainer.keep_every keeps step_NNNNNNN.pt beside last.pt (also between ckpt_every saves); each holds its own
+    step's weights after last.pt has moved on, and a run resumed from a snapshot matches the straight run."""
+    train(config(max_steps=12, ckpt_every=5, keep_every=4), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000004.pt", "step_0000008.pt",
+                                                       "step_0000012.pt"]
+    steps = {p.name: load_checkpoint(p)["step"] for p in ckpts.iterdir()}
+    assert steps == {"last.pt": 12, "step_0000004.pt": 4, "step_0000008.pt": 8, "step_0000012.pt": 12}
+    resumed = tmp_path / "resumed"
+    train(config(max_steps=12, resume=str(ckpts / "step_0000008.pt")), resumed)
+    a, b = load_checkpoint(ckpts / "last.pt"), load_checkpoint(resumed / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    with pytest.raises(ValueError, match="trainer.keep_every=-1 is out of range"):
+        train(config(keep_every=-1), tmp_path / "bad")
+
+
 def test_checkpoints_get_the_permissions_of_any_new_file(tmp_path):
     """Not mkstemp's 0600: others in a group can read (sample, evaluate) a run's checkpoints."""
     old = os.umask(0o022)
