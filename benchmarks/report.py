@@ -38,16 +38,16 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
         lines += ["", f"training: {t['steps']} steps in {t['wall_s']:.0f} s, {t['samples_per_s']:.1f} samples/s, "
                       f"peak memory {t['peak_mem_mb']:.0f} MiB, final loss {t['final_loss']:.4f}", ""]
         keys = _metric_keys(d["sampling"])
-        lines.append("| sampler | steps | guidance | samples/s | wall s | peak MiB | " + " | ".join(keys) + " |")
-        lines.append("|---|---|---|---|---|---|" + "---|" * len(keys))
+        lines.append(_row(["sampler", "steps", "guidance", "samples/s", "wall s", "peak MiB", *keys]))
+        lines.append(_row(["---"] * (6 + len(keys))))
         if d.get("reference"):
             ref = d["reference"]
             label = f"real data ({ref['num_samples']} held-out)" if "num_samples" in ref else "real data (reference)"
-            lines.append(f"| {label} | | | | | | " + " | ".join(_fmt(ref.get(k, "")) for k in keys) + " |")
+            lines.append(_row([label, "", "", "", "", "", *(_fmt(ref.get(k, "")) for k in keys)]))
         for r in d["sampling"]:
             speed = f"{r['samples_per_s']:.2f}" + (f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else "")
-            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | {speed} | {r['wall_s']:.2f} | "
-                         f"{r['peak_mem_mb']:.0f} | " + " | ".join(_fmt(r["metrics"].get(k, "")) for k in keys) + " |")
+            lines.append(_row([r["sampler"], r["steps"], r["guidance"], speed, f"{r['wall_s']:.2f}",
+                               f"{r['peak_mem_mb']:.0f}", *(_fmt(r["metrics"].get(k, "")) for k in keys)]))
         for r in d.get("sampling_errors", []):
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | failed: {r['error']} |")
         lines += ["", "training throughput against batch size: "
@@ -76,15 +76,20 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
 
 def _diffusers_table(p: dict[str, Any], keys: list[str]) -> list[str]:
     """diffusers' schedulers on the trained network: time, agreement and metrics beside polydiff's."""
-    key = keys[0] if keys else None
+    metric = [f"{keys[0]} polydiff", f"{keys[0]} diffusers"] if keys else []  # a domain without metrics: none
     lines = ["", f"peer `diffusers` (its schedulers driving the trained network, {p['num_samples']} samples, same noise):", "",
-             f"| sampler | steps | polydiff s | diffusers s | ratio | max rel. diff | {key} polydiff | {key} diffusers |",
-             "|---|---|---|---|---|---|---|---|"]
+             _row(["sampler", "steps", "polydiff s", "diffusers s", "ratio", "max rel. diff", *metric]),
+             _row(["---"] * (6 + len(metric)))]
     for r in p["samplers"].values():
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['polydiff_s']:.2f} | {r['diffusers_s']:.2f} | "
-                     f"{r['ratio_polydiff_over_diffusers']:.2f} | {r['max_rel_diff']:.1e} | {_fmt(r['metrics_polydiff'].get(key, ''))} | "
-                     f"{_fmt(r['metrics_diffusers'].get(key, ''))} |")
+        values = [_fmt(r["metrics_polydiff"].get(keys[0], "")), _fmt(r["metrics_diffusers"].get(keys[0], ""))] if keys else []
+        lines.append(_row([r["sampler"], r["steps"], f"{r['polydiff_s']:.2f}", f"{r['diffusers_s']:.2f}",
+                           f"{r['ratio_polydiff_over_diffusers']:.2f}", f"{r['max_rel_diff']:.1e}", *values]))
     return lines + [""]
+
+
+def _row(cells: list[Any]) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def _peer_line(p: dict[str, Any]) -> str:

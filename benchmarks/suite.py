@@ -503,13 +503,15 @@ def merge_results(paths: list[Path], out_dir: Path) -> Path:
 def main(argv: Optional[list[str]] = None) -> Path:
     p = argparse.ArgumentParser(prog="polydiff bench", description="Benchmark every domain's training, samplers and peers.")
     p.add_argument("--suite", choices=("quick", "full"), default="quick")
-    p.add_argument("--domains", nargs="+", default=None, help="default: every domain of the suite")
+    p.add_argument("--domains", nargs="+", default=None,
+                   help="default: every domain of the suite, or only the --recipe domains when given")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", type=Path, default=RESULTS,
                    help="results folder (default ./benchmarks/results); training runs go to OUT/runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=RECIPE.yaml",
-                   help="benchmark your own domain's recipe too (repeatable), with the suite's sampler sweep")
+                   help="benchmark your own domain's recipe (repeatable), with the suite's sampler sweep; "
+                        "with --domains, beside built-in ones")
     p.add_argument("--steps", type=int, default=None,
                    help="training budget of every domain (default: the suite's; --recipe domains: quick 500, full 20000)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=V", dest="overrides",
@@ -554,7 +556,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     except KeyError as err:
         raise SystemExit(f"polydiff bench: --set: {err.args[0]}") from err
     specs = {n: replace(s, overrides=[*s.overrides, *a.overrides]) for n, s in specs.items()}
-    domains = a.domains or (list(suites()[a.suite]) + [item.partition("=")[0] for item in a.recipe])
+    # --recipe alone benchmarks those domains; --domains adds built-in ones beside them (--domains points mine).
+    domains = a.domains or [item.partition("=")[0] for item in a.recipe] or list(suites()[a.suite])
     unknown = [d for d in domains if d not in specs]
     if unknown:
         other = [d for d in unknown if d in suites()["full" if a.suite == "quick" else "quick"]]

@@ -118,6 +118,12 @@ def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
         main(["--steps", "0"])
     with pytest.raises(SystemExit, match="no folder at"):
         main(["--suite", "full", "--data", f"qm9={tmp_path / 'missing'}"])
+    ran = []
+    monkeypatch.setattr(suite, "run_suite", lambda name, domains, *a, **k: ran.append(domains) or fake_run_suite(
+        name, domains, *a, **k))
+    main(["--recipe", "mine=examples/points.yaml", "--steps", "3"])  # a user's domain alone: no built-in trains
+    main(["--recipe", "mine=examples/points.yaml", "--domains", "mine", "points"])  # beside a built-in one
+    assert ran == [["mine"], ["mine", "points"]]
     outcome["domains"] = {"points": {"error": "ValueError: boom"}, "image": {"train": {}}}
     with pytest.raises(SystemExit, match="1 domain.*failed.*points: ValueError: boom"):
         main(["--domains", "points", "image"])
@@ -371,3 +377,33 @@ def test_egnn_peer_leaves_the_thread_count_as_it_was(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _tables(md):
+    """Every Markdown table of ``md`` as its rows' cell counts."""
+    tables, current = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line.strip().strip("|").count("|") + 1)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_report_tables_keep_their_shape_for_a_domain_without_metrics(tmp_path):
+    """Header, separator and rows have as many cells, with metrics and without (a user's domain may have none)."""
+    from benchmarks.report import write_markdown
+
+    result = json.loads(open("benchmarks/results/20261129-042021_quick_cpu.json").read())
+    for d in result["domains"].values():
+        d.pop("reference", None)
+        for r in d.get("sampling", []):
+            r["metrics"] = {}
+        for r in d.get("peers", {}).get("diffusers", {}).get("samplers", {}).values():
+            r["metrics_polydiff"], r["metrics_diffusers"] = {}, {}
+    md = write_markdown(result, tmp_path / "r.md")
+    tables = _tables(md)
+    assert len(tables) >= 5 and "None" not in md
+    for counts in tables:
+        assert len(set(counts)) == 1, counts
