@@ -6,6 +6,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -135,6 +136,9 @@ def _train(args: Sequence[str]) -> None:
 
     register_configs()
     path, search = _recipe_paths(args[0])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
+        # Hydra's default folder holds the start time, which each process reads on its own clock.
+        raise _fail("under torchrun, give every process the same run folder: add hydra.run.dir=DIR")
     try:
         check_overrides(args[1:])
         if not {"-m", "--multirun", "--cfg", "-c", "--help", "-h"} & set(args[1:]):
@@ -144,6 +148,8 @@ def _train(args: Sequence[str]) -> None:
 
     @hydra.main(version_base=None, config_path=None, config_name=None)
     def _task(cfg) -> None:
+        if int(os.environ.get("RANK", "0")) > 0:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs progress; the others only what goes wrong
         try:
             train(cfg, HydraConfig.get().runtime.output_dir)
         except _USER_ERRORS + (CheckpointWriteError,) as err:

@@ -19,17 +19,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.check(num_items, batch_size, world_size)
+        global_batch = batch_size * world_size
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+        self.per_epoch = num_items // global_batch  # drop the last partial batch
+
+    @staticmethod
+    def check(num_items: int, batch_size: int, world_size: int = 1) -> None:
+        """Raise ``ValueError`` for an empty training set or one smaller than the global batch."""
         if num_items < 1:
             raise ValueError("the training set is empty: check the recipe's domain data settings")
-        global_batch = batch_size * world_size
-        if global_batch > num_items:
+        if batch_size * world_size > num_items:
             raise ValueError(
                 f"trainer.batch_size={batch_size} x {world_size} process(es) exceeds the {num_items} training items; "
                 "lower trainer.batch_size"
             )
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.start, self.rank, self.world_size = start, rank, world_size
-        self.per_epoch = num_items // global_batch  # drop the last partial batch
 
     def __iter__(self) -> Iterator[list[int]]:
         b = self.start

@@ -14,6 +14,7 @@ where ``t`` is a per-sample float tensor ``[B]`` in ``[0, 1]`` (``0`` = clean da
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .samplers import Known
 
 __all__ = ["Batch", "Domain"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,10 +99,24 @@ class Domain:
         return len(self.class_names)
 
     def setup(self, train_set: Dataset) -> None:
-        """Read what sampling needs from the training set (called once before training)."""
-        if self.sample_shape is None and len(train_set) > 0:
-            first = self.collate([train_set[0]])
+        """Read what sampling needs from the training set (called once before training).
+
+        The default takes the sample shape from the first item and, when items carry labels and
+        ``class_names`` is still empty, names the classes ``"0" .. str(max label)`` after one pass
+        over the labels (set ``self.class_names`` first to give them names and skip the pass).
+        """
+        if len(train_set) == 0:
+            return
+        first = self.collate([train_set[0]])
+        if self.sample_shape is None:
             self.sample_shape = tuple(first.x.shape[1:])
+        if "label" in first.cond and not self.class_names:
+            labels = torch.cat([self.collate([train_set[i]]).cond["label"].reshape(-1) for i in range(len(train_set))])
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0:
+                raise ValueError(f"domain {self.name!r}: training labels must be class indices 0, 1, ..., got {low}")
+            self.class_names = [str(i) for i in range(high + 1)]
+            log.info("domain %r: %d classes named '0'..'%d' from the training labels", self.name, high + 1, high)
 
     # --------------------------------------------------------------- network
     def build_network(self, **model: Any) -> nn.Module:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import numbers
+from dataclasses import fields
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .conditioning import is_null, null_condition
-from .config import check_call
+from .conditioning import NULL_LABEL, is_null, null_condition
+from .config import GuidanceConfig, SamplerConfig, check_call
 from .domain import Batch, Domain
 from .guidance import classifier_free_guidance
 from .objectives import Objective
@@ -39,25 +41,35 @@ def generate(
 ) -> Batch:
     """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ..., batch_size, precision}, ``guidance`` = {scale, rescale}.
 
+    ``sampler`` keys left out take :class:`polydiff.config.SamplerConfig`'s defaults (DDIM, 50 steps),
+    except ``batch_size``: without it the ``n`` samples are drawn at once. ``labels`` are ``n``
+    class indices (``domain.parse_label`` turns a name into one).
+
     More than ``sampler["batch_size"]`` samples are drawn in chunks of that size (labels,
     per-sample prior options and the rows of ``known`` are split with them) and joined by
     :meth:`Domain.concat`. ``known`` holds part of every sample fixed (see :class:`Known`): its
     values and mask are laid out like the whole draw's state (rows: samples, or atoms of a
     ragged layout, which then needs a fixed layout such as ``prior.num_atoms``), or broadcast.
     """
-    sampler = dict(sampler)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"n={n!r}: the number of samples must be a positive integer")
+    n = int(n)
+    unknown = set(guidance or {}) - {f.name for f in fields(GuidanceConfig)}
+    if unknown:
+        raise KeyError(f"unknown guidance option(s) {sorted(unknown)}; known: {[f.name for f in fields(GuidanceConfig)]}")
+    sampler = {**_SAMPLER_DEFAULTS, **sampler}
+    check_sampler(sampler, schedule)
     chunk = sampler.pop("batch_size", None)
     chunk = n if chunk is None else int(chunk)
-    if chunk < 1:
-        raise ValueError(f"sampler.batch_size must be a positive number of samples, got {chunk}")
+    labels = _check_labels(domain, labels, n)
     prior = dict(prior or {})
     check_call(domain.prior, prior, "prior", given=("n", "labels", "device", "generator"))
-    if n <= chunk:
-        return _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior,
-                         callback, known)
     for key, value in prior.items():
         if _per_sample(value) and len(value) != n:
             raise ValueError(f"prior.{key} has {len(value)} values for {n} samples: give one value or {n}")
+    if n <= chunk:
+        return _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior,
+                         callback, known)
     parts, row = [], 0
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
@@ -71,6 +83,26 @@ def generate(
 
 
 PRECISIONS = ("fp32", "bf16")
+# What a sampler mapping may leave out: SamplerConfig's defaults, except batch_size (None: one chunk of n).
+_SAMPLER_DEFAULTS = {f.name: f.default for f in fields(SamplerConfig) if f.name != "batch_size"}
+
+
+def _check_labels(domain: Domain, labels: Any, n: int) -> Optional[Tensor]:
+    """``labels`` as a long tensor ``[n]`` of class indices (or the null label), or a clear error."""
+    if labels is None:
+        return None
+    if domain.num_classes == 0:
+        raise ValueError(f"domain {domain.name!r} is unconditional (no class_names), but labels were given")
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.dim() != 1 or len(labels) != n:
+        raise ValueError(f"labels must be {n} class indices (one per sample), got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}; polydiff.Domain.parse_label turns a class name into its index")
+    labels = labels.long()
+    bad = labels[((labels < 0) | (labels >= domain.num_classes)) & (labels != NULL_LABEL)]
+    if len(bad):
+        raise ValueError(f"label {int(bad[0])} is out of range for domain {domain.name!r}: expected "
+                         f"0..{domain.num_classes - 1} ({domain.class_names}) or {NULL_LABEL} (no label)")
+    return labels
 
 
 def check_sampler(sampler: Mapping[str, Any], schedule: NoiseSchedule) -> None:
@@ -80,7 +112,9 @@ def check_sampler(sampler: Mapping[str, Any], schedule: NoiseSchedule) -> None:
     name, steps = options.pop("name"), options.pop("steps")
     precision, chunk = options.pop("precision", "fp32"), options.pop("batch_size", None)
     check_options(name, options)
-    timesteps(int(steps), schedule.num_steps, options.get("spacing", "trailing"))
+    if not isinstance(steps, Tensor):  # an explicit time grid is checked by the sampler
+        timesteps(int(steps), schedule.num_steps, options.get("spacing", "trailing"))
+
     if precision not in PRECISIONS:
         raise ValueError(f"sampler.precision={precision!r}: choose one of {list(PRECISIONS)}")
     if chunk is not None and int(chunk) < 1:
@@ -102,9 +136,10 @@ def in_precision(net: Callable[..., Tensor], precision: str, device: torch.devic
     return run
 
 
-def _rows(t: Tensor, start: int, count: int) -> Tensor:
-    """Rows ``start .. start + count`` of a tensor laid out like the whole draw (a first dimension of 1 broadcasts)."""
-    return t if t.dim() == 0 or t.shape[0] == 1 else t[start : start + count]
+def _rows(t: Tensor, start: int, count: int, rank: int) -> Tensor:
+    """Rows ``start .. start + count`` of a tensor laid out like the whole draw's state of ``rank`` dimensions;
+    one of lower rank, or with a first dimension of 1, broadcasts over the rows and is kept whole."""
+    return t if t.dim() < rank or t.shape[0] == 1 else t[start : start + count]
 
 
 def _per_sample(value: Any) -> bool:
@@ -136,7 +171,8 @@ def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, de
             log.warning("guidance (scale %g, rescale %g) has no effect: these samples have no condition to guide "
                         "towards (an unconditional model, or no label or property given)", scale, rescale)
         if known is not None:
-            known = known._replace(values=_rows(known.values, row, noise.shape[0]), mask=_rows(known.mask, row, noise.shape[0]))
+            rows, rank = noise.shape[0], noise.dim()
+            known = known._replace(values=_rows(known.values, row, rows, rank), mask=_rows(known.mask, row, rows, rank))
         x = sample(name, den, noise, schedule, steps, space=space, generator=generator, callback=callback, known=known,
                    **sampler)
     finally:

@@ -44,7 +44,7 @@ def classifier_free_guidance(
         x0 = u.x0 + scale * (c.x0 - u.x0)
         eps = u.eps + scale * (c.eps - u.eps)
         if rescale > 0:
-            factor = space.expand(space.std(c.x0) / space.std(x0).clamp(min=1e-12))
+            factor = space.expand(space.std(c.x0) / space.std(x0).clamp(min=1e-12))  # 0 for an empty sample
             x0 = rescale * (x0 * factor) + (1 - rescale) * x0
             alpha, sigma = schedule.alpha_sigma(t, dtype=x.dtype)
             eps = (x - space.expand(alpha) * x0) / space.expand(sigma)

@@ -123,7 +123,7 @@ class Objective:
         alpha, sigma = schedule.alpha_sigma(t, dtype=x0.dtype)  # [B]
         a, s = space.expand(alpha), space.expand(sigma)
         x_t = a * x0 + s * eps
-        out = net(x_t, t, **batch.cond)
+        out = _checked(net(x_t, t, **batch.cond), x_t)
         target = target_of(self.prediction, x0, eps, a, s)
         per_sample = space.mean((out.float() - target.float()) ** 2)  # [B]
         weight = loss_weight(self.prediction, self.weighting, schedule.snr(t).float(), self.gamma)
@@ -149,7 +149,16 @@ class Objective:
 
         def denoise(x_t: Tensor, t: Tensor) -> Prediction:
             alpha, sigma = schedule.alpha_sigma(t, dtype=x_t.dtype)
-            out = net(x_t, t.to(x_t.dtype), **cond)
+            out = _checked(net(x_t, t.to(x_t.dtype), **cond), x_t)
             return to_prediction(kind, out.to(x_t.dtype), x_t, space.expand(alpha), space.expand(sigma))
 
         return denoise
+
+
+def _checked(out: Tensor, x_t: Tensor) -> Tensor:
+    """The network's output, which must have the state's shape (broadcasting would silently mix elements)."""
+    if not isinstance(out, Tensor) or out.shape != x_t.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the network returned {got} for a state x_t of shape {tuple(x_t.shape)}: "
+                         "net(x_t, t, **cond) must return a tensor of x_t's shape")
+    return out

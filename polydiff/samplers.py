@@ -76,7 +76,7 @@ def _grid(steps: int | Tensor, schedule: NoiseSchedule, spacing: str, batch: int
             grid = grid[:, None].expand(-1, batch)
         if grid.dim() != 2 or grid.shape[1] != batch or grid.shape[0] < 2:
             raise ValueError(f"a time grid must be [n + 1] or [n + 1, {batch}], got {tuple(steps.shape)}")
-        if (grid[1:] >= grid[:-1]).any() or (grid < 0).any() or (grid > 1).any():
+        if not torch.isfinite(grid).all() or (grid[1:] >= grid[:-1]).any() or (grid < 0).any() or (grid > 1).any():
             raise ValueError("a time grid must decrease strictly within [0, 1]")
         return grid
     return timesteps(int(steps), schedule.num_steps, spacing).to(device)[:, None].expand(-1, batch)
@@ -86,6 +86,9 @@ def _setup(noise: Tensor, space: Optional[Space], steps: int | Tensor, schedule:
     space = space if space is not None else DenseSpace(tuple(noise.shape), device_=noise.device)
     grid = _grid(steps, schedule, spacing, space.num_samples, noise.device)  # [n + 1, B]
     ab = schedule.alpha_bar(grid)  # [n + 1, B] float64
+    if isinstance(steps, Tensor) and (ab[1:] <= ab[:-1]).any():
+        raise ValueError("two times of the grid fall on the same noise level of the schedule (alpha_bar must rise "
+                         "strictly along the grid): space them further apart")
     return space, grid, ab
 
 
@@ -140,6 +143,7 @@ def _run(
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """The loop every sampler shares: predict, ``update(i, x, x0, eps)``, impose the known part, project, report."""
+    _check_values(clip_x0=clip_x0)
     dt = noise.dtype
     a_, s_, t_ = ab.sqrt().to(dt), (1 - ab).sqrt().to(dt), grid.to(dt)  # [n + 1, B]
     impose = _imposer(known, space, generator, noise)
@@ -168,6 +172,7 @@ def sample_ddim(
     known: Optional[Known] = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12); ``eta = 0`` is deterministic, ``eta = 1`` is ancestral DDPM."""
+    _check_values(eta=eta)
     space, grid, ab = _setup(noise, space, steps, schedule, spacing)
     s = (1 - ab).sqrt()  # [n + 1, B]
     # c: std of the fresh noise; sqrt(s_next^2 - c^2): weight of the predicted eps.
@@ -292,7 +297,7 @@ _COMMON = {"space", "generator", "callback", "clip_x0", "spacing", "known"}
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Raise ``KeyError`` naming an unknown sampler or option (with the closest known name)."""
+    """Raise ``KeyError`` naming an unknown sampler or option (with the closest known name), ``ValueError`` a bad value."""
     if name not in SAMPLERS:
         close = difflib.get_close_matches(name, SAMPLERS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -301,3 +306,12 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     unknown = set(options) - _COMMON - every
     if unknown:
         raise KeyError(f"unknown sampler option(s) {sorted(unknown)}; known: {sorted(_COMMON | every)}")
+    _check_values(float(options.get("eta", 0.0)), options.get("clip_x0"))
+
+
+def _check_values(eta: float = 0.0, clip_x0: Optional[float] = None) -> None:
+    """Refuse a DDIM ``eta`` outside [0, 1] and a non-positive ``clip_x0`` (both silently ruin samples)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"sampler.eta={eta} is outside [0, 1]: 0 is deterministic DDIM, 1 ancestral (DDPM-like)")
+    if clip_x0 is not None and not float(clip_x0) > 0:
+        raise ValueError(f"sampler.clip_x0={clip_x0} must be positive (the bound on |x0|), or null to not clip")

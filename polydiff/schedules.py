@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -31,7 +32,8 @@ __all__ = [
 
 
 def linear_betas(steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Linear betas of DDPM (Ho et al. 2020), rescaled so that any ``steps`` spans the same noise."""
+    """Linear betas of DDPM (Ho et al. 2020), scaled by ``1000 / steps`` so shorter schedules still end near noise
+    (alpha_bar_T is 4e-5 at 1,000 steps, smaller below: the scaled sum of betas is the same, their product not)."""
     scale = 1000.0 / steps
     betas = torch.linspace(beta_start * scale, beta_end * scale, steps, dtype=torch.float64)
     return betas.clamp(max=0.999)  # very short schedules would otherwise exceed beta = 1
@@ -50,7 +52,8 @@ def sigmoid_betas(steps: int, beta_start: Optional[float] = None, beta_end: Opti
     """Sigmoid betas over ``[-6, 6]`` as in GeoDiff (Xu et al. 2022, their QM9 config).
 
     GeoDiff's range 1e-7..2e-3 is set for 5,000 steps; the defaults scale it by ``5000 / steps``
-    so that any ``steps`` ends as close to noise (alpha_bar ~ 7e-3): unscaled, 1,000 steps would
+    so that shorter schedules still end near noise (alpha_bar 7e-3 at 1,000 steps and 5,000, smaller
+    at a few steps, where the sum of betas is capped): unscaled, 1,000 steps would
     end at alpha_bar 0.37 (SNR 0.58) and samplers would start far from their N(0, I) prior.
     Explicit ``beta_start`` / ``beta_end`` are used as given.
     """
@@ -184,8 +187,9 @@ def make_schedule(
             close = difflib.get_close_matches(name, SCHEDULES, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise KeyError(f"unknown schedule {name!r}. Known schedules: {sorted(SCHEDULES) + ['custom']}.{hint}")
-        if steps < 1:
-            raise ValueError(f"schedule.steps must be >= 1, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
+            raise ValueError(f"schedule.steps must be a whole number >= 2, got {steps!r} (one step cannot run from "
+                             "data to noise: linear and sigmoid betas would start and end at their first value)")
         fn = SCHEDULES[name]
         allowed = set(inspect.signature(fn).parameters) - {"steps"}
         extra = {k: v for k, v in kwargs.items() if v is not None and k not in allowed}

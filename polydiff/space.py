@@ -51,7 +51,7 @@ class Space:
 
     def mean(self, values: Tensor) -> Tensor:
         """Per-sample mean ``[B]`` of an elementwise tensor over valid elements."""
-        return self.sum(values) / self.count().to(values.dtype)
+        return self.sum(values) / self.count().clamp(min=1).to(values.dtype)  # a sample with no valid element: 0
 
     def std(self, values: Tensor) -> Tensor:
         """Per-sample standard deviation ``[B]`` over valid elements."""
@@ -81,8 +81,8 @@ class DenseSpace(Space):
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
-        if len(self.shape) < 1:
-            raise ValueError("DenseSpace needs a batch dimension: shape must have rank >= 1")
+        if len(self.shape) < 1 or min(self.shape) < 0:
+            raise ValueError(f"DenseSpace needs a batch dimension and sizes >= 0: got shape {self.shape}")
         if self.mask is not None:
             try:
                 fits = torch.broadcast_shapes(tuple(self.mask.shape), self.shape) == self.shape

@@ -159,6 +159,11 @@ def _lr_lambda(warmup: int, max_steps: int, decay: str):
     return f
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """The global random stream of process ``rank`` > 0 (dropout, augmentation): distinct from every other rank's."""
+    return seed * 7919 + 15_485_863 * rank
+
+
 # trainer.KEY -> (lowest allowed value, highest or None): checked before anything is built.
 _LIMITS = {
     "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "log_every": (1, None),
@@ -228,6 +233,8 @@ class Trainer:
         self.domain = self.parts.domain
         self.train_set = self.parts.train_set
         self.net = self.parts.net.to(self.device)
+        if self.rank > 0:  # dropout and augmentation draw apart from here (rank 0 keeps a single process's stream)
+            torch.manual_seed(_rank_seed(self.cfg["seed"], self.rank))
         self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(self.tc["ema_decay"]), use_buffers=True)
         self.opt = torch.optim.AdamW(
             self.net.parameters(), lr=self.tc["lr"], betas=tuple(self.tc["betas"]), weight_decay=self.tc["weight_decay"]
@@ -238,6 +245,10 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] * 7919 + self.rank)
         self.step = 0
         self._saved_step: int | None = None  # the step this run's last.pt holds: never written twice
+        # Where the data order stands: batch number data_start (of the current global batch) at step data_step.
+        self._data_step, self._data_start = 0, 0
+        # Before resume=never moves the previous run aside:
+        ResumableBatchSampler.check(len(self.train_set), self.tc["batch_size"], self.world_size)
         self._maybe_resume()
 
         precision = self.tc["precision"]  # one of check_trainer's choices
@@ -274,6 +285,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         if path == self.ckpt_path:
             self._saved_step = self.step
+        self._restore_data_position(ckpt, path)
         self._restore_rng(ckpt["rng"], path)
         self._apply_optimizer_settings()
         if self.is_main:
@@ -335,9 +347,47 @@ class Trainer:
                      f"of the final evaluation at step {self.step}, drawn again now" if finished
                      else f"after step {self.step}, logged before the run stopped")
 
+    def _global_batch(self) -> int:
+        return self.tc["batch_size"] * self.world_size
+
+    def _data_position(self, step: int) -> int:
+        """The number of global batches the data order has given out by ``step``."""
+        return self._data_start + (step - self._data_step) * self.tc["grad_accum"]
+
+    def _restore_data_position(self, ckpt: Mapping[str, Any], path: Path) -> None:
+        """Go on from the checkpoint's place in the data; with another global batch (batch size or number of
+        processes) from the same point of the data, counted in samples."""
+        saved_tc = ckpt["config"]["trainer"]
+        data = ckpt.get("data") or {  # older checkpoints: one global batch throughout
+            "position": self.step * saved_tc.get("grad_accum", 1),
+            "global_batch": saved_tc["batch_size"] * self.world_size,
+        }
+        position, old, new = int(data["position"]), int(data["global_batch"]), self._global_batch()
+        if old != new:
+            position = round(position * old / new)
+            if self.is_main:
+                log.warning("%s was trained with a global batch of %d (trainer.batch_size x processes), this run has "
+                            "%d: the data order goes on from the same point of the data, not bit-identically", path,
+                            old, new)
+        self._data_step, self._data_start = self.step, position
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> float:
+        """A logged figure averaged over every process (each holds its own shard's)."""
+        if self.world_size > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
     def _restore_rng(self, rng: dict[str, Any], path: Path) -> None:
         """The random streams of the run, where the checkpoint's come from the same kind of device and rank."""
-        torch.set_rng_state(rng["torch"].cpu())
+        ranks = rng.get("torch_ranks") or []
+        if self.rank < len(ranks):
+            torch.set_rng_state(ranks[self.rank].cpu())
+        elif self.rank == 0:
+            torch.set_rng_state(rng["torch"].cpu())
+        else:  # an older checkpoint holds rank 0's stream only: draw apart from it
+            torch.manual_seed(_rank_seed(self.cfg["seed"], self.rank) + 104_729 * (self.step + 1))
         gen, cuda = rng["generators"], rng.get("cuda") or []
         # Checkpoints without the key: a CUDA generator's state is 16 bytes, a CPU one's 5,056.
         saved = rng.get("device_type") or ("cuda" if gen and gen[0].numel() < 100 else "cpu")
@@ -369,7 +419,7 @@ class Trainer:
             if p.is_floating_point() and not torch.isfinite(p).all():
                 raise NonFiniteLossError(f"parameter {name!r} is not finite at step {self.step}; {self.ckpt_path} is kept")
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None  # dropout's stream
-        states = [(self.generator.get_state().cpu(), cuda)]
+        states = [(self.generator.get_state().cpu(), cuda, torch.get_rng_state())]
         if self.world_size > 1:
             gathered: list[Any] = [None] * self.world_size
             dist.all_gather_object(gathered, states[0])
@@ -407,8 +457,10 @@ class Trainer:
                 "lr_scheduler": self.sched.state_dict(),
                 "rng": {
                     "torch": torch.get_rng_state(), "device_type": self.device.type,
-                    "generators": [g for g, _ in states], "cuda": [c for _, c in states if c is not None],
+                    "generators": [g for g, _, _ in states], "cuda": [c for _, c, _ in states if c is not None],
+                    "torch_ranks": [r for _, _, r in states],
                 },
+                "data": {"position": self._data_position(self.step), "global_batch": self._global_batch()},
                 "torch_version": str(torch.__version__),
             },
             self.ckpt_path,
@@ -439,7 +491,7 @@ class Trainer:
             len(self.train_set),
             self.tc["batch_size"],
             seed=self.cfg["seed"],
-            start=self.step * self.tc["grad_accum"],
+            start=self._data_position(self.step),
             rank=self.rank,
             world_size=self.world_size,
         )
@@ -547,7 +599,7 @@ class Trainer:
                 record = {
                     "kind": "train",
                     "step": self.step,
-                    "loss": float(torch.stack(losses).mean()),
+                    "loss": self._mean_over_ranks(torch.stack(losses).mean()),
                     "lr": lr,
                     "grad_norm": float(grad_norm),
                     "samples_per_s": n_last / max(dt, 1e-9),

@@ -11,6 +11,7 @@ from torch import nn
 from polydiff import Batch, DenseSpace, Domain, RaggedSpace
 from polydiff.generate import generate
 from polydiff.objectives import Objective
+from polydiff.samplers import Known
 from polydiff.schedules import make_schedule
 
 
@@ -178,7 +179,6 @@ def test_dense_space_rejects_a_mask_that_does_not_fit():
 @pytest.mark.parametrize("batch_size", [3, 64])
 def test_known_values_follow_their_samples_through_chunks(batch_size):
     """Per-sample known values are split with the chunks: each sample keeps its own, the rest is generated."""
-    from polydiff.samplers import Known
 
     schedule, objective = make_schedule("cosine", 100), Objective(prediction="x0")
     labels = torch.arange(7)
@@ -190,3 +190,44 @@ def test_known_values_follow_their_samples_through_chunks(batch_size):
     assert torch.equal(out.x[:, 0, 0], values[:, 0, 0])
     rest = out.x.reshape(7, -1)[:, 1:]  # generated: the label, as the net answers
     assert torch.allclose(rest, labels.float()[:, None].expand_as(rest), atol=1e-4)
+
+
+def test_generate_checks_its_arguments_before_any_work():
+    """Labels, n, guidance keys and sampler values are refused by name; omitted sampler keys take the defaults."""
+    domain, net, sch, obj = Toy(), LabelToValue(), make_schedule("cosine", 100), Objective("x0")
+    out = generate(domain, net, sch, obj, 3, {}, labels=[1, 2, 3])  # DDIM-50, labels as a list
+    assert out.x[:, 0, 0].tolist() == pytest.approx([1, 2, 3])
+    grid = generate(domain, net, sch, obj, 2, {"name": "ddim", "steps": torch.tensor([1.0, 0.5, 0.0])},
+                    labels=torch.tensor([4, 5]))  # an explicit time grid
+    assert grid.x[:, 0, 0].tolist() == pytest.approx([4, 5])
+    for labels, message in [([1, 2], "must be 3 class indices"), ([0, 1, 7], "label 7 is out of range"),
+                            (torch.ones(3), "must be 3 class indices")]:
+        with pytest.raises(ValueError, match=message):
+            generate(domain, net, sch, obj, 3, {}, labels=labels)
+    with pytest.raises(KeyError, match=r"unknown guidance option\(s\) \['scael'\]"):
+        generate(domain, net, sch, obj, 3, {}, guidance={"scael": 3})
+    with pytest.raises(ValueError, match="n=0"):
+        generate(domain, net, sch, obj, 0, {})
+    with pytest.raises(ValueError, match=r"sampler.eta=-0.5 is outside \[0, 1\]"):
+        generate(domain, net, sch, obj, 3, {"eta": -0.5})
+    with pytest.raises(ValueError, match="sampler.clip_x0=0"):
+        generate(domain, net, sch, obj, 3, {"name": "dpmpp_2m", "clip_x0": 0})
+    domain.class_names = []
+    with pytest.raises(ValueError, match="unconditional"):
+        generate(domain, net, sch, obj, 3, {}, labels=[0, 1, 2])
+
+
+def test_known_of_lower_rank_broadcasts_over_every_chunk():
+    """Values and a mask shaped like one sample ([6] for states [3, 6]) hold the same part of every sample,
+    whether the draw is chunked or not."""
+    class Zero(nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x)
+
+    domain, sch, obj = Toy(), make_schedule("cosine", 100), Objective("v")
+    domain.sample_shape, domain.class_names = (6,), []
+    known = Known(torch.arange(1.0, 7.0), torch.tensor([1.0, 1, 1, 0, 0, 0]))
+    for batch_size in (1, 3):
+        x = generate(domain, Zero(), sch, obj, 3, {"steps": 5, "batch_size": batch_size}, known=known).x
+        assert torch.equal(x[:, :3], torch.tensor([[1.0, 2, 3]] * 3))
+        assert (x[:, 3:] != torch.arange(4.0, 7.0)).all()

@@ -279,3 +279,18 @@ def test_ragged_space_moves_and_projects_without_reading_the_device():
         assert "aten._local_scalar_dense.default" not in log.names
         # Only the space's own device tensors index: no list turned into an index (a copy from the host) per call.
         assert log.indices and all(any(i is own for own in (meta.batch, meta._cols)) for i in log.indices)
+
+
+def test_bad_time_grids_and_sampler_values_are_refused():
+    """A NaN grid, two grid times on one noise level (sigma 0: NaN samples), a negative eta and a non-positive
+    clip_x0 (samples silently collapsed) are refused."""
+    schedule, space = make_schedule("cosine", 100), DenseSpace((4, 3))
+    den, noise = gaussian_denoiser(schedule, space), torch.randn(4, 3, dtype=torch.float64)
+    for grid in (torch.tensor([1.0, float("nan"), 0.0]), torch.tensor([1.0, 0.5, 1e-16, 0.0])):
+        with pytest.raises(ValueError, match="grid"):
+            sample("ddim", den, noise, schedule, grid, space=space)
+    with pytest.raises(ValueError, match=r"sampler.eta=-0.5 is outside \[0, 1\]"):
+        sample_ddim(den, noise, schedule, 10, eta=-0.5, space=space)
+    for name in ("ddpm", "ddim", "dpmpp_2m"):
+        with pytest.raises(ValueError, match="sampler.clip_x0=-1.0 must be positive"):
+            sample(name, den, noise, schedule, 10, space=space, clip_x0=-1.0)

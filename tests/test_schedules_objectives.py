@@ -92,6 +92,29 @@ def test_custom_betas_and_bad_names():
         make_schedule("cosine", power=2.0)
     with pytest.raises(ValueError):
         NoiseSchedule.from_betas([0.1, 0.0])
+    for name in NAMES:  # one step cannot span data to noise (linear would end at alpha_bar 0.9)
+        with pytest.raises(ValueError, match="schedule.steps must be a whole number >= 2, got 1"):
+            make_schedule(name, 1)
+
+
+def test_network_output_of_another_shape_is_refused():
+    """Broadcasting a [B, 1, L] output over a [B, 2, L] state would silently share one channel's prediction."""
+    schedule, x = make_schedule("cosine", 100), torch.randn(4, 2, 8)
+    net = lambda x_t, t: x_t[:, :1]
+    with pytest.raises(ValueError, match=r"returned \(4, 1, 8\) for a state x_t of shape \(4, 2, 8\)"):
+        Objective("v").loss(net, Batch(x, DenseSpace(x.shape)), schedule)
+    with pytest.raises(ValueError, match="must return a tensor of x_t's shape"):
+        Objective("eps").denoiser(net, schedule, DenseSpace(x.shape))(x, torch.full((4,), 0.5))
+
+
+def test_a_sample_without_valid_elements_has_zero_loss_not_nan():
+    """An all-masked row (or a 0-row ragged sample) must not make the batch loss NaN."""
+    x, mask = torch.randn(2, 5), torch.ones(2, 5)
+    mask[1] = 0
+    losses = Objective("eps").losses(lambda x_t, t: torch.zeros_like(x_t), Batch(x, DenseSpace(x.shape, mask=mask)),
+                                     make_schedule("cosine", 100))
+    assert torch.isfinite(losses).all() and losses[1] == 0
+    assert RaggedSpace(torch.tensor([0, 0]), 2, 3).mean(torch.ones(2, 3)).tolist() == [1.0, 0.0]
 
 
 def test_polynomial_is_edm_like():

@@ -428,15 +428,18 @@ from polydiff.cli import main
 
 dump = sys.argv.pop(1)
 real_fit, real_micro_step = trainer.Trainer.fit, trainer.Trainer._micro_step
-first_batch = []
+first_batch, losses, draws = [], [], []
 
 def micro_step(self, batch, last):
     first_batch.append(batch.x.clone())
-    return real_micro_step(self, batch, last)
+    draws.append(torch.rand(1))  # the global stream dropout and augmentation draw from
+    losses.append(float(real_micro_step(self, batch, last)))
+    return torch.tensor(losses[-1])
 
 def fit(self):
     result = real_fit(self)
-    torch.save({"model": self.net.state_dict(), "first_batch": first_batch[0]}, f"{dump}/rank{self.rank}.pt")
+    torch.save({"model": self.net.state_dict(), "first_batch": first_batch[0], "losses": losses,
+                "draws": torch.cat(draws)}, f"{dump}/rank{self.rank}.pt")
     return result
 
 trainer.Trainer._micro_step, trainer.Trainer.fit = micro_step, fit
@@ -466,9 +469,34 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert ckpt["step"] == 20 and len(ckpt["rng"]["generators"]) == 2
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert not torch.equal(rank0["first_batch"], rank1["first_batch"]), "both ranks drew the same data"
+    assert not (rank0["draws"] == rank1["draws"]).any(), "dropout masks and augmentations would repeat across ranks"
+    both = (torch.tensor(rank0["losses"]) + torch.tensor(rank1["losses"])) / 2  # [20]: the mean over ranks
+    for r in train_records:  # the logged loss is the mean over both ranks' batches since the last record
+        assert r["loss"] == pytest.approx(float(both[r["step"] - 5 : r["step"]].mean()), rel=1e-5)
+    ranks = ckpt["rng"]["torch_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0], ranks[1])
     for name, value in ckpt["model"].items():
         assert torch.equal(rank0["model"][name], value), f"rank 0's {name} is not the checkpoint's"
         assert torch.equal(rank1["model"][name], value), f"rank 1's {name} differs from rank 0's"
+
+
+def test_torchrun_without_a_run_folder_is_refused(monkeypatch):
+    """Hydra's default folder holds the start time, read by each process on its own: ranks could split."""
+    from polydiff.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="under torchrun, give every process the same run folder: add hydra.run.dir"):
+        main(["train", str(ROOT / "examples" / "points.yaml")])
+
+
+def test_resume_with_another_global_batch_goes_on_from_the_same_point_of_the_data(tmp_path, caplog):
+    """10 steps of 64 samples, resumed at 32 per step: the data order continues at batch 20 of 32, not 10."""
+    train(config(max_steps=10, ckpt_every=10), tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["data"] == {"position": 10, "global_batch": 64}
+    with caplog.at_level(logging.WARNING):
+        train(config(max_steps=14, batch_size=32, ckpt_every=14), tmp_path)
+    assert "global batch of 64" in caplog.text and "this run has 32" in caplog.text
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["data"] == {"position": 24, "global_batch": 32}
 
 
 def test_logged_lr_is_the_steps_own_and_the_last_checkpoint_is_written_once(tmp_path, monkeypatch):
@@ -538,3 +566,36 @@ def test_ema_update_matches_averaged_model_without_moving_its_counter():
     with Reads() as log:
         ema.update_parameters(meta_net)  # what it replaces moves the counter to the device every step
     assert log.mixed
+
+
+class PairsDomain(PointsDomain):
+    """(point, label) pairs with the template's collate and setup: the label is the point's mixture component // 4."""
+
+    def dataset(self, split):
+        points = super().dataset(split)
+        return [(p, int(torch.atan2(p[1], p[0]) % (2 * torch.pi) >= torch.pi)) for p in points]
+
+    def build_network(self, width=32, depth=2):
+        return LabelledMLP(width, depth)
+
+
+class LabelledMLP(MLP):
+    def __init__(self, width, depth):
+        super().__init__(width, depth)
+        self.embed = torch.nn.Embedding(3, 2)  # two classes and the null label -1 (index 2)
+
+    def forward(self, x, t, label):
+        return super().forward(x + self.embed(torch.where(label < 0, 2, label)), t)
+
+
+def test_template_setup_names_the_classes_of_labelled_pairs(tmp_path):
+    """A data set of (tensor, label) pairs trains a conditional model that is sampled by label afterwards."""
+    cfg = config(max_steps=3, num_samples=4)
+    cfg["domain"] = {"name": f"{__name__}:PairsDomain", "size": 256}
+    train(cfg, tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["domain_state"]["class_names"] == ["0", "1"]
+    from polydiff.cli import main
+
+    main(["sample", str(tmp_path), "--n", "2", "label=1", "guidance.scale=2", "--out", str(tmp_path / "s")])
+    assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True)["label"].tolist() == [1, 1]
