@@ -18,6 +18,16 @@ __all__ = [
     "get_domain",
     "is_null",
     "list_domains",
+    "load_run",
     "null_condition",
     "register_domain",
 ]
+
+
+def __getattr__(name: str):
+    """``polydiff.load_run`` (see :func:`polydiff.build.load_run`), imported on first use: ``import polydiff`` stays light."""
+    if name == "load_run":
+        from .build import load_run
+
+        return load_run
+    raise AttributeError(f"module 'polydiff' has no attribute {name!r}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +17,7 @@ from .objectives import Objective
 from .registry import domain_module_prefixes, get_domain
 from .schedules import NoiseSchedule, make_schedule
 
-__all__ = ["Parts", "build_domain", "split_domain_overrides", "with_domain_overrides", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
+__all__ = ["Parts", "load_run", "parts_from_checkpoint", "saved_config", "domain_class_path", "build_domain", "split_domain_overrides", "with_domain_overrides", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
 
 
 def to_plain(cfg: Any) -> Any:
@@ -120,6 +122,71 @@ class Parts:
         objective = build_objective(plain["objective"], schedule)
         net = build_network(domain, plain.get("model", {}))
         return cls(domain, net, schedule, objective, train_set)
+
+
+def domain_class_path(domain: Domain) -> dict[str, Optional[str]]:
+    """Where a domain's class lives, saved in checkpoints: ``{"class": "module:Qualname", "root": folder}``, the root
+    being the folder that makes the module importable (named in errors when it is not, e.g. when sampling elsewhere)."""
+    cls = type(domain)
+    module = sys.modules.get(cls.__module__)
+    root = None
+    if getattr(module, "__file__", None):
+        path = Path(module.__file__).resolve()
+        path = path.parent if path.name == "__init__.py" else path
+        root = str(path.parents[len(cls.__module__.split(".")) - 1])
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "root": root}
+
+
+def saved_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config, its domain named by the saved class path where the registered name is unknown here
+    (a domain registered by code that is not imported now). The class is imported by name only: a checkpoint never
+    adds folders to ``sys.path``."""
+    cfg = dict(ckpt["config"])
+    name, saved = cfg["domain"]["name"], ckpt.get("domain_class") or {}
+    try:
+        get_domain(name)
+        return cfg
+    except KeyError:
+        if not saved.get("class") or saved["class"].startswith("__main__:"):
+            raise KeyError(f"unknown domain {name!r}: the run's domain class is not importable here"
+                           + (" (it was defined in a script run as __main__: move it into a module)" if saved else
+                              "; import or register it first (polydiff.register_domain)")) from None
+    try:
+        get_domain(saved["class"])
+    except ImportError as err:
+        where = f"; its module lies under {saved['root']}: add that folder to PYTHONPATH" if saved.get("root") else ""
+        raise ImportError(f"domain {name!r} of this run is {saved['class']}, which does not import here ({err}){where}")
+    return {**cfg, "domain": {**cfg["domain"], "name": saved["class"]}}
+
+
+def load_run(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+             domain_overrides: Sequence[str] = ()) -> tuple[Parts, dict[str, Any]]:
+    """The parts of a trained run (a run folder or a checkpoint file), its network holding the EMA (``"ema"``) or
+    raw (``"raw"``) weights on ``device`` in eval mode, and the checkpoint. Samples come from
+    :func:`polydiff.generate.generate` with the parts and the checkpoint's ``config["sampler"]``."""
+    from .checkpoint import load_checkpoint
+
+    path = Path(path)
+    ckpt_path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt_path}: give a run folder or a checkpoint file")
+    ckpt = load_checkpoint(ckpt_path)
+    parts = parts_from_checkpoint(ckpt, weights, domain_overrides)
+    parts.net.to(device)
+    return parts, ckpt
+
+
+def parts_from_checkpoint(ckpt: Mapping[str, Any], weights: str = "ema", domain_overrides: Sequence[str] = ()) -> Parts:
+    """:func:`load_run` for a checkpoint already loaded: the network on the CPU, in eval mode."""
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: choose 'ema' or 'raw'")
+    parts = Parts.from_config(with_domain_overrides(saved_config(ckpt), domain_overrides), domain_state=ckpt["domain_state"])
+    state = ckpt["model"]
+    if weights == "ema":
+        state = {k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    parts.net.load_state_dict(state)
+    parts.net.eval()
+    return parts
 
 
 def resolve_device(device: str, where: str = "trainer.device") -> torch.device:

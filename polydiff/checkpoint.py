@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-__all__ = ["atomic_save", "keep_copy", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["atomic_save", "keep_copy", "load_checkpoint", "check_loadable", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "polydiff-checkpoint-v1"
 
@@ -91,13 +93,43 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # intact, but holding a type that weights_only loading refuses
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
+        if detail:
+            raise ValueError(
+                f"checkpoint {path} holds a value that safe loading (torch.load(weights_only=True)) refuses: "
+                f"{detail}. It was written by code whose Domain.state_dict() returned such a value: state dicts may hold "
+                f"only tensors and plain Python values (numbers, strings, lists, dicts)"
+            ) from err
+        raise _unreadable(path, err) from err
     except Exception as err:  # corrupt or not a torch file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(
-            f"checkpoint {path} could not be read: the file ({path.stat().st_size} bytes) is truncated or corrupt, or "
-            f"not a torch.save file ({type(err).__name__}: {reason}). Move it aside, then start afresh or resume "
-            f"another checkpoint with trainer.resume=PATH (polydiff sample --checkpoint PATH samples another)"
-        ) from err
+        raise _unreadable(path, err) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a polydiff checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return ckpt
+
+
+def check_loadable(state: Mapping[str, Any], where: str) -> None:
+    """Raise ``TypeError`` naming the first entry of ``state`` that a checkpoint could save but never load back
+    (``weights_only=True`` takes tensors and plain Python values only), before any training is spent on it."""
+    for key, value in state.items():
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, weights_only=True)
+        except Exception as err:  # noqa: BLE001 -- whatever safe loading refuses
+            raise TypeError(
+                f"{where}[{key!r}] is a {type(value).__module__}.{type(value).__qualname__}, which checkpoints cannot "
+                f"load back safely: give tensors or plain Python values (e.g. torch.as_tensor(v) or v.tolist())"
+            ) from err
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    """The error for a checkpoint that is truncated, corrupt or not a torch file."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ValueError(
+        f"checkpoint {path} could not be read: the file ({path.stat().st_size} bytes) is truncated or corrupt, or "
+        f"not a torch.save file ({type(err).__name__}: {reason}). Move it aside, then start afresh or resume "
+        f"another checkpoint with trainer.resume=PATH (polydiff sample --checkpoint PATH samples another)"
+    )

@@ -43,6 +43,8 @@ def _recipe_paths(recipe: str) -> tuple[Path, list[str]]:
         known = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
         raise _fail(f"recipe {recipe!r} not found" + (f"; recipes here: {known}" if known else ""))
     path = path.resolve()
+    if str(path.parent) not in sys.path:  # "module:Class" domains beside the recipe resolve from any folder
+        sys.path.insert(1, str(path.parent))
     extra = path.with_suffix("")
     search = [f"hydra.searchpath=[file://{extra}]"] if extra.is_dir() else []
     return path, search
@@ -72,12 +74,23 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
     try:
         cfg = compose_recipe(recipe, plain, with_hydra=True)
     except ConfigCompositionException as err:
+        _check_schema(compose_recipe(recipe), recipe)
         _explain_override(recipe, plain, err)
         return  # not ours to explain: Hydra reports it as usual
+    _check_schema(cfg, recipe)
     ckpt = resume_source(cfg.trainer.resume, Path(cfg.hydra.run.dir) / "checkpoints" / "last.pt")
     if ckpt is not None:
         del cfg.hydra
         check_resumable(load_checkpoint(ckpt, mmap=True), to_plain(cfg), ckpt)
+
+
+def _check_schema(cfg: Any, recipe: str) -> None:
+    """Refuse a recipe composed without polydiff's schema: its overrides and defaults would not apply."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, "trainer.resume") is None:
+        raise ValueError(f"recipe {recipe} does not build on polydiff's recipe schema: put `defaults: [polydiff_recipe, "
+                         f"_self_]` at its top (as in examples/points.yaml), so that its defaults and overrides apply")
 
 
 def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> None:
@@ -156,7 +169,8 @@ def _train(args: Sequence[str]) -> None:
             raise _fail(_message(err)) from err
 
     saved = sys.argv
-    sys.argv = ["polydiff train", "--config-path", str(path.parent), "--config-name", path.stem, *search, *args[1:]]
+    # The search path after the user's items: Hydra's flags (-m, --cfg) may come first, then every override.
+    sys.argv = ["polydiff train", "--config-path", str(path.parent), "--config-name", path.stem, *args[1:], *search]
     try:
         _task()
     finally:
@@ -167,7 +181,7 @@ def _sample(args: Sequence[str]) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from .build import Parts, resolve_device, split_domain_overrides, with_domain_overrides
+    from .build import parts_from_checkpoint, resolve_device, split_domain_overrides
     from .checkpoint import load_checkpoint
     from .config import GuidanceConfig, SamplerConfig, check_call, check_overrides
     from .generate import generate
@@ -225,11 +239,7 @@ def _sample(args: Sequence[str]) -> None:
 
     try:
         device = resolve_device(a.device, "--device")
-        parts = Parts.from_config(with_domain_overrides(cfg, domain_over), domain_state=ckpt["domain_state"])
-        state = ckpt["model"]
-        if a.weights == "ema":
-            state = {k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-        parts.net.load_state_dict(state)
+        parts = parts_from_checkpoint(ckpt, a.weights, domain_over)
         parts.net.to(device)
         domain = parts.domain
         _check_guidance(domain, guidance, over.get("guidance", {}))
@@ -310,13 +320,13 @@ def _override_error(err: Exception) -> str:
 
 def _check_guidance(domain: Any, guidance: dict[str, Any], given: Any) -> None:
     """Refuse guidance options given for a model without labels: they would change nothing, yet be recorded."""
-    if not given or tuple(domain.guidance_keys) != ("label",) or domain.num_classes:
-        return  # the recipe's own guidance, a conditional model, or conditions this check cannot see
+    if not given or domain.can_guide():
+        return  # the recipe's own guidance, or a conditional model
     if float(guidance["scale"]) != 1.0 or float(guidance["rescale"]) > 0:
         named = " ".join(f"guidance.{k}={v}" for k, v in given.items())
         raise ValueError(
             f"{named} would have no effect: domain "
-            f"{domain.name!r} of this run is unconditional (no labels to guide towards); drop the guidance.KEY=V "
+            f"{domain.name!r} of this run is unconditional (no condition to guide towards); drop the guidance.KEY=V "
             f"overrides"
         )
 
@@ -337,6 +347,10 @@ def _eval(args: Sequence[str]) -> None:
     overrides, paths = split_domain_overrides(a.samples)
     if not paths:
         raise _fail("give at least one file or folder of samples to score")
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise _fail(f"no samples at {missing}: give files or folders of samples; of KEY=V settings only domain.KEY=V "
+                    "apply here (a recipe is composed with its defaults)")
     if a.json is not None and a.json.exists():
         raise _fail(f"{a.json} exists: choose another --json file, or remove it first")
     try:

@@ -98,6 +98,10 @@ class Domain:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def can_guide(self) -> bool:
+        """Whether samples carry a condition that classifier-free guidance steers towards (default: class labels)."""
+        return self.num_classes > 0
+
     def setup(self, train_set: Dataset) -> None:
         """Read what sampling needs from the training set (called once before training).
 
@@ -176,7 +180,8 @@ class Domain:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{prefix}.pt"
-        torch.save({"x": batch.x.detach().cpu(), **{k: v.detach().cpu() for k, v in batch.cond.items()}}, path)
+        cond = {k: v.detach().cpu() for k, v in batch.cond.items() if isinstance(v, Tensor)}
+        torch.save({"x": batch.x.detach().cpu(), **cond, "layout": _layout(batch.space)}, path)
         return [path]
 
     def concat(self, batches: Sequence[Batch]) -> Batch:
@@ -217,10 +222,13 @@ class Domain:
             if not isinstance(saved, Mapping) or not isinstance(saved.get("x"), Tensor):
                 raise ValueError(f"{f} holds no sample tensor 'x'; expected a .pt file written by save_samples")
             x = saved["x"].float()
-            if self.sample_shape is not None and tuple(x.shape[1:]) != tuple(self.sample_shape):
+            space = _space_of(saved.get("layout"), x, f)
+            if isinstance(space, DenseSpace) and self.sample_shape is not None and tuple(x.shape[1:]) != tuple(self.sample_shape):
                 raise ValueError(f"samples in {f} have shape {tuple(x.shape[1:])}, the domain's are {tuple(self.sample_shape)}")
-            cond = {k: v for k, v in saved.items() if k != "x" and isinstance(v, Tensor) and v.dim() and len(v) == len(x)}
-            batches.append(Batch(x, DenseSpace(tuple(x.shape)), cond))
+            sizes = {len(x), space.num_samples}  # per-row (a ragged batch vector) or per-sample (labels) conditions
+            cond = {k: v for k, v in saved.items()
+                    if k not in ("x", "layout") and isinstance(v, Tensor) and v.dim() and len(v) in sizes}
+            batches.append(Batch(x, space, cond))
         return self.concat(batches)
 
     def known_values(self, path: Path, n: int, **options: Any) -> Known:
@@ -251,3 +259,23 @@ class Domain:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
+
+def _layout(space: Space) -> Optional[dict[str, Any]]:
+    """What :meth:`Domain.read_samples` needs to rebuild a saved batch's space (``None``: a plain dense batch)."""
+    if isinstance(space, RaggedSpace):
+        return {"kind": "ragged", "batch": space.batch.cpu(), "num_samples": space.num_samples,
+                "centered": list(space.centered)}
+    if isinstance(space, DenseSpace) and space.mask is not None:
+        return {"kind": "dense", "mask": space.mask.cpu()}
+    return None
+
+
+def _space_of(layout: Optional[Mapping[str, Any]], x: Tensor, path: Path) -> Space:
+    """The space a saved batch was drawn in, from the layout :meth:`Domain.save_samples` stored beside it."""
+    if layout is None:
+        return DenseSpace(tuple(x.shape))
+    if layout.get("kind") == "dense":
+        return DenseSpace(tuple(x.shape), mask=layout["mask"])
+    if layout.get("kind") == "ragged":
+        return RaggedSpace(layout["batch"], int(layout["num_samples"]), x.shape[1], centered=tuple(layout["centered"]))
+    raise ValueError(f"{path} holds an unknown sample layout {layout.get('kind')!r}; expected a file of save_samples")

@@ -113,6 +113,8 @@ def check_sampler(sampler: Mapping[str, Any], schedule: NoiseSchedule) -> None:
     precision, chunk = options.pop("precision", "fp32"), options.pop("batch_size", None)
     check_options(name, options)
     if not isinstance(steps, Tensor):  # an explicit time grid is checked by the sampler
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise ValueError(f"sampler.steps={steps!r} must be a whole number of steps (or a tensor time grid)")
         timesteps(int(steps), schedule.num_steps, options.get("spacing", "trailing"))
 
     if precision not in PRECISIONS:

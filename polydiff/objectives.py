@@ -100,6 +100,8 @@ class Objective:
         _check(self.prediction)
         if self.weighting not in WEIGHTINGS:
             raise KeyError(f"unknown objective.weighting {self.weighting!r}; choose one of {list(WEIGHTINGS)}")
+        if self.weighting == "min_snr" and not self.gamma > 0:
+            raise ValueError(f"objective.gamma={self.gamma} must be positive (min-SNR weighting clips the SNR at gamma)")
 
     def sample_t(self, n: int, schedule: NoiseSchedule, device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
         """Per-sample training times ``[B]``: uniform over the trained steps ``i / T``, ``i = 1..T``."""

@@ -35,7 +35,10 @@ def register_domain(name: str, cls: Optional[type[Domain]] = None, *, overwrite:
         if not (isinstance(c, type) and issubclass(c, Domain)):
             raise TypeError(f"register_domain({name!r}) needs a polydiff.Domain subclass, got {c!r}")
         known = _REGISTRY.get(name)
-        if known is not None and known is not c and not overwrite and not isinstance(known, str):
+        # A script that names its own domain by module path imports itself a second time under its real name.
+        same_script = not isinstance(known, (str, type(None))) and known.__module__ == "__main__" and (
+            known.__qualname__ == c.__qualname__)
+        if known is not None and known is not c and not overwrite and not isinstance(known, str) and not same_script:
             raise ValueError(f"domain {name!r} is already registered to {known!r}; pass overwrite=True to replace it")
         c.name = name
         _REGISTRY[name] = c
@@ -52,7 +55,12 @@ def _load(name: str, target: str) -> type[Domain]:
         raise ImportError(f"domain {name!r} points at {target!r}, which failed to import: {err}") from err
     if not (isinstance(cls, type) and issubclass(cls, Domain)):
         raise TypeError(f"domain {name!r} points at {target!r}, which is not a polydiff.Domain subclass")
-    if _REGISTRY.get(cls.name) is not cls:  # a class that registered itself on import keeps its registered name
+    return _adopt(name, cls)
+
+
+def _adopt(name: str, cls: type[Domain]) -> type[Domain]:
+    """Register ``cls`` found under ``name``; a class that registered itself on import keeps its registered name."""
+    if _REGISTRY.get(cls.name) is not cls:
         cls.name = name
     _REGISTRY[name] = cls
     return cls
@@ -63,9 +71,7 @@ def _from_entry_points(name: str) -> Optional[type[Domain]]:
         if ep.name == name:
             obj = ep.load()
             if isinstance(obj, type) and issubclass(obj, Domain):
-                obj.name = name
-                _REGISTRY[name] = obj
-                return obj
+                return _adopt(name, obj)
             raise TypeError(f"entry point {ep.value!r} for domain {name!r} is not a polydiff.Domain subclass")
     return None
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from .build import build_domain, to_plain, with_domain_overrides
+from .build import build_domain, saved_config, to_plain, with_domain_overrides
 from .domain import Domain
 
 __all__ = ["load_domain", "score_samples"]
@@ -38,7 +38,7 @@ def load_domain(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Doma
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{source} is neither a recipe (.yaml) nor a run directory with checkpoints/last.pt")
         ckpt = load_checkpoint(ckpt_path, mmap=True)
-        cfg, state = ckpt["config"], ckpt["domain_state"]
+        cfg, state = saved_config(ckpt), ckpt["domain_state"]
     cfg = with_domain_overrides(cfg, overrides)
     domain = build_domain(cfg["domain"])
     if state is None:

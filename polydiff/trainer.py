@@ -19,14 +19,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from .build import Parts, build_schedule, resolve_device, to_plain
-from .checkpoint import CHECKPOINT_FORMAT, atomic_save, keep_copy, load_checkpoint
+from .build import Parts, build_schedule, domain_class_path, resolve_device, to_plain
+from .checkpoint import CHECKPOINT_FORMAT, atomic_save, check_loadable, keep_copy, load_checkpoint
 from .config import check_keys
 from .conditioning import drop_condition
 from .data import ResumableBatchSampler
@@ -159,6 +160,20 @@ def _lr_lambda(warmup: int, max_steps: int, decay: str):
     return f
 
 
+def _plain_metrics(metrics: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    """``Domain.evaluate``'s figures as JSON values (one-element tensors and numpy scalars become numbers); a metric
+    named like a field of the log record (``step``, ``kind``, ...) is logged as ``metric_NAME``."""
+    plain = {}
+    for key, value in metrics.items():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(value, (int, float, str, bool, type(None))):
+            raise TypeError(f"Domain.evaluate returned {key!r}={value!r} ({type(value).__name__}): metrics must be "
+                            f"numbers (float(v)) or strings")
+        plain[f"metric_{key}" if key in record else key] = value
+    return plain
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     """The global random stream of process ``rank`` > 0 (dropout, augmentation): distinct from every other rank's."""
     return seed * 7919 + 15_485_863 * rank
@@ -232,6 +247,7 @@ class Trainer:
         self.parts = Parts.from_config(self.cfg)
         self.domain = self.parts.domain
         self.train_set = self.parts.train_set
+        check_loadable(self.domain.state_dict(), f"{type(self.domain).__qualname__}.state_dict()")
         self.net = self.parts.net.to(self.device)
         if self.rank > 0:  # dropout and augmentation draw apart from here (rank 0 keeps a single process's stream)
             torch.manual_seed(_rank_seed(self.cfg["seed"], self.rank))
@@ -451,6 +467,7 @@ class Trainer:
                 "step": self.step,
                 "config": self.cfg,
                 "domain_state": self.domain.state_dict(),
+                "domain_class": domain_class_path(self.domain),
                 "model": self.net.state_dict(),
                 "ema": self.ema.state_dict(),
                 "optimizer": self.opt.state_dict(),
@@ -519,6 +536,16 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.max_steps``, then checkpoint, sample and evaluate."""
+        self.train_steps()
+        self.save()
+        result = self.sample_and_evaluate(reference=True)
+        if self.tb is not None:
+            self.tb.close()
+        return result
+
+    def train_steps(self) -> None:
+        """The optimizer steps up to ``trainer.max_steps`` (with their logs, checkpoints and ``sample_every`` draws):
+        :meth:`fit` without its final checkpoint and draw."""
         tc = self.tc
         max_steps = tc["max_steps"]
         data = iter(self._loader())
@@ -535,11 +562,6 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        self.save()
-        result = self.sample_and_evaluate(reference=True)
-        if self.tb is not None:
-            self.tb.close()
-        return result
 
     @contextmanager
     def _stop_on_interrupt(self) -> Iterator[None]:
@@ -632,7 +654,7 @@ class Trainer:
         paths = self.domain.save_samples(batch, self.run_dir / "samples", prefix=f"step_{self.step:07d}")
         record: dict[str, Any] = {"kind": "eval", "step": self.step, "num_samples": n, "sampler": sampler_cfg["name"]}
         if self.tc["eval"]:
-            record.update(self.domain.evaluate(batch))
+            record.update(_plain_metrics(self.domain.evaluate(batch), record))
         self.log(record)
         if reference and self.tc["eval"]:
             ref = self.domain.reference_metrics(n)

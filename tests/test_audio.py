@@ -153,6 +153,47 @@ def test_sc09_missing_copy_says_where_to_put_it(tmp_path):
         AudioDomain(dataset="sc09", root=str(tmp_path / "nowhere")).dataset("train")
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_sc09_copy_missing_a_digit_is_refused_by_name(tmp_path, split):
+    base = make_fake_sc09(tmp_path)
+    for path in (base / "nine").iterdir():
+        path.unlink()
+    (base / "nine").rmdir()
+    with pytest.raises(ValueError, match=rf"all ten digit words, but the '{split}' split .* has none of \['nine'\]: the "
+                                         rf"folder\(s\) {re.escape(str(base / 'nine'))}/ are missing"):
+        sc09_index(tmp_path, split)
+    with pytest.raises(ValueError, match=r"has none of \['nine'\]"):
+        AudioDomain(dataset="sc09", root=str(tmp_path), sample_rate=2000).dataset(split)
+
+
+def test_sc09_test_list_without_a_digit_is_refused(tmp_path):
+    base = make_fake_sc09(tmp_path)
+    listed = (base / "testing_list.txt").read_text().splitlines()
+    (base / "testing_list.txt").write_text("\n".join(line for line in listed if not line.startswith("seven/")) + "\n")
+    with pytest.raises(ValueError, match=rf"'test' split .* has none of \['seven'\]: .*testing_list.txt names none of "
+                                         rf"the files in {re.escape(str(base / 'seven'))}/"):
+        sc09_index(tmp_path, "test")
+
+
+def test_sc09_listed_file_that_was_deleted_is_skipped_with_one_warning(tmp_path, caplog):
+    """Deleting a bad clip (as the silent-clip error says) leaves its list entry: skipped, not an error loop."""
+    base = make_fake_sc09(tmp_path)
+    sf.write(base / "seven" / "spk3_nohash_0.wav", np.zeros((16000, 1), dtype=np.float32), 16000)  # a silent clip
+    with open(base / "testing_list.txt", "a") as f:
+        f.write("seven/spk3_nohash_0.wav\neight/gone_nohash_0.wav\nnine/gone_nohash_1.wav\n")
+    with pytest.raises(AudioFileError, match=r"spk3_nohash_0.wav is silent after loading \(all zeros\): delete it .*"
+                                             r"testing_list.txt names but that is missing is skipped"):
+        AudioDomain(dataset="sc09", root=str(tmp_path), sample_rate=2000).dataset("test")
+    (base / "seven" / "spk3_nohash_0.wav").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        clips = AudioDomain(dataset="sc09", root=str(tmp_path), sample_rate=2000).dataset("test")
+    assert len(clips) == 10
+    warnings = [r.getMessage() for r in caplog.records if "names but that are missing" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 3 file(s) that testing_list.txt names" in warnings[0]
+    assert "seven/spk3_nohash_0.wav" in warnings[0] and "eight/gone_nohash_0.wav" in warnings[0]
+
+
 def test_shipped_spoken_digits_set():
     rows = list(csv.DictReader(open(SPOKEN_DIGITS_DIR / "metadata.csv")))
     assert set(rows[0]) == {"file", "label", "split", "voice", "speed", "pitch"}
@@ -196,6 +237,31 @@ def test_hidden_folders_and_files_are_skipped_at_every_level(tmp_path):
     assert {label for _, label in index} == {"cat", "dog"}
     domain = AudioDomain(dataset="folder", root=str(tmp_path), sample_rate=8000, duration=0.2, test_fraction=0.01)
     assert domain.dataset("train").class_names == ["cat", "dog"]
+
+
+def test_symlinked_label_folders_are_followed_and_loops_are_not(tmp_path, caplog):
+    """Path.rglob does not enter symlinked folders (Python 3.11): a linked label folder must still count."""
+    elsewhere = tmp_path / "elsewhere" / "dog"
+    elsewhere.mkdir(parents=True)
+    root = tmp_path / "sounds"
+    for label, folder in (("cat", root / "cat"), ("dog", elsewhere)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            sf.write(folder / f"{label}{i}.wav", tone(300 + 400 * (label == "dog") + 20 * i, 8000, 0.2), 8000)
+    (root / "dog").symlink_to(elsewhere, target_is_directory=True)
+    (root / "cat" / "loop").symlink_to(root, target_is_directory=True)  # a link back up: must not be walked forever
+    with caplog.at_level(logging.WARNING):
+        index = folder_index(root, "train", test_fraction=0.01) + folder_index(root, "test", test_fraction=0.01)
+    assert sorted(p.name for p, _ in index) == [f"{label}{i}.wav" for label in ("cat", "dog") for i in range(3)]
+    assert all(p.parent.name == label for p, label in index) and {label for _, label in index} == {"cat", "dog"}
+    assert "links back to" in caplog.text and "loop" in caplog.text
+    domain = AudioDomain(dataset="folder", root=str(root), sample_rate=8000, duration=0.2, test_fraction=0.01)
+    assert domain.dataset("train").class_names == ["cat", "dog"]
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "dog").symlink_to(elsewhere, target_is_directory=True)  # polydiff eval of a linked folder
+    batch = domain.read_samples(samples)
+    assert batch.num_samples == 3 and batch.cond["label"].tolist() == [1, 1, 1]
 
 
 def test_folder_without_audio_channel_mismatch_and_unknown_labels(tmp_path):
@@ -303,6 +369,21 @@ def test_metrics_rank_real_clips_above_noise(tmp_path, monkeypatch):
     again = AudioDomain(sample_rate=2000, duration=0.7, classifier_epochs=6, limit=300)
     assert again.reference_metrics(50) == ref
     assert len(list((tmp_path / "cache" / "audio").glob("*.pt"))) == 1
+
+
+def test_unconditional_reference_row_has_no_label_accuracy_like_its_samples(tmp_path, monkeypatch, labelled_folder):
+    """An unconditional model's samples carry no labels, so its reference row must not report label_acc either."""
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    rows = {}
+    for conditional in (True, False):
+        domain = AudioDomain(dataset="folder", root=str(labelled_folder), sample_rate=4000, duration=0.5,
+                             test_fraction=0.3, classifier_epochs=1, conditional=conditional)
+        domain.setup(domain.dataset("train"))
+        unlabelled = domain.dataset("test").waves
+        rows[conditional] = (domain.reference_metrics(10), domain.evaluate(Batch(unlabelled, DenseSpace(tuple(unlabelled.shape)), {})))
+    assert "label_acc" in rows[True][0]
+    reference, samples = rows[False]
+    assert "label_acc" not in reference and "label_acc" not in samples and "fid" in reference and "fid" in samples
 
 
 def test_evaluate_scores_the_clipped_waves_that_are_written(tmp_path):

@@ -65,6 +65,33 @@ def test_quick_suite_tiny_budget(tmp_path):
     assert plots == ["loss_curves.png", "quality_vs_steps.png", "scaling.png"]
 
 
+def test_training_figures_leave_out_the_final_draw(tmp_path, monkeypatch):
+    """train.wall_s and peak_mem_mb time the optimizer steps: fit()'s closing draw (DDPM-1000 of 256 molecules
+    for qm9), which the sweep does not need, is no part of them."""
+    import time
+
+    import polydiff.trainer
+
+    real, slow, draws = polydiff.trainer.generate, 3.0, []
+
+    def slow_generate(*args, **kwargs):
+        draws.append(time.perf_counter())
+        time.sleep(slow)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(polydiff.trainer, "generate", slow_generate)
+    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)],
+                       batch_sizes=[16])
+    path = run_suite("quick", ["points"], "cpu", tmp_path, specs={"points": spec})
+    d = json.loads(path.read_text())["domains"]["points"]
+    assert "error" not in d, d["error"]
+    t = d["train"]
+    assert t["steps"] == 5 and 0 < t["wall_s"] < slow and t["peak_mem_mb"] > 50 and t["samples_per_s"] > 0
+    assert len(d["sampling"]) == 1 and all(math.isfinite(v) for _, v in _numbers(d))
+    assert [p.parent.parent.name for p in (tmp_path / "runs").glob("*/*/checkpoints/last.pt")] == ["points"]
+    assert draws == []  # the trainer drew nothing: the sweep samples every configuration itself
+
+
 def test_unknown_domain_is_named(tmp_path):
     with pytest.raises(KeyError, match="no benchmark configuration"):
         run_suite("quick", ["nope"], "cpu", tmp_path)
@@ -86,6 +113,14 @@ def test_steps_and_data_options_reach_the_recipe(tmp_path):
         main(["--suite", "full", "--data", "qm7=/x"])
     with pytest.raises(SystemExit, match=r"\['qm9'\] belong to --suite full"):
         main(["--domains", "qm9"])
+    # Nothing but skips is a failed run, named with the --data to give; --data that nothing reads is refused.
+    with pytest.raises(SystemExit, match=r"qm9 needs --data qm9=PATH \(gdb9.sdf.*sc09 needs --data sc09=PATH"):
+        main(["--suite", "full", "--domains", "qm9", "sc09", "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("*.json"))
+    with pytest.raises(SystemExit, match="--data is for the full suite.*add --suite full"):
+        main(["--data", f"qm9={tmp_path}"])
+    with pytest.raises(SystemExit, match="no domain that reads it.*add --domains qm9"):
+        main(["--suite", "full", "--domains", "points", "--data", f"qm9={tmp_path}"])
 
 
 def _tiny(spec: DomainBench, *overrides: str, scaling=None) -> DomainBench:

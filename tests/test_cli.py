@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -325,8 +326,11 @@ def test_train_refuses_a_run_past_max_steps_before_recording_its_config(tmp_path
     assert (run_dir / ".hydra" / "config.yaml").read_text() == recorded
     # A failed checkpoint write (a full disk) ends with the message, not a traceback.
     launcher = tmp_path / "full_disk.py"
-    launcher.write_text("import errno, polydiff.checkpoint as c\n"
-                        "def save(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+    launcher.write_text("import errno, io, polydiff.checkpoint as c\n"
+                        "real = c.torch.save\n"
+                        "def save(obj, f, *a, **k):\n"
+                        "    if isinstance(f, io.BytesIO): return real(obj, f, *a, **k)  # not a file on the disk\n"
+                        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
                         "c.torch.save = save\nfrom polydiff.cli import main\nmain()\n")
     full = subprocess.run([sys.executable, str(launcher), "train", "examples/points.yaml", "trainer.max_steps=8",
                            "trainer.num_samples=8", "model.width=16", f"hydra.run.dir={run_dir}"],
@@ -334,3 +338,163 @@ def test_train_refuses_a_run_past_max_steps_before_recording_its_config(tmp_path
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert full.returncode == 1 and "could not write the checkpoint of step 8" in full.stderr, full.stderr[-2000:]
     assert "Traceback" not in full.stderr
+
+
+# A user's domain module, written into a folder of its own (not the working directory).
+USER_DOMAIN = '''
+import numpy as np
+import torch
+import polydiff
+from examples.points import MLP, PointsDomain
+
+
+@polydiff.register_domain("user-points")
+class UserPoints(PointsDomain):
+    numpy_state = False
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.numpy_state:
+            state["histogram"] = np.bincount([1, 2, 2])
+        return state
+
+    def evaluate(self, batch):
+        return {"step": torch.tensor(7.0), "spread": torch.tensor(float(batch.x.std()))}
+'''
+
+
+def _user_recipe(folder: Path, **trainer) -> Path:
+    (folder / "userdomain.py").write_text(USER_DOMAIN)
+    recipe = folder / "user.yaml"
+    tc = {"max_steps": 3, "batch_size": 32, "device": "cpu", "num_samples": 8, "progress": False, **trainer}
+    recipe.write_text("defaults: [polydiff_recipe, _self_]\n" + OmegaConf.to_yaml(OmegaConf.create({
+        "domain": {"name": "userdomain:UserPoints", "size": 256}, "model": {"width": 16, "depth": 1},
+        "schedule": {"steps": 50}, "sampler": {"name": "ddim", "steps": 5}, "trainer": tc})))
+    return recipe
+
+
+def test_a_users_domain_beside_its_recipe_trains_logs_and_samples_from_python(tmp_path, monkeypatch):
+    """module:Class beside the recipe resolves from another working directory; tensor metrics are logged as
+    numbers (one named like a log field as metric_NAME); polydiff.load_run samples the run from Python, also where
+    its registered name is unknown, through the class path saved in the checkpoint."""
+    from polydiff.cli import main
+    from polydiff.generate import generate
+
+    user = tmp_path / "user"
+    user.mkdir()
+    recipe = _user_recipe(user)
+    monkeypatch.chdir(tmp_path)
+    main(["train", str(recipe), f"hydra.run.dir={tmp_path / 'run'}"])
+    final = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["kind"] == "eval" and final["step"] == 3 and final["metric_step"] == 7.0
+    assert isinstance(final["spread"], float)
+    import polydiff.registry as registry
+
+    monkeypatch.delitem(registry._REGISTRY, "user-points")
+    monkeypatch.delitem(registry._REGISTRY, "userdomain:UserPoints")
+    monkeypatch.setattr(registry, "entry_points", lambda group: [])
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["domain_class"] == {"class": "userdomain:UserPoints", "root": str(user)}
+    ckpt["config"]["domain"]["name"] = "user-points"  # as a recipe naming the registered domain would save it
+    torch.save(ckpt, tmp_path / "renamed.pt")
+    parts, _ = polydiff.load_run(tmp_path / "renamed.pt")
+    assert type(parts.domain).__name__ == "UserPoints" and not parts.net.training
+    batch = generate(parts.domain, parts.net, parts.schedule, parts.objective, 4, {"steps": 5})
+    assert batch.x.shape == (4, 2) and torch.isfinite(batch.x).all()
+    ckpt["domain_class"] = {"class": "nowhere_module:UserPoints", "root": "/somewhere"}
+    torch.save(ckpt, tmp_path / "moved.pt")
+    with pytest.raises(ImportError, match="add that folder to PYTHONPATH"):
+        polydiff.load_run(tmp_path / "moved.pt")
+
+
+def test_a_domain_state_that_checkpoints_cannot_load_is_named_before_training(tmp_path, monkeypatch):
+    """A numpy array in Domain.state_dict() would save, then never load (weights_only): refused at the start."""
+    user = tmp_path / "user"
+    user.mkdir()
+    _user_recipe(user)
+    monkeypatch.syspath_prepend(str(user))
+    import userdomain
+
+    monkeypatch.setattr(userdomain.UserPoints, "numpy_state", True)
+    cfg = OmegaConf.to_container(OmegaConf.load(user / "user.yaml"))
+    cfg.pop("defaults")
+    with pytest.raises(TypeError, match=r"UserPoints.state_dict\(\)\['histogram'\] is a numpy.ndarray"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    torch.save({"format": "polydiff-checkpoint-v1", "domain_state": {"h": np.bincount([1])}}, tmp_path / "np.pt")
+    from polydiff.checkpoint import load_checkpoint
+
+    with pytest.raises(ValueError, match="holds a value that safe loading .* refuses: .*numpy"):
+        load_checkpoint(tmp_path / "np.pt")
+
+
+def test_a_recipe_without_the_schema_and_multirun_flags_first(tmp_path):
+    """A recipe without `defaults: [polydiff_recipe, _self_]` is refused with the fix; -m may come before the
+    overrides of a recipe with config groups (profile/)."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("domain: {name: examples.points:PointsDomain}\ntrainer: {max_steps: 2}\n")
+    proc = run("train", str(bare), "trainer.max_steps=3")
+    assert proc.returncode != 0 and "put `defaults: [polydiff_recipe, _self_]` at its top" in proc.stderr
+    grouped = tmp_path / "grouped.yaml"
+    grouped.write_text((ROOT / "examples" / "points.yaml").read_text().replace("_self_", "_self_\n  - profile: big", 1)
+                       if "  - _self_" in (ROOT / "examples" / "points.yaml").read_text() else "")
+    assert grouped.read_text(), "examples/points.yaml lists its defaults one per line"
+    (tmp_path / "grouped" / "profile").mkdir(parents=True)
+    (tmp_path / "grouped" / "profile" / "big.yaml").write_text("# @package _global_\nmodel: {width: 16}\n")
+    (tmp_path / "grouped" / "profile" / "small.yaml").write_text("# @package _global_\nmodel: {width: 8}\n")
+    proc = run("train", str(grouped), "-m", "profile=small", "trainer.max_steps=2,3", "trainer.num_samples=8",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted(torch.load(p, weights_only=True)["step"] for p in (tmp_path / "sweep").glob("*/checkpoints/last.pt"))
+    assert steps == [2, 3]
+
+
+def test_saved_samples_keep_their_layout(tmp_path):
+    """The template's save_samples/read_samples round trip keeps masks and ragged layouts (polydiff eval)."""
+    domain = polydiff.Domain()
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
+    dense = polydiff.Batch(torch.randn(2, 3), polydiff.DenseSpace((2, 3), mask=mask), {"label": torch.tensor([0, 1])})
+    ragged = polydiff.Batch(torch.randn(5, 3), polydiff.RaggedSpace(torch.tensor([0, 0, 1, 1, 1]), 2, 3, centered=(0, 1)),
+                            {"batch": torch.tensor([0, 0, 1, 1, 1])})
+    for name, batch in (("dense", dense), ("ragged", ragged)):
+        back = domain.read_samples(domain.save_samples(batch, tmp_path / name)[0])
+        assert torch.equal(back.x, batch.x) and type(back.space) is type(batch.space)
+        assert torch.equal(back.space.count(), batch.space.count())
+        assert back.cond.keys() == batch.cond.keys()
+
+
+def test_guidance_needs_a_condition_in_every_domain_and_eval_names_stray_settings(tmp_path):
+    """An unconditional molecule model cannot be guided (it guides towards a property, not a label); eval refuses
+    KEY=V items that are neither samples nor domain settings."""
+    from polydiff.cli import _check_guidance, main
+
+    molecule = polydiff.get_domain("molecule")
+    with pytest.raises(ValueError, match="guidance.scale=3 would have no effect"):
+        _check_guidance(molecule(), {"scale": 3.0, "rescale": 0.0}, {"scale": 3})
+    assert molecule.can_guide(type("M", (), {"condition_on": "alpha"})())
+    with pytest.raises(SystemExit, match=r"no samples at \['profile=cpu'\]"):
+        main(["eval", str(ROOT / "examples" / "points.yaml"), str(tmp_path), "profile=cpu"])
+
+
+def test_objective_and_sampler_values_are_checked():
+    from polydiff.generate import check_sampler
+    from polydiff.objectives import Objective
+    from polydiff.schedules import make_schedule
+
+    with pytest.raises(ValueError, match="objective.gamma=0 must be positive"):
+        Objective("v", weighting="min_snr", gamma=0)
+    with pytest.raises(ValueError, match="sampler.steps=2.5 must be a whole number"):
+        check_sampler({"name": "ddim", "steps": 2.5}, make_schedule("cosine", 100))
+
+
+def test_readme_block_loading_a_trained_run_runs_as_written(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python\n", text.index("A trained run from Python")) + len("```python\n")
+    cfg = {"domain": {"name": "examples.points:PointsDomain", "size": 256}, "model": {"width": 16, "depth": 1},
+           "schedule": {"steps": 50}, "sampler": {"name": "ddim", "steps": 5},
+           "trainer": {"max_steps": 2, "batch_size": 32, "device": "cpu", "num_samples": 8, "progress": False}}
+    train(cfg, tmp_path / "runs" / "points")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(text[start:text.index("```", start)], "README.md (a trained run)", "exec"), scope)
+    assert scope["batch"].x.shape == (512, 2) and set(scope["metrics"]) == {"dist_to_centre", "modes_covered"}

@@ -348,6 +348,45 @@ def test_read_samples_from_image_files_and_saved_tensors(tmp_path, monkeypatch):
         dom.read_samples(tmp_path / "big")
 
 
+def _folder_domain(tmp_path: Path) -> ImageDomain:
+    """A set-up folder domain (classes cat, dog; 8x8 RGB) on :func:`_image_folder`'s images."""
+    dom = ImageDomain(source="folder", root=str(_image_folder(tmp_path / "data")), size=8)
+    dom.setup(dom.dataset("train"))
+    return dom
+
+
+def test_unrelated_pt_file_does_not_hide_the_images_of_a_samples_folder(tmp_path, caplog):
+    dom = _folder_domain(tmp_path)
+    samples = _image_folder(tmp_path / "samples")
+    torch.save({"latents": torch.zeros(2, 4)}, samples / "latents.pt")  # someone else's tensors beside the images
+    back = dom.read_samples(samples)
+    assert back.num_samples == 6 and back.x.shape == (6, 3, 8, 8) and back.cond["label"].tolist() == [0, 0, 0, 1, 1, 1]
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    own = Batch(x, DenseSpace(tuple(x.shape)), {"label": torch.tensor([0, 1, 0, 1])})
+    for seed in ("seed0", "seed1"):  # polydiff's own: samples.png (the grid) beside samples.pt, a folder per seed
+        dom.save_samples(own, tmp_path / "run" / seed)
+    torch.save({"latents": torch.zeros(2, 4)}, tmp_path / "run" / "latents.pt")
+    _write(tmp_path / "run" / "other.png", "RGB", (8, 8), (0, 0, 0), "PNG")
+    with caplog.at_level(logging.WARNING):
+        back = dom.read_samples(tmp_path / "run")
+    assert torch.equal(back.x, torch.cat([x, x])) and back.cond["label"].tolist() == [0, 1, 0, 1] * 2
+    assert "ignored 1 other image(s)" in caplog.text and "other.png" in caplog.text
+
+
+def test_eval_labels_by_the_first_folder_level_as_training_does(tmp_path):
+    """Training counts cat/seed0/x.png as class cat; eval of sample folders must read the same label."""
+    _write(tmp_path / "data" / "cat" / "seed0" / "a.png", "RGB", (8, 8), (255, 0, 0), "PNG")
+    _write(tmp_path / "data" / "dog" / "b.png", "RGB", (8, 8), (0, 0, 255), "PNG")
+    train = load_folder(tmp_path / "data", "train", size=8, test_fraction=0.01)
+    assert train.class_names == ["cat", "dog"] and train.labels.tolist() == [0, 1]
+    dom = ImageDomain(source="folder", root=str(tmp_path / "data"), size=8, test_fraction=0.01)
+    dom.setup(dom.dataset("train"))
+    for rel in ("cat/seed0/x.png", "dog/seed1/y.png", "seed2/cat/z.png", "w.png"):
+        _write(tmp_path / "samples" / rel, "RGB", (8, 8), (9, 9, 9), "PNG")
+    back = dom.read_samples(tmp_path / "samples")
+    assert back.cond["label"].tolist() == [0, 1, -1, -1]  # seed2/cat/: the first level is no class name
+
+
 def test_folder_split_names_val_is_held_out_and_a_lone_train_is_refused(tmp_path):
     for split, shade in (("train", 10), ("val", 30)):
         for label in ("a", "b"):

@@ -457,6 +457,66 @@ def test_qm9_path_one_level_too_deep_names_its_parent(tmp_path):
         load_qm9(flat)
 
 
+def test_qm9_is_never_downloaded_and_a_processed_only_copy_is_read(tmp_path, monkeypatch):
+    """PyG's QM9 calls download() whenever a raw file is missing, even with processed/ in place: polydiff's never fetches."""
+    import torch_geometric.datasets.qm9 as pyg_qm9
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("torch_geometric tried to download QM9")
+
+    monkeypatch.setattr(pyg_qm9, "download_url", no_download)
+    built = tmp_path / "built"
+    _fake_qm9_raw(built / "raw")
+    assert len(load_qm9(built)) == 3
+    copy = tmp_path / "copy"
+    shutil.copytree(built / "processed", copy / "processed")  # processed/ only, no raw files
+    ds = load_qm9(copy)
+    assert len(ds) == 3 and ds[0]["z"].tolist() == [6, 1, 1, 1, 1]
+    assert (copy / "processed" / "data_v3.pt").is_file()  # never deleted as if it were damaged
+    from domains.molecule.data import _local_qm9
+
+    empty = tmp_path / "empty"
+    with pytest.raises(FileNotFoundError, match=r"missing under .*empty/raw\. polydiff never downloads data: place gdb9"):
+        _local_qm9(empty, ["gdb9.sdf"], empty / "processed" / "data_v3.pt")  # download() itself refuses
+
+
+def test_qm9_processed_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    root = tmp_path / "qm9"
+    _fake_qm9_raw(root / "raw")
+    (root / "processed").write_text("")  # a file where PyG writes its parse
+    with pytest.raises(ValueError, match=r"cannot write QM9's processed data to .*qm9/processed/ .*is a file, not a "
+                                            r"folder: move or delete it") as err:
+        load_qm9(root)
+    assert "raw files in" not in str(err.value) and isinstance(err.value, OSError)  # a ValueError too: the CLI's plain message
+    (root / "processed").unlink()
+
+    def read_only(data, path):  # what a processed/ folder without write permission gives (root ignores chmod)
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr("torch_geometric.io.fs.torch_save", read_only)
+    with pytest.raises(ValueError, match=r"cannot write QM9's processed data to .*qm9/processed/ \(PermissionError.*"
+                                         r"Fix: make .*qm9/processed writable, or copy .*qm9/raw/ into a writable folder"):
+        load_qm9(root)
+
+
+def test_edm_txt_sample_files_are_read_as_xyz(tmp_path):
+    """EDM writes its samples as XYZ text in molecule_000.txt: read as files and in folders; other .txt is refused."""
+    from domains.molecule.data import read_sample_molecules
+
+    edm = tmp_path / "edm"
+    edm.mkdir()
+    (edm / "molecule_000.txt").write_text("3\n\nO 0.0 0.0 0.0\nH 0.96 0.0 0.0\nH -0.24 0.93 0.0\n")
+    (edm / "molecule_001.txt").write_text("5\n\nC 0 0 0\nH 0.63 0.63 0.63\nH -0.63 -0.63 0.63\nH -0.63 0.63 -0.63\nH 0.63 -0.63 -0.63\n")
+    mols = read_sample_molecules(edm)
+    assert [m[0] for m in mols] == [["O", "H", "H"], ["C", "H", "H", "H", "H"]]
+    assert read_sample_molecules(edm / "molecule_001.txt")[0][1].shape == (5, 3)
+    dom = MoleculeDomain(source="sdf", path="/x", atom_types=["H", "C", "N", "O", "F"])
+    assert dom.read_samples(edm).num_samples == 2
+    (edm / "notes.txt").write_text("sampled with seed 3\n")
+    with pytest.raises(ValueError, match=r"notes.txt is a .txt file but not XYZ .*move other .txt files out"):
+        read_sample_molecules(edm)
+
+
 def test_context_is_in_torch_geometric_units_and_far_values_are_warned(tmp_path, caplog):
     gap = MoleculeDomain(source="qm9", path="/x", condition_on="gap")
     with pytest.raises(ValueError, match=r"gap in eV, torch_geometric's QM9 units, not the csv's Hartree.*meV"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,6 +31,7 @@ __all__ = [
     "sample_index",
     "folder_index",
     "sc09_index",
+    "SC09_DELETE_NOTE",
     "load_clips",
 ]
 
@@ -40,6 +42,9 @@ SPOKEN_DIGITS_DIR = Path(__file__).resolve().parent / "data" / "spoken_digits"
 _SPLITS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test", "testing": "test"}
 
 _SC09_LISTS = ("validation_list.txt", "testing_list.txt")  # Speech Commands' split lists (Warden 2018, Sec. 7)
+#: What deleting a bad SC09 clip does (appended to the errors that name one).
+SC09_DELETE_NOTE = ("deleting a Speech Commands clip is safe: a file that validation_list.txt or testing_list.txt "
+                    "names but that is missing is skipped (with a warning)")
 
 Index = list[tuple[Path, Optional[str]]]
 
@@ -98,15 +103,33 @@ def spoken_digits_index(root: Path, split: str) -> Index:
     return index
 
 
+def _walk_files(folder: Path) -> list[Path]:
+    """Visible files under ``folder``, following symlinked folders; a link back to a folder above it (a loop) is skipped.
+
+    Hidden files and everything inside hidden folders (``.git/``, ``.ipynb_checkpoints/``) are left out.
+    """
+    chains = {str(folder): {os.path.realpath(folder)}}  # each folder walked: the real folders from folder down to it
+    files: list[Path] = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(top, d))
+            if real in chains[top]:
+                log.warning("%s: skipped %s: it links back to %s, which holds it (a loop)", folder, os.path.join(top, d), real)
+                continue
+            chains[os.path.join(top, d)] = chains[top] | {real}
+            kept.append(d)
+        dirs[:] = kept
+        files += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
+    return sorted(files)
+
+
 def _audio_files(folder: Path) -> list[Path]:
-    """WAV/FLAC files under ``folder``; other files (hidden ones aside) are named in a log line.
+    """WAV/FLAC files under ``folder`` (symlinked sub-folders followed); other visible files are named in a log line.
 
     Hidden files and everything inside hidden folders (``.git/``, ``.ipynb_checkpoints/``) are skipped.
     """
-    files = sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files = _walk_files(folder)
     other = [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES]
     if other:
         log.info("%s: ignored %d file(s) that are not %s, e.g. %s (convert them to WAV or FLAC to use them)", folder,
@@ -221,12 +244,47 @@ def _sc09_folder(root: Path) -> Path:
     )
 
 
+def _missing_listed(index: Index, folder: Path, list_name: str) -> list[Path]:
+    """Files of ``index`` that ``list_name`` names but ``folder`` lacks (deleted bad clips), named in one warning."""
+    gone = [p for p, _ in index if not p.is_file()]
+    if gone:
+        named = ", ".join(os.path.relpath(p, folder) for p in gone[:3]) + (", ..." if len(gone) > 3 else "")
+        log.warning("%s: skipped %d file(s) that %s names but that are missing (deleted?): %s", folder, len(gone),
+                    list_name, named)
+    return gone
+
+
+def _sc09_missing_digits(folder: Path, split: str, absent: list[str], gone: list[Path]) -> ValueError:
+    """The error for a copy whose ``split`` has no clips of the digit words ``absent`` (``gone``: listed, missing)."""
+    lost = [word for word in absent if not (folder / word).is_dir()]
+    folders = ", ".join(f"{folder / word}/" for word in absent)
+    listed = {"train": " or ".join(_SC09_LISTS), "valid": "validation_list.txt", "test": "testing_list.txt"}[split]
+    deleted = [p for p in gone if p.parent.name in absent]
+    if lost:
+        fix = (f"the folder(s) {', '.join(f'{folder / word}/' for word in lost)} are missing: extract them from "
+               f"speech_commands_v0.02.tar.gz (http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz) into {folder}")
+    elif split == "train":
+        fix = f"every file in {folders} is named in {listed}, which hold the other splits"
+    elif deleted:
+        fix = (f"{listed} names {len(deleted)} file(s) of these words, but they are missing from {folders} (deleted?); "
+               "put back at least one clip of each word from the archive")
+    else:
+        fix = f"{folder / listed} names none of the files in {folders}; restore the list from the archive"
+    return ValueError(f"SC09 needs clips of all ten digit words, but the {split!r} split of {folder} has none of "
+                      f"{absent}: {fix}")
+
+
 def sc09_index(root: Path, split: str) -> Index:
-    """The SC09 subset (the ten digit words) of Speech Commands v0.02, with the data set's own split lists."""
+    """The SC09 subset (the ten digit words) of Speech Commands v0.02, with the data set's own split lists.
+
+    A file that a split list names but that is missing (deleted as bad) is skipped with a warning; a split
+    without clips of every digit word is an error naming the missing words.
+    """
     from torchaudio.datasets import SPEECHCOMMANDS
 
     folder = _sc09_folder(root)
-    subset = {"train": "training", "valid": "validation", "test": "testing"}[normalise_split(split)]
+    split = normalise_split(split)
+    subset = {"train": "training", "valid": "validation", "test": "testing"}[split]
     # torchaudio's class finds the files and applies the official lists; decoding is ours (soundfile). It
     # derives the folder from an archive name by cutting two suffixes, so any folder name is passed as one.
     ds = SPEECHCOMMANDS(folder.parent, url=f"{folder.name}.tar.gz", folder_in_archive="", download=False, subset=subset)
@@ -235,8 +293,14 @@ def sc09_index(root: Path, split: str) -> Index:
         path = Path(walked)
         if path.parent.name in DIGITS:
             index.append((path, path.parent.name))
+    gone = _missing_listed(index, folder, f"{subset}_list.txt") if split != "train" else []  # train: files found
+    skipped = set(gone)
+    index = [(p, label) for p, label in index if p not in skipped]
     if not index:
         raise ValueError(f"no digit clips (zero/ .. nine/) for split {split!r} in {folder}")
+    absent = [word for word in DIGITS if word not in {label for _, label in index}]
+    if absent:
+        raise _sc09_missing_digits(folder, split, absent, gone)
     return index
 
 
@@ -250,11 +314,13 @@ def load_clips(
     crop: str = "start",
     limit: Optional[int] = None,
     what: str = "audio",
+    note: str = "",
 ) -> ClipSet:
     """Decode an index into a :class:`ClipSet` ``[N, channels, length]``; logs every conversion.
 
     ``class_names`` fixes the label order (labels outside it are an error); by default the
     sorted label names of the index. ``limit`` keeps an evenly strided subset of the index.
+    ``note`` is appended to the error about a bad file (what deleting it does for this source).
     """
     if crop not in ("start", "center"):
         raise ValueError(f"domain.crop={crop!r} must be 'start' or 'center'")
@@ -273,11 +339,24 @@ def load_clips(
     waves = torch.empty(len(index), channels, length)
     labels = torch.full((len(index),), -1, dtype=torch.long)
     for i, (path, label) in enumerate(index):
-        waves[i] = load_clip(path, sample_rate, channels, length, conv, crop)
+        try:
+            waves[i] = load_clip(path, sample_rate, channels, length, conv, crop)
+        except AudioFileError as err:
+            if not note:
+                raise
+            raise AudioFileError(f"{err} ({note})") from err
         if labelled and class_names:
             labels[i] = list(class_names).index(label)
     conv.report(what, sample_rate, channels, length)
     silent = (waves.abs().amax(dim=(1, 2)) == 0).nonzero().flatten()
     if len(silent):
-        raise AudioFileError(f"{index[int(silent[0])][0]} is silent after loading (all zeros); delete or replace it")
+        bad = [str(index[int(k)][0]) for k in silent]
+        if len(bad) > 3:
+            log.error("%s: %d silent file(s) (all zeros): %s", what, len(bad), ", ".join(bad))
+        named = ", ".join(bad[:3]) + (f", ... (all {len(bad)} in the log above)" if len(bad) > 3 else "")
+        raise AudioFileError(
+            f"{named} {'is' if len(bad) == 1 else 'are'} silent after loading (all zeros): delete "
+            f"{'it' if len(bad) == 1 else 'them'} (or replace with clips that hold sound) and run again"
+            + (f" ({note})" if note else "")
+        )
     return ClipSet(waves, labels, list(class_names) if labelled else [], [p for p, _ in index])

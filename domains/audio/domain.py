@@ -16,8 +16,8 @@ from polydiff.samplers import Known
 from polydiff.space import DenseSpace, Space
 
 from .data import (
-    DIGITS, SPOKEN_DIGITS_DIR, ClipSet, folder_index, load_clips, normalise_split, sample_index, sc09_index,
-    spoken_digits_index,
+    DIGITS, SC09_DELETE_NOTE, SPOKEN_DIGITS_DIR, ClipSet, folder_index, load_clips, normalise_split, sample_index,
+    sc09_index, spoken_digits_index,
 )
 from .io import Conversions, load_clip
 from .features import mel_settings
@@ -136,6 +136,7 @@ class AudioDomain(Domain):
             clips = load_clips(
                 index, self.sample_rate, self.channels, self.length, names, self.crop, self.limit,
                 what=f"{self.dataset_name} {split} ({self.root})",
+                note=SC09_DELETE_NOTE if self.dataset_name == "sc09" else "",
             )
             log.info("%s %s: %d clips of %s at %d Hz", self.dataset_name, split, len(clips), tuple(clips.waves.shape[1:]), self.sample_rate)
             if self.conditional and not clips.class_names:
@@ -278,7 +279,7 @@ class AudioDomain(Domain):
         """The same metrics for ``n`` held-out real clips (at most the split's size): the reference row."""
         if not self.metrics or not self.label_names:
             return {}
-        return self._get_scorer().reference_row(n)
+        return self._get_scorer().reference_row(n, labelled=self.conditional)
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

@@ -180,10 +180,17 @@ def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]
     return paths, labels, classes
 
 
+def _sample_label(file: Path, root: Path, class_names: Sequence[str]) -> int:
+    """The class of ``file`` as training counts it: the first folder level under ``root`` (``cat/seed0/x.png`` is
+    ``cat``), -1 when that folder is not a class name or the file lies directly in ``root``."""
+    parts = file.relative_to(root).parts if file != root else ()
+    return list(class_names).index(parts[0]) if len(parts) > 1 and parts[0] in class_names else -1
+
+
 def read_sample_images(path: Path, size: int, mode: str, class_names: Sequence[str]) -> tuple[Tensor, Optional[Tensor]]:
     """Generated images to score: an image file or the images under a folder, as ``[N, C, size, size]``
-    in ``[-1, 1]``, with labels ``[N]`` from sub-folder names that are class names (-1 elsewhere;
-    ``None`` when no file has one)."""
+    in ``[-1, 1]``, with labels ``[N]`` from the first sub-folder level under ``path`` when it is a class
+    name, as training reads class folders (-1 elsewhere; ``None`` when no file has one)."""
     path = Path(path)
     files = [path] if path.is_file() else _list_images(path, recursive=True) if path.is_dir() else None
     if files is None:
@@ -194,8 +201,7 @@ def read_sample_images(path: Path, size: int, mode: str, class_names: Sequence[s
     _log_folder(path if path.is_dir() else path.parent, "samples", [], [source for _, source in read],
                 "RGB" if mode == "rgb" else "L")
     x = to_unit_range(torch.from_numpy(np.stack([arr for arr, _ in read])), 255)  # [N, C, size, size]
-    names = list(class_names)
-    labels = [names.index(f.parent.name) if f.parent != path and f.parent.name in names else -1 for f in files]
+    labels = [_sample_label(f, path, class_names) for f in files]
     return x, (torch.tensor(labels) if any(k >= 0 for k in labels) else None)
 
 

@@ -18,7 +18,7 @@ from polydiff.domain import Batch, Domain
 from polydiff.samplers import Known
 from polydiff.space import DenseSpace
 
-from .data import ImageArrays, ImageSet, load_cifar10, load_digits_split, load_folder, read_sample_images
+from .data import ImageArrays, ImageSet, _list_images, load_cifar10, load_digits_split, load_folder, read_sample_images
 from .outputs import grid_layout, make_grid, save_grid
 
 __all__ = ["ImageDomain", "SOURCES"]
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("digits", "folder", "cifar10")
 _FIXED_SIZE = {"digits": 8, "cifar10": 32}
+
+
+def _own_sample_files(folder: Path) -> list[Path]:
+    """The sample files :meth:`ImageDomain.save_samples` wrote under ``folder``: each ``NAME.pt`` beside its grid ``NAME.png``."""
+    return sorted(p for p in folder.rglob("*.pt") if p.with_suffix(".png").is_file())
 
 
 class ImageDomain(Domain):
@@ -155,9 +160,21 @@ class ImageDomain(Domain):
 
     def read_samples(self, path: Path) -> Batch:
         """Images generated elsewhere (a file or a folder of PNG/JPEG, resized and centre-cropped to the
-        trained size; labels from sub-folders named after classes), or the ``.pt`` that :meth:`save_samples` writes."""
+        trained size; labels from the first sub-folder level when it is a class name), or the ``.pt`` that
+        :meth:`save_samples` writes (a folder holding such ``NAME.pt`` beside its grid ``NAME.png`` is read as those;
+        other ``.pt`` files in a folder of images are ignored)."""
         path = Path(path)
-        if path.suffix == ".pt" or (path.is_dir() and any(path.rglob("*.pt"))):  # polydiff's own: not its grid PNGs
+        if path.suffix == ".pt":
+            return super().read_samples(path)
+        own = _own_sample_files(path) if path.is_dir() else []
+        if own:  # polydiff's sample files: the tensors, not their grid PNGs
+            other = [p for p in _list_images(path, recursive=True) if p.with_suffix(".pt") not in own]
+            if other:
+                log.warning("%s: scored polydiff's sample files (%s); ignored %d other image(s), e.g. %s: give their "
+                            "folder on its own to score them", path, ", ".join(f.name for f in own[:3]), len(other), other[0])
+            read = super().read_samples
+            return self.concat([read(f) for f in own])
+        if path.is_dir() and not _list_images(path, recursive=True) and any(path.rglob("*.pt")):  # only .pt files
             return super().read_samples(path)
         if self.sample_shape is None:
             raise RuntimeError("the image domain's sample shape is unknown: call setup(train_set) or load_state_dict first")

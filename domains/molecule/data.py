@@ -30,6 +30,7 @@ __all__ = [
     "read_sample_molecules",
     "load_qm9",
     "QM9_RAW_FILES",
+    "QM9WriteError",
     "QM9_TARGETS",
     "QM9_UNITS",
     "EDM_QM9_SPLIT",
@@ -39,6 +40,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 QM9_RAW_FILES = ("gdb9.sdf", "gdb9.sdf.csv", "uncharacterized.txt")
+#: Where the raw files come from (torch_geometric's QM9.raw_url and raw_url2); fetched by hand, never by polydiff.
+QM9_RAW_URLS = (
+    "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/molnet_publish/qm9.zip",
+    "https://ndownloader.figshare.com/files/3195404",
+)
 #: Column names of ``torch_geometric.datasets.QM9``'s ``y``, in PyG's units (:data:`QM9_UNITS`).
 QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H", "G", "Cv")
 #: Units of each target as ``torch_geometric.datasets.QM9`` stores it (its docstring's table): PyG
@@ -346,27 +352,43 @@ def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
     return out
 
 
+#: Suffixes of sample files: SDF, XYZ, and .txt holding XYZ frames (EDM writes its samples as molecule_000.txt).
+_SAMPLE_SUFFIXES = (".sdf", ".xyz", ".txt")
+
+
+def _read_txt_xyz(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
+    """XYZ frames from a ``.txt`` file (EDM's sample files); an error naming the file when it is not XYZ."""
+    try:
+        return _read_xyz(path)
+    except ValueError as err:
+        raise ValueError(
+            f"{path} is a .txt file but not XYZ ({err}); polydiff reads .txt samples only as XYZ, as EDM writes them "
+            "(molecule_000.txt): move other .txt files out of the samples folder"
+        ) from err
+
+
 def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray, str]]:
-    """Generated molecules to score, as ``(symbols, positions [n, 3] in Å, where)``: an SDF or XYZ file,
-    or every ``.sdf``/``.xyz`` file under a folder. Nothing is sanitised or skipped: invalid molecules
-    are what the metrics measure."""
+    """Generated molecules to score, as ``(symbols, positions [n, 3] in Å, where)``: an SDF or XYZ file (``.txt``
+    files are read as XYZ, as EDM writes them), or every ``.sdf``/``.xyz``/``.txt`` file under a folder. Nothing is
+    sanitised or skipped: invalid molecules are what the metrics measure."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".sdf", ".xyz") and p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _SAMPLE_SUFFIXES and p.is_file())
         # polydiff writes each draw twice, NAME.sdf and NAME_xyz/*.xyz: read it once.
         files = [p for p in files if not (p.parent != path and p.parent.name.endswith("_xyz") and
                                           (p.parent.parent / f"{p.parent.name[:-4]}.sdf").is_file())]
     elif path.is_file():
         files = [path]
     else:
-        raise FileNotFoundError(f"no samples at {path}: give an SDF or XYZ file, or a folder of them")
+        raise FileNotFoundError(f"no samples at {path}: give an SDF or XYZ file (EDM's XYZ .txt too), or a folder of them")
     if not files:
-        raise ValueError(f"{path} holds no .sdf or .xyz files")
+        raise ValueError(f"{path} holds no .sdf, .xyz or .txt (XYZ) files")
     out = []
     for f in files:
-        if f.suffix.lower() not in (".sdf", ".xyz"):
-            raise ValueError(f"{f} is neither an SDF nor an XYZ file (by its suffix)")
-        out += _read_xyz(f) if f.suffix.lower() == ".xyz" else _read_sdf_atoms(f)
+        suffix = f.suffix.lower()
+        if suffix not in _SAMPLE_SUFFIXES:
+            raise ValueError(f"{f} is neither an SDF nor an XYZ file (by its suffix: .sdf, .xyz, or .txt holding XYZ)")
+        out += _read_sdf_atoms(f) if suffix == ".sdf" else _read_xyz(f) if suffix == ".xyz" else _read_txt_xyz(f)
     if not out:
         raise ValueError(f"{path} holds no molecules")
     return out
@@ -396,11 +418,53 @@ def _qm9_stale_reason(processed: Path, fingerprint: dict[str, list[int]]) -> Opt
 
 
 def _write_qm9_fingerprint(processed_dir: Path, fingerprint: dict[str, list[int]]) -> None:
-    """Record ``fingerprint`` beside the processed data (temporary file + rename: never torn)."""
+    """Record ``fingerprint`` beside the processed data (temporary file + rename: never torn); a read-only
+    ``processed/`` keeps its data unrecorded, with a warning."""
     path = processed_dir / QM9_FINGERPRINT
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not record the QM9 raw files' sizes in %s (%s: %s): the processed data is used, but "
+                    "not checked against changed raw files", path, type(err).__name__, err)
+
+
+class QM9WriteError(OSError, ValueError):
+    """QM9's ``processed/`` folder cannot be written (an OSError; a ValueError too, so the CLI reports it plainly)."""
+
+
+def _qm9_write_error(err: OSError, root: Path) -> Optional[QM9WriteError]:
+    """The error naming the folder and the fix when ``err`` is a failure to write under ``root`` (not to read raw files)."""
+    if not err.filename:
+        return None
+    target = Path(os.path.abspath(err.filename))
+    processed_dir, raw = Path(os.path.abspath(root / "processed")), Path(os.path.abspath(root / "raw"))
+    if target == raw:  # PyG creates raw/ before anything else, even to read processed/ alone
+        return QM9WriteError(
+            f"cannot create {raw}/ ({type(err).__name__}: {err}): torch_geometric's QM9 makes that folder even when it "
+            f"reads only processed/; create it (mkdir {raw}) or copy {root} to a writable place and set domain.path there"
+        )
+    if target != processed_dir and processed_dir not in target.parents:
+        return None
+    if processed_dir.exists() and not processed_dir.is_dir():
+        fix = f"{processed_dir} is a file, not a folder: move or delete it"
+    else:
+        fix = f"make {processed_dir} writable"
+    return QM9WriteError(
+        f"cannot write QM9's processed data to {processed_dir}/ ({type(err).__name__}: {err}); torch_geometric parses "
+        f"the raw files once into that folder. Fix: {fix}, or copy {raw}/ into a writable folder ROOT/raw/ and set "
+        f"domain.path=ROOT"
+    )
+
+
+def _qm9_missing_message(root: Path, missing: list[str], processed: Path) -> str:
+    """Where the QM9 raw files ``missing`` from ``root/raw`` come from and go (nothing is downloaded)."""
+    return (
+        f"QM9 raw files {missing} are missing under {root / 'raw'}. polydiff never downloads data: place "
+        f"gdb9.sdf and gdb9.sdf.csv (unzipped from MoleculeNet's {QM9_RAW_URLS[0]}) and uncharacterized.txt "
+        f"({QM9_RAW_URLS[1]}, renamed) in {root / 'raw'}/, then run again; processing them once writes {processed}."
+    )
 
 
 def _check_qm9_root(root: Path, missing: list[str], processed: Path) -> None:
@@ -418,20 +482,54 @@ def _check_qm9_root(root: Path, missing: list[str], processed: Path) -> None:
             f"domain.path={root} holds the QM9 raw files {here} directly, but they must be in {root / 'raw'}/: "
             f"move them there (mkdir {root / 'raw'} && mv {' '.join(str(root / f) for f in here)} {root / 'raw'}/)"
         )
-    raise FileNotFoundError(
-        f"QM9 raw files {missing} are missing under {root / 'raw'}. This machine does not download data: place "
-        f"gdb9.sdf and gdb9.sdf.csv (from the MoleculeNet qm9.zip) and uncharacterized.txt (figshare file "
-        f"3195404, renamed) in {root / 'raw'}/, then run again; processing them once writes {processed}."
+    raise FileNotFoundError(_qm9_missing_message(root, missing, processed))
+
+
+def _local_qm9(root: Path, missing: list[str], processed: Path):
+    """``torch_geometric.datasets.QM9`` on ``root`` whose ``download()`` never downloads.
+
+    PyG calls ``download()`` whenever a raw file is missing, even when ``processed/`` is all it reads:
+    a processed-only copy is read as it is, and without ``processed`` the missing-raw-files error is raised.
+    """
+    from torch_geometric.datasets import QM9
+
+    class LocalQM9(QM9):
+        """QM9 from local files only."""
+
+        def download(self) -> None:
+            if not processed.is_file():
+                raise FileNotFoundError(_qm9_missing_message(root, missing or list(QM9_RAW_FILES), processed))
+
+    return LocalQM9(str(root))
+
+
+def _qm9_unusable(err: Exception, root: Path, missing: list[str], processed: Path) -> Exception:
+    """The error to raise when PyG's QM9 fails on ``root``: a write failure, missing raw files, or a damaged copy."""
+    written = _qm9_write_error(err, root) if isinstance(err, OSError) else None
+    if written is not None:
+        return written
+    if isinstance(err, FileNotFoundError) and missing:  # download() refused: the raw files are missing
+        return err
+    raw = root / "raw"
+    if missing:  # a processed-only copy whose processed data cannot be read, and nothing to rebuild it from
+        return ValueError(
+            f"QM9 processed data {processed} could not be read ({type(err).__name__}: {err}), and {raw} lacks the raw "
+            f"files {missing} to rebuild it. {_qm9_missing_message(root, missing, processed)}"
+        )
+    return ValueError(
+        f"QM9 raw files in {raw} could not be processed ({type(err).__name__}: {err}); replace them with intact "
+        f"copies of gdb9.sdf, gdb9.sdf.csv and uncharacterized.txt and remove {processed} if it exists"
     )
 
 
 def load_qm9(root: Path | str) -> MoleculeSet:
-    """QM9 via ``torch_geometric.datasets.QM9`` from local raw files (no download).
+    """QM9 via ``torch_geometric.datasets.QM9`` from local files (never downloaded).
 
     ``y`` holds :data:`QM9_TARGETS` in PyG's units (:data:`QM9_UNITS`: eV for energies, not the
     csv's Hartree). PyG caches its parse in ``root/processed/data_v3.pt``; the raw files' names
     and sizes are recorded beside it, and a processed file whose record does not match the raw
     files is deleted and rebuilt, with a warning (one without a record is trusted and recorded).
+    A copy with ``processed/data_v3.pt`` but no raw files is read as it is (nothing to check it against).
     """
     from .metrics import quiet_rdkit
 
@@ -442,19 +540,14 @@ def load_qm9(root: Path | str) -> MoleculeSet:
     _check_qm9_root(root, missing, processed)
     fingerprint = _qm9_raw_fingerprint(raw)
     stale = _qm9_stale_reason(processed, fingerprint) if processed.is_file() and not missing else None
-    if stale is not None:
-        log.warning("QM9 processed data %s cannot be trusted: %s; deleting it and rebuilding it from %s", processed, stale, raw)
-        processed.unlink()
-    from torch_geometric.datasets import QM9
-
     try:
+        if stale is not None:
+            log.warning("QM9 processed data %s cannot be trusted: %s; deleting it and rebuilding it from %s", processed, stale, raw)
+            processed.unlink()
         with quiet_rdkit():  # PyG's RDKit parse of gdb9.sdf ("Explicit valence ..." lines)
-            ds = QM9(str(root))
+            ds = _local_qm9(root, missing, processed)
     except Exception as err:  # PyG parses the raw files on first use; a damaged copy fails deep inside it
-        raise ValueError(
-            f"QM9 raw files in {raw} could not be processed ({type(err).__name__}: {err}); replace them with intact "
-            f"copies of gdb9.sdf, gdb9.sdf.csv and uncharacterized.txt and remove {processed} if it exists"
-        ) from err
+        raise _qm9_unusable(err, root, missing, processed) from err
     if not missing and _qm9_stale_reason(processed, fingerprint) is not None:  # just built
         _write_qm9_fingerprint(processed.parent, fingerprint)
     if stale is not None:

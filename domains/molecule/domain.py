@@ -219,6 +219,10 @@ class MoleculeDomain(Domain):
             cond["context"] = self._normalise(torch.stack([it["y"][:1].float() for it in items]))  # [B, 1]
         return Batch(x, RaggedSpace(batch, b, 3 + self.num_features, centered=(0, 1, 2)), cond)
 
+    def can_guide(self) -> bool:
+        """Guidance steers towards a property value, when the model is conditioned on one (``condition_on``)."""
+        return self.condition_on is not None
+
     def setup(self, train_set: Dataset) -> None:
         sizes = [int(train_set[i]["z"].shape[0]) for i in range(len(train_set))]
         hist = np.bincount(sizes)
@@ -383,8 +387,8 @@ class MoleculeDomain(Domain):
         return paths
 
     def read_samples(self, path: Path) -> Batch:
-        """Molecules generated elsewhere: an SDF or XYZ file, or a folder of them (bonds, if any, are
-        ignored; the metrics infer them from distances as EDM does)."""
+        """Molecules generated elsewhere: an SDF or XYZ file (EDM's XYZ ``molecule_000.txt`` too), or a folder of
+        them (bonds, if any, are ignored; the metrics infer them from distances as EDM does)."""
         items = []
         for symbols, pos, where in read_sample_molecules(path):
             unknown = sorted(set(symbols) - set(self.atom_types))
