@@ -414,7 +414,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         commands[command](rest)
     except KeyboardInterrupt as err:  # Ctrl-C: the trainer has saved what it could and says so
-        print(f"polydiff: {err.args[0] if err.args else 'interrupted'}", file=sys.stderr)
+        message = err.args[0] if err.args else "interrupted"
+        if not err.args and command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            message += ("; under torchrun the last periodic checkpoint (trainer.ckpt_every) holds the run: the same "
+                        "command resumes from it")
+        print(f"polydiff: {message}", file=sys.stderr)
         raise SystemExit(130) from None
 
 

@@ -180,6 +180,12 @@ def make_schedule(
     if name == "custom" or betas is not None:
         if betas is None:
             raise ValueError("schedule 'custom' needs schedule.betas: a list of betas in (0, 1]")
+        if name != "custom":
+            raise ValueError(f"schedule.betas is given with schedule.name={name!r}: set schedule.name=custom to use "
+                             f"those betas, or remove schedule.betas")
+        extra = {k: v for k, v in kwargs.items() if v is not None}
+        if extra:
+            raise KeyError(f"schedule 'custom' takes only schedule.betas (and zero_terminal_snr), not {sorted(extra)}")
         alpha_bar = torch.cumprod(1 - torch.as_tensor(list(betas), dtype=torch.float64), 0)
         name = "custom"
     else:

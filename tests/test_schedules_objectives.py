@@ -92,6 +92,10 @@ def test_custom_betas_and_bad_names():
         make_schedule("cosine", power=2.0)
     with pytest.raises(ValueError):
         NoiseSchedule.from_betas([0.1, 0.0])
+    with pytest.raises(ValueError, match="set schedule.name=custom"):  # betas silently replacing 'linear'
+        make_schedule("linear", betas=betas)
+    with pytest.raises(KeyError, match=r"not \['beta_end'\]"):
+        make_schedule("custom", betas=betas, beta_end=0.5)
     for name in NAMES:  # one step cannot span data to noise (linear would end at alpha_bar 0.9)
         with pytest.raises(ValueError, match="schedule.steps must be a whole number >= 2, got 1"):
             make_schedule(name, 1)
