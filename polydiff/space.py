@@ -107,7 +107,7 @@ class DenseSpace(Space):
         return s.reshape(s.shape[0], *([1] * (len(self.shape) - 1)))
 
     def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        noise = torch.randn(self.shape, generator=generator, device=self.device, dtype=dtype)
+        noise = _randn(self.shape, generator, self.device, dtype)
         return noise if self.mask is None else noise * self.mask
 
     def sum(self, values: Tensor) -> Tensor:
@@ -186,7 +186,7 @@ class RaggedSpace(Space):
         return s[self.batch].unsqueeze(-1)
 
     def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        noise = torch.randn(self.shape, generator=generator, device=self.device, dtype=dtype)
+        noise = _randn(self.shape, generator, self.device, dtype)
         return self.project(noise)
 
     def segment_sum(self, values: Tensor) -> Tensor:
@@ -229,3 +229,9 @@ class RaggedSpace(Space):
             offsets.append(offsets[-1] + s.num_samples)
         batch = torch.cat([s.batch + off for s, off in zip(spaces, offsets)])  # [N_total]
         return RaggedSpace(batch, offsets[-1], spaces[0].num_features, spaces[0].centered)
+
+
+def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``torch.randn`` on ``device``, drawn on the generator's own device (a CPU generator may seed GPU noise)."""
+    where = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)

@@ -231,3 +231,13 @@ def test_known_of_lower_rank_broadcasts_over_every_chunk():
         x = generate(domain, Zero(), sch, obj, 3, {"steps": 5, "batch_size": batch_size}, known=known).x
         assert torch.equal(x[:, :3], torch.tensor([[1.0, 2, 3]] * 3))
         assert (x[:, 3:] != torch.arange(4.0, 7.0)).all()
+
+
+def test_noise_for_another_device_is_drawn_on_the_generators_own():
+    """A CPU generator seeds noise for a state on another device (the meta device stands in for a GPU here),
+    as a script passing torch.Generator() with device="cuda" does."""
+    space = DenseSpace((2, 3), device_=torch.device("meta"))
+    noise = space.randn(generator=torch.Generator().manual_seed(0))
+    assert noise.device.type == "meta" and noise.shape == (2, 3)
+    cpu = DenseSpace((2, 3)).randn(generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cpu, torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
