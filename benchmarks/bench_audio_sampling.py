@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from polydiff.build import Parts, resolve_device
-from polydiff.checkpoint import load_checkpoint
-from polydiff.cli import compose_recipe
+from polydiff.build import Parts, load_run, resolve_device
+from polydiff.recipes import compose_recipe
 from polydiff.generate import generate
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "audio_unet.yaml"
@@ -32,10 +31,7 @@ SAMPLERS = [("ddpm", 200), ("ddim", 50), ("dpmpp_2m", 20)]
 def build(run: Path | None, profile: str) -> Parts:
     """The recipe's parts (or a trained run's), without reading the data set."""
     if run is not None:
-        ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-        parts = Parts.from_config(ckpt["config"], domain_state=ckpt["domain_state"])
-        parts.net.load_state_dict({k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
-        return parts
+        return load_run(run)[0]
     from omegaconf import OmegaConf
 
     from polydiff.build import build_domain
@@ -63,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     domain = parts.domain
     n = args.n or (2 if args.quick else 16)
     seconds_per_clip = domain.sample_shape[-1] / domain.sample_rate
-    labels = torch.arange(n, device=device) % max(1, domain.num_classes) if domain.num_classes else None
+    labels = domain.default_labels(n, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     precision = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     rows = []

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from polydiff.build import Parts, resolve_device
-from polydiff.checkpoint import load_checkpoint
+from polydiff.build import load_run, resolve_device
 from polydiff.domain import Batch
 from polydiff.generate import generate
 from polydiff.samplers import Known
@@ -35,10 +34,7 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     device = resolve_device(a.device, "--device")
-    ckpt = load_checkpoint(a.run_dir / "checkpoints" / "last.pt")
-    parts = Parts.from_config(ckpt["config"], domain_state=ckpt["domain_state"])
-    parts.net.load_state_dict({k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")})
-    parts.net.to(device)
+    parts, ckpt = load_run(a.run_dir, device=device)
     domain = parts.domain
     clips = domain.dataset(domain.reference_split)  # waves [N, C, L], labels [N]
     pick = torch.cat([(clips.labels == k).nonzero().flatten()[: a.per_label] for k in range(len(domain.label_names))])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import subprocess
 import time
@@ -25,7 +24,7 @@ import torch
 
 from benchmarks.memory import peak_rss_kib, release_free_heap, reset_peak_rss
 from polydiff.build import resolve_device
-from polydiff.cli import compose_recipe
+from polydiff.recipes import compose_recipe
 from polydiff.config import check_overrides
 from polydiff.domain import Batch
 from polydiff.generate import generate
@@ -237,7 +236,7 @@ def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, s
     """Sample ``n`` with the EMA weights (in the recipe's sampler.batch_size chunks); wall time,
     samples/s, peak memory and the domain's metrics."""
     domain = trainer.domain
-    labels = torch.arange(n, device=trainer.device) % domain.num_classes if domain.num_classes else None
+    labels = domain.default_labels(n, trainer.device)
     sampler = dict(trainer.cfg["sampler"], name=name, steps=steps)
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
     mem = PeakMemory(trainer.device)
@@ -271,7 +270,7 @@ def diffusers_on_trained(trainer: Trainer, n: int, seed: int) -> dict[str, Any]:
     domain, device = trainer.domain, trainer.device
     n = min(n, int(trainer.cfg["sampler"].get("batch_size") or n))
     g = torch.Generator(device=device).manual_seed(seed)
-    labels = torch.arange(n, device=device) % domain.num_classes if domain.num_classes else None
+    labels = domain.default_labels(n, device)
     space, cond = domain.prior(n, labels=labels, device=device, generator=g)
     if not isinstance(space, DenseSpace):
         return {"skipped": "diffusers' schedulers know dense tensors only (no zero-centre-of-mass projection)"}
@@ -306,10 +305,6 @@ def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
 
         args = ["--only", peer[-2:], "--device", device.type] + (["--quick"] if quick else ["--bf16"] * (device.type == "cuda"))
         return bench_unet(args)
-    if peer == "audio_sampling":
-        from benchmarks.bench_audio_sampling import main as bench_audio
-
-        return bench_audio(["--device", device.type] + (["--quick"] if quick else []))
     if peer == "egnn":
         from benchmarks.bench_egnn import main as bench_egnn
 
@@ -597,7 +592,3 @@ def main(argv: Optional[list[str]] = None) -> Path:
         raise SystemExit(f"polydiff bench: {len(failed)} domain(s) or sampler row(s) failed "
                          f"({'; '.join(f'{n}: {e}' for n, e in failed.items())}); results so far in {path}")
     return path
-
-
-def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -164,10 +164,9 @@ def load_run(path: str | Path, weights: str = "ema", device: str | torch.device 
     """The parts of a trained run (a run folder or a checkpoint file), its network holding the EMA (``"ema"``) or
     raw (``"raw"``) weights on ``device`` in eval mode, and the checkpoint. Samples come from
     :func:`polydiff.generate.generate` with the parts and the checkpoint's ``config["sampler"]``."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, run_checkpoint
 
-    path = Path(path)
-    ckpt_path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    ckpt_path = run_checkpoint(path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}: give a run folder or a checkpoint file")
     ckpt = load_checkpoint(ckpt_path)

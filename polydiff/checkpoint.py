@@ -12,9 +12,15 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["atomic_save", "keep_copy", "load_checkpoint", "check_loadable", "CHECKPOINT_FORMAT"]
+__all__ = ["atomic_save", "keep_copy", "load_checkpoint", "check_loadable", "run_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "polydiff-checkpoint-v1"
+
+
+def run_checkpoint(path: str | Path) -> Path:
+    """A run folder's ``checkpoints/last.pt``, or ``path`` itself when it is a file."""
+    path = Path(path)
+    return path / "checkpoints" / "last.pt" if path.is_dir() else path
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .recipes import check_schema, compose_recipe, recipe_paths
+
 __all__ = ["main", "compose_recipe"]
 
 USAGE = """usage: polydiff <command> [args]
@@ -35,33 +37,6 @@ def _fail(msg: str) -> "SystemExit":
     return SystemExit(f"polydiff: error: {msg}")
 
 
-def _recipe_paths(recipe: str) -> tuple[Path, list[str]]:
-    path = Path(recipe)
-    if path.suffix not in (".yaml", ".yml"):
-        path = path.with_suffix(".yaml")
-    if not path.is_file():
-        known = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
-        raise _fail(f"recipe {recipe!r} not found" + (f"; recipes here: {known}" if known else ""))
-    path = path.resolve()
-    if str(path.parent) not in sys.path:  # "module:Class" domains beside the recipe resolve from any folder
-        sys.path.insert(1, str(path.parent))
-    extra = path.with_suffix("")
-    search = [f"hydra.searchpath=[file://{extra}]"] if extra.is_dir() else []
-    return path, search
-
-
-def compose_recipe(recipe: str | Path, overrides: Sequence[str] = (), with_hydra: bool = False) -> Any:
-    """Compose a recipe with overrides into a DictConfig, exactly as ``polydiff train`` does."""
-    from hydra import compose, initialize_config_dir
-
-    from .config import register_configs
-
-    register_configs()
-    path, search = _recipe_paths(str(recipe))
-    with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-        return compose(config_name=path.stem, overrides=[*search, *overrides], return_hydra_config=with_hydra)
-
-
 def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
     """Refuse a run directory whose checkpoint the recipe cannot resume before Hydra records the new config there."""
     from hydra.errors import ConfigCompositionException
@@ -74,23 +49,14 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
     try:
         cfg = compose_recipe(recipe, plain, with_hydra=True)
     except ConfigCompositionException as err:
-        _check_schema(compose_recipe(recipe), recipe)
+        check_schema(compose_recipe(recipe), recipe)
         _explain_override(recipe, plain, err)
         return  # not ours to explain: Hydra reports it as usual
-    _check_schema(cfg, recipe)
+    check_schema(cfg, recipe)
     ckpt = resume_source(cfg.trainer.resume, Path(cfg.hydra.run.dir) / "checkpoints" / "last.pt")
     if ckpt is not None:
         del cfg.hydra
         check_resumable(load_checkpoint(ckpt, mmap=True), to_plain(cfg), ckpt)
-
-
-def _check_schema(cfg: Any, recipe: str) -> None:
-    """Refuse a recipe composed without polydiff's schema: its overrides and defaults would not apply."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.select(cfg, "trainer.resume") is None:
-        raise ValueError(f"recipe {recipe} does not build on polydiff's recipe schema: put `defaults: [polydiff_recipe, "
-                         f"_self_]` at its top (as in examples/points.yaml), so that its defaults and overrides apply")
 
 
 def _explain_override(recipe: str, overrides: Sequence[str], err: Exception) -> None:
@@ -148,7 +114,10 @@ def _train(args: Sequence[str]) -> None:
     from .trainer import CheckpointWriteError, train
 
     register_configs()
-    path, search = _recipe_paths(args[0])
+    try:
+        path, search = recipe_paths(args[0])
+    except FileNotFoundError as err:
+        raise _fail(str(err)) from err
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
         # Hydra's default folder holds the start time, which each process reads on its own clock.
         raise _fail("under torchrun, give every process the same run folder: add hydra.run.dir=DIR")
@@ -243,12 +212,11 @@ def _sample(args: Sequence[str]) -> None:
         parts.net.to(device)
         domain = parts.domain
         _check_guidance(domain, guidance, over.get("guidance", {}))
-        labels = None
         label = over.get("label", None)
         if label is not None and str(label) != "all":
             labels = torch.full((a.n,), domain.parse_label(label), dtype=torch.long, device=device)
-        elif domain.num_classes:
-            labels = torch.arange(a.n, device=device) % domain.num_classes
+        else:
+            labels = domain.default_labels(a.n, device)
         known = None
         if a.known is not None:
             check_call(domain.known_values, known_options, "known", given=("path", "n"))

@@ -97,7 +97,7 @@ class SamplerConfig:
     spacing: str = "trailing"  # trailing | leading | linspace
     variance: str = "small"  # ddpm: small | large
     clip_x0: Optional[float] = None  # off: non-image data is not in [-1, 1]
-    batch_size: int = 64
+    batch_size: Optional[int] = 64  # samples per chunk of a draw (null: all at once)
     precision: str = "fp32"  # fp32 | bf16 (the network under bf16 autocast, e.g. on a GPU; the sampler's arithmetic stays fp32)
 
 

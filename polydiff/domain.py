@@ -59,9 +59,11 @@ class Domain:
     * :meth:`dataset` -- the data set of a split (``"train"``, ``"test"``, ...). Required.
     * :meth:`build_network` -- the denoiser for the recipe's ``model`` section. Required.
     * :meth:`collate` -- items -> :class:`Batch` (dense stacking by default).
-    * :meth:`prior` -- the layout and conditions of ``n`` new samples.
-    * :meth:`save_samples` / :meth:`evaluate` -- outputs and metrics (a ``.pt`` file and no
-      metrics by default); :meth:`read_samples` reads sample files back (``polydiff eval``) and
+    * :meth:`setup` -- what sampling needs from the training set (sample shape, class names).
+    * :meth:`prior` -- the layout and conditions of ``n`` new samples; :meth:`can_guide` says whether
+      they carry a condition for guidance, :meth:`parse_label` reads a class name.
+    * :meth:`save_samples` / :meth:`evaluate` / :meth:`reference_metrics` -- outputs, metrics and the
+      same metrics of real held-out data (a ``.pt`` file and no metrics by default); :meth:`read_samples` reads sample files back (``polydiff eval``) and
       :meth:`known_values` says what ``polydiff sample --known FILE`` keeps of one.
     * :meth:`concat` -- one batch from the chunks of a large draw (override when ``cond`` holds
       indices into the state, such as a graph batch vector).
@@ -97,6 +99,10 @@ class Domain:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def default_labels(self, n: int, device: torch.device | str = "cpu") -> Optional[Tensor]:
+        """Labels ``[n]`` cycling through the classes (``None`` when unconditional): a draw with every class alike."""
+        return torch.arange(n, device=device) % self.num_classes if self.num_classes else None
 
     def can_guide(self) -> bool:
         """Whether samples carry a condition that classifier-free guidance steers towards (default: class labels)."""

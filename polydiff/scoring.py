@@ -25,16 +25,16 @@ def load_domain(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Doma
 
     ``overrides`` are ``domain.KEY=V`` settings (e.g. where the training data now lies).
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, run_checkpoint
 
     source = Path(source)
     state = None
     if source.suffix in (".yaml", ".yml"):
-        from .cli import compose_recipe
+        from .recipes import compose_recipe
 
         cfg = to_plain(compose_recipe(source))
     else:
-        ckpt_path = source / "checkpoints" / "last.pt" if source.is_dir() else source
+        ckpt_path = run_checkpoint(source)
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{source} is neither a recipe (.yaml) nor a run directory with checkpoints/last.pt")
         ckpt = load_checkpoint(ckpt_path, mmap=True)

@@ -645,9 +645,7 @@ class Trainer:
         if not self.is_main:
             return {}
         n = self.tc["num_samples"]
-        labels = None
-        if self.domain.num_classes:
-            labels = torch.arange(n, device=self.device) % self.domain.num_classes
+        labels = self.domain.default_labels(n, self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 1)
         sampler_cfg = dict(self.cfg["sampler"])
         batch = generate(

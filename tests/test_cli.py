@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import polydiff
 from polydiff.build import check_targets
-from polydiff.cli import compose_recipe
+from polydiff.recipes import compose_recipe
 from polydiff.config import check_call
 from polydiff.trainer import train
 

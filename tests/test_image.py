@@ -283,7 +283,8 @@ def test_unet_keeps_the_sample_shape():
 
 
 def test_recipe_trains_lowers_loss_and_samples_grids(tmp_path, monkeypatch, capsys):
-    from polydiff.cli import compose_recipe, main
+    from polydiff.cli import main
+    from polydiff.recipes import compose_recipe
     from polydiff.trainer import train
 
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch.nn.modules.module import register_module_forward_hook
 
-from polydiff.cli import compose_recipe, main
+from polydiff.cli import main
+from polydiff.recipes import compose_recipe
 from polydiff.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
