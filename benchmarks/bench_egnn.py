@@ -28,8 +28,10 @@ compiles from cache).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -421,6 +423,7 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-layout", action="store_true", help="leave out the edge-list vs. dense layout comparison")
     p.add_argument("--only", choices=SECTIONS, default=None, help="run this section alone (compile runs only so)")
     p.add_argument("--compile-batches", type=int, default=8, help="compile section: batches timed as warm-up")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     args.hidden = args.hidden or (64 if args.quick else 256)
     args.layers = args.layers or (4 if args.quick else 9)
@@ -438,6 +441,10 @@ def main(argv=None) -> dict:
     result: dict[str, Any] = {"device": str(device)}
     for name in sections:
         result[name] = runners[name](args, device)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
     return result
 
 

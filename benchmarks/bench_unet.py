@@ -98,7 +98,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     net = net.to(device).train()
     params = sum(p.numel() for p in net.parameters())
     if spec["compile"]:
-        net = torch.compile(net)
+        net = torch.compile(net, backend=spec.get("compile_backend", "inductor"))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x = torch.randn(shape, device=device)
     noise = torch.randn(shape, device=device)
@@ -167,11 +167,21 @@ def _compare(name: str, ours: dict, theirs: dict, theirs_name: str) -> dict[str,
     return row
 
 
+def _save_partial(out: Path | None, report: dict[str, Any], key: str, row: dict[str, Any]) -> None:
+    """With ``--out``, write the report so far (``key``'s row holding our model alone), so that a run
+    stopped while the peer is measured (a time limit) keeps our figure; the end of the run rewrites it."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**report, "results": {**report["results"], key: {**row, "partial": True}}}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if available")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up includes compilation)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend with --compile (default inductor; aot_eager traces without code generation)")
     ap.add_argument("--batch", type=int, default=None, help="1-D batch size (default 16; 2 with --quick)")
     ap.add_argument("--length", type=int, default=None, help="1-D samples per clip (default 16000; 2048 with --quick)")
     ap.add_argument("--batch-2d", type=int, default=None, help="2-D batch size (default 32; 8 with --quick)")
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ap.error(f"--length {length}: Unet1D needs a multiple of 8 (ours takes any length)")
 
     common = dict(device=device, bf16=args.bf16, compile=args.compile, steps=steps, warmup=warmup, threads=args.threads)
+    if args.compile and args.compile_backend != "inductor":
+        common["compile_backend"] = args.compile_backend
     mem_note = "torch.cuda.max_memory_allocated" if device == "cuda" else "growth of peak RSS (VmHWM) over the training steps"
     print(f"device={device} bf16={args.bf16} compile={args.compile} steps={steps} warmup={warmup} torch={torch.__version__}")
     print(f"peak memory = {mem_note}")
@@ -219,10 +231,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         width = _match_width(1, 1, target, args.down_factor)
         shape = (batch, 1, length)
         print(f"\n1-D: batch {shape}; Unet1D(dim={dim1d}) vs UNet(dims=1, channels={width}, down_factors={args.down_factor})")
+        config = {"shape": shape, "ours_channels": width, "ours_down_factor": args.down_factor, "unet1d_dim": dim1d}
         ours = _run({**common, "kind": "ours", "dims": 1, "width": width, "down_factor": args.down_factor, "shape": shape})
+        _save_partial(args.out, report, "1d", {"ours": ours, "config": config})
         theirs = _run({**common, "kind": "lucidrains", "width": dim1d, "shape": shape})
         row = _compare("1-D: ours vs denoising_diffusion_pytorch.Unet1D", ours, theirs, "lucidrains")
-        row["config"] = {"shape": shape, "ours_channels": width, "ours_down_factor": args.down_factor, "unet1d_dim": dim1d}
+        row["config"] = config
         report["results"]["1d"] = row
 
     if args.only in ("2d", "both"):
@@ -230,10 +244,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         width = _match_width(2, 3, target, 2)
         shape = (batch2d, 3, size, size)
         print(f"\n2-D: batch {shape}; UNet2DModel(width={width2d}) vs UNet(dims=2, channels={width})")
+        config = {"shape": shape, "ours_channels": width, "unet2d_width": width2d}
         ours = _run({**common, "kind": "ours", "dims": 2, "width": width, "down_factor": 2, "shape": shape})
+        _save_partial(args.out, report, "2d", {"ours": ours, "config": config})
         theirs = _run({**common, "kind": "diffusers", "width": width2d, "shape": shape})
         row = _compare("2-D: ours vs diffusers.UNet2DModel", ours, theirs, "diffusers")
-        row["config"] = {"shape": shape, "ours_channels": width, "unet2d_width": width2d}
+        row["config"] = config
         report["results"]["2d"] = row
 
     if args.out is not None:

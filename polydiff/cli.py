@@ -43,7 +43,7 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> None:
 
     from .build import to_plain
     from .checkpoint import load_checkpoint
-    from .trainer import check_resumable, resume_source
+    from .resume import check_resumable, resume_source
 
     plain = [o for o in overrides if "=" in o and not o.startswith("-")]
     try:

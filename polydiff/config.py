@@ -30,6 +30,7 @@ __all__ = [
     "check_keys",
     "check_overrides",
     "unknown_key",
+    "check_trainer",
 ]
 
 
@@ -240,3 +241,33 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in typing.get_args(tp))
     return _PLAIN.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+# trainer.KEY -> (lowest allowed value, highest or None): checked before anything is built.
+_LIMITS = {
+    "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "log_every": (1, None),
+    "ckpt_every": (1, None), "keep_every": (0, None), "num_samples": (1, None), "warmup_steps": (0, None),
+    "sample_every": (0, None), "num_workers": (0, None), "grad_clip": (0, None), "weight_decay": (0, None), "label_dropout": (0, 1),
+    "lr": (0, None), "ema_decay": (0, 1),
+}
+
+
+# trainer.KEY -> its allowed values: checked before anything is built (or a previous run moved aside).
+_CHOICES = {"precision": ("auto", "fp32", "bf16"), "lr_decay": ("constant", "cosine")}
+
+
+def check_trainer(tc: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming any ``trainer`` value outside its range or choices."""
+    for key, choices in _CHOICES.items():
+        if key in tc and tc[key] not in choices:
+            raise ValueError(f"unknown trainer.{key} {tc[key]!r}; choose one of {list(choices)}")
+    betas = tc.get("betas")
+    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"trainer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    for key, (low, high) in _LIMITS.items():
+        value = tc.get(key)
+        if value is None:
+            continue
+        if value < low or (high is not None and value > high):
+            span = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"trainer.{key}={value} is out of range: it must be {span}")

@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -28,15 +28,13 @@ from torch.utils.data import DataLoader
 
 from .build import Parts, build_schedule, domain_class_path, resolve_device, to_plain
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, check_loadable, keep_copy, load_checkpoint
-from .config import check_keys
+from .config import check_keys, check_trainer
 from .conditioning import drop_condition
 from .data import ResumableBatchSampler
+from .resume import IncompatibleCheckpointError, check_resumable, resume_source
 from .generate import check_sampler, generate
 
-__all__ = [
-    "Trainer", "train", "NonFiniteLossError", "IncompatibleCheckpointError", "CheckpointWriteError",
-    "TrainingInterrupted", "resume_source", "check_resumable",
-]
+__all__ = ["Trainer", "train", "NonFiniteLossError", "CheckpointWriteError", "TrainingInterrupted"]
 
 log = logging.getLogger("polydiff")
 
@@ -85,70 +83,13 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN or Inf loss or gradient: training stops before anything is saved."""
 
 
-class IncompatibleCheckpointError(ValueError):
-    """A checkpoint from another domain or with an incompatible network/diffusion config."""
-
-
 class CheckpointWriteError(OSError):
     """``last.pt`` could not be written (a full disk, a read-only folder): the previous one is kept."""
 
 
-# Config sections that must match for a checkpoint to be resumed or sampled.
-_MUST_MATCH = ("domain.name", "model", "schedule", "objective.prediction")
-
-
-def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = cfg.get(part, {}) if isinstance(cfg, Mapping) else None
-    return cfg
-
-
-def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
-    """Raise :class:`IncompatibleCheckpointError` naming every key that differs."""
-    diffs = [key for key in _MUST_MATCH if _get(saved, key) != _get(current, key)]
-    if diffs:
-        detail = "; ".join(f"{k}: checkpoint {_get(saved, k)!r} vs recipe {_get(current, k)!r}" for k in diffs)
-        raise IncompatibleCheckpointError(
-            f"checkpoint {path} does not fit this recipe ({detail}). Use another hydra.run.dir, "
-            f"or trainer.resume=never to start afresh (the old run's files move to a previous-TIME folder)."
-        )
-
-
-def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
-    """:func:`check_compatible`, and a checkpoint already past ``trainer.max_steps`` refused."""
-    check_compatible(saved["config"], current, path)
-    step, max_steps = int(saved["step"]), current["trainer"]["max_steps"]
-    if step > max_steps:
-        raise ValueError(
-            f"checkpoint {path} is at step {step}, past trainer.max_steps={max_steps}: raise trainer.max_steps to "
-            f"train on, or draw samples from it with polydiff sample"
-        )
-
-
-def resume_source(mode: str, own: Path) -> Path | None:
-    """The checkpoint a run starts from under ``trainer.resume=mode``, ``None`` for a fresh start.
-
-    The run's own ``last.pt`` wins over ``resume=PATH``: a run started from PATH and stopped goes on
-    from its own progress when the same command runs again, rather than from PATH over it.
-    """
-    if mode == "never":
-        return None
-    if own.is_file():
-        return own
-    if mode == "auto":
-        return None
-    path = Path(mode)
-    if path.is_dir():
-        raise FileNotFoundError(f"trainer.resume={mode} is a folder: give a checkpoint file, e.g. "
-                                f"trainer.resume={path / 'checkpoints' / 'last.pt'}")
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.resume={mode!r} is neither auto, never nor an existing checkpoint file")
-    return path
-
-
-def _lr_lambda(warmup: int, max_steps: int, decay: str):
-    if decay not in ("constant", "cosine"):
-        raise KeyError(f"unknown trainer.lr_decay {decay!r}; choose 'constant' or 'cosine'")
+def _lr_lambda(warmup: int, max_steps: int, decay: str) -> Callable[[int], float]:
+    """The learning-rate factor of a step: linear warm-up, then constant or cosine decay (``decay`` as checked
+    by :func:`polydiff.config.check_trainer`)."""
 
     def f(step: int) -> float:
         w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -177,37 +118,6 @@ def _plain_metrics(metrics: Mapping[str, Any], record: Mapping[str, Any]) -> dic
 def _rank_seed(seed: int, rank: int) -> int:
     """The global random stream of process ``rank`` > 0 (dropout, augmentation): distinct from every other rank's."""
     return seed * 7919 + 15_485_863 * rank
-
-
-# trainer.KEY -> (lowest allowed value, highest or None): checked before anything is built.
-_LIMITS = {
-    "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "log_every": (1, None),
-    "ckpt_every": (1, None), "keep_every": (0, None), "num_samples": (1, None), "warmup_steps": (0, None),
-    "sample_every": (0, None),
-    "num_workers": (0, None), "grad_clip": (0, None), "weight_decay": (0, None), "label_dropout": (0, 1),
-    "lr": (0, None), "ema_decay": (0, 1),
-}
-
-
-# trainer.KEY -> its allowed values: checked before anything is built (or a previous run moved aside).
-_CHOICES = {"precision": ("auto", "fp32", "bf16"), "lr_decay": ("constant", "cosine")}
-
-
-def check_trainer(tc: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming any ``trainer`` value outside its range or choices."""
-    for key, choices in _CHOICES.items():
-        if key in tc and tc[key] not in choices:
-            raise ValueError(f"unknown trainer.{key} {tc[key]!r}; choose one of {list(choices)}")
-    betas = tc.get("betas")
-    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
-        raise ValueError(f"trainer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-    for key, (low, high) in _LIMITS.items():
-        value = tc.get(key)
-        if value is None:
-            continue
-        if value < low or (high is not None and value > high):
-            span = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ValueError(f"trainer.{key}={value} is out of range: it must be {span}")
 
 
 class Trainer:
@@ -558,10 +468,9 @@ class Trainer:
 
             bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         self.net.train()
-        t_last, n_last, losses = time.perf_counter(), 0, []
         try:
             with self._stop_on_interrupt():
-                self._steps(data, bar, max_steps, t_last, n_last, losses)
+                self._steps(data, bar, max_steps)
         finally:
             if bar is not None:
                 bar.close()
@@ -596,9 +505,10 @@ class Trainer:
                 f"run the same command again with hydra.run.dir={self.run_dir} to resume"
             )
 
-    def _steps(self, data: Iterator[Any], bar: Any, max_steps: int, t_last: float, n_last: int, losses: list) -> None:
+    def _steps(self, data: Iterator[Any], bar: Any, max_steps: int) -> None:
         """Optimizer steps until ``max_steps`` (or an interrupt), logging, checkpointing and sampling on schedule."""
         tc = self.tc
+        t_last, n_last, losses = time.perf_counter(), 0, []  # since the last log record
         while self.step < max_steps and not self._interrupted:
             self.opt.zero_grad(set_to_none=True)
             for micro in range(tc["grad_accum"]):

@@ -22,7 +22,8 @@ from examples.points import MLP, PointsDomain
 from polydiff.checkpoint import load_checkpoint
 from polydiff.config import RecipeConfig
 from polydiff.objectives import Objective
-from polydiff.trainer import IncompatibleCheckpointError, NonFiniteLossError, Trainer, TrainingInterrupted, train
+from polydiff.resume import IncompatibleCheckpointError
+from polydiff.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

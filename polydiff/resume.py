@@ -1,0 +1,65 @@
+"""Resuming a run: which checkpoint a run starts from, and whether a recipe can go on from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["IncompatibleCheckpointError", "check_compatible", "check_resumable", "resume_source"]
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint from another domain or with an incompatible network/diffusion config."""
+
+
+# Config sections that must match for a checkpoint to be resumed or sampled.
+_MUST_MATCH = ("domain.name", "model", "schedule", "objective.prediction")
+
+
+def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg.get(part, {}) if isinstance(cfg, Mapping) else None
+    return cfg
+
+
+def check_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`IncompatibleCheckpointError` naming every key that differs."""
+    diffs = [key for key in _MUST_MATCH if _get(saved, key) != _get(current, key)]
+    if diffs:
+        detail = "; ".join(f"{k}: checkpoint {_get(saved, k)!r} vs recipe {_get(current, k)!r}" for k in diffs)
+        raise IncompatibleCheckpointError(
+            f"checkpoint {path} does not fit this recipe ({detail}). Use another hydra.run.dir, "
+            f"or trainer.resume=never to start afresh (the old run's files move to a previous-TIME folder)."
+        )
+
+
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> None:
+    """:func:`check_compatible`, and a checkpoint already past ``trainer.max_steps`` refused."""
+    check_compatible(saved["config"], current, path)
+    step, max_steps = int(saved["step"]), current["trainer"]["max_steps"]
+    if step > max_steps:
+        raise ValueError(
+            f"checkpoint {path} is at step {step}, past trainer.max_steps={max_steps}: raise trainer.max_steps to "
+            f"train on, or draw samples from it with polydiff sample"
+        )
+
+
+def resume_source(mode: str, own: Path) -> Path | None:
+    """The checkpoint a run starts from under ``trainer.resume=mode``, ``None`` for a fresh start.
+
+    The run's own ``last.pt`` wins over ``resume=PATH``: a run started from PATH and stopped goes on
+    from its own progress when the same command runs again, rather than from PATH over it.
+    """
+    if mode == "never":
+        return None
+    if own.is_file():
+        return own
+    if mode == "auto":
+        return None
+    path = Path(mode)
+    if path.is_dir():
+        raise FileNotFoundError(f"trainer.resume={mode} is a folder: give a checkpoint file, e.g. "
+                                f"trainer.resume={path / 'checkpoints' / 'last.pt'}")
+    if not path.is_file():
+        raise FileNotFoundError(f"trainer.resume={mode!r} is neither auto, never nor an existing checkpoint file")
+    return path
