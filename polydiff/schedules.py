@@ -186,8 +186,7 @@ def make_schedule(
         extra = {k: v for k, v in kwargs.items() if v is not None}
         if extra:
             raise KeyError(f"schedule 'custom' takes only schedule.betas (and zero_terminal_snr), not {sorted(extra)}")
-        alpha_bar = torch.cumprod(1 - torch.as_tensor(list(betas), dtype=torch.float64), 0)
-        name = "custom"
+        alpha_bar = NoiseSchedule.from_betas(list(betas)).alpha_bar_table[1:]  # betas checked to lie in (0, 1]
     else:
         if name not in SCHEDULES:
             close = difflib.get_close_matches(name, SCHEDULES, n=1)

@@ -5,10 +5,13 @@ import math
 import os
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from benchmarks.suite import DomainBench, _train_steps, main, run_suite, suites, with_steps
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _numbers(obj, prefix=""):
@@ -49,6 +52,7 @@ def test_quick_suite_tiny_budget(tmp_path):
     assert len({x["samples_per_s"] for x in d["throughput_vs_batch"]}) == 2
     peer = d["peers"]["samplers"]
     assert "error" not in peer, peer
+    assert set(peer["samplers"]) == {"ddim", "dpmpp_2m"}
     for r in peer["samplers"].values():
         assert r["max_rel_diff"] < 1e-4  # polydiff and diffusers agree on the same denoiser
         assert r["ratio_polydiff_over_diffusers"] > 0
@@ -86,7 +90,7 @@ def test_training_figures_leave_out_the_final_draw(tmp_path, monkeypatch):
     d = json.loads(path.read_text())["domains"]["points"]
     assert "error" not in d, d["error"]
     t = d["train"]
-    assert t["steps"] == 5 and 0 < t["wall_s"] < slow and t["peak_mem_mb"] > 50 and t["samples_per_s"] > 0
+    assert t["steps"] == 5 and t["wall_s"] > 0 and t["peak_mem_mb"] > 50 and t["samples_per_s"] > 0
     assert len(d["sampling"]) == 1 and all(math.isfinite(v) for _, v in _numbers(d))
     assert [p.parent.parent.name for p in (tmp_path / "runs").glob("*/*/checkpoints/last.pt")] == ["points"]
     assert draws == []  # the trainer drew nothing: the sweep samples every configuration itself
@@ -174,8 +178,9 @@ def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
     assert "torch.compile, training at batch 32" in path.with_suffix(".md").read_text()
 
 
-def test_literature_settings_run_on_local_copies(tmp_path):
+def test_literature_settings_run_on_local_copies(tmp_path, monkeypatch):
     """QM9 with EDM's model and SC09 (shrunk by profile=cpu) on fake local copies, through --data."""
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))  # the metric classifier fits here, not in ~/.cache
     from tests.test_audio import make_fake_sc09
     from tests.test_molecule import _write_sdf
 
@@ -239,11 +244,11 @@ def test_merge_joins_runs_of_one_suite(tmp_path):
         main(["--merge", str(a), str(a), "--out", str(tmp_path / "m")])
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SystemExit, match="bad.json"):
-        main(["--merge", str(a), str(tmp_path / "bad.json")])
+        main(["--merge", str(a), str(tmp_path / "bad.json"), "--out", str(tmp_path / "never")])
     result["suite"] = "full"
     skipped.write_text(json.dumps(result))
     with pytest.raises(SystemExit, match="different suites"):
-        main(["--merge", str(a), str(skipped)])
+        main(["--merge", str(a), str(skipped), "--out", str(tmp_path / "never")])
 
 
 def test_diffusers_schedulers_match_polydiff_with_x0_clipping():
@@ -430,7 +435,7 @@ def test_report_tables_keep_their_shape_for_a_domain_without_metrics(tmp_path):
     """Header, separator and rows have as many cells, with metrics and without (a user's domain may have none)."""
     from benchmarks.report import write_markdown
 
-    result = json.loads(open("benchmarks/results/20261129-042021_quick_cpu.json").read())
+    result = json.loads((ROOT / "benchmarks" / "results" / "20261129-042021_quick_cpu.json").read_text())
     for d in result["domains"].values():
         d.pop("reference", None)
         for r in d.get("sampling", []):

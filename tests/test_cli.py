@@ -239,7 +239,11 @@ def test_multirun(tmp_path):
     assert steps == [5, 6]
 
 
-def test_registry():
+def test_registry(monkeypatch):
+    import polydiff.registry as registry
+
+    monkeypatch.setitem(registry._REGISTRY, "tiny-test", None)  # the name leaves with the test (None: free)
+
     class Tiny(polydiff.Domain):
         pass
 
@@ -249,7 +253,7 @@ def test_registry():
         polydiff.register_domain("tiny-test", type("Other", (polydiff.Domain,), {}))
     with pytest.raises(KeyError, match="Known domains"):
         polydiff.get_domain("no-such-domain")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="needs a polydiff.Domain subclass"):
         polydiff.register_domain("bad", int)
     # A "module:Class" path to a class that registers itself keeps its registered name (messages use it).
     assert polydiff.get_domain("examples.points:PointsDomain").name == "points"
@@ -363,7 +367,13 @@ class UserPoints(PointsDomain):
 '''
 
 
-def _user_recipe(folder: Path, **trainer) -> Path:
+def _user_recipe(folder: Path, monkeypatch, **trainer) -> Path:
+    """A user's recipe and domain module in ``folder``; the module and its registrations leave with the test."""
+    import polydiff.registry as registry
+
+    monkeypatch.delitem(sys.modules, "userdomain", raising=False)
+    for name in ("user-points", "userdomain:UserPoints"):  # None: free to register; the names leave with the test
+        monkeypatch.setitem(registry._REGISTRY, name, None)
     (folder / "userdomain.py").write_text(USER_DOMAIN)
     recipe = folder / "user.yaml"
     tc = {"max_steps": 3, "batch_size": 32, "device": "cpu", "num_samples": 8, "progress": False, **trainer}
@@ -382,7 +392,7 @@ def test_a_users_domain_beside_its_recipe_trains_logs_and_samples_from_python(tm
 
     user = tmp_path / "user"
     user.mkdir()
-    recipe = _user_recipe(user)
+    recipe = _user_recipe(user, monkeypatch)
     monkeypatch.chdir(tmp_path)
     main(["train", str(recipe), f"hydra.run.dir={tmp_path / 'run'}"])
     final = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
@@ -411,7 +421,7 @@ def test_a_domain_state_that_checkpoints_cannot_load_is_named_before_training(tm
     """A numpy array in Domain.state_dict() would save, then never load (weights_only): refused at the start."""
     user = tmp_path / "user"
     user.mkdir()
-    _user_recipe(user)
+    _user_recipe(user, monkeypatch)
     monkeypatch.syspath_prepend(str(user))
     import userdomain
 
@@ -498,3 +508,31 @@ def test_readme_block_loading_a_trained_run_runs_as_written(tmp_path, monkeypatc
     scope: dict = {}
     exec(compile(text[start:text.index("```", start)], "README.md (a trained run)", "exec"), scope)
     assert scope["batch"].x.shape == (512, 2) and set(scope["metrics"]) == {"dist_to_centre", "modes_covered"}
+
+
+def test_sampling_uses_the_ema_weights_unless_told_and_any_kept_checkpoint(tmp_path):
+    """load_run and polydiff sample take the EMA weights (--weights raw the trained ones); --checkpoint samples a
+    kept step_NNNNNNN.pt and sampling.json names it with its step."""
+    from polydiff.cli import main
+
+    cfg = {"domain": {"name": "examples.points:PointsDomain", "size": 256}, "model": {"width": 16, "depth": 1},
+           "schedule": {"steps": 50}, "sampler": {"name": "ddim", "steps": 3},
+           "trainer": {"max_steps": 6, "batch_size": 32, "device": "cpu", "num_samples": 8, "progress": False,
+                       "ema_decay": 0.5, "keep_every": 4, "lr": 1e-2}}
+    train(cfg, tmp_path)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    ema = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    for weights, expected in (("ema", ema), ("raw", ckpt["model"])):
+        state = polydiff.load_run(tmp_path, weights=weights)[0].net.state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in state)
+    assert not all(torch.equal(ema[k], ckpt["model"][k]) for k in ema)  # the two differ, so the test can tell
+    kept = tmp_path / "checkpoints" / "step_0000004.pt"
+    main(["sample", str(tmp_path), "--n", "4", "--checkpoint", str(kept), "--out", str(tmp_path / "s4")])
+    record = json.loads((tmp_path / "s4" / "sampling.json").read_text())
+    assert record["checkpoint"] == str(kept) and record["step"] == 4 and record["weights"] == "ema"
+    main(["sample", str(tmp_path), "--n", "4", "--weights", "raw", "--out", str(tmp_path / "raw")])
+    main(["sample", str(tmp_path), "--n", "4", "--out", str(tmp_path / "ema")])
+    a, b = (torch.load(tmp_path / d / "samples.pt", weights_only=True)["x"] for d in ("raw", "ema"))
+    assert not torch.equal(a, b)
+    main(["sample", str(tmp_path), "--n", "4", "--out", str(tmp_path / "ema2")])  # the same seed, the same samples
+    assert torch.equal(b, torch.load(tmp_path / "ema2" / "samples.pt", weights_only=True)["x"])

@@ -241,3 +241,17 @@ def test_noise_for_another_device_is_drawn_on_the_generators_own():
     assert noise.device.type == "meta" and noise.shape == (2, 3)
     cpu = DenseSpace((2, 3)).randn(generator=torch.Generator().manual_seed(0))
     assert torch.equal(cpu, torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_guidance_mixes_the_conditional_and_unconditional_predictions():
+    """x0 = u + scale (c - u): the null label answers 0 and label k answers k, so scale 3 gives 3k; rescale
+    (Lin et al. 2024) then brings the guided x0's spread back towards the conditional one's."""
+    domain, sch, obj = Toy(), make_schedule("cosine", 100), Objective("x0")
+    labels = torch.tensor([1, 2])
+    out = generate(domain, LabelToValue(), sch, obj, 2, {"steps": 3}, guidance={"scale": 3.0}, labels=labels)
+    assert out.x[:, 0, 0].tolist() == pytest.approx([3.0, 6.0])
+    plain = generate(domain, LabelToValue(), sch, obj, 2, {"steps": 3}, labels=labels)
+    assert plain.x[:, 0, 0].tolist() == pytest.approx([1.0, 2.0])
+    rescaled = generate(domain, LabelToValue(), sch, obj, 2, {"steps": 3}, guidance={"scale": 3.0, "rescale": 1.0},
+                        labels=labels)
+    assert torch.isfinite(rescaled.x).all() and not torch.allclose(rescaled.x, out.x)

@@ -79,7 +79,7 @@ def test_centered_subspace_noise_and_samples():
     noise = space.randn(g, dtype=torch.float64)
     com = space.segment_sum(noise[:, :3])
     assert com.abs().max() < 1e-10
-    assert noise[:, 3].abs().sum(0) > 0  # uncentred column untouched
+    assert space.segment_sum(noise[:, 3:]).abs().max() > 1e-3  # the uncentred column keeps its per-sample mean
 
     var = 0.5  # x0: i.i.d. N(0, var) positions projected to zero mean; N(0, var) feature
     def denoise(x, t):
@@ -286,11 +286,50 @@ def test_bad_time_grids_and_sampler_values_are_refused():
     clip_x0 (samples silently collapsed) are refused."""
     schedule, space = make_schedule("cosine", 100), DenseSpace((4, 3))
     den, noise = gaussian_denoiser(schedule, space), torch.randn(4, 3, dtype=torch.float64)
-    for grid in (torch.tensor([1.0, float("nan"), 0.0]), torch.tensor([1.0, 0.5, 1e-16, 0.0])):
-        with pytest.raises(ValueError, match="grid"):
+    for grid, message in ((torch.tensor([1.0, float("nan"), 0.0]), "decrease strictly"),
+                          (torch.tensor([1.0, 0.5, 1e-16, 0.0]), "same noise level")):
+        with pytest.raises(ValueError, match=message):
             sample("ddim", den, noise, schedule, grid, space=space)
     with pytest.raises(ValueError, match=r"sampler.eta=-0.5 is outside \[0, 1\]"):
         sample_ddim(den, noise, schedule, 10, eta=-0.5, space=space)
     for name in ("ddpm", "ddim", "dpmpp_2m"):
         with pytest.raises(ValueError, match="sampler.clip_x0=-1.0 must be positive"):
             sample(name, den, noise, schedule, 10, space=space, clip_x0=-1.0)
+
+
+def test_a_per_sample_grid_gives_each_sample_the_run_of_its_own_grid():
+    """DDIM with a grid [n + 1, B] equals running each group of samples alone on its own 1-D grid."""
+    schedule = make_schedule("linear", 1000)
+    batch = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    space = RaggedSpace(batch, 4, 3)
+    noise = space.randn(torch.Generator().manual_seed(0), dtype=torch.float64)
+    early = timesteps(10, 1000)
+    late = early * 0.7  # samples 1 and 3 run from t = 0.7
+    grid = torch.stack([early, late, early, late], dim=1)  # [n + 1, B]
+    together = sample_ddim(gaussian_denoiser(schedule, space), noise, schedule, grid, space=space)
+    for own, samples in ((early, [0, 2]), (late, [1, 3])):
+        rows = torch.isin(batch, torch.tensor(samples))
+        alone_space = RaggedSpace(torch.repeat_interleave(torch.arange(2), torch.bincount(batch)[samples]), 2, 3)
+        alone = sample_ddim(gaussian_denoiser(schedule, alone_space), noise[rows], schedule, own, space=alone_space)
+        torch.testing.assert_close(together[rows], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_ddpm_large_variance_adds_the_forward_process_noise():
+    """variance="large" draws a step's noise with std sqrt(beta_t) (DDPM's sigma^2 = beta), "small" with the
+    posterior's: from x_T = 0 with a denoiser answering x0 = 0 the posterior mean is 0, so the first step's
+    state is that noise alone."""
+    schedule, space = make_schedule("linear", 1000), DenseSpace((20000, 1))
+    zero = lambda x, t: Prediction(torch.zeros_like(x), torch.zeros_like(x))
+    steps, stds = 10, {}
+    for variance in ("small", "large"):
+        seen = []
+        sample_ddpm(zero, torch.zeros(20000, 1, dtype=torch.float64), schedule, steps, space=space,
+                    generator=torch.Generator().manual_seed(1), variance=variance,
+                    callback=lambda info: seen.append(info["x"].std().item()))
+        stds[variance] = seen[0]
+    ab = schedule.alpha_bar(timesteps(steps, 1000))
+    ab_t, ab_prev = ab[0], ab[1]  # the first step, from t = 1
+    beta = 1 - ab_t / ab_prev
+    assert stds["large"] == pytest.approx(float(beta.sqrt()), rel=0.03)
+    assert stds["small"] == pytest.approx(float((beta * (1 - ab_prev) / (1 - ab_t)).sqrt()), rel=0.03)
+

@@ -71,6 +71,10 @@ def test_zero_terminal_snr(name):
     assert s.alpha_bar_table[1].item() == pytest.approx(base.alpha_bar_table[1].item(), rel=1e-9)
     lam = s.log_snr(T_DENSE)
     assert (lam[1:] < lam[:-1]).all()
+    # Lin et al. 2024, Alg. 1: sqrt(alpha_bar) shifted to end at 0 and scaled to keep its first value.
+    r = base.alpha_bar_table[1:].sqrt()
+    expected = ((r - r[-1]) * r[0] / (r[0] - r[-1])) ** 2
+    torch.testing.assert_close(s.alpha_bar_table[1:], expected, rtol=1e-12, atol=1e-15)
 
 
 def test_on_grid_values_and_interpolation():
@@ -90,7 +94,7 @@ def test_custom_betas_and_bad_names():
         make_schedule("cosin")
     with pytest.raises(KeyError, match="power"):
         make_schedule("cosine", power=2.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"every beta must be in \(0, 1\]"):
         NoiseSchedule.from_betas([0.1, 0.0])
     with pytest.raises(ValueError, match="set schedule.name=custom"):  # betas silently replacing 'linear'
         make_schedule("linear", betas=betas)
@@ -144,7 +148,8 @@ def test_v_prediction_defined_at_zero_snr():
     x_t, v = torch.randn(4, 3), torch.randn(4, 3)
     a, s = torch.zeros(4, 1), torch.ones(4, 1)
     pred = to_prediction("v", v, x_t, a, s)
-    assert torch.isfinite(pred.x0).all() and torch.isfinite(pred.eps).all()
+    # v = a eps - s x0 with a = 0, s = 1: x0 = -v, and x_t = a x0 + s eps = eps.
+    assert torch.equal(pred.x0, -v) and torch.equal(pred.eps, x_t)
 
 
 def test_eps_denoiser_on_a_zero_terminal_schedule_is_refused():
@@ -196,3 +201,18 @@ def test_loss_reduces_over_valid_elements_only():
     space = RaggedSpace(batch, 2, 2)
     vals = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [3.0, 3.0]])
     torch.testing.assert_close(space.mean(vals), torch.tensor([1.0, 3.0]))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_loss_carries_the_objectives_weight(prediction):
+    """min-SNR weighting multiplies each sample's loss by loss_weight (Hang et al. 2023, eq. 9) at its own time."""
+    schedule, x = make_schedule("cosine", 1000), torch.randn(6, 2, 5)
+    t = torch.linspace(0.05, 0.95, 6)
+    net = lambda x_t, t: torch.zeros_like(x_t)
+    batch = Batch(x, DenseSpace(x.shape))
+    plain = Objective(prediction).losses(net, batch, schedule, torch.Generator().manual_seed(0), t=t)
+    weighted = Objective(prediction, weighting="min_snr", gamma=5.0).losses(net, batch, schedule,
+                                                                          torch.Generator().manual_seed(0), t=t)
+    torch.testing.assert_close(weighted, plain * loss_weight(prediction, "min_snr", schedule.snr(t).float(), 5.0))
+    assert not torch.allclose(weighted, plain)
+

@@ -460,7 +460,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     launcher.write_text(DDP_LAUNCHER)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         str(launcher), str(tmp_path), "train", str(ROOT / "examples" / "points.yaml"),
         "trainer.max_steps=20", "trainer.batch_size=64", "trainer.log_every=5", "trainer.num_samples=32",
         "trainer.ckpt_every=10", "model.width=32", f"hydra.run.dir={run_dir}",
@@ -605,3 +605,32 @@ def test_template_setup_names_the_classes_of_labelled_pairs(tmp_path):
 
     main(["sample", str(tmp_path), "--n", "2", "label=1", "guidance.scale=2", "--out", str(tmp_path / "s")])
     assert torch.load(tmp_path / "s" / "samples.pt", weights_only=True)["label"].tolist() == [1, 1]
+
+
+def test_gradient_clipping_and_label_dropout_take_effect(tmp_path, monkeypatch):
+    """trainer.grad_clip bounds the gradient norm each step sees; trainer.label_dropout nulls that share of labels
+    (none at 0)."""
+    norms = []
+    cfg = config(max_steps=4, grad_clip=1e-3, lr=1e-2)
+    cfg["domain"] = {"name": f"{__name__}:PairsDomain", "size": 256}
+    trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path / "clip")
+    trainer.opt.register_step_pre_hook(lambda opt, args, kwargs: norms.append(
+        float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.net.parameters()])))))
+    trainer.train_steps()
+    assert len(norms) == 4 and max(norms) <= 1e-3 * 1.0001
+    real, seen = Trainer._micro_step, []
+
+    def record(self, batch, last):
+        loss = real(self, batch, last)
+        seen.append(batch.cond["label"].clone())  # as the network saw them
+        return loss
+
+    monkeypatch.setattr(Trainer, "_micro_step", record)
+    for dropout, expected in ((0.5, 0.5), (0.0, 0.0)):
+        seen.clear()
+        cfg = config(max_steps=20, label_dropout=dropout)
+        cfg["domain"] = {"name": f"{__name__}:PairsDomain", "size": 256}
+        Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path / f"drop{dropout}").train_steps()
+        nulled = float((torch.cat(seen) == -1).float().mean())
+        assert nulled == pytest.approx(expected, abs=0.06)
+
