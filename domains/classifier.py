@@ -8,10 +8,12 @@ weights, and scores generated samples against the training split's statistics wi
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +21,9 @@ from torch import Tensor, nn
 from polydiff.checkpoint import atomic_save
 from polydiff.metrics import classifier_metrics
 
-__all__ = ["fit_classifier", "ClassifierScorer"]
+__all__ = ["fit_classifier", "ClassifierScorer", "cache_key", "cached_scorer", "enough_to_score", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
 
 
 def fit_classifier(
@@ -141,3 +145,36 @@ class ClassifierScorer:
 def default_cache_dir() -> Path:
     """Where fitted metric classifiers are cached (``$POLYDIFF_CACHE`` or ``~/.cache/polydiff``)."""
     return Path(os.environ.get("POLYDIFF_CACHE", Path.home() / ".cache" / "polydiff"))
+
+
+def cache_key(settings: str, x: Tensor, y: Tensor) -> str:
+    """16 hex digits of a SHA-1 over ``settings`` and the training data ``x [N, ...]``, ``y [N]`` (CPU tensors),
+    so a changed data set or fit never reuses stale cached weights."""
+    h = hashlib.sha1(settings.encode())
+    h.update(x.numpy().tobytes())  # C order whatever the strides
+    h.update(y.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_scorer(
+    make_net: Callable[[], nn.Module],
+    train: tuple[Tensor, Tensor],
+    heldout: tuple[Tensor, Tensor],
+    cache: Optional[Path],
+    fit_kwargs: dict,
+    device: Union[torch.device, str, None] = None,
+) -> ClassifierScorer:
+    """A :class:`ClassifierScorer` fitted (or loaded from ``cache``) on ``device``: a GPU when there is one by default."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    x, y = train
+    return ClassifierScorer(lambda: make_net().to(device), (x.to(device), y.to(device)), heldout, cache=cache, fit_kwargs=fit_kwargs)
+
+
+def enough_to_score(n: int, domain: str, items: str) -> bool:
+    """Whether ``n`` samples can be scored: FID fits a covariance, so at least 2 (a warning names ``items`` when not)."""
+    if n >= 2:
+        return True
+    log.warning("%s metrics need at least 2 %s (FID fits a covariance), got %d: none computed", domain, items, n)
+    return False

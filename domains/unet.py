@@ -13,15 +13,19 @@ returns a tensor of the same shape; any spatial size is padded internally and cr
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polydiff.conditioning import NULL_LABEL
+from polydiff.config import call_checked
 
-__all__ = ["UNet", "sinusoidal_embedding"]
+__all__ = ["UNet", "build_unet", "sinusoidal_embedding"]
+
+#: The U-Net arguments a domain sets from its data, never the recipe.
+_DATA_KEYS = ("dims", "in_channels", "num_classes")
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
@@ -268,3 +272,11 @@ class UNet(nn.Module):
         if any(pad):
             h = h[(slice(None), slice(None), *(slice(0, s) for s in spatial))]
         return h
+
+
+def build_unet(dims: int, in_channels: int, num_classes: int, model: Mapping[str, Any], owner: str) -> UNet:
+    """A :class:`UNet` from a recipe's ``model`` section; the ``owner`` domain sets dims, channels and classes from its data."""
+    for key in _DATA_KEYS:
+        if key in model:
+            raise KeyError(f"model.{key} is set by the {owner} domain from the data; remove it from the recipe")
+    return call_checked(UNet, {"dims": dims, "in_channels": in_channels, "num_classes": num_classes, **model}, "model")

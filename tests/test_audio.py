@@ -430,6 +430,26 @@ def test_classifier_cache_key_follows_the_clips_not_their_location(tmp_path, lab
     assert key(tmp_path / "again") != first
 
 
+def test_metric_classifier_cache_file_of_the_shipped_digits_is_pinned(monkeypatch):
+    """Cached classifiers (and the figures they gave) stay valid: the shipped set's default cache file name is fixed."""
+    from domains.audio import features, metrics
+
+    seen = {}
+
+    class Fitted:  # what make_scorer logs
+        test_accuracy = 1.0
+
+    def capture(make_net, train, heldout, cache, fit_kwargs, device=None):
+        seen.update(cache=cache, fit_kwargs=fit_kwargs)
+        return Fitted()
+
+    monkeypatch.setattr(metrics, "cached_scorer", capture)
+    monkeypatch.setenv("POLYDIFF_CACHE", "/cache")
+    AudioDomain()._get_scorer()
+    assert seen["cache"] == Path("/cache/audio/digit_classifier_4d33dd78d8aa8ae7.pt")
+    assert seen["fit_kwargs"] == {"epochs": 10, "batch_size": 64, "lr": 3e-3, "augment": features.augment_waves}
+
+
 def test_metric_classifier_is_refitted_when_its_epochs_change(tmp_path, monkeypatch, labelled_folder):
     """domain.classifier_epochs is part of the cache key: other epochs never reuse weights fitted with fewer."""
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
@@ -539,6 +559,7 @@ def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monke
     main(["sample", str(run), "--n", "2", "--out", str(filled), "--known", str(tmp_path / "take.wav"),
           "known.start=0.2", "known.end=0.4", "sampler.steps=4", "label=seven"])
     take = torch.from_numpy(sf.read(tmp_path / "take.wav", dtype="float32")[0])  # [700]
+    assert len(list(filled.glob("*.wav"))) == 2
     for wav in sorted(filled.glob("*.wav")):
         out = torch.from_numpy(sf.read(wav, dtype="float32")[0])
         keep = torch.ones(700, dtype=torch.bool)

@@ -447,3 +447,19 @@ def test_sample_and_eval_after_the_data_moved(tmp_path, monkeypatch, capsys):
     assert (x[:, 0][:, box] - kept[box]).abs().max() > 0.05
     with pytest.raises(SystemExit, match=r"known.box=\[2, 1, 9, 7\] lies outside the 8x8 images"):
         main(["sample", str(run), "--known", str(photo), "known.box=[2,1,9,7]"])
+
+
+def test_metric_classifier_cache_file_of_the_digits_is_pinned(monkeypatch):
+    """Cached classifiers (and the figures they gave) stay valid: the digits' default cache file name is fixed."""
+    from domains.image import metrics
+
+    seen = {}
+
+    def capture(make_net, train, heldout, cache, fit_kwargs, device=None):
+        seen.update(cache=cache, fit_kwargs=fit_kwargs)
+
+    monkeypatch.setattr(metrics, "cached_scorer", capture)
+    monkeypatch.setenv("POLYDIFF_CACHE", "/cache")
+    ImageDomain()._get_scorer()
+    assert seen["cache"] == Path("/cache/image-classifier-930160400010d9f2.pt")
+    assert seen["fit_kwargs"] == {"epochs": 15, "batch_size": 64, "lr": 3e-3, "augment": metrics.random_shift}

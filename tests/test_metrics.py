@@ -119,3 +119,29 @@ def test_scorer_fit_is_seeded_and_leaves_the_global_rng_alone():
         assert torch.equal(torch.get_rng_state(), before)
         feats.append(scorer.train_feats)
     assert torch.equal(feats[0], feats[1])
+
+
+def test_classifier_cache_key_bytes_are_pinned(caplog):
+    """The key names cached classifier files: its bytes must not change, or every cache is refitted."""
+    from domains.classifier import cache_key, enough_to_score
+
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # [4, 3], not contiguous: hashed in C order
+    y = torch.tensor([0, 1, 2, 1])
+    assert cache_key("settings", x, y) == cache_key("settings", x.contiguous(), y) == "210d5669518b9c72"
+    assert cache_key("other", x, y) != "210d5669518b9c72"
+    assert enough_to_score(2, "image", "images") and not enough_to_score(1, "image", "images")
+    assert "image metrics need at least 2 images (FID fits a covariance), got 1" in caplog.text
+
+
+def test_inception_scores_match_their_definitions_on_ordinary_probabilities():
+    """IS, modified IS and AM against brute-force forms of their definitions on non-degenerate probabilities."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5) * 0.7, size=40)  # [N, K]
+    ref = rng.dirichlet(np.ones(5), size=30)
+    marginal = p.mean(0)
+    kl = lambda a, b: float((a * (np.log(a) - np.log(b))).sum())
+    assert inception_score(p) == pytest.approx(np.exp(np.mean([kl(row, marginal) for row in p])), rel=1e-9)
+    pairs = [kl(a, b) for a in p for b in p]  # Gurumurthy et al. 2017: every ordered pair
+    assert modified_inception_score(p) == pytest.approx(np.exp(np.mean(pairs)), rel=1e-9)
+    entropy = float(np.mean([-(row * np.log(row)).sum() for row in p]))
+    assert am_score(p, ref) == pytest.approx(kl(ref.mean(0), marginal) + entropy, rel=1e-9)

@@ -512,6 +512,10 @@ def test_edm_txt_sample_files_are_read_as_xyz(tmp_path):
     assert read_sample_molecules(edm / "molecule_001.txt")[0][1].shape == (5, 3)
     dom = MoleculeDomain(source="sdf", path="/x", atom_types=["H", "C", "N", "O", "F"])
     assert dom.read_samples(edm).num_samples == 2
+    (edm / ".ipynb_checkpoints").mkdir()  # Jupyter's copies and other hidden files are not samples
+    (edm / ".ipynb_checkpoints" / "molecule_000-checkpoint.txt").write_text("not XYZ\n")
+    (edm / "._molecule_000.txt").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork
+    assert len(read_sample_molecules(edm)) == 2
     (edm / "notes.txt").write_text("sampled with seed 3\n")
     with pytest.raises(ValueError, match=r"notes.txt is a .txt file but not XYZ .*move other .txt files out"):
         read_sample_molecules(edm)
@@ -580,6 +584,33 @@ def test_rdkit_valence_messages_are_silenced_not_disabled(capfd, caplog):
         assert "valence" not in err, err
         assert "molecule setup: 1 training conformers, 0 distinct EDM SMILES" in caplog.text  # ours still shown
         assert "rdApp.error:enabled" in rdBase.LogStatus()  # RDKit's logger is back on for everyone else
+    finally:
+        if "rdApp.error:disabled" in before:
+            RDLogger.DisableLog("rdApp.error")
+
+
+def test_reading_files_silences_rdkit_while_reading_only(tmp_path, capfd):
+    """read_smiles_file and read_sdf keep RDKit's own messages on bad records out of the output (ours name
+    them), then give RDKit its logger back as it was."""
+    from rdkit import RDLogger, rdBase
+
+    from domains.molecule.data import read_sdf, read_smiles_file
+
+    smi = tmp_path / "list.smi"
+    smi.write_text("CCO\nC1CC(\nC(C)(C)(C)(C)C\n")  # unparsable; a pentavalent carbon
+    sdf = tmp_path / "bad.sdf"
+    sdf.write_text("bad\n  RDKit          3D\n\n  1  0  0  0  0  0  0  0  0  0999 V2000\n"
+                   "    0.0000    0.0000    0.0000 Xx  0  0  0  0  0  0  0  0  0  0  0  0\nM  END\n$$$$\n")
+    before = rdBase.LogStatus()
+    RDLogger.EnableLog("rdApp.error")
+    try:
+        capfd.readouterr()
+        assert read_smiles_file(smi, ["H", "C", "O"], 9) == ["CCO"]
+        with pytest.raises(ValueError, match="no usable molecule"):
+            read_sdf(sdf, ["H", "C"])
+        err = capfd.readouterr().err
+        assert "Parse Error" not in err and "valence" not in err and "Xx" not in err, err
+        assert "rdApp.error:enabled" in rdBase.LogStatus()
     finally:
         if "rdApp.error:disabled" in before:
             RDLogger.DisableLog("rdApp.error")

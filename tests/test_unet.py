@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domains.unet import UNet
+from domains.unet import UNet, build_unet
 from polydiff.conditioning import NULL_LABEL
 
 torch.set_num_threads(2)
@@ -146,3 +146,25 @@ def test_parameter_count_grows_with_width_and_features() -> None:
     assert no_attention < small
     # The spatial rank changes kernel sizes, not the layer layout.
     assert _num_params(_tiny(2, 1, channels=16)) > small
+
+
+def test_build_unet_takes_dims_channels_and_classes_from_the_domain() -> None:
+    """The domains' one builder: the data's dims, channels and classes, the recipe's rest, checked by name."""
+    net = build_unet(1, 2, 3, {"channels": 8, "channel_mults": (1, 2), "num_res_blocks": 1}, "audio")
+    assert (net.dims, net.in_channels, net.num_classes) == (1, 2, 3)
+    for key in ("dims", "in_channels", "num_classes"):
+        with pytest.raises(KeyError, match=f"model.{key} is set by the image domain from the data"):
+            build_unet(2, 3, 0, {key: 1}, "image")
+    with pytest.raises(KeyError, match="model.chanels"):  # a misspelt key: call_checked names it
+        build_unet(2, 3, 0, {"chanels": 8}, "image")
+
+
+def test_a_padded_input_is_cropped_back_where_it_was() -> None:
+    """Any length is padded at the end to the network's multiple and cropped back from the start: a clip of 999
+    samples and the same clip padded with one zero by hand give the same first 999 outputs."""
+    net = _tiny(1, 1, down_factors=4).eval()
+    _perturb_head(net)
+    x, t = torch.randn(2, 1, 999), torch.rand(2)
+    padded = torch.nn.functional.pad(x, (0, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t), net(padded, t)[..., :999])

@@ -19,12 +19,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from domains.files import log_other_files, split_by_suffix, visible_files
+
 from .io import AUDIO_SUFFIXES, AudioFileError, Conversions, load_clip
-from .outputs import label_slug
 
 __all__ = [
     "DIGITS",
     "SPOKEN_DIGITS_DIR",
+    "METADATA_COLUMNS",
+    "label_slug",
     "ClipSet",
     "normalise_split",
     "spoken_digits_index",
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPOKEN_DIGITS_DIR = Path(__file__).resolve().parent / "data" / "spoken_digits"
+#: Columns of a spoken-digits folder's ``metadata.csv`` (:mod:`.make_spoken_digits` writes them); the first three are read.
+METADATA_COLUMNS = ("file", "label", "split", "voice", "speed", "pitch")
 _SPLITS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test", "testing": "test"}
 
 _SC09_LISTS = ("validation_list.txt", "testing_list.txt")  # Speech Commands' split lists (Warden 2018, Sec. 7)
@@ -47,6 +52,11 @@ SC09_DELETE_NOTE = ("deleting a Speech Commands clip is safe: a file that valida
                     "names but that is missing is skipped (with a warning)")
 
 Index = list[tuple[Path, Optional[str]]]
+
+
+def label_slug(name: str) -> str:
+    """A label as it appears in sample file names (characters other than letters, digits, ``-``, ``_`` as ``-``)."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
 def normalise_split(split: str) -> str:
@@ -87,9 +97,9 @@ def spoken_digits_index(root: Path, split: str) -> Index:
         raise ValueError("the spoken-digits set has only 'train' and 'test' splits")
     with open(meta, newline="") as f:
         reader = csv.DictReader(f)
-        missing = {"file", "label", "split"} - set(reader.fieldnames or [])
+        missing = set(METADATA_COLUMNS[:3]) - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{meta} lacks the column(s) {sorted(missing)}; expected file,label,split,voice,speed,pitch")
+            raise ValueError(f"{meta} lacks the column(s) {sorted(missing)}; expected {','.join(METADATA_COLUMNS)}")
         index: Index = []
         for line, row in enumerate(reader, start=2):
             if row["label"] not in DIGITS:
@@ -103,38 +113,14 @@ def spoken_digits_index(root: Path, split: str) -> Index:
     return index
 
 
-def _walk_files(folder: Path) -> list[Path]:
-    """Visible files under ``folder``, following symlinked folders; a link back to a folder above it (a loop) is skipped.
-
-    Hidden files and everything inside hidden folders (``.git/``, ``.ipynb_checkpoints/``) are left out.
-    """
-    chains = {str(folder): {os.path.realpath(folder)}}  # each folder walked: the real folders from folder down to it
-    files: list[Path] = []
-    for top, dirs, names in os.walk(folder, followlinks=True):
-        kept = []
-        for d in sorted(d for d in dirs if not d.startswith(".")):
-            real = os.path.realpath(os.path.join(top, d))
-            if real in chains[top]:
-                log.warning("%s: skipped %s: it links back to %s, which holds it (a loop)", folder, os.path.join(top, d), real)
-                continue
-            chains[os.path.join(top, d)] = chains[top] | {real}
-            kept.append(d)
-        dirs[:] = kept
-        files += [Path(top) / n for n in names if not n.startswith(".") and os.path.isfile(os.path.join(top, n))]
-    return sorted(files)
-
-
 def _audio_files(folder: Path) -> list[Path]:
     """WAV/FLAC files under ``folder`` (symlinked sub-folders followed); other visible files are named in a log line.
 
     Hidden files and everything inside hidden folders (``.git/``, ``.ipynb_checkpoints/``) are skipped.
     """
-    files = _walk_files(folder)
-    other = [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES]
-    if other:
-        log.info("%s: ignored %d file(s) that are not %s, e.g. %s (convert them to WAV or FLAC to use them)", folder,
-                 len(other), "/".join(AUDIO_SUFFIXES), [str(p.relative_to(folder)) for p in other[:3]])
-    return [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+    audio, other = split_by_suffix(visible_files(folder), AUDIO_SUFFIXES)
+    log_other_files(folder, other, AUDIO_SUFFIXES, "convert them to WAV or FLAC to use them", verb="ignored")
+    return audio
 
 
 def sample_index(path: Path, label_names: Sequence[str]) -> Index:

@@ -10,10 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from polydiff.conditioning import NULL_LABEL
-from polydiff.config import call_checked
 from polydiff.domain import Batch, Domain
 from polydiff.samplers import Known
 from polydiff.space import DenseSpace, Space
+
+from domains.classifier import enough_to_score
 
 from .data import (
     DIGITS, SC09_DELETE_NOTE, SPOKEN_DIGITS_DIR, ClipSet, folder_index, load_clips, normalise_split, sample_index,
@@ -162,22 +163,20 @@ class AudioDomain(Domain):
                 raise ValueError(f"{err} (the metrics need this split; domain.metrics=false trains without them)") from err
 
     def collate(self, items: Sequence[tuple[Tensor, int]]) -> Batch:
-        x = torch.stack([wave for wave, _ in items])  # [B, C, L]
-        cond = {"label": torch.tensor([label for _, label in items], dtype=torch.long)} if self.conditional else {}
-        return Batch(x, DenseSpace(tuple(x.shape)), cond)
+        """Waves ``[B, C, L]`` stacked as :meth:`Domain.collate` does; labels ``[B]`` only when conditional."""
+        batch = super().collate(items)
+        if not self.conditional:
+            batch.cond.pop("label")
+        return batch
 
     # --------------------------------------------------------------- network
     def build_network(self, **model: Any) -> nn.Module:
         """A 1-D :class:`domains.unet.UNet`; ``in_channels`` and ``num_classes`` come from the data."""
-        from domains.unet import UNet
+        from domains.unet import build_unet
 
-        for key in ("dims", "in_channels", "num_classes"):
-            if key in model:
-                raise KeyError(f"model.{key} is set by the audio domain (from the data); remove it from the recipe")
         if self.conditional and not self.class_names:
             raise RuntimeError("the audio domain's labels are unknown: call setup(train_set) or load_state_dict first")
-        kwargs = {"dims": 1, "in_channels": self.channels, "num_classes": len(self.class_names), **model}
-        return call_checked(UNet, kwargs, "model")
+        return build_unet(1, self.channels, len(self.class_names), model, "audio")
 
     # -------------------------------------------------------------- sampling
     def prior(
@@ -266,8 +265,7 @@ class AudioDomain(Domain):
         real clips as loaded (PCM files, as Speech Commands and the shipped set are, lie within [-1, 1])."""
         if not self.metrics or not self.label_names:
             return {}
-        if batch.num_samples < 2:  # as the image domain: FID fits a covariance
-            log.warning("audio metrics need at least 2 clips (FID fits a covariance), got %d: none computed", batch.num_samples)
+        if not enough_to_score(batch.num_samples, "audio", "clips"):  # before the classifier is fitted
             return {}
         x = batch.x.detach().float().cpu().clamp(-1.0, 1.0)  # [B, C, L] as save_wavs writes it
         if x.shape[1:] != (self.channels, self.length):
@@ -283,12 +281,7 @@ class AudioDomain(Domain):
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "sample_shape": list(self.sample_shape),
-            "class_names": list(self.class_names),
-            "label_names": list(self.label_names),
-            "sample_rate": self.sample_rate,
-        }
+        return {**super().state_dict(), "label_names": list(self.label_names), "sample_rate": self.sample_rate}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)

@@ -25,7 +25,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+from .data import DIGITS, METADATA_COLUMNS, SPOKEN_DIGITS_DIR
 
 # Accents that ship with espeak-ng's own data (the mbrola voices need extra packages).
 ACCENTS = ["en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
@@ -40,8 +40,6 @@ ONSET = 0.05  # seconds of silence before each word
 PEAK = 0.95  # peak amplitude after normalisation
 SILENCE_DB = -40.0  # trim threshold relative to the clip's peak
 TEST_EVERY = 8  # one clip in TEST_EVERY (per digit) goes to the test split
-
-DATA_DIR = Path(__file__).resolve().parent / "data" / "spoken_digits"
 
 
 def synthesise(word: str, voice: str, speed: int, pitch: int, workdir: Path) -> tuple[np.ndarray, int]:
@@ -102,7 +100,7 @@ def build(out: Path, per_digit: int, rate: int, seconds: float, seed: int) -> li
                     {"file": rel.as_posix(), "label": label, "split": split, "voice": voice, "speed": str(speed), "pitch": str(pitch)}
                 )
     with open(out / "metadata.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "label", "split", "voice", "speed", "pitch"])
+        writer = csv.DictWriter(f, fieldnames=list(METADATA_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     return rows
@@ -110,7 +108,7 @@ def build(out: Path, per_digit: int, rate: int, seconds: float, seed: int) -> li
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DATA_DIR, help=f"output folder (default: {DATA_DIR})")
+    parser.add_argument("--out", type=Path, default=SPOKEN_DIGITS_DIR, help=f"output folder (default: {SPOKEN_DIGITS_DIR})")
     parser.add_argument("--per-digit", type=int, default=80, help="clips per digit (default: 80)")
     parser.add_argument("--rate", type=int, default=16000, help="sample rate in Hz (default: 16000)")
     parser.add_argument("--seconds", type=float, default=1.0, help="clip length in seconds (default: 1.0)")

@@ -7,16 +7,13 @@ settings (epochs) and of the training clips themselves, so a changed data set ne
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch
-
-from domains.classifier import ClassifierScorer, default_cache_dir
+from domains.classifier import ClassifierScorer, cache_key, cached_scorer, default_cache_dir
 
 from .data import ClipSet
 from .features import DigitClassifier, augment_waves
@@ -33,11 +30,8 @@ def classifier_cache_path(
     config: Mapping[str, Any], train: ClipSet, cache_dir: Optional[Path] = None, fit: Optional[Mapping[str, Any]] = None
 ) -> Path:
     """Cache file of the classifier for a data ``config``, its training clips and the ``fit`` settings (epochs, ...)."""
-    key = {**config, "version": CLASSIFIER_VERSION, "fit": dict(fit or {})}
-    h = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode())
-    h.update(train.waves.numpy().tobytes())
-    h.update(train.labels.numpy().tobytes())
-    return Path(cache_dir or default_cache_dir()) / "audio" / f"digit_classifier_{h.hexdigest()[:16]}.pt"
+    settings = json.dumps({**config, "version": CLASSIFIER_VERSION, "fit": dict(fit or {})}, sort_keys=True, default=str)
+    return Path(cache_dir or default_cache_dir()) / "audio" / f"digit_classifier_{cache_key(settings, train.waves, train.labels)}.pt"
 
 
 def make_scorer(
@@ -56,16 +50,13 @@ def make_scorer(
     cache = classifier_cache_path(config, train, cache_dir, fit)
     cached = cache.exists()
     start = time.perf_counter()
-    # A GPU when there is one: SC09 has ~31,000 training clips.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.enable_grad():  # evaluation usually runs under no_grad; fitting needs gradients
-        scorer = ClassifierScorer(  # seeded inside, on a forked RNG
-            lambda: DigitClassifier(sample_rate, channels, k).to(device),
-            (train.waves.to(device), train.labels.to(device)),
-            (heldout.waves, heldout.labels),
-            cache=cache,
-            fit_kwargs={**fit, "augment": augment_waves},
-        )
+    scorer = cached_scorer(  # on a GPU when there is one (SC09 has ~31,000 training clips); seeded on a forked RNG
+        lambda: DigitClassifier(sample_rate, channels, k),
+        (train.waves, train.labels),
+        (heldout.waves, heldout.labels),
+        cache,
+        {**fit, "augment": augment_waves},
+    )
     log.info(
         "audio metric classifier %s in %.1f s (%s); held-out accuracy %.3f on %d clips",
         "loaded" if cached else "fitted", time.perf_counter() - start, cache, scorer.test_accuracy, len(heldout),

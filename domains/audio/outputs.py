@@ -10,17 +10,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .data import label_slug
 from .features import LogMel
 from .io import write_audio
 
 __all__ = ["label_slug", "save_wavs", "spectrogram_sheet"]
 
 log = logging.getLogger(__name__)
-
-
-def label_slug(name: str) -> str:
-    """A label as it appears in sample file names (characters other than letters, digits, ``-``, ``_`` as ``-``)."""
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
 def save_wavs(

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from domains.files import log_other_files, split_by_suffix, visible_files
+
 __all__ = [
     "ImageArrays",
     "ImageSet",
@@ -29,6 +31,7 @@ __all__ = [
     "stratified_split",
     "find_cifar10",
     "read_sample_images",
+    "list_images",
 ]
 
 #: File suffixes read by :func:`load_folder` (case-insensitive).
@@ -131,23 +134,12 @@ def _split_kind(split: str, source: str) -> str:
 # ---------------------------------------------------------------------------- folder
 #: Names of a folder's held-out split beside ``train/`` (the first found is used).
 _HELD_OUT_NAMES = ("test", "val", "valid", "validation")
-def _visible_files(folder: Path, recursive: bool) -> list[Path]:
-    """Files in ``folder`` (and below it when ``recursive``), hidden files and folders left out."""
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in ``folder`` (and its sub-folders when ``recursive``); hidden ones such as
-    macOS ``._x.png`` and everything in hidden folders are not images."""
-    return [p for p in _visible_files(folder, recursive) if p.suffix.lower() in IMAGE_SUFFIXES]
-
-
-def _non_images(folder: Path, classes: list[str]) -> list[Path]:
-    """Visible files in ``folder`` and under its class folders that :func:`_list_images` leaves out."""
-    files = _visible_files(folder, False) + [p for name in classes for p in _visible_files(folder / name, True)]
-    return [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (and its sub-folders when ``recursive``; symlinked sub-folders are not entered);
+    hidden ones such as macOS ``._x.png`` and everything in hidden folders are not images."""
+    return split_by_suffix(visible_files(folder, recursive, follow_links=False), IMAGE_SUFFIXES)[0]
 
 
 def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]]:
@@ -156,7 +148,7 @@ def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist (set domain.root to a folder of PNG/JPEG images)")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = _list_images(root)
+    loose = list_images(root)
     if classes and loose:
         raise ValueError(
             f"image folder {root} mixes images ({loose[0].name}, ...) with class sub-folders {classes[:5]}: "
@@ -169,7 +161,7 @@ def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]
     paths: list[Path] = []
     labels: list[int] = []
     for k, name in enumerate(classes):
-        found = _list_images(root / name, recursive=True)  # nested folders too, as in torchvision's ImageFolder
+        found = list_images(root / name, recursive=True)  # nested folders too, as in torchvision's ImageFolder
         if not found:
             raise ValueError(
                 f"class folder {root / name} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)}); "
@@ -192,7 +184,7 @@ def read_sample_images(path: Path, size: int, mode: str, class_names: Sequence[s
     in ``[-1, 1]``, with labels ``[N]`` from the first sub-folder level under ``path`` when it is a class
     name, as training reads class folders (-1 elsewhere; ``None`` when no file has one)."""
     path = Path(path)
-    files = [path] if path.is_file() else _list_images(path, recursive=True) if path.is_dir() else None
+    files = [path] if path.is_file() else list_images(path, recursive=True) if path.is_dir() else None
     if files is None:
         raise FileNotFoundError(f"no samples at {path}: give an image file or a folder of images")
     if not files:
@@ -260,11 +252,10 @@ def _describe_mode(source: str) -> str:
 
 
 def _log_folder(folder: Path, split: str, classes: list[str], sources: list[str], target: str) -> None:
-    """One log line for the files skipped as not images and one for the images converted to ``target``."""
-    skipped = _non_images(folder, classes)
-    if skipped:
-        log.info("%s: skipped %d file(s) that are not %s, e.g. %s (convert them to PNG to use them)", folder,
-                 len(skipped), "/".join(IMAGE_SUFFIXES), [str(p.relative_to(folder)) for p in skipped[:3]])
+    """One log line for the files skipped as not images (in ``folder`` and under its ``classes`` folders, as
+    :func:`list_images` reads them) and one for the images converted to ``target``."""
+    files = visible_files(folder, recursive=False) + [p for c in classes for p in visible_files(folder / c, follow_links=False)]
+    log_other_files(folder, split_by_suffix(files, IMAGE_SUFFIXES)[1], IMAGE_SUFFIXES, "convert them to PNG to use them")
     counts = Counter(m for m in sources if m != target)
     if counts:
         detail = ", ".join(f"{n} {_describe_mode(m)}" for m, n in sorted(counts.items()))

@@ -13,12 +13,13 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from polydiff.config import call_checked
 from polydiff.domain import Batch, Domain
 from polydiff.samplers import Known
 from polydiff.space import DenseSpace
 
-from .data import ImageArrays, ImageSet, _list_images, load_cifar10, load_digits_split, load_folder, read_sample_images
+from domains.classifier import enough_to_score
+
+from .data import ImageArrays, ImageSet, list_images, load_cifar10, load_digits_split, load_folder, read_sample_images
 from .outputs import grid_layout, make_grid, save_grid
 
 __all__ = ["ImageDomain", "SOURCES"]
@@ -119,11 +120,11 @@ class ImageDomain(Domain):
         return ImageSet(self.arrays(split), hflip=self.hflip and split == "train")
 
     def collate(self, items: Sequence[tuple[Tensor, int]]) -> Batch:
-        x = torch.stack([it[0] for it in items])  # [B, C, H, W]
-        cond: dict[str, Tensor] = {}
-        if self.conditional:
-            cond["label"] = torch.tensor([it[1] for it in items], dtype=torch.long)  # [B]
-        return Batch(x, DenseSpace(tuple(x.shape)), cond)
+        """Images ``[B, C, H, W]`` stacked as :meth:`Domain.collate` does; labels ``[B]`` only when conditional."""
+        batch = super().collate(items)
+        if not self.conditional:
+            batch.cond.pop("label")
+        return batch
 
     def setup(self, train_set: Any) -> None:
         arr = train_set.arrays if isinstance(train_set, ImageSet) else self.arrays("train")
@@ -133,15 +134,11 @@ class ImageDomain(Domain):
     # --------------------------------------------------------------- network
     def build_network(self, **model: Any) -> nn.Module:
         """The shared U-Net with ``dims=2``; channels and classes come from the data."""
-        from domains.unet import UNet
+        from domains.unet import build_unet
 
-        for key in ("dims", "in_channels", "num_classes"):
-            if key in model:
-                raise KeyError(f"model.{key} is set by the image domain from the data; remove it from the recipe")
         if self.sample_shape is None:
             raise RuntimeError("ImageDomain.build_network needs the sample shape: call setup(train_set) or load_state_dict first")
-        fixed = {"dims": 2, "in_channels": self.sample_shape[0], "num_classes": self.num_classes}
-        return call_checked(UNet, {**fixed, **model}, "model")
+        return build_unet(2, self.sample_shape[0], self.num_classes, model, "image")
 
     # --------------------------------------------------------------- outputs
     def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
@@ -168,13 +165,13 @@ class ImageDomain(Domain):
             return super().read_samples(path)
         own = _own_sample_files(path) if path.is_dir() else []
         if own:  # polydiff's sample files: the tensors, not their grid PNGs
-            other = [p for p in _list_images(path, recursive=True) if p.with_suffix(".pt") not in own]
+            other = [p for p in list_images(path, recursive=True) if p.with_suffix(".pt") not in own]
             if other:
                 log.warning("%s: scored polydiff's sample files (%s); ignored %d other image(s), e.g. %s: give their "
                             "folder on its own to score them", path, ", ".join(f.name for f in own[:3]), len(other), other[0])
             read = super().read_samples
             return self.concat([read(f) for f in own])
-        if path.is_dir() and not _list_images(path, recursive=True) and any(path.rglob("*.pt")):  # only .pt files
+        if path.is_dir() and not list_images(path, recursive=True) and any(path.rglob("*.pt")):  # only .pt files
             return super().read_samples(path)
         if self.sample_shape is None:
             raise RuntimeError("the image domain's sample shape is unknown: call setup(train_set) or load_state_dict first")
@@ -207,11 +204,10 @@ class ImageDomain(Domain):
             train = self.arrays("train")
             if train.labels is None:
                 return None
-            device = "cuda" if torch.cuda.is_available() else "cpu"
             test = self.arrays("test")
             heldout = (test.to_tensor(), torch.from_numpy(test.labels))
             train_xy = (train.to_tensor(), torch.from_numpy(train.labels))
-            self._scorer = build_scorer(train_xy, heldout, len(train.class_names), self.metric_epochs, device=device)
+            self._scorer = build_scorer(train_xy, heldout, len(train.class_names), self.metric_epochs)
         return self._scorer
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
@@ -219,8 +215,7 @@ class ImageDomain(Domain):
         scorer = self._get_scorer()
         if scorer is None:
             return {}
-        if batch.num_samples < 2:
-            log.warning("image metrics need at least 2 images (FID fits a covariance), got %d: none computed", batch.num_samples)
+        if not enough_to_score(batch.num_samples, "image", "images"):
             return {}
         labels = batch.cond.get("label")
         return scorer.score(batch.x.detach().float().cpu(), None if labels is None else labels.cpu())

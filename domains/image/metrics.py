@@ -8,15 +8,13 @@ same data set only; they are not the Inception-based numbers reported in papers.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from domains.classifier import ClassifierScorer, default_cache_dir
+from domains.classifier import ClassifierScorer, cache_key, cached_scorer, default_cache_dir
 
 __all__ = ["ImageClassifier", "build_scorer", "random_shift"]
 
@@ -60,15 +58,6 @@ def random_shift(x: Tensor, g: torch.Generator, max_shift: int = 1) -> Tensor:
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
 
 
-def _cache_key(train_x: Tensor, train_y: Tensor, fit_kwargs: dict, arch: dict) -> str:
-    """Hash of the training data, the architecture and the fitting settings."""
-    h = hashlib.sha1()
-    h.update(repr((CLASSIFIER_VERSION, sorted(arch.items()), sorted(fit_kwargs.items()))).encode())
-    h.update(np.ascontiguousarray(train_x.numpy()).tobytes())
-    h.update(np.ascontiguousarray(train_y.numpy()).tobytes())
-    return h.hexdigest()[:16]
-
-
 def build_scorer(
     train: tuple[Tensor, Tensor],
     heldout: tuple[Tensor, Tensor],
@@ -76,30 +65,21 @@ def build_scorer(
     epochs: int = 15,
     cache_dir: Optional[Path] = None,
     cache: bool = True,
-    device: str = "cpu",
+    device: Union[torch.device, str, None] = None,
 ) -> ClassifierScorer:
     """Fit (or load cached) an :class:`ImageClassifier` on ``train``; ``heldout`` gives the reference row.
 
     ``train``/``heldout`` are ``(images [N, C, H, W] in [-1, 1], labels [N])``; weights are
     cached under ``cache_dir`` (default :func:`default_cache_dir`) unless ``cache`` is false.
+    ``device`` is where it is fitted and run (``None``: a GPU when there is one).
     """
     x, y = train
     arch = {"in_channels": int(x.shape[1]), "num_classes": int(num_classes), "size": int(max(x.shape[2:]))}
     # Bigger batches for bigger sets: a 50,000-image set would otherwise take minutes per epoch.
     fit_kwargs = {"epochs": epochs, "batch_size": 64 if len(x) < 10_000 else 256, "lr": 3e-3}
     path = None
-    if cache:
+    if cache:  # keyed by the training data, the architecture and the fitting settings
+        settings = repr((CLASSIFIER_VERSION, sorted(arch.items()), sorted(fit_kwargs.items())))
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = folder / f"image-classifier-{_cache_key(x, y, fit_kwargs, arch)}.pt"
-    torch_device = torch.device(device)
-
-    def make_net() -> nn.Module:
-        return ImageClassifier(**arch).to(torch_device)
-
-    return ClassifierScorer(
-        make_net,
-        (x.to(torch_device), y.to(torch_device)),
-        heldout,
-        cache=path,
-        fit_kwargs={**fit_kwargs, "augment": random_shift},
-    )
+        path = folder / f"image-classifier-{cache_key(settings, x, y)}.pt"
+    return cached_scorer(lambda: ImageClassifier(**arch), train, heldout, path, {**fit_kwargs, "augment": random_shift}, device)

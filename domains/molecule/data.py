@@ -19,7 +19,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from domains.files import split_by_suffix, visible_files
 from polydiff.checkpoint import atomic_save
+
+from .rdkit_utils import quiet_rdkit
 
 __all__ = [
     "MoleculeSet",
@@ -104,18 +107,18 @@ def builtin_smiles_path() -> Path:
     return Path(os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi"))
 
 
+@quiet_rdkit()  # RDKit's own messages on bad records: ours name each one
 def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms: int) -> list[str]:
     """SMILES (first column) of neutral, single-fragment molecules made only of ``elements``.
 
     Unparsable lines, molecules outside the filter and repeats of an earlier molecule (same
     canonical SMILES) are skipped, each named with its line number and counted in one summary line.
     """
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SMILES file {path} does not exist")
-    RDLogger.DisableLog("rdApp.*")
     allowed = set(elements)
     kept: list[str] = []
     seen: set[str] = set()
@@ -241,6 +244,7 @@ def _lacks_3d(mol) -> bool:
     return any(a.GetHybridization() == sp3 and a.GetDegree() >= 3 for a in mol.GetAtoms())
 
 
+@quiet_rdkit()  # RDKit's own messages on bad records: ours name each one
 def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str] = ()) -> MoleculeSet:
     """3-D molecules with explicit hydrogens from an SDF file; ``properties`` are SD tags read as floats.
 
@@ -248,12 +252,11 @@ def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str
     outside ``elements`` or lack a requested property are skipped and logged by record number
     and name.
     """
-    from rdkit import Chem, RDLogger
+    from rdkit import Chem
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SDF file {path} does not exist")
-    RDLogger.DisableLog("rdApp.*")
     allowed = set(elements)
     z_list, pos_list, y_list, smi_list = [], [], [], []
     skipped = 0
@@ -339,8 +342,6 @@ def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
     """Atoms and coordinates of every SDF record, unsanitised: bonds are ignored (the metrics infer them)."""
     from rdkit import Chem
 
-    from .metrics import quiet_rdkit
-
     out = []
     with quiet_rdkit():
         mols = list(Chem.SDMolSupplier(str(path), removeHs=False, sanitize=False))
@@ -373,7 +374,7 @@ def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray,
     sanitised or skipped: invalid molecules are what the metrics measure."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _SAMPLE_SUFFIXES and p.is_file())
+        files = split_by_suffix(visible_files(path, follow_links=False), _SAMPLE_SUFFIXES)[0]  # not .ipynb_checkpoints/
         # polydiff writes each draw twice, NAME.sdf and NAME_xyz/*.xyz: read it once.
         files = [p for p in files if not (p.parent != path and p.parent.name.endswith("_xyz") and
                                           (p.parent.parent / f"{p.parent.name[:-4]}.sdf").is_file())]
@@ -531,8 +532,6 @@ def load_qm9(root: Path | str) -> MoleculeSet:
     files is deleted and rebuilt, with a warning (one without a record is trusted and recorded).
     A copy with ``processed/data_v3.pt`` but no raw files is read as it is (nothing to check it against).
     """
-    from .metrics import quiet_rdkit
-
     root = Path(root).expanduser()
     raw = root / "raw"
     missing = [f for f in QM9_RAW_FILES if not (raw / f).is_file()]

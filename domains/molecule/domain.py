@@ -33,8 +33,9 @@ from .data import (
     split_indices,
 )
 from .egnn import EGNN
-from .metrics import Molecule3D, edm_smiles, molecule_metrics, quiet_rdkit
+from .metrics import Molecule3D, edm_smiles, molecule_metrics
 from .outputs import write_grid_png, write_sdf, write_xyz
+from .rdkit_utils import quiet_rdkit
 
 __all__ = ["MoleculeDomain"]
 

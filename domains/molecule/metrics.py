@@ -12,32 +12,19 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
 from .bonds import atom_stability, bond_order_matrix
+from .rdkit_utils import quiet_rdkit
 
-__all__ = ["Molecule3D", "edm_mol", "edm_smiles", "rdkit_perceived_smiles", "stability", "molecule_metrics", "quiet_rdkit"]
+__all__ = ["Molecule3D", "edm_mol", "edm_smiles", "rdkit_perceived_smiles", "stability", "molecule_metrics"]
 
 log = logging.getLogger(__name__)
 
 #: (element symbols [n], positions [n, 3] in Angstrom)
 Molecule3D = tuple[Sequence[str], np.ndarray]
-
-
-@contextmanager
-def quiet_rdkit() -> Iterator[None]:
-    """Silence RDKit's own logger (``rdApp.*``: "Explicit valence ..." on every molecule that fails
-    sanitisation) for the block, then restore its previous state. Python logging is untouched."""
-    from rdkit import rdBase
-
-    block = rdBase.BlockLogs()
-    try:
-        yield
-    finally:
-        del block
 
 
 def edm_mol(symbols: Sequence[str], positions: np.ndarray):
