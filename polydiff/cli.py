@@ -138,8 +138,10 @@ def _train(args: Sequence[str]) -> None:
             raise _fail(_message(err)) from err
 
     saved = sys.argv
-    # The search path after the user's items: Hydra's flags (-m, --cfg) may come first, then every override.
-    sys.argv = ["polydiff train", "--config-path", str(path.parent), "--config-name", path.stem, *args[1:], *search]
+    # The recipe's config groups (RECIPE/profile/...) as a --config-dir option: an option may stand anywhere, so
+    # Hydra's flags (-m, --cfg) may come before or after the user's overrides.
+    groups = ["--config-dir", str(path.with_suffix(""))] if search else []
+    sys.argv = ["polydiff train", "--config-path", str(path.parent), "--config-name", path.stem, *groups, *args[1:]]
     try:
         _task()
     finally:

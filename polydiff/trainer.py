@@ -206,8 +206,8 @@ class Trainer:
             if self.is_main:
                 self._trim_metrics()  # a run stopped before its first checkpoint starts again from step 0
             return
-        # On the CPU first: load_state_dict moves each tensor to its parameter's device, and Adam's step
-        # counters must stay on the CPU (on the GPU they cost a device sync per parameter and step).
+        # On the CPU first: load_state_dict moves each tensor to its parameter's device; Adam's step counters
+        # stay on the CPU (where a GPU would sync per parameter and step), or go to the GPU for fused AdamW.
         ckpt = load_checkpoint(path, map_location="cpu")
         check_resumable(ckpt, self.cfg, path)
         self._load_states(ckpt, path)
@@ -287,9 +287,9 @@ class Trainer:
         """Go on from the checkpoint's place in the data; with another global batch (batch size or number of
         processes) from the same point of the data, counted in samples."""
         saved_tc = ckpt["config"]["trainer"]
-        data = ckpt.get("data") or {  # older checkpoints: one global batch throughout
+        data = ckpt.get("data") or {  # older checkpoints: one global batch throughout, one generator per process
             "position": self.step * saved_tc.get("grad_accum", 1),
-            "global_batch": saved_tc["batch_size"] * self.world_size,
+            "global_batch": saved_tc["batch_size"] * max(1, len(ckpt["rng"]["generators"])),
         }
         position, old, new = int(data["position"]), int(data["global_batch"]), self._global_batch()
         if old != new:

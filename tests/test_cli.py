@@ -452,11 +452,14 @@ def test_a_recipe_without_the_schema_and_multirun_flags_first(tmp_path):
     (tmp_path / "grouped" / "profile").mkdir(parents=True)
     (tmp_path / "grouped" / "profile" / "big.yaml").write_text("# @package _global_\nmodel: {width: 16}\n")
     (tmp_path / "grouped" / "profile" / "small.yaml").write_text("# @package _global_\nmodel: {width: 8}\n")
-    proc = run("train", str(grouped), "-m", "profile=small", "trainer.max_steps=2,3", "trainer.num_samples=8",
-               f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    steps = sorted(torch.load(p, weights_only=True)["step"] for p in (tmp_path / "sweep").glob("*/checkpoints/last.pt"))
-    assert steps == [2, 3]
+    for where, flag_first in (("sweep", True), ("sweep_last", False)):
+        overrides = ["profile=small", "trainer.max_steps=2,3", "trainer.num_samples=8", f"hydra.sweep.dir={tmp_path / where}"]
+        proc = run("train", str(grouped), *(["-m", *overrides] if flag_first else [*overrides, "-m"]))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        steps = sorted(torch.load(p, weights_only=True)["step"] for p in (tmp_path / where).glob("*/checkpoints/last.pt"))
+        assert steps == [2, 3]
+    proc = run("train", "recipes/image_unet.yaml", "profile=cpu", "trainer.lr=1e-4", "--cfg", "job")  # a shipped one
+    assert proc.returncode == 0 and "lr: 0.0001" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_saved_samples_keep_their_layout(tmp_path):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# polydiff's GPU checks in one call of the device tool (about 9 minutes on one H200).
+# polydiff's GPU checks in one command (about 9 minutes on one H200).
 #
-# Run from anywhere (it changes to the repository root). On the lent GPU machine, with .whl/ carried
-# (benchmarks/device/fetch_wheels.sh fills it):
+# Run from anywhere (it changes to the repository root). On the GPU machine, with .whl/ beside the code
+# (benchmarks/device/fetch_wheels.sh fills it) and OUT naming the results folder:
 #
-#   bash benchmarks/device/check.sh                 # OUT is set by the device tool
+#   OUT=/path/to/results bash benchmarks/device/check.sh
 #
-# A CPU dry run with tiny sizes, to validate the script where no GPU is lent (a few minutes):
+# A CPU dry run with tiny sizes, to validate the script without a GPU (a few minutes):
 #
 #   DEVICE=cpu TINY=1 OUT=/tmp/devcheck OMP_NUM_THREADS=1 bash benchmarks/device/check.sh
 #

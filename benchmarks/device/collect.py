@@ -239,7 +239,7 @@ def collect(work: Path, out: Path, run: Path) -> None:
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     extra = sorted(p.name for p in out.iterdir() if p.name not in OUT_FILES)
     if extra:
-        print(f"collect: other files in {out} (the device tool returns at most 8): {extra}")
+        print(f"collect: other files in {out} (only 8 come back from the GPU machine): {extra}")
 
 
 def main() -> None:

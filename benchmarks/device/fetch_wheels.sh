@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Download, into .whl/ at the repository root, exactly the Python wheels that the lent GPU machine
-# (nvidia-h200: Python 3.12, torch 2.11, torchaudio 2.11, no package registry) lacks for
+# Download, into .whl/ at the repository root, exactly the Python wheels that the GPU machine
+# (an H200: Python 3.12, torch 2.11, torchaudio 2.11, no package registry) lacks for
 # benchmarks/device/check.sh, then print their total size. Run it here, where PyPI is reachable:
 #
 #   bash benchmarks/device/fetch_wheels.sh
 #
-# .whl/ is git-ignored (never commit it); the device call names it in `carry`, and check.sh installs
+# .whl/ is git-ignored (never commit it); it goes to the GPU machine with the code, and check.sh installs
 # it with pip --no-index --no-deps --target /tmp/site. Every wheel is downloaded with --no-deps, so
 # each needed dependency is named below, one version each (two versions of one package stop the
 # whole install there). The versions are the ones this project is tested with here.
 #
-# Already on the GPU machine (KINDS.md's package list), so NOT fetched: torch, torchaudio,
+# Already on the GPU machine, so NOT fetched: torch, torchaudio,
 # torchvision, numpy, scipy, scikit-learn, matplotlib, pillow, tqdm, einops, accelerate, pyyaml,
 # packaging, typing-extensions, filelock, regex, requests, safetensors, huggingface-hub (1.33 there:
 # diffusers 0.42 needs >=1.32), numba, torch-geometric, tensorboard.
