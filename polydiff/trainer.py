@@ -150,9 +150,11 @@ class Trainer:
             self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)  # code that asks for "cuda" (metric classifiers) lands here too
         if self.world_size > 1 and not dist.is_initialized():
-            # Rank 0 samples and scores alone (sample_every, the end of training) while the others wait:
-            # longer than the default 10-minute collective timeout on big evaluations.
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")  # default timeouts: a hung rank fails
+        # Rank 0 samples and scores alone (sample_every, the end of training) while the others wait at a barrier of
+        # their own, longer than the training collectives' timeout would allow on a big evaluation.
+        self._wait_group = (dist.new_group(backend="gloo", timeout=timedelta(hours=2)) if self.world_size > 1
+                            else None)
         self.is_main = self.rank == 0
 
         torch.manual_seed(self.cfg["seed"])  # identical initial weights on every rank
@@ -548,6 +550,12 @@ class Trainer:
                 self.save()
             if tc["sample_every"] > 0 and self.step % tc["sample_every"] == 0 and self.step < max_steps:
                 self.sample_and_evaluate()
+                self.wait_for_rank_zero()
+
+    def wait_for_rank_zero(self) -> None:
+        """Every process waits here while rank 0 samples and scores (up to 2 hours; no-op in one process)."""
+        if self._wait_group is not None:
+            dist.barrier(group=self._wait_group)
 
     @torch.no_grad()
     def sample_and_evaluate(self, reference: bool = False) -> dict[str, Any]:
@@ -588,8 +596,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path | str) -> dict[str, Any]:
     trainer = Trainer(merged, run_dir)
     try:
         result = trainer.fit()
-        if trainer.world_size > 1:
-            dist.barrier()  # rank 0 samples at the end: the others wait rather than tear gloo down under it
+        trainer.wait_for_rank_zero()  # rank 0 samples at the end: the others wait rather than tear the group down
         return result
     finally:
         if trainer.world_size > 1 and dist.is_initialized():

@@ -463,7 +463,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
         str(launcher), str(tmp_path), "train", str(ROOT / "examples" / "points.yaml"),
         "trainer.max_steps=20", "trainer.batch_size=64", "trainer.log_every=5", "trainer.num_samples=32",
-        "trainer.ckpt_every=10", "model.width=32", f"hydra.run.dir={run_dir}",
+        "trainer.ckpt_every=10", "trainer.sample_every=10", "model.width=32", f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -471,6 +471,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     train_records = [r for r in records if r["kind"] == "train"]
     assert train_records and all(r["world_size"] == 2 for r in train_records)
     assert len(train_records) == 4  # only rank 0 logs
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20]  # rank 1 waited for both draws
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["step"] == 20 and len(ckpt["rng"]["generators"]) == 2
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -270,7 +270,8 @@ class AudioDomain(Domain):
         x = batch.x.detach().float().cpu().clamp(-1.0, 1.0)  # [B, C, L] as save_wavs writes it
         if x.shape[1:] != (self.channels, self.length):
             return {}  # other lengths (prior.duration) have no reference statistics
-        labels = batch.cond.get("label")
+        # An unconditional model's rows, like its reference row, have no label accuracy (files may still be named by label).
+        labels = batch.cond.get("label") if self.conditional else None
         return self._get_scorer().score(x, labels.cpu() if labels is not None else None)
 
     def reference_metrics(self, n: int) -> dict[str, float]:
