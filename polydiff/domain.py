@@ -63,8 +63,9 @@ class Domain:
     * :meth:`prior` -- the layout and conditions of ``n`` new samples; :meth:`can_guide` says whether
       they carry a condition for guidance, :meth:`parse_label` reads a class name.
     * :meth:`save_samples` / :meth:`evaluate` / :meth:`reference_metrics` -- outputs, metrics and the
-      same metrics of real held-out data (a ``.pt`` file and no metrics by default); :meth:`read_samples` reads sample files back (``polydiff eval``) and
-      :meth:`known_values` says what ``polydiff sample --known FILE`` keeps of one.
+      same metrics of real held-out data (a ``.pt`` file and no metrics by default);
+      :meth:`read_samples` reads sample files back (``polydiff eval``) and :meth:`known_values`
+      says what ``polydiff sample --known FILE`` keeps of one.
     * :meth:`concat` -- one batch from the chunks of a large draw (override when ``cond`` holds
       indices into the state, such as a graph batch vector).
     * :meth:`state_dict` / :meth:`load_state_dict` -- what sampling needs from the data

@@ -116,7 +116,6 @@ def check_sampler(sampler: Mapping[str, Any], schedule: NoiseSchedule) -> None:
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
             raise ValueError(f"sampler.steps={steps!r} must be a whole number of steps (or a tensor time grid)")
         timesteps(int(steps), schedule.num_steps, options.get("spacing", "trailing"))
-
     if precision not in PRECISIONS:
         raise ValueError(f"sampler.precision={precision!r}: choose one of {list(PRECISIONS)}")
     if chunk is not None and int(chunk) < 1:
