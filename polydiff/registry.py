@@ -35,11 +35,10 @@ def register_domain(name: str, cls: Optional[type[Domain]] = None, *, overwrite:
         if not (isinstance(c, type) and issubclass(c, Domain)):
             raise TypeError(f"register_domain({name!r}) needs a polydiff.Domain subclass, got {c!r}")
         known = _REGISTRY.get(name)
-        # A script that names its own domain by module path imports itself a second time under its real name.
-        same_script = not isinstance(known, (str, type(None))) and known.__module__ == "__main__" and (
-            known.__qualname__ == c.__qualname__)
-        if known is not None and known is not c and not overwrite and not isinstance(known, str) and not same_script:
-            raise ValueError(f"domain {name!r} is already registered to {known!r}; pass overwrite=True to replace it")
+        if known is not None and not isinstance(known, str) and known is not c and not overwrite:
+            # A script that names its own domain by module path imports itself a second time under its real name.
+            if not (known.__module__ == "__main__" and known.__qualname__ == c.__qualname__):
+                raise ValueError(f"domain {name!r} is already registered to {known!r}; pass overwrite=True to replace it")
         c.name = name
         _REGISTRY[name] = c
         return c
