@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from polydiff.conditioning import NULL_LABEL
 from polydiff.config import call_checked
 
-__all__ = ["UNet", "build_unet", "sinusoidal_embedding"]
+from .embedding import sinusoidal_embedding
+
+__all__ = ["UNet", "build_unet"]
 
 #: The U-Net arguments a domain sets from its data, never the recipe.
 _DATA_KEYS = ("dims", "in_channels", "num_classes")
@@ -40,17 +42,6 @@ def _groups(channels: int, max_groups: int = 32) -> int:
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(_groups(channels), channels)
-
-
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Transformer position encoding of a scalar per sample (Vaswani et al. 2017, section 3.5): [B] -> [B, dim]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # [B, half]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)  # [B, 2*half]
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))
-    return emb
 
 
 class ResBlock(nn.Module):
@@ -218,7 +209,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
 
     def _embed(self, t: Tensor, label: Optional[Tensor], batch: int) -> Tensor:
-        emb = self.time_mlp(sinusoidal_embedding(t * 1000.0, self.time_dim))  # [B, E]
+        emb = self.time_mlp(sinusoidal_embedding((t * 1000.0).float(), self.time_dim))  # [B, E]
         if self.label_emb is None:
             if label is not None:
                 raise ValueError("UNet: got a label but num_classes=0; set model.num_classes to use labels")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from domains.embedding import sinusoidal_embedding
 from domains.unet import UNet, build_unet
 from polydiff.conditioning import NULL_LABEL
 
@@ -168,3 +169,17 @@ def test_a_padded_input_is_cropped_back_where_it_was() -> None:
     padded = torch.nn.functional.pad(x, (0, 1))
     with torch.no_grad():
         torch.testing.assert_close(net(x, t), net(padded, t)[..., :999])
+
+
+def test_sinusoidal_embedding_frequencies_order_and_odd_width():
+    """Column k is cos(t * 10000^(-k / (half - shift))), then the sines; sin_first swaps the halves; odd widths pad."""
+    t = torch.tensor([0.0, 3.0])
+    emb = sinusoidal_embedding(t, 9)  # half = 4, one zero column
+    assert emb.shape == (2, 9) and torch.equal(emb[:, -1], torch.zeros(2))
+    assert torch.equal(emb[0, :8], torch.tensor([1.0] * 4 + [0.0] * 4))
+    freqs = torch.tensor([10000.0 ** (-k / 4) for k in range(4)])
+    torch.testing.assert_close(emb[1, :4], torch.cos(3.0 * freqs))
+    torch.testing.assert_close(emb[1, 4:8], torch.sin(3.0 * freqs))
+    shifted = sinusoidal_embedding(t, 8, shift=1, sin_first=True)
+    freqs = torch.tensor([10000.0 ** (-k / 3) for k in range(4)])  # the last frequency is 1 / max_period
+    torch.testing.assert_close(shifted[1], torch.cat([torch.sin(3.0 * freqs), torch.cos(3.0 * freqs)]))

@@ -22,11 +22,12 @@ edge (mathematically identical, ~n times fewer multiply-adds for that layer).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from domains.embedding import sinusoidal_embedding
 
 __all__ = ["EGNN", "fully_connected_edges"]
 
@@ -57,14 +58,6 @@ def fully_connected_edges(batch: Tensor, num_samples: Optional[int] = None) -> t
     # The k-th partner of sorted row r is its sample's k-th row, skipping r itself.
     col_s = first[row_s] + within + (within >= (rows - first)[row_s])  # [E]
     return perm[row_s], perm[col_s]
-
-
-def _sinusoidal(t: Tensor, dim: int) -> Tensor:
-    """Transformer sinusoidal embedding of ``t * 1000`` (Vaswani et al. 2017): ``[B] -> [B, dim]``."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=t.dtype) / max(half - 1, 1))
-    args = (t * 1000.0)[:, None] * freqs[None, :]  # [B, half]
-    return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
 class _PairMLP(nn.Module):
@@ -156,7 +149,7 @@ class EGNN(nn.Module):
     def _node_inputs(self, feats: Tensor, t: Tensor, batch: Tensor, context: Optional[Tensor]) -> Tensor:
         parts = [feats, t[batch].unsqueeze(-1)]  # EDM feeds t itself as a node feature
         if self.time_embedding_dim:
-            parts.append(_sinusoidal(t, self.time_embedding_dim)[batch])
+            parts.append(sinusoidal_embedding(t * 1000.0, self.time_embedding_dim, shift=1, sin_first=True)[batch])
         if self.context_dim:
             b = t.shape[0]
             if context is None:
