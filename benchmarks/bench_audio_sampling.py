@@ -3,7 +3,8 @@
 Builds the audio recipe's U-Net (random weights unless ``--run`` points at a trained run:
 speed does not depend on the weights) and times DDPM-200, DDIM-50 and DPM-Solver++(2M)-20
 (Lu et al. 2022) on class-conditional batches with classifier-free guidance, so every step
-costs two network calls, as in real use.
+evaluates the network on the conditional and unconditional rows, as in real use (one call on
+both, stacked); the last sampler is also timed with two calls per step (``guidance.batched=false``).
 
     python benchmarks/bench_audio_sampling.py --device cuda            # recipe defaults, 16 kHz
     python benchmarks/bench_audio_sampling.py --quick                  # CPU profile sizes, seconds
@@ -62,9 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     labels = domain.default_labels(n, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     precision = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    rows = []
-    for name, steps in SAMPLERS:
-        steps = max(2, steps // 10) if args.quick else steps
+
+    def best_seconds(name: str, steps: int, batched: bool = True) -> float:
+        """The fastest of ``--repeats`` timed draws (after one warm-up draw)."""
         best = float("inf")
         for r in range(args.repeats + 1):  # the first run warms up kernels and caches
             gen = torch.Generator(device=device).manual_seed(r)
@@ -73,24 +74,38 @@ def main(argv: list[str] | None = None) -> dict:
             with precision:
                 batch = generate(
                     domain, net, parts.schedule, parts.objective, n, sampler={"name": name, "steps": steps},
-                    guidance={"scale": args.guidance}, labels=labels, device=device, generator=gen,
+                    guidance={"scale": args.guidance, "batched": batched}, labels=labels, device=device, generator=gen,
                 )
             sync()
             if r > 0 or args.repeats == 0:
                 best = min(best, time.perf_counter() - start)
         assert torch.isfinite(batch.x).all()
+        return best
+
+    rows = []
+    for name, steps in SAMPLERS:
+        steps = max(2, steps // 10) if args.quick else steps
+        best = best_seconds(name, steps)
         rows.append({
             "sampler": name, "steps": steps, "clips": n, "seconds": best,
             "audio_seconds_per_second": n * seconds_per_clip / best,
         })
         print(f"{name:>9} {steps:4d} steps: {n} x {seconds_per_clip:g} s clips in {best:.2f} s "
               f"-> {rows[-1]['audio_seconds_per_second']:.2f} s of audio per second", flush=True)
+    stacked = None
+    if args.guidance != 1.0:  # guidance: one network call on [x; x] (the default) against two calls per step
+        name, steps = rows[-1]["sampler"], rows[-1]["steps"]
+        two = best_seconds(name, steps, batched=False)
+        stacked = {"sampler": name, "steps": steps, "stacked_seconds": rows[-1]["seconds"], "two_call_seconds": two,
+                   "ratio_two_calls_over_stacked": two / rows[-1]["seconds"]}
+        print(f"guidance, {name}-{steps}: two network calls per step {two:.2f} s, one stacked call "
+              f"{rows[-1]['seconds']:.2f} s (x{stacked['ratio_two_calls_over_stacked']:.2f})", flush=True)
     result = {
         "benchmark": "audio_sampling", "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "sample_rate": domain.sample_rate, "clip_seconds": seconds_per_clip, "guidance": args.guidance,
         "parameters": sum(p.numel() for p in net.parameters()), "quick": args.quick,
-        "profile": None if args.run else profile, "rows": rows,
+        "profile": None if args.run else profile, "rows": rows, "guidance_calls": stacked,
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .conditioning import NULL_LABEL, is_null, null_condition
 from .config import GuidanceConfig, SamplerConfig, check_call
 from .domain import Batch, Domain
-from .guidance import classifier_free_guidance
+from .guidance import classifier_free_guidance, stacked_guidance
 from .objectives import Objective
 from .samplers import Known, check_options, sample, timesteps
 from .schedules import NoiseSchedule
@@ -39,7 +39,8 @@ def generate(
     callback=None,
     known: Optional[Known] = None,
 ) -> Batch:
-    """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ..., batch_size, precision}, ``guidance`` = {scale, rescale}.
+    """Draw ``n`` samples: ``sampler`` = {name, steps, eta, ..., batch_size, precision}, ``guidance`` = {scale, rescale,
+    batched}.
 
     ``sampler`` keys left out take :class:`polydiff.config.SamplerConfig`'s defaults (DDIM, 50 steps),
     except ``batch_size``: without it the ``n`` samples are drawn at once. ``labels`` are ``n``
@@ -50,6 +51,10 @@ def generate(
     :meth:`Domain.concat`. ``known`` holds part of every sample fixed (see :class:`Known`): its
     values and mask are laid out like the whole draw's state (rows: samples, or atoms of a
     ragged layout, which then needs a fixed layout such as ``prior.num_atoms``), or broadcast.
+
+    Guidance evaluates the conditional and unconditional predictions in one network call on twice
+    the rows (:func:`polydiff.guidance.stacked_guidance`), or in two calls with ``batched=False``
+    (half the activation memory).
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r}: the number of samples must be a positive integer")
@@ -166,8 +171,14 @@ def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, de
         rescale = float(guidance.get("rescale", 0.0))
         conditioned = any(not bool(is_null(cond[k]).all()) for k in keys)
         if conditioned and (scale != 1.0 or rescale > 0):
-            uncond = objective.denoiser(run, schedule, space, null_condition(cond, keys))
-            den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
+            null = null_condition(cond, keys)
+            if guidance.get("batched", True) and (scale != 0.0 or rescale > 0):
+                both = domain.concat([Batch(noise, space, cond), Batch(noise, space, null)])  # layout of [x; x]
+                den = stacked_guidance(objective.denoiser(run, schedule, both.space, both.cond), scale, space,
+                                       schedule, rescale)
+            else:
+                uncond = objective.denoiser(run, schedule, space, null)
+                den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
         elif (scale != 1.0 or rescale > 0) and row == 0:
             log.warning("guidance (scale %g, rescale %g) has no effect: these samples have no condition to guide "
                         "towards (an unconditional model, or no label or property given)", scale, rescale)

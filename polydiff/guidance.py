@@ -5,19 +5,27 @@ Guidance mixes a conditional and an unconditional prediction (Ho & Salimans 2022
 ``w = 0`` is the unconditional model and ``w = 1`` the conditional one. Optional guidance
 rescale (Lin et al. 2024, eq. 15-16) pulls the guided x0 back to the conditional
 prediction's per-sample standard deviation.
+
+:func:`stacked_guidance` gets both predictions from one network call on the state stacked with
+itself (``[x; x]``, the conditional rows first), as :func:`polydiff.generate.generate` does by
+default; :func:`classifier_free_guidance` calls two denoisers, one after the other.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from .objectives import DenoiserFn, Prediction
 from .schedules import NoiseSchedule
 from .space import Space
 
-__all__ = ["classifier_free_guidance"]
+__all__ = ["classifier_free_guidance", "stacked_guidance"]
+
+#: ``(x_t, t[B]) -> (conditional, unconditional)`` predictions.
+PairFn = Callable[[Tensor, Tensor], tuple[Prediction, Prediction]]
 
 
 def classifier_free_guidance(
@@ -29,18 +37,49 @@ def classifier_free_guidance(
     rescale: float = 0.0,
 ) -> DenoiserFn:
     """A denoiser that guides ``cond_denoiser`` away from ``uncond_denoiser`` with weight ``scale``."""
-    if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f"guidance.rescale must be in [0, 1], got {rescale}")
-    if rescale > 0 and schedule is None:
-        raise ValueError("guidance rescale needs the schedule to keep eps consistent with the rescaled x0")
+    _check_rescale(rescale, schedule)
     if scale == 1.0 and rescale == 0.0:
         return cond_denoiser  # exactly the conditional model: skip the second call
     if scale == 0.0 and rescale == 0.0:
         return uncond_denoiser
+    return _guided(lambda x, t: (cond_denoiser(x, t), uncond_denoiser(x, t)), scale, space, schedule, rescale)
+
+
+def stacked_guidance(
+    joint_denoiser: DenoiserFn,
+    scale: float,
+    space: Space,
+    schedule: Optional[NoiseSchedule] = None,
+    rescale: float = 0.0,
+) -> DenoiserFn:
+    """Guidance from one call of ``joint_denoiser`` on ``[x; x]`` and ``[t; t]`` per step: its first rows see the
+    condition, the rest the null condition (as :meth:`polydiff.Domain.concat` joins a batch and its null copy).
+
+    The network sees twice the rows at once: fewer, larger calls, and twice the activation memory.
+    """
+    _check_rescale(rescale, schedule)
+
+    def pair(x: Tensor, t: Tensor) -> tuple[Prediction, Prediction]:
+        both = joint_denoiser(torch.cat([x, x]), torch.cat([t, t]))  # [2 rows, ...]
+        rows = x.shape[0]
+        return Prediction(both.x0[:rows], both.eps[:rows]), Prediction(both.x0[rows:], both.eps[rows:])
+
+    return _guided(pair, scale, space, schedule, rescale)
+
+
+def _check_rescale(rescale: float, schedule: Optional[NoiseSchedule]) -> None:
+    """Guidance rescale is a fraction and needs the schedule."""
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance.rescale must be in [0, 1], got {rescale}")
+    if rescale > 0 and schedule is None:
+        raise ValueError("guidance rescale needs the schedule to keep eps consistent with the rescaled x0")
+
+
+def _guided(pair: PairFn, scale: float, space: Space, schedule: Optional[NoiseSchedule], rescale: float) -> DenoiserFn:
+    """The guided denoiser mixing the two predictions of ``pair``."""
 
     def guided(x: Tensor, t: Tensor) -> Prediction:
-        c = cond_denoiser(x, t)
-        u = uncond_denoiser(x, t)
+        c, u = pair(x, t)
         x0 = u.x0 + scale * (c.x0 - u.x0)
         eps = u.eps + scale * (c.eps - u.eps)
         if rescale > 0:

@@ -191,6 +191,11 @@ def _audio_lines(run: Path, sampling: Optional[dict], bench: Optional[dict], tin
                      f"{_fmt(bench.get('parameters'))} params, guidance {bench.get('guidance')}): "
                      + ", ".join(f"{r['sampler']}-{r['steps']} {_fmt(r['audio_seconds_per_second'])} s of audio/s "
                                  f"({r['clips']} clips in {_fmt(r['seconds'])} s)" for r in bench.get("rows", [])))
+        calls = bench.get("guidance_calls")
+        if calls:
+            lines.append(f"* guidance, {calls['sampler']}-{calls['steps']}: one stacked network call per step "
+                         f"{_fmt(calls['stacked_seconds'])} s, two calls {_fmt(calls['two_call_seconds'])} s "
+                         f"(x{_fmt(calls['ratio_two_calls_over_stacked'])})")
     return lines + ([""] if lines else [])
 
 
