@@ -383,13 +383,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise _fail(f"unknown command {command!r}; choose one of {sorted(commands)}")
     try:
         commands[command](rest)
-    except KeyboardInterrupt as err:  # Ctrl-C: the trainer has saved what it could and says so
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGUSR1: the trainer has saved what it could and says so
         message = err.args[0] if err.args else "interrupted"
         if not err.args and command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             message += ("; under torchrun the last periodic checkpoint (trainer.ckpt_every) holds the run: the same "
                         "command resumes from it")
-        print(f"polydiff: {message}", file=sys.stderr)
-        raise SystemExit(130) from None
+        if not err.args or int(os.environ.get("RANK", "0")) == 0:  # DDP processes stop alike: rank 0 says so
+            print(f"polydiff: {message}", file=sys.stderr)
+        # 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as a shell reports it: a scheduler sees an unfinished run.
+        raise SystemExit(128 + getattr(err, "signum", 2)) from None
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ __all__ = ["Trainer", "train", "NonFiniteLossError", "CheckpointWriteError", "Tr
 
 log = logging.getLogger("polydiff")
 
+# Signals that end training after the step in progress with a checkpoint: Ctrl-C, and what cluster schedulers send
+# some time before their SIGKILL (SLURM at preemption or the time limit, Kubernetes; SLURM's --signal=USR1@SECONDS).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+# Under DDP the processes agree on a stop signal every this many steps (a 4-byte all-reduce over gloo, on the CPU):
+# all stop at the same step, at most this many steps (the one in progress included) after the signal.
+STOP_POLL_EVERY = 10
+
 
 def _record_step(line: str, path: Path) -> tuple[float, str]:
     """The step and kind of one metrics.jsonl record; a torn line (a kill mid-write) counts as past every step."""
@@ -49,9 +56,14 @@ def _record_step(line: str, path: Path) -> tuple[float, str]:
         return math.inf, ""
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers keep serving batches through Ctrl-C, so the step in progress can finish."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers serve batches through Ctrl-C and a scheduler's SIGTERM, so the step in progress can finish.
+
+    A terminal's Ctrl-C, SLURM and ``torchrun`` signal every process of the job, these workers too; one killed would
+    fail the main process's step. They still end with it (they watch their parent) and on the loader's shutdown.
+    """
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @torch.no_grad()
@@ -76,7 +88,15 @@ def _update_ema(ema: AveragedModel, net: nn.Module) -> None:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C after a checkpoint of the last whole step."""
+    """Training stopped by Ctrl-C or a scheduler's SIGTERM (or SIGUSR1) after a checkpoint of the last whole step."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = int(signum)  # the signal that stopped it: the command line exits with 128 + signum
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        """Pickle with the signal (launchers such as submitit send a job's exception back pickled)."""
+        return type(self), (self.args[0], self.signum)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -155,6 +175,10 @@ class Trainer:
         # their own, longer than the training collectives' timeout would allow on a big evaluation.
         self._wait_group = (dist.new_group(backend="gloo", timeout=timedelta(hours=2)) if self.world_size > 1
                             else None)
+        # Stop signals are agreed on over gloo on the CPU (no device sync), with the default timeout.
+        self._stop_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
+        self._stop_signal = 0  # the stop signal this process received (the highest number of several); 0: none
+        self._stop_agreed = 0  # the one every process stops on, once they agreed
         self.is_main = self.rank == 0
 
         torch.manual_seed(self.cfg["seed"])  # identical initial weights on every rank
@@ -433,7 +457,7 @@ class Trainer:
             collate_fn=self.domain.collate,
             num_workers=self.tc["num_workers"],
             persistent_workers=self.tc["num_workers"] > 0,
-            worker_init_fn=_ignore_sigint,  # Ctrl-C reaches the whole process group: the main process handles it
+            worker_init_fn=_ignore_stop_signals,  # the main process handles them
         )
 
     def _micro_step(self, batch, last: bool) -> torch.Tensor:
@@ -471,47 +495,78 @@ class Trainer:
             bar = tqdm(total=max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         self.net.train()
         try:
-            with self._stop_on_interrupt():
+            with self._stop_on_signals():
                 self._steps(data, bar, max_steps)
         finally:
             if bar is not None:
                 bar.close()
 
     @contextmanager
-    def _stop_on_interrupt(self) -> Iterator[None]:
-        """Ctrl-C (SIGINT) ends training after the step in progress with a checkpoint, then raises
-        :class:`TrainingInterrupted`; a second Ctrl-C stops at once. Single-process runs only: DDP
-        ranks would stop at different steps."""
-        self._interrupted = False
-        if self.world_size > 1 or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            self._interrupted = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            log.warning("interrupted: stopping at the end of the step in progress with a checkpoint (Ctrl-C again "
-                        "to stop at once)")
-
-        previous = signal.signal(signal.SIGINT, handler)
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 end training after the step in progress with a checkpoint, then raise
+        :class:`TrainingInterrupted`; a second Ctrl-C stops at once, a repeated SIGTERM does not. Under DDP every
+        process stops at the same step, within :data:`STOP_POLL_EVERY` steps of the signal (:meth:`_should_stop`)."""
+        self._stop_signal = self._stop_agreed = 0
+        previous = self._install_stop_handlers()
         try:
             yield
+            if self._should_stop(final=True):
+                self._save_and_stop()
         finally:
-            signal.signal(signal.SIGINT, previous)
-        if self._interrupted:
-            self.save()
-            if self.tb is not None:
-                self.tb.close()
-            raise TrainingInterrupted(
-                f"training interrupted at step {self.step} of {self.tc['max_steps']}; {self.ckpt_path} holds it: "
-                f"run the same command again with hydra.run.dir={self.run_dir} to resume"
-            )
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """Route the stop signals to :meth:`_on_stop_signal`; returns the handlers they replace (none off the main
+        thread, where Python cannot set any)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self._on_stop_signal) for signum in _STOP_SIGNALS}
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """Note a stop signal; training stops at the next step where :meth:`_should_stop` says so."""
+        self._stop_signal = max(self._stop_signal, signum)
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.world_size > 1:
+            log.warning("%s (rank %d): every process stops with a checkpoint within %d steps", name, self.rank,
+                        STOP_POLL_EVERY)
+        else:
+            log.warning("%s: stopping at the end of the step in progress with a checkpoint%s", name,
+                        " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+
+    def _should_stop(self, final: bool = False) -> bool:
+        """Whether training stops now on a stop signal: at once in one process; under DDP only where every process
+        agrees, their signals being gathered every :data:`STOP_POLL_EVERY` steps and at the end of training, so that
+        no step has a per-step collective."""
+        if not self._stop_agreed:
+            if self.world_size == 1:
+                self._stop_agreed = self._stop_signal
+            elif final or self.step % STOP_POLL_EVERY == 0:
+                flag = torch.tensor([self._stop_signal], dtype=torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+                self._stop_agreed = int(flag)
+        return bool(self._stop_agreed)
+
+    def _save_and_stop(self) -> None:
+        """Checkpoint the step all processes stopped at, then raise :class:`TrainingInterrupted` (how to resume)."""
+        self.save()
+        self.wait_for_rank_zero()  # no process leaves while rank 0 writes: a launcher ends the rest when one exits
+        if self.tb is not None:
+            self.tb.close()
+        signum = self._stop_agreed
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        raise TrainingInterrupted(
+            f"training {how} at step {self.step} of {self.tc['max_steps']}; {self.ckpt_path} holds it: run the same "
+            f"command again with hydra.run.dir={self.run_dir} to resume", signum
+        )
 
     def _steps(self, data: Iterator[Any], bar: Any, max_steps: int) -> None:
-        """Optimizer steps until ``max_steps`` (or an interrupt), logging, checkpointing and sampling on schedule."""
+        """Optimizer steps until ``max_steps`` (or a stop signal), logging, checkpointing and sampling on schedule."""
         tc = self.tc
         t_last, n_last, losses = time.perf_counter(), 0, []  # since the last log record
-        while self.step < max_steps and not self._interrupted:
+        while self.step < max_steps and not self._should_stop():
             self.opt.zero_grad(set_to_none=True)
             for micro in range(tc["grad_accum"]):
                 batch = next(data).to(self.device)

@@ -23,7 +23,7 @@ from polydiff.checkpoint import load_checkpoint
 from polydiff.config import RecipeConfig
 from polydiff.objectives import Objective
 from polydiff.resume import IncompatibleCheckpointError
-from polydiff.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, train
+from polydiff.trainer import STOP_POLL_EVERY, NonFiniteLossError, Trainer, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,12 +173,16 @@ def test_kill_during_save_keeps_last_complete_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 15
 
 
-def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_without_duplicate_records(tmp_path):
+@pytest.mark.parametrize("name, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_saves_the_last_step_and_the_rerun_resumes_without_duplicate_records(tmp_path, name, code,
+                                                                                               said):
+    """Ctrl-C, or a cluster scheduler's SIGTERM (SLURM's preemption or time limit, Kubernetes), exits with 128 + the
+    signal's number once the step in progress is saved."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "polydiff.cli", "train", "examples/points.yaml", "trainer.max_steps=1000000",
            "trainer.log_every=10", "trainer.ckpt_every=1000000", "trainer.progress=false", "trainer.num_workers=1",
            "trainer.grad_accum=4", f"hydra.run.dir={run_dir}"]
-    # Its own process group, which a terminal's Ctrl-C signals whole: the data-loading worker too.
+    # Its own process group, which a terminal's Ctrl-C (or SLURM) signals whole: the data-loading worker too.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = run_dir / "metrics.jsonl"
     for _ in range(600):  # until a few steps are logged
@@ -186,11 +190,11 @@ def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_without_duplicate_reco
             break
         proc.poll() is None or pytest.fail(proc.communicate()[1][-2000:])
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, name))
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
-    assert f"training interrupted at step {step} of 1000000" in err and "Traceback" not in err
+    assert f"training {said} at step {step} of 1000000" in err and "Traceback" not in err
     # A hard kill after the last checkpoint leaves records past it: the resumed run drops them, then logs its own.
     with open(metrics, "a") as f:
         f.write(json.dumps({"kind": "train", "step": step + 5, "loss": 1.0}) + "\n")
@@ -393,6 +397,59 @@ def test_interrupt_message_names_the_run_directory(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
 
 
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_schedulers_signal_stops_after_the_step_in_progress_and_the_rerun_is_bit_identical(tmp_path, name):
+    """SIGTERM (SLURM's preemption or time limit, Kubernetes) or SLURM's ``--signal=USR1@SECONDS`` stops like a first
+    Ctrl-C, and a repeated one (a scheduler and a launcher may both send it) does not stop any sooner."""
+    signum = getattr(signal, name, None) or pytest.skip(f"no {name} on this platform")
+
+    def reached_the_test(sig, frame):
+        raise AssertionError(f"{name} reached the test: the trainer did not handle it")
+
+    previous = signal.signal(signum, reached_the_test)
+    try:
+        split = tmp_path / "split"
+        trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(max_steps=30)), split)
+
+        def signal_twice_during_step_12(opt, args, kwargs):
+            if trainer.step == 11:
+                os.kill(os.getpid(), signum)
+                os.kill(os.getpid(), signum)
+
+        trainer.opt.register_step_post_hook(signal_twice_during_step_12)
+        with pytest.raises(TrainingInterrupted, match=re.escape(f"training stopped by {name} at step 12 of 30")) as info:
+            trainer.fit()
+        assert signal.getsignal(signum) is reached_the_test  # the trainer's handler was put back
+    finally:
+        signal.signal(signum, previous)
+    assert info.value.signum == signum
+    assert load_checkpoint(split / "checkpoints" / "last.pt")["step"] == 12
+    assert not (split / "samples").exists()  # stopped without the final draw
+    train(config(max_steps=30), split)
+    train(config(max_steps=30), tmp_path / "straight")
+    a, b = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "split"))
+    assert a["step"] == b["step"] == 30
+    for key in ("model", "ema"):
+        for param in a[key]:
+            assert torch.equal(a[key][param], b[key][param]), f"{key}.{param} differs after the stop and resume"
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """As before SIGTERM joined it: the second Ctrl-C ends the run without waiting for the step or a checkpoint."""
+    trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(max_steps=100)), tmp_path)
+
+    def ctrl_c_twice(opt, args, kwargs):
+        if trainer.step == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+    trainer.opt.register_step_post_hook(ctrl_c_twice)
+    with pytest.raises(KeyboardInterrupt) as info:
+        trainer.fit()
+    assert not isinstance(info.value, TrainingInterrupted)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
 def test_grad_accumulation_and_cosine_lr(tmp_path, monkeypatch):
     train(config(max_steps=8, grad_accum=2, lr_decay="cosine", batch_size=32), tmp_path)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -453,19 +510,25 @@ main()
 """
 
 
-def test_ddp_two_processes_on_cpu(tmp_path):
-    """``torchrun --nproc_per_node 2`` runs DistributedDataParallel over gloo."""
-    run_dir = tmp_path / "ddp"
-    launcher = tmp_path / "launch.py"
-    launcher.write_text(DDP_LAUNCHER)
+def _torchrun_points(tmp_path: Path, launcher: str, *overrides: str, timeout: int) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2`` of ``launcher`` (which takes TMP_PATH first) training examples/points.yaml
+    into TMP_PATH/ddp over gloo, batch 64 per process, a record every 5 steps."""
+    script = tmp_path / "launch.py"
+    script.write_text(launcher)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        str(launcher), str(tmp_path), "train", str(ROOT / "examples" / "points.yaml"),
-        "trainer.max_steps=20", "trainer.batch_size=64", "trainer.log_every=5", "trainer.num_samples=32",
-        "trainer.ckpt_every=10", "trainer.sample_every=10", "model.width=32", f"hydra.run.dir={run_dir}",
+        str(script), str(tmp_path), "train", str(ROOT / "examples" / "points.yaml"), "trainer.batch_size=64",
+        "trainer.log_every=5", "model.width=32", f"hydra.run.dir={tmp_path / 'ddp'}", *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    """``torchrun --nproc_per_node 2`` runs DistributedDataParallel over gloo."""
+    run_dir = tmp_path / "ddp"
+    proc = _torchrun_points(tmp_path, DDP_LAUNCHER, "trainer.max_steps=20", "trainer.num_samples=32",
+                            "trainer.ckpt_every=10", "trainer.sample_every=10", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
@@ -485,6 +548,59 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     for name, value in ckpt["model"].items():
         assert torch.equal(rank0["model"][name], value), f"rank 0's {name} is not the checkpoint's"
         assert torch.equal(rank1["model"][name], value), f"rank 1's {name} differs from rank 0's"
+
+
+# Rank 1 alone is sent SIGTERM, during step 4; each rank writes the step it stopped at and its exit code to
+# DUMP/rank{N}.json.
+DDP_STOP_LAUNCHER = """
+import json
+import os
+import signal
+import sys
+from polydiff import trainer
+from polydiff.cli import main
+
+dump = sys.argv.pop(1)
+real_train_steps, real_micro_step = trainer.Trainer.train_steps, trainer.Trainer._micro_step
+
+def micro_step(self, batch, last):
+    if self.rank == 1 and self.step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_micro_step(self, batch, last)
+
+def train_steps(self):
+    try:
+        real_train_steps(self)
+    finally:
+        stopped.append(self.step)
+
+stopped = []
+trainer.Trainer._micro_step, trainer.Trainer.train_steps = micro_step, train_steps
+try:
+    main()
+except SystemExit as err:
+    with open(f"{dump}/rank{os.environ['RANK']}.json", "w") as f:
+        json.dump({"step": stopped[0], "exit": err.code}, f)
+    raise
+"""
+
+
+def test_ddp_processes_stop_at_the_same_step_when_one_is_signalled(tmp_path):
+    """SLURM signals every process (torchrun forwards its own SIGTERM to each): the processes agree on the stop
+    every STOP_POLL_EVERY steps, so one signalled alone stops them all at the same step, with one checkpoint."""
+    run_dir = tmp_path / "ddp"
+    proc = _torchrun_points(tmp_path, DDP_STOP_LAUNCHER, "trainer.max_steps=1000000", "trainer.ckpt_every=1000000",
+                            "trainer.progress=false", timeout=180)
+    assert proc.returncode != 0, proc.stderr[-3000:]  # the run is unfinished: a scheduler may requeue it
+    stopped = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert stopped == [{"step": STOP_POLL_EVERY, "exit": 143}] * 2, proc.stderr[-3000:]  # 128 + SIGTERM
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["step"] == STOP_POLL_EVERY and len(ckpt["rng"]["generators"]) == 2
+    assert "SIGTERM (rank 1): every process stops with a checkpoint" in proc.stdout  # Hydra logs to stdout
+    said = f"polydiff: training stopped by SIGTERM at step {STOP_POLL_EVERY} of 1000000"
+    assert proc.stderr.count(said) == 1, proc.stderr[-3000:]  # rank 0 says it for both
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, STOP_POLL_EVERY + 1, 5))
 
 
 def test_torchrun_without_a_run_folder_is_refused(monkeypatch):
