@@ -396,6 +396,9 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
 
 
 def _git(*args: str) -> Optional[str]:
+    """``git ARGS`` in polydiff's own checkout; None when installed from a wheel (no .git beside the packages)."""
+    if not (ROOT / ".git").exists():
+        return None
     try:
         proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
     except OSError:
@@ -408,7 +411,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    import polydiff
+
     return {"git_commit": commit or "unknown", "git_dirty": None if status is None else bool(status),
+            "polydiff": polydiff.__version__,
             "torch": torch.__version__, "device": str(device), "device_name": name,
             "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S")}

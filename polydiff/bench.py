@@ -10,7 +10,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         from benchmarks.suite import main as suite_main
     except ImportError as err:
         raise SystemExit(
-            f"polydiff: error: the benchmark suite could not be imported ({err}); install polydiff from a source "
-            "checkout with its bench extra: pip install -e '.[bench]'"
+            f"polydiff: error: the benchmark suite could not be imported ({err}); install the peers with "
+            "pip install 'polydiff[bench]', and run from another folder if this one has a benchmarks/ package "
+            "of its own"
         ) from err
     suite_main(argv)

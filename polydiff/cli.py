@@ -19,7 +19,8 @@ __all__ = ["main", "compose_recipe"]
 USAGE = """usage: polydiff <command> [args]
 
 commands:
-  train RECIPE.yaml [hydra overrides]   train a recipe, e.g.
+  train RECIPE.yaml [hydra overrides]   train a recipe (a file, or a shipped recipe's name from any folder:
+        audio_unet, image_unet, molecule_egnn), e.g.
         polydiff train recipes/audio_unet.yaml profile=cpu trainer.max_steps=500 hydra.run.dir=runs/audio
         (multirun: -m trainer.lr=1e-4,2e-4; every Hydra flag works)
   sample RUN_DIR [--n N] [--eval] [--seeds K] [overrides]   write new samples from a run's last checkpoint, e.g.
@@ -372,7 +373,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of the ``polydiff`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # "module:Class" domains in recipes resolve from here, as with python -m
+        # "module:Class" domains in recipes resolve from here, as with python -m; installed packages come first, so a
+        # folder of the user's own named domains/ or benchmarks/ does not hide polydiff's.
+        sys.path.append(str(Path.cwd()))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

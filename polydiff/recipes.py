@@ -9,16 +9,29 @@ from typing import Any, Sequence
 __all__ = ["recipe_paths", "compose_recipe", "check_schema"]
 
 
+# The folder holding polydiff/, recipes/ and examples/: the repository, or site-packages when installed from a wheel.
+SHIPPED = Path(__file__).resolve().parents[1]
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes that come with polydiff (``polydiff train NAME`` finds them from any folder)."""
+    return sorted(p.stem for p in (SHIPPED / "recipes").glob("*.yaml"))
+
+
 def recipe_paths(recipe: str | Path) -> tuple[Path, list[str]]:
     """The recipe file (``.yaml`` added when missing) and the search-path override for its config groups
     (``RECIPE/profile/*.yaml`` beside ``RECIPE.yaml``). Its folder joins ``sys.path``, so ``module:Class``
-    domains beside the recipe resolve from any working directory."""
+    domains beside the recipe resolve from any working directory. A relative path that does not exist here
+    is looked up among the shipped recipes: ``audio_unet``, ``recipes/audio_unet.yaml``, ``examples/points.yaml``."""
     path = Path(recipe)
     if path.suffix not in (".yaml", ".yml"):
         path = path.with_suffix(".yaml")
+    if not path.is_file() and not path.is_absolute():
+        path = next((c for c in (SHIPPED / "recipes" / path, SHIPPED / path) if c.is_file()), path)
     if not path.is_file():
         known = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
-        raise FileNotFoundError(f"recipe {str(recipe)!r} not found" + (f"; recipes here: {known}" if known else ""))
+        raise FileNotFoundError(f"recipe {str(recipe)!r} not found" + (f"; recipes here: {known}" if known else "")
+                                + f"; shipped recipes, by name: {', '.join(shipped_recipes()) or 'none'}")
     path = path.resolve()
     if str(path.parent) not in sys.path:
         sys.path.insert(1, str(path.parent))

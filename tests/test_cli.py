@@ -138,6 +138,22 @@ def test_unknown_names_list_the_known_ones(tmp_path):
     assert proc.returncode != 0 and "Known schedules" in proc.stderr
     proc = run("train", "recipes/nope.yaml")
     assert proc.returncode != 0 and "not found" in proc.stderr
+    assert "shipped recipes, by name: audio_unet, image_unet, molecule_egnn" in proc.stderr
+
+
+def test_shipped_recipes_resolve_by_name_from_any_folder(tmp_path, monkeypatch):
+    """Away from a clone (an installed wheel), a shipped recipe is named by name or by its repository path."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("audio_unet", "recipes/molecule_egnn.yaml", "examples/points.yaml"):
+        cfg = compose_recipe(name, ["profile=cpu"] if "points" not in name else [])
+        assert cfg.domain.name in ("audio", "molecule", "examples.points:PointsDomain")
+    # The console script makes the working folder importable (module:Class domains) after the installed packages,
+    # so that a user's own domains/ or benchmarks/ package there cannot hide polydiff's.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    from polydiff.cli import main
+
+    main(["--help"])
+    assert sys.path[-1] == str(tmp_path) and str(tmp_path) not in sys.path[:-1]
 
 
 def test_values_of_the_wrong_type_are_named():
