@@ -458,6 +458,10 @@ class Trainer:
             num_workers=self.tc["num_workers"],
             persistent_workers=self.tc["num_workers"] > 0,
             worker_init_fn=_ignore_stop_signals,  # the main process handles them
+            # The workers' base seed (drawn as iteration starts, workers or not) from a stream of its own: from
+            # torch's global one, a resume would shift dropout's stream (the draw follows the checkpoint's restore).
+            generator=torch.Generator().manual_seed(_rank_seed(self.cfg["seed"], self.rank)
+                                                    + self._data_position(self.step)),
         )
 
     def _micro_step(self, batch, last: bool) -> torch.Tensor:

@@ -766,3 +766,14 @@ def test_batched_guidance_on_ragged_molecules_equals_two_calls(tmp_path):
     torch.testing.assert_close(draws[True], draws[False], rtol=1e-4, atol=1e-5)
     centre = torch.zeros(3, 3).index_add_(0, out.cond["batch"], draws[True][:, :3]) / torch.tensor([[4.0], [6.0], [9.0]])
     assert centre.abs().max() < 1e-4
+
+
+def test_features_are_edm_scaled_one_hots_and_unknown_elements_are_named():
+    dom = MoleculeDomain()
+    f = dom.features(torch.tensor([1, 6, 7, 8, 9, 6]))  # H C N O F C
+    assert f.shape == (6, F)
+    assert torch.equal(f[:, :5], torch.eye(5)[[0, 1, 2, 3, 4, 1]] / 4)  # one-hot / 4
+    assert torch.allclose(f[:, 5], torch.tensor([1.0, 6, 7, 8, 9, 6]) / 10)  # atomic number / 10
+    for z in (17, 0, 200):
+        with pytest.raises(ValueError, match=rf"atomic number {z} is outside domain.atom_types"):
+            dom.features(torch.tensor([6, z]))

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from domains.files import log_other_files, split_by_suffix, visible_files
+from polydiff.data import item_generator
 
 __all__ = [
     "ImageArrays",
@@ -74,7 +75,9 @@ def to_unit_range(pixels: Tensor, max_value: int) -> Tensor:
 class ImageSet(Dataset):
     """``(image [C, H, W] in [-1, 1], label)`` items; ``label`` is -1 for unlabelled sources.
 
-    ``hflip`` mirrors each image left-right with probability 1/2 (natural photos; never digits).
+    ``hflip`` mirrors each image left-right with probability 1/2 (natural photos; never digits), drawn from
+    the seed of the training sampler's draw (:func:`polydiff.data.item_generator`): the same flips with any
+    number of DataLoader workers and after a resume, new ones each epoch; torch's global stream for a plain index.
     """
 
     def __init__(self, arrays: ImageArrays, hflip: bool = False) -> None:
@@ -85,12 +88,26 @@ class ImageSet(Dataset):
     def __len__(self) -> int:
         return len(self._pixels)
 
+    def _flip(self, i: int) -> bool:
+        return bool(torch.rand((), generator=item_generator(i)) < 0.5)
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         x = to_unit_range(self._pixels[i], self.arrays.max_value)  # [C, H, W]
-        if self.hflip and bool(torch.rand(()) < 0.5):
+        if self.hflip and self._flip(i):
             x = x.flip(-1)
         label = -1 if self.arrays.labels is None else int(self.arrays.labels[i])
         return x, label
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
+        """A batch's items at once (the DataLoader's batched fetch): the items ``__getitem__`` gives, converted
+        in one operation rather than one per image."""
+        idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+        x = to_unit_range(self._pixels[idx], self.arrays.max_value)  # [B, C, H, W]
+        if self.hflip:
+            flip = torch.tensor([self._flip(i) for i in indices], dtype=torch.bool)
+            x = torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+        labels = [-1] * len(indices) if self.arrays.labels is None else self.arrays.labels[idx.numpy()].tolist()
+        return list(zip(x.unbind(0), labels))
 
 
 def stratified_split(labels: Optional[np.ndarray], n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +81,38 @@ class MoleculeSet(Dataset):
 
     def subset(self, idx: Sequence[int]) -> "MoleculeSet":
         return MoleculeSet([self.z[i] for i in idx], [self.pos[i] for i in idx], [self.y[i] for i in idx], [self.smiles[i] for i in idx])
+
+    def __getstate__(self) -> dict:
+        """Each field as one tensor (DataLoader workers under 'spawn', macOS's default, or 'forkserver', Python
+        3.14's on Linux, get the data set pickled): a tensor per molecule would each take a shared-memory file
+        (QM9's 390,000 exceed the open-file limit) and long to send."""
+        return {**self.__dict__, **{key: _pack(self.__dict__[key]) for key in _PACKED_FIELDS}}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({**state, **{key: _unpack(state[key]) for key in _PACKED_FIELDS}})
+
+
+_PACKED_FIELDS = ("z", "pos", "y")
+
+
+def _pack(tensors: Any) -> Any:
+    """A list of tensors of one dtype and trailing shape as ``(flat tensor, lengths)``; anything else as it is."""
+    if not isinstance(tensors, list) or not tensors or not all(isinstance(t, Tensor) and t.dim() > 0 for t in tensors):
+        return tensors
+    first = tensors[0]
+    if any(t.dtype != first.dtype or t.shape[1:] != first.shape[1:] or t.layout != torch.strided for t in tensors):
+        return tensors
+    return _Packed(torch.cat(tensors), [int(t.shape[0]) for t in tensors])
+
+
+def _unpack(value: Any) -> Any:
+    """The list of views :func:`_pack` packed (its one tensor holds them all), or ``value`` as it is."""
+    return list(torch.split(value.flat, value.lengths)) if isinstance(value, _Packed) else value
+
+
+class _Packed(NamedTuple):
+    flat: Tensor  # [sum of lengths, ...]
+    lengths: list[int]
 
 
 def split_indices(n: int, sizes: Sequence[float], seed: int = 0) -> list[np.ndarray]:

@@ -113,6 +113,8 @@ class MoleculeDomain(Domain):
         self._splits: Optional[dict[str, MoleculeSet]] = None
         self._train_smiles: Optional[set[str]] = None
         self._z_to_type = {_SYMBOL_Z[s]: i for i, s in enumerate(self.atom_types)}
+        self._type_of_z = torch.full((max(self._z_to_type) + 1,), -1, dtype=torch.long)  # [max Z + 1], -1: none
+        self._type_of_z[list(self._z_to_type)] = torch.tensor(list(self._z_to_type.values()))
 
     # ------------------------------------------------------------------ data
     @property
@@ -191,10 +193,12 @@ class MoleculeDomain(Domain):
 
     def features(self, z: Tensor) -> Tensor:
         """EDM node features ``[n, F]`` of atomic numbers ``z [n]``."""
-        try:
-            idx = torch.tensor([self._z_to_type[int(a)] for a in z.tolist()], dtype=torch.long)
-        except KeyError as err:
-            raise ValueError(f"atomic number {err.args[0]} is outside domain.atom_types={self.atom_types}") from err
+        z = z.long()
+        table = self._type_of_z.to(z.device)
+        idx = table[z.clamp(0, len(table) - 1)]  # [n] atom-type index, -1 outside atom_types
+        bad = (z < 0) | (z >= len(table)) | (idx < 0)
+        if bad.any():
+            raise ValueError(f"atomic number {int(z[bad][0])} is outside domain.atom_types={self.atom_types}")
         onehot = torch.nn.functional.one_hot(idx, len(self.atom_types)).float() / ONE_HOT_SCALE
         return torch.cat([onehot, z.float().unsqueeze(-1) / CHARGE_SCALE], dim=-1)
 
@@ -203,12 +207,9 @@ class MoleculeDomain(Domain):
         return (y - mean) / mad
 
     def collate(self, items: Sequence[Mapping[str, Tensor]]) -> Batch:
-        xs, counts = [], []
-        for it in items:
-            pos = it["pos"].float()
-            xs.append(torch.cat([pos - pos.mean(0, keepdim=True), self.features(it["z"])], dim=-1))  # [n, 3+F]
-            counts.append(pos.shape[0])
-        x = torch.cat(xs)  # [N, 3+F]
+        centred = [pos - pos.mean(0, keepdim=True) for pos in (it["pos"].float() for it in items)]  # [n_i, 3] each
+        counts = [pos.shape[0] for pos in centred]
+        x = torch.cat([torch.cat(centred), self.features(torch.cat([it["z"] for it in items]))], dim=-1)  # [N, 3+F]
         b = len(items)
         batch = torch.repeat_interleave(torch.arange(b), torch.tensor(counts))
         cond: dict[str, Tensor] = {"batch": batch}
