@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_leaves
 
 from domains.molecule import EGNN, MoleculeDomain
 from domains.molecule.bonds import bond_order
-from domains.molecule.data import load_qm9, read_sdf, read_smiles_file
+from domains.molecule.data import read_sdf, read_smiles_file
+from domains.molecule.qm9 import _local_qm9, load_qm9
 from domains.molecule.egnn import fully_connected_edges
 from domains.molecule.metrics import molecule_metrics, stability
 from polydiff import Batch, RaggedSpace
@@ -473,7 +474,6 @@ def test_qm9_is_never_downloaded_and_a_processed_only_copy_is_read(tmp_path, mon
     ds = load_qm9(copy)
     assert len(ds) == 3 and ds[0]["z"].tolist() == [6, 1, 1, 1, 1]
     assert (copy / "processed" / "data_v3.pt").is_file()  # never deleted as if it were damaged
-    from domains.molecule.data import _local_qm9
 
     empty = tmp_path / "empty"
     with pytest.raises(FileNotFoundError, match=r"missing under .*empty/raw\. polydiff never downloads data: place gdb9"):

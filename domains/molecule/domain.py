@@ -20,13 +20,9 @@ from torch.utils.data import Dataset
 from polydiff import Batch, Domain, RaggedSpace
 
 from .data import (
-    EDM_QM9_SPLIT,
-    QM9_TARGETS,
-    QM9_UNITS,
     MoleculeSet,
     builtin_smiles_path,
     conformers_from_smiles,
-    load_qm9,
     read_sample_molecules,
     read_sdf,
     read_smiles_file,
@@ -35,6 +31,7 @@ from .data import (
 from .egnn import EGNN
 from .metrics import Molecule3D, edm_smiles, molecule_metrics
 from .outputs import write_grid_png, write_sdf, write_xyz
+from .qm9 import EDM_QM9_SPLIT, QM9_TARGETS, QM9_UNITS, load_qm9
 from .rdkit_utils import quiet_rdkit
 
 __all__ = ["MoleculeDomain"]
