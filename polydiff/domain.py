@@ -66,8 +66,8 @@ class Domain:
       same metrics of real held-out data (a ``.pt`` file and no metrics by default);
       :meth:`read_samples` reads sample files back (``polydiff eval``) and :meth:`known_values`
       says what ``polydiff sample --known FILE`` keeps of one.
-    * :meth:`concat` -- one batch from the chunks of a large draw (override when ``cond`` holds
-      indices into the state, such as a graph batch vector).
+    * :meth:`concat` / :meth:`take` -- one batch from the chunks of a large draw, and a chunk of it
+      (override both when ``cond`` holds indices into the state other than a graph batch vector).
     * :meth:`state_dict` / :meth:`load_state_dict` -- what sampling needs from the data
       (sample shape, class names, ...), saved in checkpoints so sampling needs no data.
     """
@@ -209,6 +209,27 @@ class Domain:
             else:
                 cond[k] = torch.cat([b.cond[k] for b in batches])
         return Batch(torch.cat([b.x for b in batches]), space, cond)
+
+    def take(self, batch: Batch, start: int, stop: int) -> Batch:
+        """Samples ``start .. stop`` of a batch, the inverse of :meth:`concat` (a large draw is sampled in chunks).
+
+        The layout comes from ``space.take``; a condition equal to a ragged layout's row index becomes the
+        part's own, tensors with a row per sample or per state row keep their samples' rows, others stay whole.
+        """
+        space, rows = batch.space.take(start, stop)
+        cond: dict[str, Any] = {}
+        for k, v in batch.cond.items():
+            if not isinstance(v, Tensor) or v.dim() == 0:
+                cond[k] = v
+            elif isinstance(space, RaggedSpace) and v.shape == batch.space.batch.shape and torch.equal(v, batch.space.batch):
+                cond[k] = space.batch
+            elif v.shape[0] == batch.num_samples:
+                cond[k] = v[start:stop]
+            elif v.shape[0] == batch.x.shape[0]:
+                cond[k] = v[rows]
+            else:
+                cond[k] = v
+        return Batch(batch.x[rows], space, cond)
 
     def read_samples(self, path: Path) -> Batch:
         """Samples made elsewhere, read back from ``path`` for :meth:`evaluate` (``polydiff eval``).

@@ -46,9 +46,10 @@ def generate(
     except ``batch_size``: without it the ``n`` samples are drawn at once. ``labels`` are ``n``
     class indices (``domain.parse_label`` turns a name into one).
 
-    More than ``sampler["batch_size"]`` samples are drawn in chunks of that size (labels,
-    per-sample prior options and the rows of ``known`` are split with them) and joined by
-    :meth:`Domain.concat`. ``known`` holds part of every sample fixed (see :class:`Known`): its
+    More than ``sampler["batch_size"]`` samples are drawn in chunks of that size: the whole draw's
+    layout, conditions and starting noise are drawn first and split by :meth:`Domain.take` (the rows
+    of ``known`` with them), the chunks joined by :meth:`Domain.concat`. Each sample's fresh noise
+    has a stream of its own, so samples do not depend on the chunk size. ``known`` holds part of every sample fixed (see :class:`Known`): its
     values and mask are laid out like the whole draw's state (rows: samples, or atoms of a
     ragged layout, which then needs a fixed layout such as ``prior.num_atoms``), or broadcast.
 
@@ -72,19 +73,23 @@ def generate(
     for key, value in prior.items():
         if _per_sample(value) and len(value) != n:
             raise ValueError(f"prior.{key} has {len(value)} values for {n} samples: give one value or {n}")
-    if n <= chunk:
-        return _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior,
-                         callback, known)
+    # The whole draw's layout, conditions and starting noise first, at once; each chunk takes its samples' part,
+    # and the sampler's fresh noise (DDPM, DDIM eta > 0, known values) comes from every sample's own stream: a
+    # sample does not depend on sampler.batch_size (up to the network's rounding on another number of rows).
+    space, cond = domain.prior(n, labels=labels, device=device, generator=generator, **prior)
+    whole = Batch(space.randn(generator=generator), space, cond)
+    on = generator.device if generator is not None else torch.device("cpu")  # torch's global stream without one
+    seeds = torch.randint(0, 2**62, (n,), generator=generator, device=on).tolist()
     parts, row = [], 0
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        part_prior = {k: (v[start:stop] if _per_sample(v) else v) for k, v in prior.items()}
-        part_labels = None if labels is None else labels[start:stop]
-        part = _generate(domain, net, schedule, objective, stop - start, sampler, guidance, part_labels, device,
-                         generator, part_prior, callback, known, row)
+        part = whole if chunk >= n else domain.take(whole, start, stop)
+        streams = [torch.Generator(device=on if generator is not None else device).manual_seed(s)
+                   for s in seeds[start:stop]]  # made per chunk: a CPU generator holds 5 kB
+        parts.append(_generate(domain, net, schedule, objective, part, sampler, guidance, device, streams, callback,
+                               known, row))
         row += part.x.shape[0]
-        parts.append(part)
-    return domain.concat(parts)
+    return parts[0] if len(parts) == 1 else domain.concat(parts)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -153,18 +158,18 @@ def _per_sample(value: Any) -> bool:
     return isinstance(value, (list, tuple, Tensor)) and not (isinstance(value, Tensor) and value.dim() == 0)
 
 
-def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, device, generator, prior, callback,
+def _generate(domain, net, schedule, objective, part: Batch, sampler, guidance, device, streams, callback,
               known=None, row=0) -> Batch:
-    """One chunk of :func:`generate`; its state starts at row ``row`` of the whole draw's."""
+    """One chunk of :func:`generate`: its layout, conditions and starting noise ``part``, one noise stream per sample;
+    its state starts at row ``row`` of the whole draw's."""
     sampler = dict(sampler)
     name, steps = sampler.pop("name"), sampler.pop("steps")
     run = in_precision(net, sampler.pop("precision", "fp32"), device)
     guidance = dict(guidance or {})
+    space, cond, noise = part.space, part.cond, part.x
     was_training = net.training
     net.eval()
     try:
-        space, cond = domain.prior(n, labels=labels, device=device, generator=generator, **prior)
-        noise = space.randn(generator=generator)
         den = objective.denoiser(run, schedule, space, cond)
         keys = [k for k in domain.guidance_keys if k in cond and cond[k] is not None]
         scale = float(guidance.get("scale", 1.0))
@@ -185,7 +190,7 @@ def _generate(domain, net, schedule, objective, n, sampler, guidance, labels, de
         if known is not None:
             rows, rank = noise.shape[0], noise.dim()
             known = known._replace(values=_rows(known.values, row, rows, rank), mask=_rows(known.mask, row, rows, rank))
-        x = sample(name, den, noise, schedule, steps, space=space, generator=generator, callback=callback, known=known,
+        x = sample(name, den, noise, schedule, steps, space=space, generator=streams, callback=callback, known=known,
                    **sampler)
     finally:
         net.train(was_training)

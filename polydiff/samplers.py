@@ -9,6 +9,7 @@ Every sampler shares one signature::
 * ``steps`` is a number of steps, or an explicit time grid ``[n + 1]`` or per-sample ``[n + 1, B]``
   running from noise (``t`` near 1) down to ``0``;
 * ``space`` says how per-sample scalars broadcast and how states are projected (dense by default);
+* ``generator``: one ``torch.Generator``, or one per sample (sample i's fresh noise from generator i);
 * ``callback({"i", "t", "x", "x0"})`` is called after every step;
 * ``known=Known(values, mask)`` holds part of the state fixed (imputation, inpainting, continuation).
 
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from .objectives import DenoiserFn, Prediction
 from .schedules import NoiseSchedule
-from .space import DenseSpace, Space
+from .space import DenseSpace, Generators, Space
 
 __all__ = ["Known", "timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample", "SAMPLERS"]
 
@@ -101,14 +102,14 @@ def _predict(denoiser: DenoiserFn, x: Tensor, t: Tensor, clip_x0: Optional[float
     return Prediction(x0, (x - a * x0) / s)
 
 
-def _noise(space: Space, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+def _noise(space: Space, generator: Generators, like: Tensor) -> Tensor:
     return space.randn(generator=generator, dtype=like.dtype)
 
 
 Update = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Generator], like: Tensor):
+def _imposer(known: Optional[Known], space: Space, generator: Generators, like: Tensor):
     """``impose(x, alpha[B], sigma[B])``: ``x`` with its known elements drawn from q(x_t | values)."""
     if known is None:
         return lambda x, a, s: x
@@ -140,7 +141,7 @@ def _run(
     callback: Optional[Callback],
     update: Update,
     known: Optional[Known] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
 ) -> Tensor:
     """The loop every sampler shares: predict, ``update(i, x, x0, eps)``, impose the known part, project, report."""
     _check_values(clip_x0=clip_x0)
@@ -165,7 +166,7 @@ def sample_ddim(
     *,
     eta: float = 0.0,
     space: Optional[Space] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
@@ -198,7 +199,7 @@ def sample_ddpm(
     *,
     variance: str = "small",
     space: Optional[Space] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
@@ -233,7 +234,7 @@ def sample_dpmpp_2m(
     steps: int | Tensor = 20,
     *,
     space: Optional[Space] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
