@@ -49,9 +49,11 @@ def generate(
     More than ``sampler["batch_size"]`` samples are drawn in chunks of that size: the whole draw's
     layout, conditions and starting noise are drawn first and split by :meth:`Domain.take` (the rows
     of ``known`` with them), the chunks joined by :meth:`Domain.concat`. Each sample's fresh noise
-    has a stream of its own, so samples do not depend on the chunk size. ``known`` holds part of every sample fixed (see :class:`Known`): its
-    values and mask are laid out like the whole draw's state (rows: samples, or atoms of a
-    ragged layout, which then needs a fixed layout such as ``prior.num_atoms``), or broadcast.
+    has a stream of its own, so samples do not depend on the chunk size.
+
+    ``known`` holds part of every sample fixed (see :class:`Known`): its values and mask are laid
+    out like the whole draw's state (rows: samples, or atoms of a ragged layout, which then needs a
+    fixed layout such as ``prior.num_atoms``), or broadcast.
 
     Guidance evaluates the conditional and unconditional predictions in one network call on twice
     the rows (:func:`polydiff.guidance.stacked_guidance`), or in two calls with ``batched=False``
