@@ -104,11 +104,13 @@ class SamplerConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Arguments of :func:`polydiff.guidance.stacked_guidance` (or, with ``batched=False``, ``classifier_free_guidance``)."""
+    """Arguments of :func:`polydiff.guidance.stacked_guidance` or, with two calls, ``classifier_free_guidance``."""
 
     scale: float = 1.0  # 1 = conditional model, 0 = unconditional model
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2024)
-    batched: bool = True  # one network call on 2x the rows per step (false: two calls, half the activation memory)
+    # true: one network call per step on the conditional and unconditional rows stacked (twice the activations);
+    # false: two calls; null: stacked on CUDA, two calls elsewhere (faster on the CPU: bench_audio_sampling.py)
+    batched: Optional[bool] = None
 
 
 @dataclass

@@ -56,8 +56,8 @@ def generate(
     fixed layout such as ``prior.num_atoms``), or broadcast.
 
     Guidance evaluates the conditional and unconditional predictions in one network call on twice
-    the rows (:func:`polydiff.guidance.stacked_guidance`), or in two calls with ``batched=False``
-    (half the activation memory).
+    the rows (``batched=True``, :func:`polydiff.guidance.stacked_guidance`) or in two calls
+    (``batched=False``, half the activation memory); by default stacked on CUDA, two calls elsewhere.
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"n={n!r}: the number of samples must be a positive integer")
@@ -179,7 +179,10 @@ def _generate(domain, net, schedule, objective, part: Batch, sampler, guidance, 
         conditioned = any(not bool(is_null(cond[k]).all()) for k in keys)
         if conditioned and (scale != 1.0 or rescale > 0):
             null = null_condition(cond, keys)
-            if guidance.get("batched", True) and (scale != 0.0 or rescale > 0):
+            batched = guidance.get("batched")
+            if batched is None:  # stacked where fewer, larger calls pay (a GPU); two calls ran faster on the CPU
+                batched = torch.device(device).type == "cuda"
+            if batched and (scale != 0.0 or rescale > 0):
                 both = domain.concat([Batch(noise, space, cond), Batch(noise, space, null)])  # layout of [x; x]
                 den = stacked_guidance(objective.denoiser(run, schedule, both.space, both.cond), scale, space,
                                        schedule, rescale)

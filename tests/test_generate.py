@@ -272,7 +272,7 @@ class CountingLinear(LinearDenoiser):
 
 @pytest.mark.parametrize("rescale", [0.0, 0.7])
 def test_batched_guidance_is_one_call_on_both_halves_and_equals_two_calls(rescale):
-    """The default guidance stacks [x; x] with the condition on the first half: one network call per step
+    """guidance.batched=true stacks [x; x] with the condition on the first half: one network call per step
     of twice the rows, and the same samples as two calls (guidance.batched=false)."""
     domain, sch, obj = Toy(), make_schedule("cosine", 100), Objective("eps")
     net, labels = CountingLinear(), torch.tensor([1, 2, 6])
@@ -284,6 +284,9 @@ def test_batched_guidance_is_one_call_on_both_halves_and_equals_two_calls(rescal
                                   generator=torch.Generator().manual_seed(0)).x
         assert net.rows == ([6] * 5 if batched else [3] * 10)
     torch.testing.assert_close(draws[True], draws[False], rtol=1e-5, atol=1e-6)
+    net.rows.clear()
+    generate(domain, net, sch, obj, 3, {"name": "dpmpp_2m", "steps": 5}, guidance={"scale": 3.0}, labels=labels)
+    assert net.rows == [3] * 10  # the default off CUDA: two calls (faster on the CPU)
     unguided = generate(domain, net, sch, obj, 3, {"name": "dpmpp_2m", "steps": 5}, labels=labels,
                         generator=torch.Generator().manual_seed(0)).x
     assert not torch.allclose(unguided, draws[True], atol=1e-3)  # the guidance did change the samples
