@@ -146,7 +146,7 @@ def saved_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     try:
         get_domain(name)
         return cfg
-    except KeyError:
+    except (KeyError, ImportError):  # not registered here, or a "module:Class" name whose module does not import
         if not saved.get("class") or saved["class"].startswith("__main__:"):
             raise KeyError(f"unknown domain {name!r}: the run's domain class is not importable here"
                            + (" (it was defined in a script run as __main__: move it into a module)" if saved else

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -97,7 +98,17 @@ _USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError,
 
 
 def _message(err: BaseException) -> str:
-    return err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    """One line for the user: the error's message (its type where it has none) and, where it was raised in the
+    user's own code (a domain of theirs), that place."""
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err) or type(err).__name__
+    root = Path(__file__).resolve().parents[1]
+    shipped = tuple(str(root / package) for package in ("polydiff", "domains", "benchmarks", "examples"))
+    frames = [f for f in traceback.extract_tb(err.__traceback__)  # the last is where it was raised, libraries aside
+              if f.filename.startswith(shipped)
+              or not any(part in f.filename for part in ("site-packages", "dist-packages", "<frozen"))]
+    if not frames or frames[-1].filename.startswith(shipped):
+        return message
+    return f"{message} (raised at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})"
 
 
 def _train(args: Sequence[str]) -> None:

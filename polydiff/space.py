@@ -35,11 +35,11 @@ class Space:
 
     def expand(self, s: Tensor) -> Tensor:
         """Broadcast a per-sample tensor ``[B]`` onto the state's shape."""
-        raise NotImplementedError
+        raise _missing(self, "expand")
 
     def randn(self, generator: Generators = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Standard Gaussian noise in the state's space (already projected); ``generator`` may be one per sample."""
-        raise NotImplementedError
+        raise _missing(self, "randn")
 
     def project(self, x: Tensor) -> Tensor:
         """Project a state onto the space (identity for unconstrained spaces)."""
@@ -47,11 +47,11 @@ class Space:
 
     def sum(self, values: Tensor) -> Tensor:
         """Per-sample sum ``[B]`` of an elementwise tensor over valid elements."""
-        raise NotImplementedError
+        raise _missing(self, "sum")
 
     def count(self) -> Tensor:
         """Per-sample number ``[B]`` of valid elements."""
-        raise NotImplementedError
+        raise _missing(self, "count")
 
     def mean(self, values: Tensor) -> Tensor:
         """Per-sample mean ``[B]`` of an elementwise tensor over valid elements."""
@@ -63,22 +63,23 @@ class Space:
         return self.mean((values - self.expand(mu)) ** 2).sqrt()
 
     def to(self, device: torch.device | str) -> "Space":
-        raise NotImplementedError
+        raise _missing(self, "to")
 
     @classmethod
     def cat(cls, spaces: Sequence["Space"]) -> "Space":
-        """One space holding the samples of ``spaces`` in order (states concatenated along dim 0)."""
-        raise NotImplementedError
+        """One space holding the samples of ``spaces`` in order (states concatenated along dim 0); the draws of
+        :func:`polydiff.generate.generate` in chunks and stacked guidance (``guidance.batched``) need it."""
+        raise _missing(cls, "cat", "to draw samples in chunks or with guidance.batched=true, or set "
+                                   "sampler.batch_size=null and guidance.batched=false")
 
     def take(self, start: int, stop: int) -> tuple["Space", slice | Tensor]:
         """Samples ``start .. stop`` as a space of their own, and the state's rows they hold (the inverse of
         :meth:`cat`; generation in chunks of ``sampler.batch_size`` needs it)."""
-        raise NotImplementedError(f"{type(self).__name__} has no take(): implement it to draw samples in chunks, or "
-                                  "set sampler.batch_size=null")
+        raise _missing(self, "take", "to draw samples in chunks, or set sampler.batch_size=null")
 
     @property
     def device(self) -> torch.device:
-        raise NotImplementedError
+        raise _missing(self, "device")
 
 
 @dataclass
@@ -155,11 +156,11 @@ class DenseSpace(Space):
         if any(s.mask is not None for s in spaces):  # full [B, ...] masks; a missing one means all valid
             mask = torch.cat([torch.ones(s.shape, device=s.device) if s.mask is None
                               else torch.broadcast_to(s.mask, s.shape).float() for s in spaces])
-        return DenseSpace(shape, mask, spaces[0].device)
+        return replace(spaces[0], shape=shape, mask=mask)  # a subclass stays itself (its project, its randn)
 
     def take(self, start: int, stop: int) -> tuple["DenseSpace", slice]:
         mask = self.mask if self.mask is None or self.mask.shape[0] == 1 else self.mask[start:stop]
-        return DenseSpace((stop - start, *self.shape[1:]), mask, self.device), slice(start, stop)
+        return replace(self, shape=(stop - start, *self.shape[1:]), mask=mask), slice(start, stop)
 
 
 @dataclass
@@ -258,11 +259,17 @@ class RaggedSpace(Space):
         for s in spaces:
             offsets.append(offsets[-1] + s.num_samples)
         batch = torch.cat([s.batch + off for s, off in zip(spaces, offsets)])  # [N_total]
-        return RaggedSpace(batch, offsets[-1], spaces[0].num_features, spaces[0].centered)
+        return replace(spaces[0], batch=batch, num_samples=offsets[-1])  # a subclass stays itself
 
     def take(self, start: int, stop: int) -> tuple["RaggedSpace", Tensor]:
         rows = ((self.batch >= start) & (self.batch < stop)).nonzero().squeeze(1)  # [n_rows]
-        return RaggedSpace(self.batch[rows] - start, stop - start, self.num_features, self.centered), rows
+        return replace(self, batch=self.batch[rows] - start, num_samples=stop - start), rows
+
+
+def _missing(space: "Space | type", method: str, use: str = "") -> NotImplementedError:
+    """The error of a :class:`Space` subclass that lacks ``method``."""
+    name = space.__name__ if isinstance(space, type) else type(space).__name__
+    return NotImplementedError(f"{name} has no {method}(): implement it" + (f" {use}" if use else ""))
 
 
 def _check_streams(generators: Sequence[torch.Generator], num_samples: int) -> None:

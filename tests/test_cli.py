@@ -431,6 +431,11 @@ def test_a_users_domain_beside_its_recipe_trains_logs_and_samples_from_python(tm
     torch.save(ckpt, tmp_path / "moved.pt")
     with pytest.raises(ImportError, match="add that folder to PYTHONPATH"):
         polydiff.load_run(tmp_path / "moved.pt")
+    # A recipe naming the domain "module:Class", sampled where the module does not import: the same hint.
+    ckpt["config"]["domain"]["name"] = ckpt["domain_class"]["class"] = "gone_module:UserPoints"
+    torch.save(ckpt, tmp_path / "gone.pt")
+    with pytest.raises(ImportError, match=r"gone_module:UserPoints, which does not import here.*/somewhere: add"):
+        polydiff.load_run(tmp_path / "gone.pt")
 
 
 def test_a_domain_state_that_checkpoints_cannot_load_is_named_before_training(tmp_path, monkeypatch):
@@ -555,3 +560,25 @@ def test_sampling_uses_the_ema_weights_unless_told_and_any_kept_checkpoint(tmp_p
     assert not torch.equal(a, b)
     main(["sample", str(tmp_path), "--n", "4", "--out", str(tmp_path / "ema2")])  # the same seed, the same samples
     assert torch.equal(b, torch.load(tmp_path / "ema2" / "samples.pt", weights_only=True)["x"])
+
+
+def test_an_error_in_the_users_own_code_names_where_it_was_raised(tmp_path):
+    """One line for errors of the user's own domain code, with the place it came from; never an empty message."""
+    from polydiff.cli import _message
+
+    user = tmp_path / "mydomain.py"
+    user.write_text("def evaluate(batch):\n    return 1 - batch\n\ndef fail():\n    raise ValueError()\n")
+    namespace: dict = {}
+    exec(compile(user.read_text(), str(user), "exec"), namespace)
+    try:
+        namespace["evaluate"](None)
+    except TypeError as err:
+        assert _message(err).endswith(f"(raised at {user}:2, in evaluate)")
+    try:
+        namespace["fail"]()
+    except ValueError as err:
+        assert _message(err).startswith("ValueError (raised at")
+    try:
+        polydiff.get_domain("no-such-domain")
+    except KeyError as err:  # raised inside polydiff: the message alone
+        assert "raised at" not in _message(err) and "no-such-domain" in _message(err)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import polydiff
 from polydiff import Batch, DenseSpace, Domain, RaggedSpace
 from polydiff.generate import generate
 from polydiff.objectives import Objective
@@ -290,3 +291,45 @@ def test_batched_guidance_is_one_call_on_both_halves_and_equals_two_calls(rescal
     unguided = generate(domain, net, sch, obj, 3, {"name": "dpmpp_2m", "steps": 5}, labels=labels,
                         generator=torch.Generator().manual_seed(0)).x
     assert not torch.allclose(unguided, draws[True], atol=1e-3)  # the guidance did change the samples
+
+
+class ZeroMeanSpace(DenseSpace):
+    """A DenseSpace of my own: every sample's channels keep a zero mean over time."""
+
+    def project(self, x):
+        return x - x.mean(dim=-1, keepdim=True)
+
+    def randn(self, generator=None, dtype=torch.float32):
+        return self.project(super().randn(generator, dtype))
+
+
+class ZeroMeanToy(Toy):
+    def prior(self, n, labels=None, device="cpu", generator=None):
+        space, cond = super().prior(n, labels=labels, device=device, generator=generator)
+        return ZeroMeanSpace(space.shape), cond
+
+
+def test_a_space_subclass_keeps_its_constraint_through_chunks():
+    """take and cat keep the space's own class: a chunked draw of a user's constrained space stays constrained."""
+    domain, sch, obj = ZeroMeanToy(), make_schedule("cosine", 100), Objective("x0")
+    draws = [generate(domain, LinearDenoiser(), sch, obj, 7, {"name": "ddpm", "steps": 5, "batch_size": size},
+                      labels=torch.arange(7), generator=torch.Generator().manual_seed(0))
+             for size in (None, 3)]
+    for out in draws:
+        assert type(out.space) is ZeroMeanSpace and out.x.mean(dim=-1).abs().max() < 1e-6 * out.x.abs().max()
+    torch.testing.assert_close(draws[0].x, draws[1].x, rtol=1e-5, atol=1e-6)
+    ragged = RaggedSpace(torch.tensor([0, 0, 1, 2, 2]), 3, 2, centered=(0,))
+    part, rows = ragged.take(1, 3)
+    assert part.batch.tolist() == [0, 1, 1] and rows.tolist() == [2, 3, 4] and part.centered == (0,)
+
+
+def test_a_space_without_the_chunking_methods_says_which_it_lacks():
+    class Bare(polydiff.Space):
+        num_samples = 2
+
+    with pytest.raises(NotImplementedError, match=r"Bare has no take\(\): implement it to draw samples in chunks"):
+        Bare().take(0, 1)
+    with pytest.raises(NotImplementedError, match=r"Bare has no cat\(\): implement it .*guidance.batched"):
+        Bare.cat([Bare(), Bare()])
+    with pytest.raises(NotImplementedError, match=r"Bare has no expand\(\)"):
+        Bare().expand(torch.zeros(2))
