@@ -384,8 +384,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point of the ``polydiff`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        # "module:Class" domains in recipes resolve from here, as with python -m; installed packages come first, so a
-        # folder of the user's own named domains/ or benchmarks/ does not hide polydiff's.
+        # "module:Class" domains in recipes resolve from here, as with python -m; packages installed from a wheel come
+        # first, so a folder of the user's own named domains/ or benchmarks/ does not hide polydiff's.
         sys.path.append(str(Path.cwd()))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):

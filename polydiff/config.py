@@ -104,7 +104,8 @@ class SamplerConfig:
 
 @dataclass
 class GuidanceConfig:
-    """Arguments of :func:`polydiff.guidance.stacked_guidance` or, with two calls, ``classifier_free_guidance``."""
+    """Guidance of :func:`polydiff.generate.generate`: ``scale`` and ``rescale`` of
+    :func:`polydiff.guidance.stacked_guidance` or ``classifier_free_guidance``, ``batched`` which of the two."""
 
     scale: float = 1.0  # 1 = conditional model, 0 = unconditional model
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2024)

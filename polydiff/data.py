@@ -53,7 +53,8 @@ class Draw(int):
 def item_generator(index: Any) -> Optional[torch.Generator]:
     """A CPU generator seeded by a :class:`Draw`'s own seed; ``None`` (torch's global stream) for a plain index.
 
-    Data sets draw their random augmentation from it: ``torch.rand((), generator=item_generator(i)) < 0.5``.
+    Data sets draw their random augmentation from it: ``torch.rand((), generator=item_generator(i)) < 0.5``. Make
+    one per item and draw all of the item's randomness from it: a second one starts the same stream again.
     """
     seed = getattr(index, "seed", None)
     return None if seed is None else torch.Generator().manual_seed(seed)

@@ -51,6 +51,26 @@ class Batch:
         return self.space.num_samples
 
 
+def cond_layout(key: str, value: Any, batch: Batch) -> str:
+    """How a condition follows a batch's samples when it is split or joined: ``"index"`` (the ragged layout's row
+    index, renumbered), ``"sample"`` (a row per sample), ``"row"`` (a row per state row) or ``"whole"`` (one value
+    for every sample, kept as it is). A ragged layout with as many rows as samples, not one row per sample in
+    order, makes ``"sample"`` and ``"row"`` differ: that is refused by name rather than guessed."""
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return "whole"
+    space, n = batch.space, value.shape[0]
+    if isinstance(space, RaggedSpace) and value.shape == space.batch.shape and torch.equal(value, space.batch):
+        return "index"
+    if n == batch.num_samples == batch.x.shape[0] and isinstance(space, RaggedSpace) and not torch.equal(
+            space.batch, torch.arange(n, device=space.batch.device)):
+        raise ValueError(f"cond[{key!r}] has {n} entries, as many as the samples and as the state's rows, which "
+                         "are laid out differently: override the domain's take() and concat() to say which it is, "
+                         "or set sampler.batch_size=null")
+    if n == batch.num_samples:
+        return "sample"
+    return "row" if n == batch.x.shape[0] else "whole"
+
+
 class Domain:
     """Template base class for a data domain.
 
@@ -192,19 +212,19 @@ class Domain:
         return [path]
 
     def concat(self, batches: Sequence[Batch]) -> Batch:
-        """One batch from several (sampling in chunks): states, layouts and conditions in order.
+        """One batch from several (sampling in chunks, stacked guidance): states, layouts and conditions in order.
 
-        A condition that is a chunk's own ragged row index (equal to its ``space.batch``, as a
-        graph batch vector passed to the network is) becomes the joined layout's index, offset
-        chunk by chunk; other tensors are concatenated.
+        Conditions follow :func:`cond_layout`: a chunk's own ragged row index becomes the joined layout's,
+        rows per sample or per state row are concatenated, a value for every sample is kept whole.
         """
         first = batches[0]
         space = type(first.space).cat([b.space for b in batches])
         cond: dict[str, Any] = {}
         for k, v in first.cond.items():
-            if not isinstance(v, Tensor):
-                cond[k] = v
-            elif isinstance(space, RaggedSpace) and all(torch.equal(b.cond[k], b.space.batch) for b in batches):
+            kinds = {cond_layout(k, b.cond[k], b) for b in batches}
+            if kinds == {"whole"} or ("whole" in kinds and all(torch.equal(b.cond[k], v) for b in batches)):
+                cond[k] = v  # one value for every sample (a last chunk of one sample reads it as its own row)
+            elif kinds == {"index"}:
                 cond[k] = space.batch
             else:
                 cond[k] = torch.cat([b.cond[k] for b in batches])
@@ -213,22 +233,14 @@ class Domain:
     def take(self, batch: Batch, start: int, stop: int) -> Batch:
         """Samples ``start .. stop`` of a batch, the inverse of :meth:`concat` (a large draw is sampled in chunks).
 
-        The layout comes from ``space.take``; a condition equal to a ragged layout's row index becomes the
-        part's own, tensors with a row per sample or per state row keep their samples' rows, others stay whole.
+        The layout comes from ``space.take``; conditions follow :func:`cond_layout`.
         """
         space, rows = batch.space.take(start, stop)
         cond: dict[str, Any] = {}
         for k, v in batch.cond.items():
-            if not isinstance(v, Tensor) or v.dim() == 0:
-                cond[k] = v
-            elif isinstance(space, RaggedSpace) and v.shape == batch.space.batch.shape and torch.equal(v, batch.space.batch):
-                cond[k] = space.batch
-            elif v.shape[0] == batch.num_samples:
-                cond[k] = v[start:stop]
-            elif v.shape[0] == batch.x.shape[0]:
-                cond[k] = v[rows]
-            else:
-                cond[k] = v
+            kind = cond_layout(k, v, batch)
+            cond[k] = {"whole": lambda: v, "index": lambda: space.batch, "sample": lambda: v[start:stop],
+                       "row": lambda: v[rows]}[kind]()
         return Batch(batch.x[rows], space, cond)
 
     def read_samples(self, path: Path) -> Batch:

@@ -16,6 +16,7 @@ from .domain import Batch, Domain
 from .guidance import classifier_free_guidance, stacked_guidance
 from .objectives import Objective
 from .samplers import Known, check_options, sample, timesteps
+from .noise import NoiseSource, block_seeds
 from .schedules import NoiseSchedule
 
 __all__ = ["generate", "check_sampler"]
@@ -48,8 +49,8 @@ def generate(
 
     More than ``sampler["batch_size"]`` samples are drawn in chunks of that size: the whole draw's
     layout, conditions and starting noise are drawn first and split by :meth:`Domain.take` (the rows
-    of ``known`` with them), the chunks joined by :meth:`Domain.concat`. Each sample's fresh noise
-    has a stream of its own, so samples do not depend on the chunk size.
+    of ``known`` with them), the chunks joined by :meth:`Domain.concat`. Fresh noise comes from streams
+    of fixed blocks of samples (:mod:`polydiff.noise`), so samples do not depend on the chunk size.
 
     ``known`` holds part of every sample fixed (see :class:`Known`): its values and mask are laid
     out like the whole draw's state (rows: samples, or atoms of a ragged layout, which then needs a
@@ -76,21 +77,25 @@ def generate(
         if _per_sample(value) and len(value) != n:
             raise ValueError(f"prior.{key} has {len(value)} values for {n} samples: give one value or {n}")
     # The whole draw's layout, conditions and starting noise first, at once; each chunk takes its samples' part,
-    # and the sampler's fresh noise (DDPM, DDIM eta > 0, known values) comes from every sample's own stream: a
-    # sample does not depend on sampler.batch_size (up to the network's rounding on another number of rows).
+    # and the sampler's fresh noise (DDPM, DDIM eta > 0, known values) comes from streams of fixed blocks of samples:
+    # a sample does not depend on sampler.batch_size (up to the network's rounding on another number of rows).
+    if chunk < n and type(domain).concat is not Domain.concat and type(domain).take is Domain.take:
+        raise TypeError(f"{type(domain).__name__} overrides concat() but not take(), its inverse, which splits a draw "
+                        f"of {n} samples into chunks of sampler.batch_size={chunk}: override take() too, or set "
+                        "sampler.batch_size=null")
     space, cond = domain.prior(n, labels=labels, device=device, generator=generator, **prior)
     whole = Batch(space.randn(generator=generator), space, cond)
-    on = generator.device if generator is not None else torch.device("cpu")  # torch's global stream without one
-    seeds = torch.randint(0, 2**62, (n,), generator=generator, device=on).tolist()
-    parts, row = [], 0
+    seeds = block_seeds(n, generator)
+    where = generator.device if generator is not None else torch.device(device)
+    parts = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         part = whole if chunk >= n else domain.take(whole, start, stop)
-        streams = [torch.Generator(device=on if generator is not None else device).manual_seed(s)
-                   for s in seeds[start:stop]]  # made per chunk: a CPU generator holds 5 kB
-        parts.append(_generate(domain, net, schedule, objective, part, sampler, guidance, device, streams, callback,
-                               known, row))
-        row += part.x.shape[0]
+        rows = slice(None) if chunk >= n or known is None else space.take(start, stop)[1]  # known's rows
+        fresh = NoiseSource(space, start, stop, seeds, where)
+        parts.append(_generate(domain, net, schedule, objective, part, sampler, guidance, device, fresh, callback,
+                               known, rows, first=start == 0))
+    del whole, part  # the starting noise: not held through the join
     return parts[0] if len(parts) == 1 else domain.concat(parts)
 
 
@@ -149,10 +154,12 @@ def in_precision(net: Callable[..., Tensor], precision: str, device: torch.devic
     return run
 
 
-def _rows(t: Tensor, start: int, count: int, rank: int) -> Tensor:
-    """Rows ``start .. start + count`` of a tensor laid out like the whole draw's state of ``rank`` dimensions;
-    one of lower rank, or with a first dimension of 1, broadcasts over the rows and is kept whole."""
-    return t if t.dim() < rank or t.shape[0] == 1 else t[start : start + count]
+def _rows(t: Tensor, rows: slice | Tensor, rank: int) -> Tensor:
+    """A chunk's ``rows`` of a tensor laid out like the whole draw's state of ``rank`` dimensions; one of lower rank,
+    or with a first dimension of 1, broadcasts over the rows and is kept whole."""
+    if t.dim() < rank or t.shape[0] == 1:
+        return t
+    return t[rows] if isinstance(rows, slice) else t[rows.to(t.device)]
 
 
 def _per_sample(value: Any) -> bool:
@@ -160,10 +167,10 @@ def _per_sample(value: Any) -> bool:
     return isinstance(value, (list, tuple, Tensor)) and not (isinstance(value, Tensor) and value.dim() == 0)
 
 
-def _generate(domain, net, schedule, objective, part: Batch, sampler, guidance, device, streams, callback,
-              known=None, row=0) -> Batch:
-    """One chunk of :func:`generate`: its layout, conditions and starting noise ``part``, one noise stream per sample;
-    its state starts at row ``row`` of the whole draw's."""
+def _generate(domain, net, schedule, objective, part: Batch, sampler, guidance, device, fresh, callback,
+              known=None, rows=slice(None), first=True) -> Batch:
+    """One chunk of :func:`generate`: its layout, conditions and starting noise ``part``, its fresh noise ``fresh``
+    (a :class:`NoiseSource`); its state is the whole draw's ``rows``, ``first`` for the first chunk."""
     sampler = dict(sampler)
     name, steps = sampler.pop("name"), sampler.pop("steps")
     run = in_precision(net, sampler.pop("precision", "fp32"), device)
@@ -189,13 +196,13 @@ def _generate(domain, net, schedule, objective, part: Batch, sampler, guidance, 
             else:
                 uncond = objective.denoiser(run, schedule, space, null)
                 den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
-        elif (scale != 1.0 or rescale > 0) and row == 0:
+        elif (scale != 1.0 or rescale > 0) and first:
             log.warning("guidance (scale %g, rescale %g) has no effect: these samples have no condition to guide "
                         "towards (an unconditional model, or no label or property given)", scale, rescale)
         if known is not None:
-            rows, rank = noise.shape[0], noise.dim()
-            known = known._replace(values=_rows(known.values, row, rows, rank), mask=_rows(known.mask, row, rows, rank))
-        x = sample(name, den, noise, schedule, steps, space=space, generator=streams, callback=callback, known=known,
+            rank = noise.dim()
+            known = known._replace(values=_rows(known.values, rows, rank), mask=_rows(known.mask, rows, rank))
+        x = sample(name, den, noise, schedule, steps, space=space, generator=fresh, callback=callback, known=known,
                    **sampler)
     finally:
         net.train(was_training)

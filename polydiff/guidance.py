@@ -7,8 +7,8 @@ rescale (Lin et al. 2024, eq. 15-16) pulls the guided x0 back to the conditional
 prediction's per-sample standard deviation.
 
 :func:`stacked_guidance` gets both predictions from one network call on the state stacked with
-itself (``[x; x]``, the conditional rows first), as :func:`polydiff.generate.generate` does by
-default; :func:`classifier_free_guidance` calls two denoisers, one after the other.
+itself (``[x; x]``, the conditional rows first), as :func:`polydiff.generate.generate` does on
+CUDA (``guidance.batched``); :func:`classifier_free_guidance` calls two denoisers, one after the other.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Every sampler shares one signature::
 * ``steps`` is a number of steps, or an explicit time grid ``[n + 1]`` or per-sample ``[n + 1, B]``
   running from noise (``t`` near 1) down to ``0``;
 * ``space`` says how per-sample scalars broadcast and how states are projected (dense by default);
-* ``generator``: one ``torch.Generator``, or one per sample (sample i's fresh noise from generator i);
+* ``generator``: a ``torch.Generator``, or a :class:`polydiff.noise.NoiseSource` (fresh noise that does not
+  depend on how a draw is split into chunks);
 * ``callback({"i", "t", "x", "x0"})`` is called after every step;
 * ``known=Known(values, mask)`` holds part of the state fixed (imputation, inpainting, continuation).
 
@@ -27,7 +28,8 @@ from torch import Tensor
 
 from .objectives import DenoiserFn, Prediction
 from .schedules import NoiseSchedule
-from .space import DenseSpace, Generators, Space
+from .noise import NoiseSource
+from .space import DenseSpace, Space
 
 __all__ = ["Known", "timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample", "SAMPLERS"]
 
@@ -102,14 +104,16 @@ def _predict(denoiser: DenoiserFn, x: Tensor, t: Tensor, clip_x0: Optional[float
     return Prediction(x0, (x - a * x0) / s)
 
 
-def _noise(space: Space, generator: Generators, like: Tensor) -> Tensor:
+def _noise(space: Space, generator: Optional[torch.Generator | NoiseSource], like: Tensor) -> Tensor:
+    if isinstance(generator, NoiseSource):
+        return generator.randn(like.dtype)
     return space.randn(generator=generator, dtype=like.dtype)
 
 
 Update = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def _imposer(known: Optional[Known], space: Space, generator: Generators, like: Tensor):
+def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Generator | NoiseSource], like: Tensor):
     """``impose(x, alpha[B], sigma[B])``: ``x`` with its known elements drawn from q(x_t | values)."""
     if known is None:
         return lambda x, a, s: x
@@ -141,7 +145,7 @@ def _run(
     callback: Optional[Callback],
     update: Update,
     known: Optional[Known] = None,
-    generator: Generators = None,
+    generator: Optional[torch.Generator | NoiseSource] = None,
 ) -> Tensor:
     """The loop every sampler shares: predict, ``update(i, x, x0, eps)``, impose the known part, project, report."""
     _check_values(clip_x0=clip_x0)
@@ -166,7 +170,7 @@ def sample_ddim(
     *,
     eta: float = 0.0,
     space: Optional[Space] = None,
-    generator: Generators = None,
+    generator: Optional[torch.Generator | NoiseSource] = None,
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
@@ -199,7 +203,7 @@ def sample_ddpm(
     *,
     variance: str = "small",
     space: Optional[Space] = None,
-    generator: Generators = None,
+    generator: Optional[torch.Generator | NoiseSource] = None,
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",
@@ -234,7 +238,7 @@ def sample_dpmpp_2m(
     steps: int | Tensor = 20,
     *,
     space: Optional[Space] = None,
-    generator: Generators = None,
+    generator: Optional[torch.Generator | NoiseSource] = None,
     callback: Optional[Callback] = None,
     clip_x0: Optional[float] = None,
     spacing: str = "trailing",

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Space", "DenseSpace", "RaggedSpace", "Generators"]
-
-#: Where noise comes from: torch's global stream (None), one generator for the whole state, or one per sample
-#: (sample i's noise from generator i, whatever else is drawn beside it).
-Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+__all__ = ["Space", "DenseSpace", "RaggedSpace"]
 
 
 class Space:
@@ -37,8 +33,8 @@ class Space:
         """Broadcast a per-sample tensor ``[B]`` onto the state's shape."""
         raise _missing(self, "expand")
 
-    def randn(self, generator: Generators = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Standard Gaussian noise in the state's space (already projected); ``generator`` may be one per sample."""
+    def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard Gaussian noise in the state's space (already projected)."""
         raise _missing(self, "randn")
 
     def project(self, x: Tensor) -> Tensor:
@@ -117,13 +113,8 @@ class DenseSpace(Space):
         # [B] -> [B, 1, ..., 1]
         return s.reshape(s.shape[0], *([1] * (len(self.shape) - 1)))
 
-    def randn(self, generator: Generators = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        if isinstance(generator, (list, tuple)):  # sample i's noise from generator i
-            _check_streams(generator, self.num_samples)
-            noise = torch.cat([_randn((1, *self.shape[1:]), g, self.device, dtype) for g in generator]) if generator \
-                else torch.empty(self.shape, device=self.device, dtype=dtype)
-        else:
-            noise = _randn(self.shape, generator, self.device, dtype)
+    def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        noise = _randn(self.shape, generator, self.device, dtype)
         return noise if self.mask is None else noise * self.mask
 
     def sum(self, values: Tensor) -> Tensor:
@@ -159,7 +150,9 @@ class DenseSpace(Space):
         return replace(spaces[0], shape=shape, mask=mask)  # a subclass stays itself (its project, its randn)
 
     def take(self, start: int, stop: int) -> tuple["DenseSpace", slice]:
-        mask = self.mask if self.mask is None or self.mask.shape[0] == 1 else self.mask[start:stop]
+        mask = self.mask  # one of lower rank, or of one row, broadcasts over the samples: kept whole
+        if mask is not None and mask.dim() == len(self.shape) and mask.shape[0] != 1:
+            mask = mask[start:stop]
         return replace(self, shape=(stop - start, *self.shape[1:]), mask=mask), slice(start, stop)
 
 
@@ -185,7 +178,6 @@ class RaggedSpace(Space):
             raise ValueError(f"RaggedSpace.centered columns {bad} are outside the state's {F} features")
         self.centered = tuple(int(c) % F for c in self.centered)  # -1 -> F - 1: one form for the slice below
         self._counts = torch.bincount(self.batch, minlength=self.num_samples)
-        self._order: Optional[tuple[Tensor, list[int]]] = None  # rows by sample and their counts, for randn
         if self.batch.numel() and int(self.batch.max()) >= self.num_samples:
             raise ValueError(f"batch index {int(self.batch.max())} >= num_samples {self.num_samples}")
         # The centred columns as a slice (or a device index), not a Python list: indexing a GPU tensor
@@ -206,18 +198,8 @@ class RaggedSpace(Space):
         # [B] -> [N, 1]
         return s[self.batch].unsqueeze(-1)
 
-    def randn(self, generator: Generators = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        if isinstance(generator, (list, tuple)):  # sample i's rows from generator i
-            _check_streams(generator, self.num_samples)
-            if self._order is None:  # read once per layout (one device sync): each sample's rows, in sample order
-                self._order = (torch.argsort(self.batch, stable=True), self._counts.tolist())
-            order, sizes = self._order
-            noise = torch.empty(self.shape, device=self.device, dtype=dtype)
-            if sizes:
-                noise[order] = torch.cat([_randn((k, self.num_features), g, self.device, dtype)
-                                          for g, k in zip(generator, sizes)])
-        else:
-            noise = _randn(self.shape, generator, self.device, dtype)
+    def randn(self, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        noise = _randn(self.shape, generator, self.device, dtype)
         return self.project(noise)
 
     def segment_sum(self, values: Tensor) -> Tensor:
@@ -245,7 +227,7 @@ class RaggedSpace(Space):
         # Checked where it was built: the counts move along rather than being recounted on the device
         # (bincount and the index check would each wait for the GPU, once per training batch).
         moved = copy.copy(self)
-        moved.batch, moved._counts, moved._order = self.batch.to(device), self._counts.to(device), None
+        moved.batch, moved._counts = self.batch.to(device), self._counts.to(device)
         if isinstance(self._cols, Tensor):
             moved._cols = self._cols.to(device)
         return moved
@@ -270,11 +252,6 @@ def _missing(space: "Space | type", method: str, use: str = "") -> NotImplemente
     """The error of a :class:`Space` subclass that lacks ``method``."""
     name = space.__name__ if isinstance(space, type) else type(space).__name__
     return NotImplementedError(f"{name} has no {method}(): implement it" + (f" {use}" if use else ""))
-
-
-def _check_streams(generators: Sequence[torch.Generator], num_samples: int) -> None:
-    if len(generators) != num_samples:
-        raise ValueError(f"{len(generators)} generators for {num_samples} samples: give one generator, or one per sample")
 
 
 def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device, dtype: torch.dtype) -> Tensor:
