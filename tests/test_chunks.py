@@ -219,3 +219,15 @@ def test_a_condition_that_could_be_per_sample_or_per_row_is_not_guessed():
     # which the network broadcasts: no error, and samples far from the unchunked draw's.
     with pytest.raises(ValueError, match="kind"):
         generate(_Custom(_empty_samples, sample_shape=(2,)), KindNet(), SCHEDULE, Objective("eps"), 3, {"name": "ddim", "steps": 2, "batch_size": 1})
+
+
+def test_noise_blocks_follow_an_unsorted_ragged_layout_across_chunks():
+    """Fresh noise comes in blocks of samples; a chunk spanning blocks of an interleaved layout gets each row its
+    own sample's noise: the same samples at any chunk size (the joined layout lists the chunks' rows in turn)."""
+    n, dom = 70, _Custom(_interleaved, sample_shape=(2,))
+    draws = [generate(dom, HalfX(), SCHEDULE, Objective("x0"), n, {"name": "ddpm", "steps": 3, "batch_size": size},
+                      generator=torch.Generator().manual_seed(0)) for size in (None, 30, 7)]
+    for other in draws[1:]:
+        for i in range(n):
+            torch.testing.assert_close(other.x[other.space.batch == i], draws[0].x[draws[0].space.batch == i],
+                                       rtol=0, atol=1e-6)
