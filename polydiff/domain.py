@@ -239,8 +239,12 @@ class Domain:
         cond: dict[str, Any] = {}
         for k, v in batch.cond.items():
             kind = cond_layout(k, v, batch)
-            cond[k] = {"whole": lambda: v, "index": lambda: space.batch, "sample": lambda: v[start:stop],
-                       "row": lambda: v[rows]}[kind]()
+            if kind == "index":
+                cond[k] = space.batch
+            elif kind == "sample":
+                cond[k] = v[start:stop]
+            else:
+                cond[k] = v[rows] if kind == "row" else v
         return Batch(batch.x[rows], space, cond)
 
     def read_samples(self, path: Path) -> Batch:

@@ -14,9 +14,9 @@ from .conditioning import NULL_LABEL, is_null, null_condition
 from .config import GuidanceConfig, SamplerConfig, check_call
 from .domain import Batch, Domain
 from .guidance import classifier_free_guidance, stacked_guidance
+from .noise import NoiseSource, block_seeds
 from .objectives import Objective
 from .samplers import Known, check_options, sample, timesteps
-from .noise import NoiseSource, block_seeds
 from .schedules import NoiseSchedule
 
 __all__ = ["generate", "check_sampler"]
