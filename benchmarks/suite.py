@@ -68,7 +68,22 @@ def _train_steps(steps: int) -> list[str]:
 
 
 QM9_HELP = "gdb9.sdf, gdb9.sdf.csv and uncharacterized.txt in PATH/raw"
+#: Data sets a PyPI package holds, read without --data when it is installed.
+PACKAGED_DATA = {"qm9": "qm9pack"}
 SC09_HELP = "speech_commands_v0.02 extracted to PATH/SpeechCommands/speech_commands_v0.02"
+
+
+def packaged(key: str) -> bool:
+    """Whether the data set ``key`` is installed as a package (:data:`PACKAGED_DATA`), so it needs no ``--data``."""
+    import importlib.util
+
+    return key in PACKAGED_DATA and importlib.util.find_spec(PACKAGED_DATA[key]) is not None
+
+
+def _placing(key: str, where: str) -> str:
+    """How to give the data set ``key``: a local copy through ``--data``, or its package where there is one."""
+    package = f" (or pip install {PACKAGED_DATA[key]} and give no --data)" if key in PACKAGED_DATA else ""
+    return f"place {where}, then pass --data {key}=PATH{package}"
 
 
 def suites() -> dict[str, dict[str, DomainBench]]:
@@ -344,7 +359,7 @@ def _fit_timed(trainer: Trainer) -> tuple[float, PeakMemory]:
 def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: Path, quick: bool, seed: int,
                  data_root: Optional[str] = None) -> dict[str, Any]:
     overrides = [*spec.overrides, f"trainer.device={device}", f"seed={seed}"]
-    if spec.data:
+    if spec.data and data_root:
         overrides.append(f"{spec.data[1]}={data_root}")
     cfg = compose_recipe(ROOT / spec.recipe, overrides)
     run_dir = run_root / name
@@ -442,10 +457,9 @@ def run_suite(suite: str, domains: Optional[list[str]], device: str, out_dir: Pa
                               "config": {n: vars(all_specs[n]) for n in names}, "domains": {}}
     for name in names:
         spec = all_specs[name]
-        if spec.data and spec.data[0] not in data:
+        if spec.data and spec.data[0] not in data and not packaged(spec.data[0]):
             key, _, where = spec.data
-            result["domains"][name] = {"skipped": f"needs a local copy of {key.upper()}: place {where}, "
-                                                  f"then pass --data {key}=PATH"}
+            result["domains"][name] = {"skipped": f"needs a local copy of {key.upper()}: {_placing(key, where)}"}
             print(f"[bench] {name}: skipped ({result['domains'][name]['skipped']})", flush=True)
             continue
         print(f"[bench] {name}: training ({time.strftime('%H:%M:%S')}) ...", flush=True)
@@ -585,10 +599,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
     if unused:
         raise SystemExit(f"polydiff bench: --data {' '.join(f'{k}=...' for k in unused)} is given but no domain that "
                          f"reads it is benchmarked (domains: {' '.join(domains)}); add --domains {' '.join(unused)}")
-    missing = {d: specs[d].data for d in domains if specs[d].data and specs[d].data[0] not in data}
+    missing = {d: specs[d].data for d in domains if specs[d].data and specs[d].data[0] not in data and not packaged(specs[d].data[0])}
     if missing and len(missing) == len(domains):  # nothing would run: a result of skips only, and exit status 0
         raise SystemExit("polydiff bench: nothing to benchmark without the local data: "
-                         + "; ".join(f"{d} needs --data {key}=PATH ({where})" for d, (key, _, where) in missing.items()))
+                         + "; ".join(f"{d} needs its data: {_placing(key, where)}" for d, (key, _, where) in missing.items()))
     path = run_suite(a.suite, domains, a.device, a.out, a.seed, specs=specs, data=data)
     results = json.loads(path.read_text())["domains"]
     failed = {n: r["error"] for n, r in results.items() if "error" in r}

@@ -101,15 +101,22 @@ def test_unknown_domain_is_named(tmp_path):
         run_suite("quick", ["nope"], "cpu", tmp_path)
 
 
-def test_full_suite_skips_literature_data_that_is_not_placed(tmp_path):
+def test_full_suite_skips_literature_data_that_is_not_placed(tmp_path, monkeypatch):
+    from benchmarks import suite
+
+    monkeypatch.setattr(suite, "packaged", lambda key: False)  # as without qm9pack installed
     path = run_suite("full", ["qm9", "sc09"], "cpu", tmp_path)
     result = json.loads(path.read_text())
     assert "--data qm9=PATH" in result["domains"]["qm9"]["skipped"] and "gdb9.sdf" in result["domains"]["qm9"]["skipped"]
+    assert "pip install qm9pack" in result["domains"]["qm9"]["skipped"]
     assert "--data sc09=PATH" in result["domains"]["sc09"]["skipped"]
     assert "skipped: needs a local copy of SC09" in path.with_suffix(".md").read_text()
 
 
-def test_steps_and_data_options_reach_the_recipe(tmp_path):
+def test_steps_and_data_options_reach_the_recipe(tmp_path, monkeypatch):
+    from benchmarks import suite
+
+    monkeypatch.setattr(suite, "packaged", lambda key: False)  # as without qm9pack installed
     spec = with_steps(suites()["full"]["qm9"], 7)
     assert "trainer.max_steps=7" in spec.overrides and "trainer.max_steps=200000" not in spec.overrides
     assert "domain.source=qm9" in spec.overrides
@@ -118,7 +125,8 @@ def test_steps_and_data_options_reach_the_recipe(tmp_path):
     with pytest.raises(SystemExit, match=r"\['qm9'\] belong to --suite full"):
         main(["--domains", "qm9"])
     # Nothing but skips is a failed run, named with the --data to give; --data that nothing reads is refused.
-    with pytest.raises(SystemExit, match=r"qm9 needs --data qm9=PATH \(gdb9.sdf.*sc09 needs --data sc09=PATH"):
+    with pytest.raises(SystemExit, match=r"qm9 needs its data: place gdb9.sdf.*--data qm9=PATH \(or pip install qm9pack.*"
+                                         r"sc09 needs its data: place speech_commands.*--data sc09=PATH"):
         main(["--suite", "full", "--domains", "qm9", "sc09", "--out", str(tmp_path)])
     assert not list(tmp_path.glob("*.json"))
     with pytest.raises(SystemExit, match="--data is for the full suite.*add --suite full"):
@@ -209,6 +217,25 @@ def test_literature_settings_run_on_local_copies(tmp_path, monkeypatch):
     assert {"atom_stability", "mol_stability", "validity"} <= set(qm9["sampling"][0]["metrics"])
     assert [x["size"] for x in qm9["throughput_vs_size"]] == [3, 6]
     assert "label_acc" in result["domains"]["sc09"]["sampling"][0]["metrics"]
+
+
+def test_full_suite_reads_qm9_from_its_package_without_data(tmp_path, monkeypatch):
+    """With qm9pack installed the full suite's qm9 entry needs no --data: no domain.path, the package's molecules."""
+    from benchmarks import suite
+    from tests.test_molecule import write_fake_qm9pack
+
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    smiles = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC",
+              "CNC", "C=C", "C#C", "CF", "FCF"]
+    monkeypatch.syspath_prepend(str(write_fake_qm9pack(tmp_path / "site", smiles)))
+    assert suite.packaged("qm9") and not suite.packaged("sc09")
+    specs = {"qm9": _tiny(suites()["full"]["qm9"], "trainer.batch_size=4", "model.hidden=16", "model.layers=1",
+                          scaling=("num_atoms", [3]))}
+    result = json.loads(run_suite("full", ["qm9"], "cpu", tmp_path / "out", specs=specs).read_text())
+    qm9 = result["domains"]["qm9"]
+    assert "error" not in qm9 and "skipped" not in qm9, qm9
+    assert not any(o.startswith("domain.path=") for o in qm9["overrides"])
+    assert qm9["reference"]["validity"] > 0.9  # the package's 20 molecules, scored as training data
 
 
 def test_merge_joins_runs_of_one_suite(tmp_path):

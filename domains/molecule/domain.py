@@ -31,7 +31,7 @@ from .data import (
 from .egnn import EGNN
 from .metrics import Molecule3D, edm_smiles, molecule_metrics
 from .outputs import write_grid_png, write_sdf, write_xyz
-from .qm9 import EDM_QM9_SPLIT, QM9_TARGETS, QM9_UNITS, load_qm9
+from .qm9 import EDM_QM9_SPLIT, QM9_TARGETS, QM9_UNITS, load_qm9, load_qm9_package, qm9_missing_message, qm9_package_dir
 from .rdkit_utils import quiet_rdkit
 
 __all__ = ["MoleculeDomain"]
@@ -52,7 +52,7 @@ class MoleculeDomain(Domain):
 
     ``source``: ``builtin`` (RDKit's NCI list, ETKDG+MMFF conformers), ``smiles`` (a SMILES file
     at ``path``), ``sdf`` (an SDF with 3-D coordinates at ``path``) or ``qm9`` (raw files under
-    ``path``/raw). ``condition_on``: a QM9 target name (``alpha``, ``gap``, ...) or an SD tag.
+    ``path``/raw, or without ``path`` the installed ``qm9pack`` package). ``condition_on``: a QM9 target name (``alpha``, ``gap``, ...) or an SD tag.
     Property values (training data and ``prior.context``) are in torch_geometric's QM9 units
     (``QM9_UNITS``: D, Bohr^3, eV for all energies, cal/(mol K) for Cv; not the csv's Hartree,
     and EDM's tables give homo/lumo/gap in meV) or, for ``sdf``, the SD tag's own units.
@@ -82,8 +82,10 @@ class MoleculeDomain(Domain):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"domain.source={source!r} is unknown; choose one of {list(SOURCES)}")
-        if source in ("smiles", "sdf", "qm9") and not path:
-            raise ValueError(f"domain.source={source} needs domain.path (a {'folder' if source == 'qm9' else 'file'})")
+        if source in ("smiles", "sdf") and not path:
+            raise ValueError(f"domain.source={source} needs domain.path (a file)")
+        if source == "qm9" and not path and qm9_package_dir() is None:
+            raise ValueError(qm9_missing_message())
         unknown = [s for s in atom_types if s not in _SYMBOL_Z]
         if unknown:
             raise ValueError(f"domain.atom_types has unknown element(s) {unknown}; known: {sorted(_SYMBOL_Z)}")
@@ -146,7 +148,7 @@ class MoleculeDomain(Domain):
                 full = read_sdf(self.path, self.atom_types, [self.condition_on] if self.condition_on else ())
                 sizes = self.split_sizes or (0.8, 0.1, 0.1)
             else:
-                full = load_qm9(self.path)
+                full = load_qm9(self.path) if self.path else load_qm9_package()
                 if self.condition_on:
                     col = QM9_TARGETS.index(self.condition_on)
                     full.y = [y[col : col + 1] for y in full.y]

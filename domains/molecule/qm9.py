@@ -1,21 +1,29 @@
-"""QM9 (Ramakrishnan et al. 2014) from a local copy of its raw files, parsed by ``torch_geometric.datasets.QM9``.
+"""QM9 (Ramakrishnan et al. 2014): from a local copy of its raw files, parsed by ``torch_geometric.datasets.QM9``,
+or from the ``qm9pack`` package on PyPI, whose CSV files hold the same 130,831 DFT geometries and properties.
 
-Nothing is downloaded: a missing or misplaced copy gives a message saying where the files go. PyG's
-parse is cached in ``ROOT/processed``; the raw files' sizes recorded beside it tell when to rebuild it.
+Nothing is downloaded at run time: a missing or misplaced copy gives a message saying where the files go (or
+which package to install). PyG's parse is cached in ``ROOT/processed``; the raw files' sizes recorded beside it
+tell when to rebuild it. The package's CSV files are parsed on each load (about 5 s).
 """
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
+import torch
 
 from .data import MoleculeSet
 from .rdkit_utils import quiet_rdkit
 
-__all__ = ["load_qm9", "QM9_RAW_FILES", "QM9WriteError", "QM9_TARGETS", "QM9_UNITS", "EDM_QM9_SPLIT"]
+__all__ = ["load_qm9", "load_qm9_package", "qm9_package_dir", "QM9_PACKAGE", "QM9_RAW_FILES", "QM9WriteError", "QM9_TARGETS", "QM9_UNITS", "EDM_QM9_SPLIT"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,20 @@ QM9_UNITS = {
 QM9_FINGERPRINT = "polydiff_raw_fingerprint.json"
 #: EDM's QM9 split sizes (train, valid, test) over the 130,831 characterised molecules.
 EDM_QM9_SPLIT = (100_000, 17_748, 13_083)
+#: The PyPI package (by QM9's first author) whose CSV files hold QM9: ``pip install qm9pack`` (or ``polydiff[qm9]``).
+QM9_PACKAGE = "qm9pack"
+QM9_PACKAGE_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
+#: Hartree in eV, the factor ``torch_geometric.datasets.QM9`` applies to the csv's energies (CODATA 2018).
+HARTREE_EV = 27.211386246
+#: The package's CSV column of each target and the factor to PyG's units (:data:`QM9_UNITS`).
+QM9_PACKAGE_COLUMNS = {
+    "mu": ("Dipole_debye", 1.0), "alpha": ("Polarizability_bohr3", 1.0), "homo": ("HOMO_au", HARTREE_EV),
+    "lumo": ("LUMO_au", HARTREE_EV), "gap": ("HOMO_LUMO_gap_au", HARTREE_EV), "r2": ("R2_bohr2", 1.0),
+    "zpve": ("ZPVE_au", HARTREE_EV), "U0": ("InternalEnergy_0K_au", HARTREE_EV),
+    "U": ("InternalEnergy_298K_au", HARTREE_EV), "H": ("Enthalphy_298K_au", HARTREE_EV),
+    "G": ("GibbsFreeEnergy_298K_au", HARTREE_EV), "Cv": ("Heatcapacity_Cv_cal_mol_K", 1.0),
+}
+_ATOMIC_NUMBER = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 
 
 def _qm9_raw_fingerprint(raw: Path) -> dict[str, list[int]]:
@@ -204,3 +226,74 @@ def load_qm9(root: Path | str) -> MoleculeSet:
         smi_list.append(d.smiles)
     log.info("QM9: %d molecules from %s", len(z_list), root)
     return MoleculeSet(z_list, pos_list, y_list, smi_list)
+
+
+# ------------------------------------------------------------------ the qm9pack package
+def qm9_package_dir() -> Optional[Path]:
+    """The data folder of the installed ``qm9pack`` package (found without importing it), or ``None``."""
+    spec = importlib.util.find_spec(QM9_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def qm9_missing_message() -> str:
+    """What to do when ``domain.source=qm9`` has no ``domain.path`` and ``qm9pack`` is not installed."""
+    return (
+        f"domain.source=qm9 without domain.path reads QM9 from the {QM9_PACKAGE} package, which is not installed: "
+        f"pip install {QM9_PACKAGE} (or polydiff[qm9]; 104 MB from PyPI), or place QM9's raw files "
+        f"({', '.join(QM9_RAW_FILES)}) in DIR/raw and set domain.path=DIR"
+    )
+
+
+def _floats(text: str, where: str) -> np.ndarray:
+    """The numbers of a nested list written as text (``[[0.1,1.,...],...]``)."""
+    try:
+        return np.array(text.replace("[", "").replace("]", "").split(","), dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"{where}: unreadable numbers ({err})") from None
+
+
+def _read_package_csv(path: Path) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, str]]:
+    """``(index, z [n], pos [n, 3], y [12], smiles)`` of each row of one of qm9pack's CSV files."""
+    csv.field_size_limit(1 << 30)
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        needed = {"Index", "Elements", "XYZ_Ang", "N_atoms", "SMILES"} | {c for c, _ in QM9_PACKAGE_COLUMNS.values()}
+        lacking = sorted(needed - set(reader.fieldnames or ()))
+        if lacking:
+            raise ValueError(f"{path} lacks the column(s) {lacking}: not a {QM9_PACKAGE} QM9 file; reinstall {QM9_PACKAGE}")
+        for line, row in enumerate(reader, start=2):
+            where = f"{path}, line {line} ({row.get('XYZ_file', '?')})"
+            symbols = re.findall(r"[A-Z][a-z]?", row["Elements"])
+            unknown = sorted(set(symbols) - set(_ATOMIC_NUMBER))
+            if unknown or not symbols:
+                raise ValueError(f"{where}: elements {unknown or row['Elements']!r} are not QM9's H, C, N, O, F")
+            pos = _floats(row["XYZ_Ang"], where)
+            if pos.size != 3 * len(symbols) or len(symbols) != int(row["N_atoms"]):
+                raise ValueError(f"{where}: {len(symbols)} elements, {pos.size} coordinates and N_atoms={row['N_atoms']} disagree")
+            y = [float(row[col]) * factor for col, factor in QM9_PACKAGE_COLUMNS.values()]
+            z = torch.tensor([_ATOMIC_NUMBER[s] for s in symbols], dtype=torch.long)
+            rows.append((int(row["Index"]), z, torch.from_numpy(pos.reshape(-1, 3)).float(), torch.tensor(y), row["SMILES"]))
+    return rows
+
+
+def load_qm9_package(data_dir: Optional[Path | str] = None) -> MoleculeSet:
+    """QM9 from the CSV files of the ``qm9pack`` package, in QM9's index order (EDM's split applies).
+
+    The package holds the 130,831 characterised molecules (the 3,054 of ``uncharacterized.txt`` are
+    left out, as EDM and PyG leave them out) with the DFT geometries of QM9's xyz files. ``y`` holds
+    :data:`QM9_TARGETS` converted to PyG's units (:data:`QM9_UNITS`), so both QM9 sources condition alike.
+    """
+    folder = Path(data_dir) if data_dir is not None else qm9_package_dir()
+    if folder is None:
+        raise FileNotFoundError(qm9_missing_message())
+    missing = [name for name in QM9_PACKAGE_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {missing}: the {QM9_PACKAGE} package is incomplete; reinstall it "
+                                f"(pip install --force-reinstall {QM9_PACKAGE})")
+    rows = sorted((r for name in QM9_PACKAGE_FILES for r in _read_package_csv(folder / name)), key=lambda r: r[0])
+    _, z, pos, y, smiles = (list(col) for col in zip(*rows))
+    log.info("QM9: %d molecules from the %s package (%s)", len(z), QM9_PACKAGE, folder)
+    return MoleculeSet(z, pos, y, smiles)
