@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from polydiff.checkpoint import atomic_save
 from polydiff.metrics import classifier_metrics
 
-__all__ = ["fit_classifier", "ClassifierScorer", "cache_key", "cached_scorer", "enough_to_score", "default_cache_dir"]
+__all__ = ["fit_classifier", "seeded", "ClassifierScorer", "cache_key", "cached_scorer", "enough_to_score", "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def fit_classifier(
 
 
 @contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed the CPU and current CUDA device generators for the block only (a forked RNG); others are left alone."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []  # where make_net puts "cuda"
     with torch.random.fork_rng(devices=devices):
@@ -96,7 +96,7 @@ class ClassifierScorer:
         self.batch_size = batch_size
         # The initial weights and dropout come from ``seed`` alone, on a forked RNG: the same data gives the
         # same classifier whatever ran before, and the caller's (the trainer's) random streams are untouched.
-        with _seeded(seed):
+        with seeded(seed):
             self.net = make_net()
             if cache is not None and Path(cache).exists():
                 self.net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))

@@ -306,6 +306,10 @@ def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str
             skipped += 1
             log.warning("%s: skipped: property %s is not a number", where, list(properties))
             continue
+        if not bool(torch.isfinite(y).all()):
+            skipped += 1
+            log.warning("%s: skipped: property %s is %s, not a finite number", where, list(properties), y.tolist())
+            continue
         z_list.append(torch.tensor([a.GetAtomicNum() for a in mol.GetAtoms()], dtype=torch.long))
         pos_list.append(torch.from_numpy(mol.GetConformer().GetPositions().astype(np.float32)))
         y_list.append(y)
@@ -344,8 +348,8 @@ def _read_xyz(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
     return out
 
 
-def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
-    """Atoms and coordinates of every SDF record, unsanitised: bonds are ignored (the metrics infer them)."""
+def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str, dict[str, Any]]]:
+    """Atoms, coordinates and SD tags of every SDF record, unsanitised: bonds are ignored (the metrics infer them)."""
     from rdkit import Chem
 
     out = []
@@ -355,7 +359,8 @@ def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
         where = f"{path} record {i + 1}"
         if mol is None or mol.GetNumConformers() == 0:
             raise ValueError(f"{where}: RDKit cannot read atoms and coordinates from it; fix or remove the record")
-        out.append(([a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions().astype(np.float64), where))
+        tags = mol.GetPropsAsDict(includePrivate=False, includeComputed=False)
+        out.append(([a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions().astype(np.float64), where, tags))
     return out
 
 
@@ -374,10 +379,10 @@ def _read_txt_xyz(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
         ) from err
 
 
-def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray, str]]:
-    """Generated molecules to score, as ``(symbols, positions [n, 3] in Å, where)``: an SDF or XYZ file (``.txt``
-    files are read as XYZ, as EDM writes them), or every ``.sdf``/``.xyz``/``.txt`` file under a folder. Nothing is
-    sanitised or skipped: invalid molecules are what the metrics measure."""
+def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray, str, dict[str, Any]]]:
+    """Generated molecules to score, as ``(symbols, positions [n, 3] in Å, where, SD tags)``: an SDF or XYZ file
+    (``.txt`` files are read as XYZ, as EDM writes them; no tags), or every ``.sdf``/``.xyz``/``.txt`` file under a
+    folder. Nothing is sanitised or skipped: invalid molecules are what the metrics measure."""
     path = Path(path)
     if path.is_dir():
         files = split_by_suffix(visible_files(path, follow_links=False), _SAMPLE_SUFFIXES)[0]  # not .ipynb_checkpoints/
@@ -395,7 +400,7 @@ def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray,
         suffix = f.suffix.lower()
         if suffix not in _SAMPLE_SUFFIXES:
             raise ValueError(f"{f} is neither an SDF nor an XYZ file (by its suffix: .sdf, .xyz, or .txt holding XYZ)")
-        out += _read_sdf_atoms(f) if suffix == ".sdf" else _read_xyz(f) if suffix == ".xyz" else _read_txt_xyz(f)
+        out += _read_sdf_atoms(f) if suffix == ".sdf" else [(*m, {}) for m in (_read_xyz(f) if suffix == ".xyz" else _read_txt_xyz(f))]
     if not out:
         raise ValueError(f"{path} holds no molecules")
     return out

@@ -31,6 +31,7 @@ from .data import (
 from .egnn import EGNN
 from .metrics import Molecule3D, edm_smiles, molecule_metrics
 from .outputs import write_grid_png, write_sdf, write_xyz
+from .properties import PropertyPredictor, property_errors
 from .qm9 import EDM_QM9_SPLIT, QM9_TARGETS, QM9_UNITS, load_qm9, load_qm9_package, qm9_missing_message, qm9_package_dir
 from .rdkit_utils import quiet_rdkit
 
@@ -77,6 +78,7 @@ class MoleculeDomain(Domain):
         condition_on: Optional[str] = None,
         cache_dir: Optional[str] = None,
         eval_rdkit: bool = True,
+        property_epochs: int = 10,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -97,6 +99,8 @@ class MoleculeDomain(Domain):
                            ("max_heavy_atoms", max_heavy_atoms)):
             if value is not None and value < 1:
                 raise ValueError(f"domain.{key}={value} must be at least 1")
+        if not isinstance(property_epochs, int) or isinstance(property_epochs, bool) or property_epochs < 0:
+            raise ValueError(f"domain.property_epochs={property_epochs!r} must be a whole number >= 0 (0: no property MAE)")
         self.source, self.path = source, path
         self.atom_types = list(atom_types)
         self.max_heavy_atoms, self.num_conformers, self.max_molecules = max_heavy_atoms, num_conformers, max_molecules
@@ -104,6 +108,8 @@ class MoleculeDomain(Domain):
         self.condition_on = condition_on
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.eval_rdkit = eval_rdkit
+        self.property_epochs = property_epochs
+        self._predictor: Optional[PropertyPredictor | bool] = None  # False: it could not be fitted
         self.seed = seed
         self.num_atoms_hist: list[int] = []  # hist[n] = training molecules with n atoms
         self.context_stats: Optional[tuple[float, float]] = None  # (mean, mean absolute deviation), EDM
@@ -212,12 +218,12 @@ class MoleculeDomain(Domain):
         b = len(items)
         batch = torch.repeat_interleave(torch.arange(b), torch.tensor(counts))
         cond: dict[str, Tensor] = {"batch": batch}
-        if self.condition_on and "y" not in items[0]:  # molecules read back for scoring: no property
-            cond["context"] = torch.full((b, 1), float("nan"))
-        elif self.condition_on:
-            if self.context_stats is None:
+        if self.condition_on:
+            if self.context_stats is None and any("y" in it for it in items):
                 raise RuntimeError("conditional molecule domain: call setup(train_set) first (context statistics)")
-            cond["context"] = self._normalise(torch.stack([it["y"][:1].float() for it in items]))  # [B, 1]
+            # [B, 1]; NaN for a molecule without a property (read back without the tag: nothing was asked for)
+            values = torch.stack([it["y"][:1].float() if "y" in it else torch.full((1,), float("nan")) for it in items])
+            cond["context"] = self._normalise(values) if self.context_stats is not None else values
         return Batch(x, RaggedSpace(batch, b, 3 + self.num_features, centered=(0, 1, 2)), cond)
 
     def can_guide(self) -> bool:
@@ -344,12 +350,22 @@ class MoleculeDomain(Domain):
             raise ValueError("prior.context given, but this model is unconditional (domain.condition_on is not set)")
         return RaggedSpace(batch, n, 3 + self.num_features, centered=(0, 1, 2)), cond
 
-    def _context_given_counts(self, counts: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        """A training property value per molecule, drawn among training molecules of its atom count (EDM's p(c | N)): [n, 1]."""
+    def _property_pools(self) -> dict[int, list[float]]:
+        """The sampled training property values by atom count."""
         pools: dict[int, list[float]] = {}
         for size, value in self.context_pairs:
             pools.setdefault(size, []).append(value)
-        nearest = {c: min(pools, key=lambda k: (abs(k - c), k)) for c in set(counts.tolist())}
+        return pools
+
+    @staticmethod
+    def _nearest(pools: Mapping[int, Any], n: int) -> int:
+        """The atom count of ``pools`` nearest ``n`` (the smaller on a tie)."""
+        return min(pools, key=lambda k: (abs(k - n), k))
+
+    def _context_given_counts(self, counts: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        """A training property value per molecule, drawn among training molecules of its atom count (EDM's p(c | N)): [n, 1]."""
+        pools = self._property_pools()
+        nearest = {c: self._nearest(pools, c) for c in set(counts.tolist())}
         if any(k != c for c, k in nearest.items()):
             log.warning("no training molecule has %s atoms: their property values are drawn from the nearest atom "
                         "count seen in training (give prior.context=VALUE to choose them)",
@@ -357,6 +373,14 @@ class MoleculeDomain(Domain):
         picks = torch.rand(len(counts), generator=generator)
         values = [pools[nearest[c]][int(u * len(pools[nearest[c]]))] for c, u in zip(counts.tolist(), picks.tolist())]
         return torch.tensor(values).unsqueeze(-1)
+
+    def _mean_property_by_size(self, sizes: Sequence[int]) -> Optional[Tensor]:
+        """The training property's mean among molecules of each atom count (the nearest count seen), ``[M]``:
+        what the atom count alone tells of the property (EDM's "#Atoms" row); ``None`` without training pairs."""
+        means = {k: float(np.mean(v)) for k, v in self._property_pools().items()}
+        if not means:
+            return None
+        return torch.tensor([means[self._nearest(means, n)] for n in sizes], dtype=torch.float64)
 
     # --------------------------------------------------------------- outputs
     def decode(self, batch: Batch) -> list[Molecule3D]:
@@ -389,15 +413,23 @@ class MoleculeDomain(Domain):
 
     def read_samples(self, path: Path) -> Batch:
         """Molecules generated elsewhere: an SDF or XYZ file (EDM's XYZ ``molecule_000.txt`` too), or a folder of
-        them (bonds, if any, are ignored; the metrics infer them from distances as EDM does)."""
+        them (bonds, if any, are ignored; the metrics infer them from distances as EDM does). For a conditional
+        model an SD tag named ``condition_on`` (as :meth:`save_samples` writes) is the value the molecule was asked for."""
         items = []
-        for symbols, pos, where in read_sample_molecules(path):
+        for symbols, pos, where, tags in read_sample_molecules(path):
             unknown = sorted(set(symbols) - set(self.atom_types))
             if unknown:
                 raise ValueError(f"{where}: elements {unknown} are outside domain.atom_types={self.atom_types}; "
                                  "the metrics score molecules of the model's vocabulary")
             z = torch.tensor([_SYMBOL_Z[sym] for sym in symbols], dtype=torch.long)
-            items.append({"z": z, "pos": torch.from_numpy(pos).float()})
+            item = {"z": z, "pos": torch.from_numpy(pos).float()}
+            asked = tags.get(self.condition_on, "") if self.condition_on else ""
+            if asked != "":
+                try:
+                    item["y"] = torch.tensor([float(asked)])
+                except ValueError:
+                    raise ValueError(f"{where}: its {self.condition_on} tag {asked!r} is not a number") from None
+            items.append(item)
         return self.collate(items)
 
     def _molecules(self, data: Dataset, n: Optional[int] = None) -> list[Molecule3D]:
@@ -426,12 +458,58 @@ class MoleculeDomain(Domain):
             self._train_smiles = self._smiles_of(mols)
         return self._train_smiles
 
+    def property_predictor(self) -> Optional[PropertyPredictor]:
+        """The predictor of the conditioning property (EDM Sec. 5.3), fitted on the validation split on first
+        use and cached; ``None`` for an unconditional model, ``property_epochs=0`` or without data."""
+        if not self.condition_on or self.property_epochs == 0 or self._predictor is False:
+            return None
+        if self._predictor is None:
+            self._predictor = False  # until fitted: a failure is warned about once, not at every evaluation
+            try:
+                fit_set = self.dataset("val")
+            except (FileNotFoundError, ValueError) as err:
+                log.warning("property MAE not computed: no validation molecules to fit its predictor on (%s)", err)
+                return None
+            if len(fit_set) < 2:
+                log.warning("property MAE not computed: %d validation molecule(s) to fit its predictor on; enlarge the "
+                            "validation part of domain.split", len(fit_set))
+                return None
+            items = [fit_set[i] for i in range(len(fit_set))]
+            self._predictor = PropertyPredictor([(it["z"], it["pos"]) for it in items],
+                                                torch.tensor([float(it["y"][0]) for it in items]),
+                                                cache=self._cache(), epochs=self.property_epochs, seed=self.seed)
+        return self._predictor or None
+
+    def _atoms(self, mols: Sequence[Molecule3D]) -> list[tuple[Tensor, Tensor]]:
+        return [(torch.tensor([_SYMBOL_Z[s] for s in sym], dtype=torch.long), torch.from_numpy(pos).float()) for sym, pos in mols]
+
     def evaluate(self, batch: Batch) -> dict[str, float]:
-        return molecule_metrics(self.decode(batch), self.train_smiles(), rdkit_second_opinion=self.eval_rdkit)
+        """EDM's metrics; for a conditional model also the property MAE of the samples against the values asked for."""
+        mols = self.decode(batch)
+        out = molecule_metrics(mols, self.train_smiles(), rdkit_second_opinion=self.eval_rdkit)
+        context = batch.cond.get("context")
+        asked = context is not None and self.context_stats is not None and not bool(context.isnan().all())
+        predictor = self.property_predictor() if asked else None
+        if predictor is not None:
+            mean, mad = self.context_stats  # type: ignore[misc]
+            target = context[:, 0].double().cpu() * mad + mean  # [B] in the property's units; NaN: unconditional
+            sizes = [len(symbols) for symbols, _ in mols]
+            out.update(property_errors(predictor.predict(self._atoms(mols)), target, self.seed, self._mean_property_by_size(sizes)))
+        return out
 
     def reference_metrics(self, n: int) -> dict[str, float]:
-        """The same figures on ``n`` training conformers (EDM reports them for the data set)."""
-        return molecule_metrics(self._molecules(self.dataset("train"), n), self.train_smiles(), rdkit_second_opinion=self.eval_rdkit)
+        """The same figures on ``n`` training conformers (EDM reports them for the data set); for a conditional
+        model the property MAE of ``n`` test molecules (EDM's lower bound; shuffled: its upper bound)."""
+        out = molecule_metrics(self._molecules(self.dataset("train"), n), self.train_smiles(), rdkit_second_opinion=self.eval_rdkit)
+        predictor = self.property_predictor()
+        test = self._load().get("test") if predictor is not None else None
+        if predictor is not None and test is not None and len(test) > 0:
+            idx = np.random.RandomState(self.seed).permutation(len(test))[:n]
+            items = [test[int(i)] for i in idx]
+            pred = predictor.predict([(it["z"], it["pos"]) for it in items])
+            target = torch.tensor([float(it["y"][0]) for it in items], dtype=torch.float64)
+            out.update(property_errors(pred, target, self.seed, self._mean_property_by_size([len(it["z"]) for it in items])))
+        return out
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
