@@ -479,16 +479,22 @@ def test_qm9_from_the_qm9pack_package(tmp_path, monkeypatch):
         MoleculeDomain(source="qm9")
 
 
+SIZED_SMILES = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC", "CNC",
+                "C=C", "C#C", "CF", "FCF", "CCC", "CCCO", "CC(C)C", "CCOC", "OCCO", "NCCN", "CC(=O)O", "CCCC", "C1CC1",
+                "C1CCC1", "CCCCC", "OCC(O)CO"]
+
+
+def write_sized_sdf(path: Path) -> Path:
+    """An SDF of :data:`SIZED_SMILES` tagged ``size``, the atom count: a property a predictor can learn."""
+    from rdkit import Chem
+
+    return _write_sdf(path, SIZED_SMILES, {"size": [Chem.AddHs(Chem.MolFromSmiles(s)).GetNumAtoms() for s in SIZED_SMILES]})
+
+
 def test_property_mae_of_a_conditional_model(tmp_path, caplog):
     """EDM's property MAE (Sec. 5.3): a predictor fitted on the validation split reads the property off molecules;
     the reference row is its error on test molecules (lower bound) and on shuffled targets (upper bound)."""
-    from rdkit import Chem
-
-    smiles = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC", "CNC",
-              "C=C", "C#C", "CF", "FCF", "CCC", "CCCO", "CC(C)C", "CCOC", "OCCO", "NCCN", "CC(=O)O", "CCCC", "C1CC1",
-              "C1CCC1", "CCCCC", "OCC(O)CO"]
-    size = [Chem.AddHs(Chem.MolFromSmiles(s)).GetNumAtoms() for s in smiles]
-    path = _write_sdf(tmp_path / "m.sdf", smiles, {"size": size})  # a property a predictor can learn: the atom count
+    path = write_sized_sdf(tmp_path / "m.sdf")
     kw = dict(source="sdf", path=str(path), condition_on="size", split=(0.4, 0.4, 0.2), cache_dir=str(tmp_path / "c"))
     dom = MoleculeDomain(**kw, property_epochs=150)
     dom.setup(dom.dataset("train"))

@@ -60,6 +60,31 @@ def test_molecule_recipe_trains_and_writes_a_readable_sdf(tmp_path, monkeypatch)
     assert all(m.GetConformer().Is3D() for m in mols)
 
 
+def test_property_conditional_molecule_run_reports_property_mae(tmp_path, monkeypatch):
+    """A property-conditional run's end-of-training evaluation and `polydiff sample --eval` score EDM's property MAE
+    (the predictor fits inside the trainer's no-grad evaluation), with the predictor's own error as reference."""
+    from tests.test_molecule import write_sized_sdf
+
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    sdf = write_sized_sdf(tmp_path / "m.sdf")
+    cfg = compose_recipe(ROOT / "recipes" / "molecule_egnn.yaml", [
+        "profile=cpu", "domain.source=sdf", f"domain.path={sdf}", "domain.condition_on=size", "+domain.split=[0.4,0.4,0.2]",
+        "domain.property_epochs=150", "trainer.max_steps=4", "trainer.batch_size=8", "trainer.num_samples=4", "model.hidden=16",
+        "model.layers=1", "sampler.steps=3", "trainer.log_every=2", "trainer.progress=false",
+    ])
+    run = tmp_path / "run"
+    train(cfg, run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if r["kind"] == "eval"][-1]
+    reference = [r for r in records if r["kind"] == "reference"][-1]
+    assert {"property_mae", "property_mae_shuffled", "property_mae_num_atoms", "property_scored"} <= set(evaluated)
+    assert reference["property_mae"] < 0.5 * reference["property_mae_shuffled"], reference
+    out = tmp_path / "new"
+    main(["sample", str(run), "--n", "5", "--out", str(out), "--eval", "sampler.steps=3", "prior.context=9"])
+    metrics = json.loads((out / "sampling.json").read_text())["metrics"]
+    assert metrics["property_scored"] > 0 and metrics["property_mae"] >= 0
+
+
 @pytest.mark.parametrize("recipe,overrides", [
     ("audio_unet", ["domain.duration=0.25", "model.channels=8"]),
     ("molecule_egnn", ["domain.max_molecules=10", "domain.num_conformers=1", "model.hidden=16", "model.layers=2"]),

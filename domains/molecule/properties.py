@@ -89,7 +89,8 @@ class PropertyPredictor:
         targets = targets.double().flatten()  # [M]
         self.mean = float(targets.mean())
         self.scale = float((targets - self.mean).abs().mean()) or 1.0
-        key = self.cache_key(train, targets, f"{epochs}|{hidden}|{interactions}|{batch_size}|{lr}|{seed}")
+        # The network's own settings are in the key too, so a changed architecture never loads stale weights.
+        key = self.cache_key(train, targets, f"schnet|{CUTOFF}|{epochs}|{hidden}|{interactions}|{batch_size}|{lr}|{seed}")
         path = Path(cache) / f"molecule_property_{key}.pt" if cache is not None else None
         with seeded(seed):
             self.net = _schnet(hidden, interactions).to(self.device)
