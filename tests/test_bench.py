@@ -228,7 +228,10 @@ def test_full_suite_reads_qm9_from_its_package_without_data(tmp_path, monkeypatc
     smiles = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC",
               "CNC", "C=C", "C#C", "CF", "FCF"]
     monkeypatch.syspath_prepend(str(write_fake_qm9pack(tmp_path / "site", smiles)))
+    import importlib.util
+
     assert suite.packaged("qm9") and not suite.packaged("sc09")
+    assert Path(importlib.util.find_spec("qm9pack").origin).is_relative_to(tmp_path)  # the fake, not an installed one
     specs = {"qm9": _tiny(suites()["full"]["qm9"], "trainer.batch_size=4", "model.hidden=16", "model.layers=1",
                           scaling=("num_atoms", [3]))}
     result = json.loads(run_suite("full", ["qm9"], "cpu", tmp_path / "out", specs=specs).read_text())

@@ -473,10 +473,12 @@ def test_qm9_from_the_qm9pack_package(tmp_path, monkeypatch):
     part.unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks \['qm9_part2.csv'\].*reinstall"):
         qm9.load_qm9_package()
-    # Neither the package nor a path: both ways to get QM9 are named, before any work.
+    # Neither the package nor a path: both ways to get QM9 are named when the data are first read (a run's
+    # checkpoint serves sampling without them).
     monkeypatch.setattr(qm9.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match=r"pip install qm9pack.*raw.*domain.path=DIR"):
-        MoleculeDomain(source="qm9")
+    domain = MoleculeDomain(source="qm9")
+    with pytest.raises(FileNotFoundError, match=r"pip install qm9pack.*raw.*domain.path=DIR"):
+        domain.dataset("train")
 
 
 SIZED_SMILES = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC", "CNC",
@@ -518,6 +520,15 @@ def test_property_mae_of_a_conditional_model(tmp_path, caplog):
     dom.save_samples(own, tmp_path / "out")
     assert dom.evaluate(dom.read_samples(tmp_path / "out" / "samples.sdf"))["property_mae"] == pytest.approx(ref["property_mae"], rel=1e-4)
     assert torch.isnan(dom.read_samples(tmp_path / "out" / "samples_xyz").cond["context"]).all()  # XYZ: no tags
+    from rdkit import Chem
+
+    mols = list(Chem.SDMolSupplier(str(tmp_path / "out" / "samples.sdf"), sanitize=False, removeHs=False))
+    mols[1].SetProp("size", "1e400")  # read as inf
+    with Chem.SDWriter(str(tmp_path / "bad.sdf")) as w:
+        for mol in mols:
+            w.write(mol)
+    with pytest.raises(ValueError, match=r"bad.sdf record 2.*size tag '1e400' is not a finite number"):
+        dom.read_samples(tmp_path / "bad.sdf")
     # A diverged sample (NaN coordinates) has no prediction: left out, and counted.
     diverged = own.x.clone()
     diverged[own.cond["batch"] == 0, :3] = float("nan")
@@ -530,7 +541,9 @@ def test_property_mae_of_a_conditional_model(tmp_path, caplog):
         again.setup(again.dataset("train"))
         assert again.reference_metrics(len(test)) == ref
     assert "fitting the property predictor" not in caplog.text
-    assert "property_mae" not in MoleculeDomain(**kw, property_epochs=0).evaluate(own)
+    off = MoleculeDomain(**kw, property_epochs=0)
+    off.setup(off.dataset("train"))
+    assert "property_mae" not in off.evaluate(own) and "property_mae" in again.evaluate(own)
     with pytest.raises(ValueError, match="domain.property_epochs=-1"):
         MoleculeDomain(**kw, property_epochs=-1)
 

@@ -32,7 +32,7 @@ from .egnn import EGNN
 from .metrics import Molecule3D, edm_smiles, molecule_metrics
 from .outputs import write_grid_png, write_sdf, write_xyz
 from .properties import PropertyPredictor, property_errors
-from .qm9 import EDM_QM9_SPLIT, QM9_TARGETS, QM9_UNITS, load_qm9, load_qm9_package, qm9_missing_message, qm9_package_dir
+from .qm9 import EDM_QM9_SPLIT, QM9_TARGETS, QM9_UNITS, load_qm9, load_qm9_package
 from .rdkit_utils import quiet_rdkit
 
 __all__ = ["MoleculeDomain"]
@@ -62,6 +62,9 @@ class MoleculeDomain(Domain):
     ``max_molecules`` SMILES of the filtered list before the split (each with its conformers); for
     ``qm9`` and ``sdf`` the split is made first (QM9: EDM's split) and the training split is cut to
     a random ``max_molecules`` of its records, seeded by ``seed``; valid and test stay whole.
+
+    ``property_epochs``: for a conditional model, the fit of the predictor behind EDM's property MAE
+    (:mod:`.properties`, fitted on the validation split); 0 reports no property MAE.
     """
 
     guidance_keys = ("context",)
@@ -86,8 +89,6 @@ class MoleculeDomain(Domain):
             raise ValueError(f"domain.source={source!r} is unknown; choose one of {list(SOURCES)}")
         if source in ("smiles", "sdf") and not path:
             raise ValueError(f"domain.source={source} needs domain.path (a file)")
-        if source == "qm9" and not path and qm9_package_dir() is None:
-            raise ValueError(qm9_missing_message())
         unknown = [s for s in atom_types if s not in _SYMBOL_Z]
         if unknown:
             raise ValueError(f"domain.atom_types has unknown element(s) {unknown}; known: {sorted(_SYMBOL_Z)}")
@@ -166,7 +167,8 @@ class MoleculeDomain(Domain):
                     sizes = EDM_QM9_SPLIT
                 else:
                     sizes = tuple(s / sum(EDM_QM9_SPLIT) for s in EDM_QM9_SPLIT)
-                    log.warning("QM9 at %s has %d molecules, not %d: using EDM's split fractions", self.path, len(full), sum(EDM_QM9_SPLIT))
+                    log.warning("QM9 (%s) has %d molecules, not %d: using EDM's split fractions",
+                                self.path or "the qm9pack package", len(full), sum(EDM_QM9_SPLIT))
                 bad = sorted({int(z) for zs in full.z for z in zs.tolist()} - set(self._z_to_type))
                 if bad:
                     raise ValueError(f"QM9 has atomic numbers {bad} outside domain.atom_types={self.atom_types}")
@@ -426,9 +428,13 @@ class MoleculeDomain(Domain):
             asked = tags.get(self.condition_on, "") if self.condition_on else ""
             if asked != "":
                 try:
-                    item["y"] = torch.tensor([float(asked)])
+                    value = float(asked)
                 except ValueError:
-                    raise ValueError(f"{where}: its {self.condition_on} tag {asked!r} is not a number") from None
+                    value = float("nan")
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise ValueError(f"{where}: its {self.condition_on} tag {asked!r} is not a finite number; fix the "
+                                     "tag, or remove it for a molecule that was asked for no value")
+                item["y"] = torch.tensor([value])
             items.append(item)
         return self.collate(items)
 

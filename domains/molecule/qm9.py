@@ -3,7 +3,7 @@ or from the ``qm9pack`` package on PyPI, whose CSV files hold the same 130,831 D
 
 Nothing is downloaded at run time: a missing or misplaced copy gives a message saying where the files go (or
 which package to install). PyG's parse is cached in ``ROOT/processed``; the raw files' sizes recorded beside it
-tell when to rebuild it. The package's CSV files are parsed on each load (about 5 s).
+tell when to rebuild it. The package's CSV files are parsed on each load (about 8 s).
 """
 
 from __future__ import annotations
