@@ -53,7 +53,8 @@ class MoleculeDomain(Domain):
 
     ``source``: ``builtin`` (RDKit's NCI list, ETKDG+MMFF conformers), ``smiles`` (a SMILES file
     at ``path``), ``sdf`` (an SDF with 3-D coordinates at ``path``) or ``qm9`` (raw files under
-    ``path``/raw, or without ``path`` the installed ``qm9pack`` package). ``condition_on``: a QM9 target name (``alpha``, ``gap``, ...) or an SD tag.
+    ``path``/raw, or without ``path`` the installed ``qm9pack`` package). ``condition_on``: a QM9
+    target name (``alpha``, ``gap``, ...) or an SD tag.
     Property values (training data and ``prior.context``) are in torch_geometric's QM9 units
     (``QM9_UNITS``: D, Bohr^3, eV for all energies, cal/(mol K) for Cv; not the csv's Hartree,
     and EDM's tables give homo/lumo/gap in meV) or, for ``sdf``, the SD tag's own units.
@@ -487,6 +488,7 @@ class MoleculeDomain(Domain):
         return self._predictor or None
 
     def _atoms(self, mols: Sequence[Molecule3D]) -> list[tuple[Tensor, Tensor]]:
+        """``(atomic numbers [n], positions [n, 3])`` of decoded molecules, as the property predictor takes them."""
         return [(torch.tensor([_SYMBOL_Z[s] for s in sym], dtype=torch.long), torch.from_numpy(pos).float()) for sym, pos in mols]
 
     def evaluate(self, batch: Batch) -> dict[str, float]:

@@ -256,26 +256,29 @@ def _floats(text: str, where: str) -> np.ndarray:
 
 def _read_package_csv(path: Path) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, str]]:
     """``(index, z [n], pos [n, 3], y [12], smiles)`` of each row of one of qm9pack's CSV files."""
-    csv.field_size_limit(1 << 30)
     rows = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        needed = {"Index", "Elements", "XYZ_Ang", "N_atoms", "SMILES"} | {c for c, _ in QM9_PACKAGE_COLUMNS.values()}
-        lacking = sorted(needed - set(reader.fieldnames or ()))
-        if lacking:
-            raise ValueError(f"{path} lacks the column(s) {lacking}: not a {QM9_PACKAGE} QM9 file; reinstall {QM9_PACKAGE}")
-        for line, row in enumerate(reader, start=2):
-            where = f"{path}, line {line} ({row.get('XYZ_file', '?')})"
-            symbols = re.findall(r"[A-Z][a-z]?", row["Elements"])
-            unknown = sorted(set(symbols) - set(_ATOMIC_NUMBER))
-            if unknown or not symbols:
-                raise ValueError(f"{where}: elements {unknown or row['Elements']!r} are not QM9's H, C, N, O, F")
-            pos = _floats(row["XYZ_Ang"], where)
-            if pos.size != 3 * len(symbols) or len(symbols) != int(row["N_atoms"]):
-                raise ValueError(f"{where}: {len(symbols)} elements, {pos.size} coordinates and N_atoms={row['N_atoms']} disagree")
-            y = [float(row[col]) * factor for col, factor in QM9_PACKAGE_COLUMNS.values()]
-            z = torch.tensor([_ATOMIC_NUMBER[s] for s in symbols], dtype=torch.long)
-            rows.append((int(row["Index"]), z, torch.from_numpy(pos.reshape(-1, 3)).float(), torch.tensor(y), row["SMILES"]))
+    limit = csv.field_size_limit(1 << 30)  # a row's fields (frequencies, coordinates) outgrow csv's default
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            needed = {"Index", "Elements", "XYZ_Ang", "N_atoms", "SMILES"} | {c for c, _ in QM9_PACKAGE_COLUMNS.values()}
+            lacking = sorted(needed - set(reader.fieldnames or ()))
+            if lacking:
+                raise ValueError(f"{path} lacks the column(s) {lacking}: not a {QM9_PACKAGE} QM9 file; reinstall {QM9_PACKAGE}")
+            for line, row in enumerate(reader, start=2):
+                where = f"{path}, line {line} ({row.get('XYZ_file', '?')})"
+                symbols = re.findall(r"[A-Z][a-z]?", row["Elements"])
+                unknown = sorted(set(symbols) - set(_ATOMIC_NUMBER))
+                if unknown or not symbols:
+                    raise ValueError(f"{where}: elements {unknown or row['Elements']!r} are not QM9's H, C, N, O, F")
+                pos = _floats(row["XYZ_Ang"], where)
+                if pos.size != 3 * len(symbols) or len(symbols) != int(row["N_atoms"]):
+                    raise ValueError(f"{where}: {len(symbols)} elements, {pos.size} coordinates and N_atoms={row['N_atoms']} disagree")
+                y = [float(row[col]) * factor for col, factor in QM9_PACKAGE_COLUMNS.values()]
+                z = torch.tensor([_ATOMIC_NUMBER[s] for s in symbols], dtype=torch.long)
+                rows.append((int(row["Index"]), z, torch.from_numpy(pos.reshape(-1, 3)).float(), torch.tensor(y), row["SMILES"]))
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 
