@@ -14,7 +14,8 @@ from torch import nn
 from .config import call_checked
 from .domain import Domain
 from .objectives import Objective
-from .registry import domain_module_prefixes, get_domain
+from .registry import get_domain
+from .safety import safe_instantiate
 from .schedules import NoiseSchedule, make_schedule
 
 __all__ = ["Parts", "load_run", "parts_from_checkpoint", "saved_config", "domain_class_path", "build_domain", "split_domain_overrides", "with_domain_overrides", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
@@ -30,22 +31,11 @@ def to_plain(cfg: Any) -> Any:
 
 
 def check_targets(cfg: Any, where: str = "") -> None:
-    """Reject ``_target_`` entries outside polydiff, domains and registered adapters' packages."""
-    allowed = domain_module_prefixes()
-    if isinstance(cfg, Mapping):
-        target = cfg.get("_target_")
-        if target is not None:
-            top = str(target).split(".")[0].split(":")[0]
-            if top not in allowed:
-                raise ValueError(
-                    f"'{where}._target_: {target}' is not allowed: _target_ may only name classes in "
-                    f"{sorted(allowed)} (register your domain to allow its package)"
-                )
-        for k, v in cfg.items():
-            check_targets(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(cfg, (list, tuple)):
-        for i, v in enumerate(cfg):
-            check_targets(v, f"{where}[{i}]")
+    """Refuse ``_target_`` entries that are not ``nn.Module`` classes defined in polydiff, domains or a registered
+    domain's package (see :mod:`polydiff.safety`)."""
+    from .safety import check_config
+
+    check_config(cfg if not where else {where: cfg}, "config")
 
 
 def build_domain(domain_cfg: Mapping[str, Any]) -> Domain:
@@ -80,9 +70,10 @@ def build_network(domain: Domain, model_cfg: Mapping[str, Any]) -> nn.Module:
     cfg = dict(to_plain(model_cfg) or {})
     check_targets(cfg, "model")
     if "_target_" in cfg:
-        from hydra.utils import instantiate
-
-        return instantiate(cfg)
+        net = safe_instantiate(cfg, "model")  # builds the classes that were checked, never a name resolved anew
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"model._target_ {cfg['_target_']!r} built a {type(net).__name__}, not a torch.nn.Module")
+        return net
     return call_checked(domain.build_network, cfg, "model")
 
 

@@ -5,14 +5,24 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["atomic_save", "keep_copy", "load_checkpoint", "check_loadable", "run_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = [
+    "atomic_save",
+    "keep_copy",
+    "load_checkpoint",
+    "check_loadable",
+    "run_checkpoint",
+    "remove_stale_temporaries",
+    "CHECKPOINT_FORMAT",
+]
 
 CHECKPOINT_FORMAT = "polydiff-checkpoint-v1"
 
@@ -89,6 +99,48 @@ def _create_temporary(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
+# ".NAME.PID.HEX.tmp": what _create_temporary names a write in progress.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: Path, quiet_seconds: float = 300.0) -> list[Path]:
+    """Remove the temporary files of checkpoint writes that were killed (each as large as a checkpoint) from
+    ``folder``; a file whose writing process still runs here, or that changed in the last ``quiet_seconds`` (a
+    writer on another machine of a shared file system), is kept. Returns the removed paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if match is None or not path.is_file() or _alive(int(match["pid"])):
+            continue
+        try:
+            if now - path.stat().st_mtime < quiet_seconds:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a process of another user counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a polydiff checkpoint with ``weights_only=True``; a clear error for other files.
 
@@ -99,20 +151,53 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:  # intact, but holding a type that weights_only loading refuses
-        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "")
-        if detail:
-            raise ValueError(
-                f"checkpoint {path} holds a value that safe loading (torch.load(weights_only=True)) refuses: "
-                f"{detail}. It was written by code whose Domain.state_dict() returned such a value: state dicts may hold "
-                f"only tensors and plain Python values (numbers, strings, lists, dicts)"
-            ) from err
+    except pickle.UnpicklingError as err:  # intact, but naming a Python object that weights-only loading refuses
+        refused = _refused_global(str(err))
+        if refused is not None:
+            raise _refusal(path, *refused) from None  # torch's text advises weights_only=False: never pass that on
         raise _unreadable(path, err) from err
     except Exception as err:  # corrupt or not a torch file
         raise _unreadable(path, err) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a polydiff checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    from .safety import check_config, check_domain_name
+
+    # A checkpoint's config is data from whoever wrote the file: it may name no code, before anything is built.
+    check_config(ckpt.get("config"), f"checkpoint {path}")
+    saved_class = (ckpt.get("domain_class") or {}).get("class")
+    if isinstance(saved_class, str):
+        check_domain_name(saved_class, f"checkpoint {path}: domain_class")
     return ckpt
+
+
+def _refused_global(message: str) -> tuple[str, bool] | None:
+    """``(name, blocked)`` of the global a weights-only load refused (torch words it "Unsupported global: GLOBAL x"
+    or, for modules it blocks outright such as os and subprocess, "unsupported GLOBAL x whose module y is blocked")."""
+    match = re.search(r"GLOBAL\s+([\w.]+)", message)
+    if match is None or "global" not in message.lower():
+        return None
+    name = match.group(1)
+    return name, "is blocked" in message or name.split(".")[0] in _CODE_MODULES
+
+
+# Modules whose globals in a pickle can only mean running something (older torch does not say "blocked").
+_CODE_MODULES = {"os", "posix", "nt", "subprocess", "builtins", "sys", "importlib", "runpy", "pty", "shutil",
+                 "ctypes", "code", "codeop", "pickle", "marshal", "socket", "webbrowser", "operator", "functools"}
+
+
+def _refusal(path: Path, name: str, blocked: bool) -> ValueError:
+    """The error for a checkpoint naming a Python object: code (a blocked module) or a non-plain value."""
+    if blocked:
+        return ValueError(
+            f"checkpoint {path} holds code: it names {name}, which a weights-only load refuses to run. polydiff loads "
+            "checkpoints only that way, whatever their source; this file was not written by polydiff train. Do not "
+            "use it"
+        )
+    return ValueError(
+        f"checkpoint {path} holds a Python object ({name}) that safe loading (weights-only) refuses. It was written "
+        "by code whose Domain.state_dict() returned such a value: state dicts may hold only tensors and plain Python "
+        "values (numbers, strings, lists, dicts)"
+    )
 
 
 def check_loadable(state: Mapping[str, Any], where: str) -> None:

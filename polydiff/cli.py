@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .recipes import check_schema, compose_recipe, recipe_paths
+from .recipes import check_recipe, check_schema, compose_recipe, recipe_paths
 
 __all__ = ["main", "compose_recipe"]
 
@@ -133,10 +133,14 @@ def _train(args: Sequence[str]) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not any(a.lstrip("+").startswith("hydra.run.dir=") for a in args):
         # Hydra's default folder holds the start time, which each process reads on its own clock.
         raise _fail("under torchrun, give every process the same run folder: add hydra.run.dir=DIR")
+    if any(a.startswith("--experimental-rerun") for a in args[1:]):
+        raise _fail("--experimental-rerun loads a pickle (config.pickle), which can run code: polydiff does not take "
+                    "it; run the recipe again with the same overrides (recorded in RUN/.hydra/overrides.yaml)")
     try:
         check_overrides(args[1:])
         if not {"-m", "--multirun", "--cfg", "-c", "--help", "-h"} & set(args[1:]):
             _check_run_dir(args[0], args[1:])
+        check_recipe(args[0], args[1:])  # before Hydra acts on the recipe's hydra section (callbacks, logging)
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise _fail(_message(err)) from err
 

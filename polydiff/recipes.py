@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["recipe_paths", "compose_recipe", "check_schema"]
+__all__ = ["recipe_paths", "compose_recipe", "check_recipe", "check_schema"]
 
 
 # The folder holding polydiff/, recipes/ and examples/: the repository, or site-packages when installed from a wheel.
@@ -45,10 +45,52 @@ def compose_recipe(recipe: str | Path, overrides: Sequence[str] = (), with_hydra
 
     from .config import register_configs
 
+    from .safety import check_config
+
     register_configs()
     path, search = recipe_paths(recipe)
     with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-        return compose(config_name=path.stem, overrides=[*search, *overrides], return_hydra_config=with_hydra)
+        cfg = compose(config_name=path.stem, overrides=[*search, *overrides], return_hydra_config=with_hydra)
+    check_config(cfg, f"recipe {path}")  # with_hydra: the hydra section too, which Hydra acts on before polydiff
+    return cfg
+
+
+def check_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> None:
+    """Compose ``recipe`` as ``polydiff train`` would, its Hydra section included, once for every value of every
+    sweep (``-m`` overrides and ``hydra.sweeper.params``), and refuse one that names code (:mod:`polydiff.safety`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException
+
+    plain = [o for o in overrides if "=" in o and not o.startswith("-")]
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(plain)
+    except Exception:  # noqa: BLE001 -- Hydra reports a malformed override itself, naming it
+        return
+    fixed = [_first(o) for o in parsed]
+    variants = [fixed]
+    for i, override in enumerate(parsed):
+        if override.is_sweep_override():
+            variants += [fixed[:i] + [f"{override.get_key_element()}={v}"] + fixed[i + 1 :]
+                         for v in override.sweep_string_iterator()]
+    for variant in variants:
+        try:
+            cfg = compose_recipe(recipe, variant, with_hydra=True)
+        except ConfigCompositionException as err:  # never hand Hydra a config that could not be checked
+            first = str(err).strip().splitlines()
+            raise ValueError(f"recipe {recipe} does not compose with {variant}: {' '.join(first[:2])}") from None
+        params = cfg.hydra.sweeper.get("params") or {}
+        for key, values in params.items():  # a recipe's own sweep, as Hydra's basic sweeper reads it
+            for value in parser.parse_overrides([f"{key}={values}"])[0].sweep_string_iterator():
+                compose_recipe(recipe, [*variant, f"{key}={value}"], with_hydra=True)
+
+
+def _first(override: Any) -> str:
+    """An override as text, a sweep by its first value."""
+    if not override.is_sweep_override():
+        return override.input_line
+    first = next(iter(override.sweep_string_iterator()))
+    return f"{override.get_key_element()}={first}"
 
 
 def check_schema(cfg: Any, recipe: str | Path) -> None:

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
 from importlib.metadata import entry_points
 from typing import Callable, Optional, TypeVar, Union
 
 from .domain import Domain
 
-__all__ = ["register_domain", "get_domain", "list_domains", "domain_module_prefixes", "ENTRY_POINT_GROUP"]
+__all__ = [
+    "register_domain",
+    "get_domain",
+    "list_domains",
+    "domain_module_prefixes",
+    "check_domain_name",
+    "UnsafeConfigError",
+    "ENTRY_POINT_GROUP",
+]
 
 ENTRY_POINT_GROUP = "polydiff.domains"
 
@@ -46,7 +55,22 @@ def register_domain(name: str, cls: Optional[type[Domain]] = None, *, overwrite:
     return _register(cls) if cls is not None else _register
 
 
+class UnsafeConfigError(ValueError):
+    """A config that names code polydiff will not run (a ``_target_``, a Hydra callback, a logging factory)."""
+
+
+def check_domain_name(name: str, where: str) -> None:
+    """Refuse a ``"module:Class"`` domain in the standard library: importing some of it acts (``antigravity``)."""
+    if ":" not in name:
+        return
+    top = name.partition(":")[0].split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        raise UnsafeConfigError(f"{where}={name!r}: a domain class never lies in the standard library module "
+                                f"{top!r}; name your domain's module:Class or a registered domain name")
+
+
 def _load(name: str, target: str) -> type[Domain]:
+    check_domain_name(target, "domain")
     module, _, attr = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
