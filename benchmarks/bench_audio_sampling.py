@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from polydiff.build import Parts, load_run, resolve_device
-from polydiff.recipes import compose_recipe
 from polydiff.generate import generate
+from polydiff.recipes import compose_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "audio_unet.yaml"
 SAMPLERS = [("ddpm", 200), ("ddim", 50), ("dpmpp_2m", 20)]
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
     seconds_per_clip = domain.sample_shape[-1] / domain.sample_rate
     labels = domain.default_labels(n, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    precision = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    precision = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def best_seconds(name: str, steps: int, batched: bool | None = None) -> float:
         """The fastest of ``--repeats`` timed draws (after one warm-up draw)."""
@@ -74,8 +76,16 @@ def main(argv: list[str] | None = None) -> dict:
             start = time.perf_counter()
             with precision:
                 batch = generate(
-                    domain, net, parts.schedule, parts.objective, n, sampler={"name": name, "steps": steps},
-                    guidance={"scale": args.guidance, "batched": batched}, labels=labels, device=device, generator=gen,
+                    domain,
+                    net,
+                    parts.schedule,
+                    parts.objective,
+                    n,
+                    sampler={"name": name, "steps": steps},
+                    guidance={"scale": args.guidance, "batched": batched},
+                    labels=labels,
+                    device=device,
+                    generator=gen,
                 )
             sync()
             if r > 0 or args.repeats == 0:
@@ -87,27 +97,48 @@ def main(argv: list[str] | None = None) -> dict:
     for name, steps in SAMPLERS:
         steps = max(2, steps // 10) if args.quick else steps
         best = best_seconds(name, steps)
-        rows.append({
-            "sampler": name, "steps": steps, "clips": n, "seconds": best,
-            "audio_seconds_per_second": n * seconds_per_clip / best,
-        })
-        print(f"{name:>9} {steps:4d} steps: {n} x {seconds_per_clip:g} s clips in {best:.2f} s "
-              f"-> {rows[-1]['audio_seconds_per_second']:.2f} s of audio per second", flush=True)
+        rows.append(
+            {
+                "sampler": name,
+                "steps": steps,
+                "clips": n,
+                "seconds": best,
+                "audio_seconds_per_second": n * seconds_per_clip / best,
+            }
+        )
+        print(
+            f"{name:>9} {steps:4d} steps: {n} x {seconds_per_clip:g} s clips in {best:.2f} s "
+            f"-> {rows[-1]['audio_seconds_per_second']:.2f} s of audio per second",
+            flush=True,
+        )
     stacked = None
     if args.guidance != 1.0:  # guidance: one network call on [x; x] against two calls per step
         name, steps = rows[-1]["sampler"], rows[-1]["steps"]
         one, two = best_seconds(name, steps, batched=True), best_seconds(name, steps, batched=False)
-        stacked = {"sampler": name, "steps": steps, "stacked_seconds": one, "two_call_seconds": two,
-                   "ratio_two_calls_over_stacked": two / one}
-        print(f"guidance, {name}-{steps}: two network calls per step {two:.2f} s, one stacked call {one:.2f} s "
-              f"(x{two / one:.2f}; the default on this device: {'stacked' if device.type == 'cuda' else 'two calls'})",
-              flush=True)
+        stacked = {
+            "sampler": name,
+            "steps": steps,
+            "stacked_seconds": one,
+            "two_call_seconds": two,
+            "ratio_two_calls_over_stacked": two / one,
+        }
+        print(
+            f"guidance, {name}-{steps}: two network calls per step {two:.2f} s, one stacked call {one:.2f} s "
+            f"(x{two / one:.2f}; the default on this device: {'stacked' if device.type == 'cuda' else 'two calls'})",
+            flush=True,
+        )
     result = {
-        "benchmark": "audio_sampling", "device": str(device),
+        "benchmark": "audio_sampling",
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "sample_rate": domain.sample_rate, "clip_seconds": seconds_per_clip, "guidance": args.guidance,
-        "parameters": sum(p.numel() for p in net.parameters()), "quick": args.quick,
-        "profile": None if args.run else profile, "rows": rows, "guidance_calls": stacked,
+        "sample_rate": domain.sample_rate,
+        "clip_seconds": seconds_per_clip,
+        "guidance": args.guidance,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "quick": args.quick,
+        "profile": None if args.run else profile,
+        "rows": rows,
+        "guidance_calls": stacked,
     }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

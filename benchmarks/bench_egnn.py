@@ -17,7 +17,8 @@ and the tensors autograd saves for backward (the activation memory, independent 
     python benchmarks/bench_egnn.py --quick
     python benchmarks/bench_egnn.py --device cuda
     python benchmarks/bench_egnn.py --only layout --hidden 128 --layers 4
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python benchmarks/bench_egnn.py --only compile --hidden 64 --layers 4 --batch 32
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 python benchmarks/bench_egnn.py --only compile --hidden 64 \\
+        --layers 4 --batch 32
 
 The compile section (``--only compile``) counts the graphs and graph breaks ``torch.compile``
 traces, the time until compilation settles over batches whose atom counts change, and then the
@@ -96,7 +97,10 @@ def _unpad(dense: Tensor, batch: Tensor, sizes: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------ the dense layout, same weights
 def _pair_mlp_dense(mlp: nn.Module, h: Tensor, e: Tensor) -> Tensor:
-    """The EGNN's ``MLP([h_i, h_j, e_ij])`` on every pair of a padded batch: ``[B, n, H], [B, n, n, 2] -> [B, n, n, H]``."""
+    """The EGNN's ``MLP([h_i, h_j, e_ij])`` on every pair of a padded batch.
+
+    ``[B, n, H], [B, n, n, 2] -> [B, n, n, H]``.
+    """
     a, b = mlp.node_proj(h).chunk(2, dim=-1)  # [B, n, H] each: W_i h_i (+ bias), W_j h_j
     pre = a[:, :, None, :] + b[:, None, :, :] + mlp.edge_proj(e)  # [B, n, n, H]
     return mlp.act(mlp.out(mlp.act(pre)))  # [B, n, n, H]
@@ -138,7 +142,9 @@ class DenseEGNN(nn.Module):
         net, (b, n, c) = self.egnn, x.shape
         t = t.to(x.dtype).reshape(-1)
         slot_mol = torch.arange(b, device=x.device).repeat_interleave(n)  # [B * n] molecule of every slot
-        h = net.embed(net._node_inputs(x[..., 3:].reshape(b * n, c - 3), t, slot_mol, context)).reshape(b, n, -1)  # [B, n, H]
+        h = net.embed(net._node_inputs(x[..., 3:].reshape(b * n, c - 3), t, slot_mol, context)).reshape(
+            b, n, -1
+        )  # [B, n, H]
         real = mask.to(x.dtype)  # [B, n]
         off_diag = 1.0 - torch.eye(n, device=x.device, dtype=x.dtype)  # [n, n]
         pair = (real[:, :, None] * real[:, None, :] * off_diag)[..., None]  # [B, n, n, 1]
@@ -188,26 +194,42 @@ def train_throughput(args, device) -> dict:
     n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     s_ours = _time(step_ours, device, args.warmup, args.reps)
     s_theirs = _time(step_theirs, device, args.warmup, args.reps)
-    print(f"train fwd+bwd, {args.batch} molecules ({int(sizes.sum())} atoms, 9-29 each), hidden {args.hidden}, {args.layers} layers, {device}")
-    print(f"  polydiff EGNN   {args.batch / s_ours:9.1f} molecules/s  ({s_ours * 1e3:8.1f} ms/batch, {n_params(ours) / 1e6:.2f}M params)")
-    print(f"  egnn-pytorch    {args.batch / s_theirs:9.1f} molecules/s  ({s_theirs * 1e3:8.1f} ms/batch, {n_params(theirs) / 1e6:.2f}M params)")
+    print(
+        f"train fwd+bwd, {args.batch} molecules ({int(sizes.sum())} atoms, 9-29 each), "
+        f"hidden {args.hidden}, {args.layers} layers, {device}"
+    )
+    print(
+        f"  polydiff EGNN   {args.batch / s_ours:9.1f} molecules/s  "
+        f"({s_ours * 1e3:8.1f} ms/batch, {n_params(ours) / 1e6:.2f}M params)"
+    )
+    print(
+        f"  egnn-pytorch    {args.batch / s_theirs:9.1f} molecules/s  "
+        f"({s_theirs * 1e3:8.1f} ms/batch, {n_params(theirs) / 1e6:.2f}M params)"
+    )
     print(f"  ratio           {s_theirs / s_ours:9.2f}x")
     return {
-        "batch": args.batch, "atoms": int(sizes.sum()), "hidden": args.hidden, "layers": args.layers,
-        "polydiff_molecules_per_s": args.batch / s_ours, "egnn_pytorch_molecules_per_s": args.batch / s_theirs,
-        "polydiff_params": n_params(ours), "egnn_pytorch_params": n_params(theirs),
+        "batch": args.batch,
+        "atoms": int(sizes.sum()),
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "polydiff_molecules_per_s": args.batch / s_ours,
+        "egnn_pytorch_molecules_per_s": args.batch / s_theirs,
+        "polydiff_params": n_params(ours),
+        "egnn_pytorch_params": n_params(theirs),
         "ratio_polydiff_over_egnn_pytorch": s_theirs / s_ours,
     }
 
 
-def _time_alternating(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, reps: int) -> dict[str, float]:
+def _time_alternating(
+    fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, reps: int
+) -> dict[str, float]:
     """Median seconds per call of each ``fn``; calls alternate, in reversed order every other repetition."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(reps):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        for name in list(fns) if r % 2 == 0 else list(fns)[::-1]:
             _sync(device)
             t0 = time.perf_counter()
             fns[name]()
@@ -255,12 +277,15 @@ def layout_agreement(net: EGNN, x: Tensor, t: Tensor, batch: Tensor, sizes: Tens
         "max_abs_diff_features": (out_d[:, 3:] - out_e[:, 3:]).abs().max().item(),
         "max_abs_coords": out_e[:, :3].abs().max().item(),
         "max_abs_features": out_e[:, 3:].abs().max().item(),
-        "max_rel_diff_grads": max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(g_d, g_e)),
+        "max_rel_diff_grads": max(
+            ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(g_d, g_e)
+        ),
     }
 
 
 def _saved_mib(forward: Callable[[], Tensor]) -> float:
-    """MiB of the distinct storages autograd saves for backward in one forward: activation memory, allocator-independent."""
+    """MiB of the distinct storages autograd saves for backward in one forward (activation memory, whatever the
+    allocator)."""
     sizes: dict[int, int] = {}
 
     def pack(x: Tensor) -> Tensor:
@@ -307,33 +332,57 @@ def layout_comparison(args, device) -> dict:
     net, (x, t, batch, sizes) = _layout_problem(args.hidden, args.layers, args.batch, device)
     agree = layout_agreement(net, x, t, batch, sizes)
     secs = _time_alternating(_layout_steps(net, x, t, batch, sizes), device, args.warmup, args.reps)
-    spec = {"hidden": args.hidden, "layers": args.layers, "batch": args.batch, "device": str(device),
-            "threads": torch.get_num_threads()}
+    spec = {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "batch": args.batch,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
     mem = {k: _layout_memory({**spec, "layout": k}) for k in secs}
     xd, mask = _dense(x, batch, sizes)
-    saved = {"edge list": _saved_mib(lambda: net(x, t, batch)), "dense": _saved_mib(lambda: DenseEGNN(net)(xd, t, mask))}
+    saved = {
+        "edge list": _saved_mib(lambda: net(x, t, batch)),
+        "dense": _saved_mib(lambda: DenseEGNN(net)(xd, t, mask)),
+    }
     pairs_edge = int((sizes * (sizes - 1)).sum())
     pairs_dense = args.batch * int(sizes.max()) ** 2
     mem_note = "CUDA allocator peak above the step's start" if device.type == "cuda" else "growth of peak RSS"
     mem_note += ", one warm step in a fresh process"
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"layout, fwd+bwd, {args.batch} molecules ({int(sizes.sum())} atoms, 9-29 each), hidden {args.hidden}, "
-          f"{args.layers} layers, {device}{threads}; same weights")
+    print(
+        f"layout, fwd+bwd, {args.batch} molecules ({int(sizes.sum())} atoms, 9-29 each), hidden {args.hidden}, "
+        f"{args.layers} layers, {device}{threads}; same weights"
+    )
     print(f"  pair MLP rows: edge list {pairs_edge}, dense {pairs_dense} ({pairs_dense / pairs_edge:.2f}x)")
-    print(f"  dense vs edge list, max |diff|: eps coords {agree['max_abs_diff_coords']:.1e} (of max {agree['max_abs_coords']:.1e}), "
-          f"eps features {agree['max_abs_diff_features']:.1e} (of max {agree['max_abs_features']:.1e}), "
-          f"parameter grads {agree['max_rel_diff_grads']:.1e} relative")
+    print(
+        f"  dense vs edge list, max |diff|: eps coords {agree['max_abs_diff_coords']:.1e} "
+        f"(of max {agree['max_abs_coords']:.1e}), "
+        f"eps features {agree['max_abs_diff_features']:.1e} (of max {agree['max_abs_features']:.1e}), "
+        f"parameter grads {agree['max_rel_diff_grads']:.1e} relative"
+    )
     for k, s in secs.items():
-        print(f"  {k:<15} {args.batch / s:9.1f} molecules/s  ({s * 1e3:8.1f} ms/batch, median of {args.reps}, "
-              f"peak {mem[k]:7.1f} MiB, saved for backward {saved[k]:7.1f} MiB)")
+        print(
+            f"  {k:<15} {args.batch / s:9.1f} molecules/s  ({s * 1e3:8.1f} ms/batch, median of {args.reps}, "
+            f"peak {mem[k]:7.1f} MiB, saved for backward {saved[k]:7.1f} MiB)"
+        )
     ratio = secs["dense"] / secs["edge list"]
     print(f"  ratio edge/dense {ratio:8.2f}x molecules/s; peak memory: {mem_note}")
     return {
-        "batch": args.batch, "atoms": int(sizes.sum()), "hidden": args.hidden, "layers": args.layers,
-        "pairs_edge_list": pairs_edge, "pairs_dense": pairs_dense, **agree,
-        "edge_list_molecules_per_s": args.batch / secs["edge list"], "dense_molecules_per_s": args.batch / secs["dense"],
-        "edge_list_peak_mem_mib": mem["edge list"], "dense_peak_mem_mib": mem["dense"], "memory": mem_note,
-        "edge_list_saved_for_backward_mib": saved["edge list"], "dense_saved_for_backward_mib": saved["dense"],
+        "batch": args.batch,
+        "atoms": int(sizes.sum()),
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "pairs_edge_list": pairs_edge,
+        "pairs_dense": pairs_dense,
+        **agree,
+        "edge_list_molecules_per_s": args.batch / secs["edge list"],
+        "dense_molecules_per_s": args.batch / secs["dense"],
+        "edge_list_peak_mem_mib": mem["edge list"],
+        "dense_peak_mem_mib": mem["dense"],
+        "memory": mem_note,
+        "edge_list_saved_for_backward_mib": saved["edge list"],
+        "dense_saved_for_backward_mib": saved["dense"],
         "ratio_edge_over_dense": ratio,
     }
 
@@ -397,27 +446,39 @@ def compile_cost(args, device) -> dict:
     timed = {}
     for name, model in (("compiled", compiled), ("eager", net)):
         t0 = time.perf_counter()
-        for x, b in batches[args.compile_batches:]:
+        for x, b in batches[args.compile_batches :]:
             step(model, x, b)
         _sync(device)
         timed[name] = (time.perf_counter() - t0) / (2 * args.reps)
     ratio = timed["eager"] / timed["compiled"]
-    print(f"EGNN torch.compile ({args.layers} layers, width {args.hidden}, {args.batch} molecules of 9-29 atoms, "
-          f"{device}): {graphs} graphs, {breaks} graph breaks; {settle:.1f} s over the first {args.compile_batches} "
-          f"batches; then {timed['compiled'] * 1e3:.1f} ms compiled vs {timed['eager'] * 1e3:.1f} ms eager a step "
-          f"(eager/compiled {ratio:.2f})")
-    return {"unique_graphs": graphs, "graph_breaks": breaks, "settle_s": settle,
-            "step_s_compiled": timed["compiled"], "step_s_eager": timed["eager"], "eager_over_compiled": ratio}
+    print(
+        f"EGNN torch.compile ({args.layers} layers, width {args.hidden}, {args.batch} molecules of 9-29 atoms, "
+        f"{device}): {graphs} graphs, {breaks} graph breaks; {settle:.1f} s over the first {args.compile_batches} "
+        f"batches; then {timed['compiled'] * 1e3:.1f} ms compiled vs {timed['eager'] * 1e3:.1f} ms eager a step "
+        f"(eager/compiled {ratio:.2f})"
+    )
+    return {
+        "unique_graphs": graphs,
+        "graph_breaks": breaks,
+        "settle_s": settle,
+        "step_s_compiled": timed["compiled"],
+        "step_s_eager": timed["eager"],
+        "eager_over_compiled": ratio,
+    }
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CPU-sized run: small model, few repetitions, truncated samplers")
+    p.add_argument(
+        "--quick", action="store_true", help="CPU-sized run: small model, few repetitions, truncated samplers"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--hidden", type=int, default=None, help="width (default 256, --quick 64)")
     p.add_argument("--layers", type=int, default=None, help="depth (default 9, --quick 4)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--sample-batch", type=int, default=None, help="molecules per sampling batch (default 256, --quick 64)")
+    p.add_argument(
+        "--sample-batch", type=int, default=None, help="molecules per sampling batch (default 256, --quick 64)"
+    )
     p.add_argument("--skip-sampling", action="store_true")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, --quick 3)")
     p.add_argument("--skip-layout", action="store_true", help="leave out the edge-list vs. dense layout comparison")
@@ -434,8 +495,12 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu" and args.quick:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    runners = {"train": train_throughput, "layout": layout_comparison, "sampling": sampling_throughput,
-               "compile": compile_cost}
+    runners = {
+        "train": train_throughput,
+        "layout": layout_comparison,
+        "sampling": sampling_throughput,
+        "compile": compile_cost,
+    }
     skipped = {"layout": args.skip_layout, "sampling": args.skip_sampling, "compile": True}  # minutes of compiling
     sections = [args.only] if args.only else [k for k in SECTIONS if not skipped.get(k)]
     result: dict[str, Any] = {"device": str(device)}

@@ -45,12 +45,24 @@ def main(argv=None) -> dict:
     rows = {"originals": waves, "with the gap": waves * mask}
     for name, cond_labels in (("filled without a label", None), ("filled with the label", labels)):
         g = torch.Generator(device=device).manual_seed(a.seed)
-        batch = generate(domain, parts.net, parts.schedule, parts.objective, len(waves),
-                         {"name": a.sampler, "steps": a.steps}, {"scale": 1.0}, labels=cond_labels, device=device,
-                         generator=g, known=Known(waves.to(device), mask.to(device)))
+        batch = generate(
+            domain,
+            parts.net,
+            parts.schedule,
+            parts.objective,
+            len(waves),
+            {"name": a.sampler, "steps": a.steps},
+            {"scale": 1.0},
+            labels=cond_labels,
+            device=device,
+            generator=g,
+            known=Known(waves.to(device), mask.to(device)),
+        )
         rows[name] = batch.x.cpu()
-    print(f"{len(waves)} held-out clips, {a.start:g}-{a.end:g} s filled by {a.sampler}-{a.steps} "
-          f"(checkpoint step {ckpt['step']}):")
+    print(
+        f"{len(waves)} held-out clips, {a.start:g}-{a.end:g} s filled by {a.sampler}-{a.steps} "
+        f"(checkpoint step {ckpt['step']}):"
+    )
     result = {}
     for name, x in rows.items():
         metrics = domain.evaluate(Batch(x, DenseSpace(tuple(x.shape)), {"label": labels}))

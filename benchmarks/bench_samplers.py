@@ -36,8 +36,12 @@ def diffusers_scheduler(name: str, schedule: NoiseSchedule, prediction: str = "e
     """diffusers' counterpart of polydiff's sampler ``name``: the same betas, trailing spacing and x0 clipping."""
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    common = dict(num_train_timesteps=schedule.num_steps, trained_betas=schedule.betas.float().numpy(),
-                  timestep_spacing="trailing", prediction_type=PREDICTION_TYPE[prediction])
+    common = dict(
+        num_train_timesteps=schedule.num_steps,
+        trained_betas=schedule.betas.float().numpy(),
+        timestep_spacing="trailing",
+        prediction_type=PREDICTION_TYPE[prediction],
+    )
     clip = dict(clip_sample=clip_x0 is not None, clip_sample_range=clip_x0 or 1.0)
     if name == "ddpm":
         return DDPMScheduler(**common, **clip, variance_type="fixed_small")
@@ -47,8 +51,14 @@ def diffusers_scheduler(name: str, schedule: NoiseSchedule, prediction: str = "e
         if clip_x0 not in (None, 1.0):
             raise ValueError(f"diffusers' DPM-Solver++ clips x0 to [-1, 1] only (thresholding), not to {clip_x0}")
         # Dynamic thresholding with sample_max_value = 1 is a fixed clip to [-1, 1].
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
-                                           thresholding=clip_x0 is not None, sample_max_value=1.0)
+        return DPMSolverMultistepScheduler(
+            **common,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            final_sigmas_type="zero",
+            thresholding=clip_x0 is not None,
+            sample_max_value=1.0,
+        )
     raise KeyError(f"no diffusers counterpart for sampler {name!r}")
 
 
@@ -62,14 +72,24 @@ def drive_diffusers(scheduler, net, noise: torch.Tensor, steps: int, generator=N
     if isinstance(scheduler, DDIMScheduler):  # eps re-derived from a clipped x0, as polydiff does
         extra["use_clipped_model_output"] = True
     x = noise
-    for k in scheduler.timesteps:  # on noise's device, as diffusers' pipelines pass them: no int(k), a host sync a step on a GPU
+    for k in (
+        scheduler.timesteps
+    ):  # on noise's device, as diffusers' pipelines pass them: no int(k), a host sync a step on a GPU
         t = ((k.to(torch.float64) + 1) / T_train).to(noise.dtype).reshape(1).repeat(noise.shape[0])  # [B]
         x = scheduler.step(net(x, t), k, x, **extra).prev_sample
     return x
 
 
-def compare_on_network(net, objective: Objective, schedule: NoiseSchedule, space: DenseSpace, noise: torch.Tensor,
-                       samplers: list[tuple[str, int]], seed: int = 0, clip_x0: Optional[float] = None) -> list[dict]:
+def compare_on_network(
+    net,
+    objective: Objective,
+    schedule: NoiseSchedule,
+    space: DenseSpace,
+    noise: torch.Tensor,
+    samplers: list[tuple[str, int]],
+    seed: int = 0,
+    clip_x0: Optional[float] = None,
+) -> list[dict]:
     """polydiff's and diffusers' samplers driving the same network ``net(x, t)`` from the same noise.
 
     Outputs are compared element by element; DDPM's two runs get generators with the same seed
@@ -90,8 +110,15 @@ def compare_on_network(net, objective: Objective, schedule: NoiseSchedule, space
         theirs = drive_diffusers(scheduler, net, noise, steps, generator=gen() if name == "ddpm" else None)
         sync()
         t2 = time.perf_counter()
-        row = {"sampler": name, "steps": steps, "polydiff_s": t1 - t0, "diffusers_s": t2 - t1,
-               "ratio_polydiff_over_diffusers": (t1 - t0) / (t2 - t1), "x_polydiff": ours, "x_diffusers": theirs}
+        row = {
+            "sampler": name,
+            "steps": steps,
+            "polydiff_s": t1 - t0,
+            "diffusers_s": t2 - t1,
+            "ratio_polydiff_over_diffusers": (t1 - t0) / (t2 - t1),
+            "x_polydiff": ours,
+            "x_diffusers": theirs,
+        }
         diff = (ours - theirs).abs().max().item()
         row["max_rel_diff"] = diff / max(theirs.abs().max().item(), 1e-12)
         rows.append(row)
@@ -147,9 +174,11 @@ def main(argv=None) -> dict:
     result = run(tuple(a.shape), a.steps, a.repeats, a.device)
     print(f"sampler overhead per step (network excluded), state {tuple(a.shape)} on {result['device']}")
     for name, r in result["samplers"].items():
-        print(f"  {name:9s} polydiff {r['polydiff_overhead_us_per_step']:8.1f} us   diffusers "
-              f"{r['diffusers_overhead_us_per_step']:8.1f} us   ratio {r['ratio_polydiff_over_diffusers']:.2f}   "
-              f"max |diff| {r['max_abs_diff']:.2e} (rel {r['max_rel_diff']:.1e})")
+        print(
+            f"  {name:9s} polydiff {r['polydiff_overhead_us_per_step']:8.1f} us   diffusers "
+            f"{r['diffusers_overhead_us_per_step']:8.1f} us   ratio {r['ratio_polydiff_over_diffusers']:.2f}   "
+            f"max |diff| {r['max_abs_diff']:.2e} (rel {r['max_rel_diff']:.1e})"
+        )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)

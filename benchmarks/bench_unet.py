@@ -160,7 +160,10 @@ def _compare(name: str, ours: dict, theirs: dict, theirs_name: str) -> dict[str,
         if "error" in r:
             print(f"{label:<12} failed: {r['error']}")
         else:
-            print(f"{label:<12} {r['params']:>12,} {r['samples_per_s']:>11.2f} {r['step_ms']:>9.1f} {r['peak_mem_mib']:>10.1f}")
+            print(
+                f"{label:<12} {r['params']:>12,} {r['samples_per_s']:>11.2f} {r['step_ms']:>9.1f} "
+                f"{r['peak_mem_mib']:>10.1f}"
+            )
     if "ratio_ours_over_theirs" in row:
         ratio = row["ratio_ours_over_theirs"]
         print("ours/theirs  " + "  ".join(f"{k}={v:.2f}" for k, v in ratio.items()))
@@ -172,16 +175,23 @@ def _save_partial(out: Path | None, report: dict[str, Any], key: str, row: dict[
     stopped while the peer is measured (a time limit) keeps our figure; the end of the run rewrites it."""
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**report, "results": {**report["results"], key: {**row, "partial": True}}}, indent=2))
+        out.write_text(
+            json.dumps({**report, "results": {**report["results"], key: {**row, "partial": True}}}, indent=2)
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda if available")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up includes compilation)")
-    ap.add_argument("--compile-backend", default="inductor",
-                    help="torch.compile backend with --compile (default inductor; aot_eager traces without code generation)")
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend with --compile (default inductor; aot_eager traces without code generation)",
+    )
     ap.add_argument("--batch", type=int, default=None, help="1-D batch size (default 16; 2 with --quick)")
     ap.add_argument("--length", type=int, default=None, help="1-D samples per clip (default 16000; 2048 with --quick)")
     ap.add_argument("--batch-2d", type=int, default=None, help="2-D batch size (default 32; 8 with --quick)")
@@ -215,8 +225,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = dict(device=device, bf16=args.bf16, compile=args.compile, steps=steps, warmup=warmup, threads=args.threads)
     if args.compile and args.compile_backend != "inductor":
         common["compile_backend"] = args.compile_backend
-    mem_note = "torch.cuda.max_memory_allocated" if device == "cuda" else "growth of peak RSS (VmHWM) over the training steps"
-    print(f"device={device} bf16={args.bf16} compile={args.compile} steps={steps} warmup={warmup} torch={torch.__version__}")
+    mem_note = (
+        "torch.cuda.max_memory_allocated" if device == "cuda" else "growth of peak RSS (VmHWM) over the training steps"
+    )
+    print(
+        f"device={device} bf16={args.bf16} compile={args.compile} steps={steps} warmup={warmup} "
+        f"torch={torch.__version__}"
+    )
     print(f"peak memory = {mem_note}")
     report: dict[str, Any] = {
         "device": device if device == "cpu" else torch.cuda.get_device_name(),
@@ -230,9 +245,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         target = _count(_theirs_1d(dim1d))
         width = _match_width(1, 1, target, args.down_factor)
         shape = (batch, 1, length)
-        print(f"\n1-D: batch {shape}; Unet1D(dim={dim1d}) vs UNet(dims=1, channels={width}, down_factors={args.down_factor})")
+        print(
+            f"\n1-D: batch {shape}; Unet1D(dim={dim1d}) vs "
+            f"UNet(dims=1, channels={width}, down_factors={args.down_factor})"
+        )
         config = {"shape": shape, "ours_channels": width, "ours_down_factor": args.down_factor, "unet1d_dim": dim1d}
-        ours = _run({**common, "kind": "ours", "dims": 1, "width": width, "down_factor": args.down_factor, "shape": shape})
+        ours = _run(
+            {**common, "kind": "ours", "dims": 1, "width": width, "down_factor": args.down_factor, "shape": shape}
+        )
         _save_partial(args.out, report, "1d", {"ours": ours, "config": config})
         theirs = _run({**common, "kind": "lucidrains", "width": dim1d, "shape": shape})
         row = _compare("1-D: ours vs denoising_diffusion_pytorch.Unet1D", ours, theirs, "lucidrains")

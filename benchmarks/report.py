@@ -1,9 +1,10 @@
-"""Markdown tables and PNG plots from a ``polydiff bench`` result."""
+"""Markdown tables, PNG plots and an offline HTML page (tables, plots, a few samples per domain) from a
+``polydiff bench`` result."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def _fmt(v: Any) -> str:
@@ -21,11 +22,15 @@ def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
     return keys
 
 
-def write_markdown(result: dict[str, Any], path: Path) -> str:
+def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
     env = result["environment"]
-    lines = [f"# polydiff bench ({result['suite']}) on {env['device_name']}",
-             "", f"commit `{env['git_commit'][:12]}`{' with uncommitted changes' if env.get('git_dirty') else ''}, "
-                 f"torch {env['torch']}, {env['date']}", ""]
+    lines = [
+        f"# polydiff bench ({result['suite']}) on {env['device_name']}",
+        "",
+        f"commit `{env['git_commit'][:12]}`{' with uncommitted changes' if env.get('git_dirty') else ''}, "
+        f"torch {env['torch']}, {env['date']}",
+        "",
+    ]
     for name, d in result["domains"].items():
         lines.append(f"## {name}")
         if "error" in d or "skipped" in d:
@@ -34,9 +39,16 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
         t = d["train"]
         if "environment" in d:  # a merged report: where this domain ran
             e = d["environment"]
-            lines += ["", f"measured on {e['device_name']} ({e['device']}), commit `{e['git_commit'][:12]}`, {e['date']}"]
-        lines += ["", f"training: {t['steps']} steps in {t['wall_s']:.0f} s, {t['samples_per_s']:.1f} samples/s, "
-                      f"peak memory {t['peak_mem_mb']:.0f} MiB, final loss {t['final_loss']:.4f}", ""]
+            lines += [
+                "",
+                f"measured on {e['device_name']} ({e['device']}), commit `{e['git_commit'][:12]}`, {e['date']}",
+            ]
+        lines += [
+            "",
+            f"training: {t['steps']} steps in {t['wall_s']:.0f} s, {t['samples_per_s']:.1f} samples/s, "
+            f"peak memory {t['peak_mem_mb']:.0f} MiB, final loss {t['final_loss']:.4f}",
+            "",
+        ]
         keys = _metric_keys(d["sampling"])
         lines.append(_row(["sampler", "steps", "guidance", "samples/s", "wall s", "peak MiB", *keys]))
         lines.append(_row(["---"] * (6 + len(keys))))
@@ -45,24 +57,55 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
             label = f"real data ({ref['num_samples']} held-out)" if "num_samples" in ref else "real data (reference)"
             lines.append(_row([label, "", "", "", "", "", *(_fmt(ref.get(k, "")) for k in keys)]))
         for r in d["sampling"]:
-            speed = f"{r['samples_per_s']:.2f}" + (f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else "")
-            lines.append(_row([r["sampler"], r["steps"], r["guidance"], speed, f"{r['wall_s']:.2f}",
-                               f"{r['peak_mem_mb']:.0f}", *(_fmt(r["metrics"].get(k, "")) for k in keys)]))
+            speed = f"{r['samples_per_s']:.2f}" + (
+                f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else ""
+            )
+            lines.append(
+                _row(
+                    [
+                        r["sampler"],
+                        r["steps"],
+                        r["guidance"],
+                        speed,
+                        f"{r['wall_s']:.2f}",
+                        f"{r['peak_mem_mb']:.0f}",
+                        *(_fmt(r["metrics"].get(k, "")) for k in keys),
+                    ]
+                )
+            )
         for r in d.get("sampling_errors", []):
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | failed: {r['error']} |")
-        lines += ["", "training throughput against batch size: "
-                  + ", ".join(f"{x['batch_size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MiB)" for x in d["throughput_vs_batch"]), ""]
+        lines += [
+            "",
+            "training throughput against batch size: "
+            + ", ".join(
+                f"{x['batch_size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MiB)"
+                for x in d["throughput_vs_batch"]
+            ),
+            "",
+        ]
         if d.get("throughput_vs_size"):
-            lines += [f"training throughput against {d['throughput_vs_size'][0]['axis']} (batch {d['throughput_vs_size'][0]['batch_size']}): "
-                      + ", ".join(f"{x['size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MiB)" for x in d["throughput_vs_size"]), ""]
+            lines += [
+                f"training throughput against {d['throughput_vs_size'][0]['axis']} "
+                f"(batch {d['throughput_vs_size'][0]['batch_size']}): "
+                + ", ".join(
+                    f"{x['size']}: {x['samples_per_s']:.1f}/s ({x['peak_mem_mb']:.0f} MiB)"
+                    for x in d["throughput_vs_size"]
+                ),
+                "",
+            ]
         if d.get("compile"):
             c = d["compile"]
             if "error" in c:
                 lines += [f"torch.compile check failed: {c['error']}", ""]
             else:
-                lines += [f"torch.compile, training at batch {c['batch_size']}: eager {c['eager_samples_per_s']:.1f}/s, compiled "
-                          f"{c['compiled_samples_per_s']:.1f}/s (x{c['ratio_compiled_over_eager']:.2f}), compiled in {c['compile_s']:.0f} s",
-                          ""]
+                lines += [
+                    f"torch.compile, training at batch {c['batch_size']}: "
+                    f"eager {c['eager_samples_per_s']:.1f}/s, compiled "
+                    f"{c['compiled_samples_per_s']:.1f}/s (x{c['ratio_compiled_over_eager']:.2f}), "
+                    f"compiled in {c['compile_s']:.0f} s",
+                    "",
+                ]
         for peer, p in d.get("peers", {}).items():
             if peer == "diffusers" and "samplers" in p:
                 lines += _diffusers_table(p, keys)
@@ -70,20 +113,40 @@ def write_markdown(result: dict[str, Any], path: Path) -> str:
                 lines.append(f"peer `{peer}`: " + _peer_line(p))
         lines.append("")
     text = "\n".join(lines)
-    path.write_text(text)
+    if path is not None:
+        path.write_text(text)
     return text
 
 
 def _diffusers_table(p: dict[str, Any], keys: list[str]) -> list[str]:
     """diffusers' schedulers on the trained network: time, agreement and metrics beside polydiff's."""
     metric = [f"{keys[0]} polydiff", f"{keys[0]} diffusers"] if keys else []  # a domain without metrics: none
-    lines = ["", f"peer `diffusers` (its schedulers driving the trained network, {p['num_samples']} samples, same noise):", "",
-             _row(["sampler", "steps", "polydiff s", "diffusers s", "ratio", "max rel. diff", *metric]),
-             _row(["---"] * (6 + len(metric)))]
+    lines = [
+        "",
+        f"peer `diffusers` (its schedulers driving the trained network, {p['num_samples']} samples, same noise):",
+        "",
+        _row(["sampler", "steps", "polydiff s", "diffusers s", "ratio", "max rel. diff", *metric]),
+        _row(["---"] * (6 + len(metric))),
+    ]
     for r in p["samplers"].values():
-        values = [_fmt(r["metrics_polydiff"].get(keys[0], "")), _fmt(r["metrics_diffusers"].get(keys[0], ""))] if keys else []
-        lines.append(_row([r["sampler"], r["steps"], f"{r['polydiff_s']:.2f}", f"{r['diffusers_s']:.2f}",
-                           f"{r['ratio_polydiff_over_diffusers']:.2f}", f"{r['max_rel_diff']:.1e}", *values]))
+        values = (
+            [_fmt(r["metrics_polydiff"].get(keys[0], "")), _fmt(r["metrics_diffusers"].get(keys[0], ""))]
+            if keys
+            else []
+        )
+        lines.append(
+            _row(
+                [
+                    r["sampler"],
+                    r["steps"],
+                    f"{r['polydiff_s']:.2f}",
+                    f"{r['diffusers_s']:.2f}",
+                    f"{r['ratio_polydiff_over_diffusers']:.2f}",
+                    f"{r['max_rel_diff']:.1e}",
+                    *values,
+                ]
+            )
+        )
     return lines + [""]
 
 
@@ -122,7 +185,7 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     written = []
     domains = {k: v for k, v in result["domains"].items() if "error" not in v and "skipped" not in v}
     if not domains:
-        return written
+        return [write_page(result, folder, written)]
     # Quality against the number of steps, per domain and sampler (first metric of the domain).
     fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.6), squeeze=False)
     for ax, (name, d) in zip(axes[0], domains.items()):
@@ -133,10 +196,17 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
         key = keys[0]
         for sampler in sorted({r["sampler"] for r in d["sampling"]}):
             for g in sorted({r["guidance"] for r in d["sampling"]}):
-                rows = sorted((r for r in d["sampling"] if r["sampler"] == sampler and r["guidance"] == g), key=lambda r: r["steps"])
+                rows = sorted(
+                    (r for r in d["sampling"] if r["sampler"] == sampler and r["guidance"] == g),
+                    key=lambda r: r["steps"],
+                )
                 if rows:
-                    ax.plot([r["steps"] for r in rows], [r["metrics"].get(key, float("nan")) for r in rows], "o-",
-                            label=f"{sampler}" + (f" w={g}" if g != 1.0 else ""))
+                    ax.plot(
+                        [r["steps"] for r in rows],
+                        [r["metrics"].get(key, float("nan")) for r in rows],
+                        "o-",
+                        label=f"{sampler}" + (f" w={g}" if g != 1.0 else ""),
+                    )
         if key in d.get("reference", {}):
             ax.axhline(d["reference"][key], color="k", ls="--", lw=1, label="real data")
         ax.set_xscale("log")
@@ -184,6 +254,7 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     else:
         a3.text(0.5, 0.5, "no domain measured a size sweep", ha="center", va="center", transform=a3.transAxes)
     written.append(_save(fig, folder / "scaling.png"))
+    written.append(write_page(result, folder, written))
     return written
 
 
@@ -194,3 +265,91 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+SAMPLES_PER_DOMAIN = 8  # drawn from each trained run for the page
+MAX_SAMPLER_STEPS = 20  # the page's draw is a look, not a measurement: a few sampler steps suffice
+
+
+def write_page(result: dict[str, Any], folder: Path, plots: list[Path]) -> Path:
+    """``folder/report.html``: the result's tables and plots, and a few samples of each domain's trained run (from
+    ``runs/TAG/DOMAIN`` beside the result), on one offline page like ``polydiff report``'s."""
+    from polydiff.report_html import data_uri, esc, page_html
+
+    images = [f'<img class="plot" alt="{esc(p.stem)}" src="{data_uri("image/png", p.read_bytes())}">' for p in plots]
+    sections = [("plots", "Plots", "".join(images))]
+    for name, block in _markdown_sections(write_markdown(result, None)):
+        run = folder.parent / "runs" / folder.name / name
+        sections.append((f"domain-{name}", name, block + _samples(run, result["seed"])))
+    env = result["environment"]
+    subtitle = (
+        f"suite {esc(result['suite'])} on {esc(env['device_name'])}, commit {esc(env['git_commit'][:12])}, "
+        f"torch {esc(env['torch'])}, {esc(env['date'])}"
+    )
+    path = folder / "report.html"
+    path.write_text(page_html(f"polydiff bench ({result['suite']})", subtitle, sections), encoding="utf-8")
+    return path
+
+
+def _markdown_sections(text: str) -> list[tuple[str, str]]:
+    """The Markdown report's ``## domain`` parts as HTML: its tables (real-data rows marked) and lines of text."""
+    from polydiff.report_html import esc, table_html
+
+    sections: list[tuple[str, list[str]]] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows and sections:
+            real = [i for i, r in enumerate(rows[1:]) if r[0].startswith("real data")]
+            sections[-1][1].append(table_html(rows[0], rows[1:], real_rows=real))
+        rows.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if set("".join(cells)) - {"-"}:  # not the separator row under a header
+                rows.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            sections.append((line[3:].strip(), []))
+        elif line.strip() and sections:
+            sections[-1][1].append(f"<p>{esc(line).replace('`', '')}</p>")
+    flush()
+    return [(name, "".join(parts)) for name, parts in sections]
+
+
+def _samples(run: Path, seed: int) -> str:
+    """A few samples of a trained bench run, drawn anew from its checkpoint, beside real ones; a note where none."""
+    import torch
+
+    from polydiff.build import load_run, resolve_device
+    from polydiff.generate import generate
+    from polydiff.report import samples_html
+    from polydiff.report_html import esc
+
+    if not (run / "checkpoints" / "last.pt").is_file():
+        return f'<p class="note">no samples: no trained run at {esc(run)} (a merged result, or a run moved away)</p>'
+    try:
+        device = resolve_device("auto")
+        parts, ckpt = load_run(run, device=device)
+        sampler = dict(ckpt["config"]["sampler"])
+        sampler["steps"] = min(int(sampler["steps"]), MAX_SAMPLER_STEPS)
+        n = SAMPLES_PER_DOMAIN
+        batch = generate(
+            parts.domain,
+            parts.net,
+            parts.schedule,
+            parts.objective,
+            n,
+            sampler=sampler,
+            guidance=ckpt["config"]["guidance"],
+            labels=parts.domain.default_labels(n, device),
+            device=device,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+        return f"<h3>samples ({esc(sampler['name'])}, {sampler['steps']} steps)</h3>" + samples_html(
+            parts.domain, batch.to("cpu"), n, real=False
+        )
+    except Exception as err:  # noqa: BLE001 -- the page still shows the measurements
+        return f'<p class="note">no samples: {esc(type(err).__name__)}: {esc(err)}</p>'

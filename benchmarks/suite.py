@@ -24,10 +24,10 @@ import torch
 
 from benchmarks.memory import peak_rss_kib, release_free_heap, reset_peak_rss
 from polydiff.build import resolve_device
-from polydiff.recipes import compose_recipe
 from polydiff.config import check_overrides
 from polydiff.domain import Batch
 from polydiff.generate import generate
+from polydiff.recipes import compose_recipe
 from polydiff.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +63,14 @@ class DomainBench:
 def _train_steps(steps: int) -> list[str]:
     # No checkpoint, snapshot (the GPU recipes' keep_every) or draw among the timed steps: fit() writes
     # last.pt once after them, and the sweep samples itself.
-    return [f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps + 1}", "trainer.keep_every=0",
-            "trainer.sample_every=0", f"trainer.log_every={max(1, steps // 20)}", "trainer.progress=false"]
+    return [
+        f"trainer.max_steps={steps}",
+        f"trainer.ckpt_every={steps + 1}",
+        "trainer.keep_every=0",
+        "trainer.sample_every=0",
+        f"trainer.log_every={max(1, steps // 20)}",
+        "trainer.progress=false",
+    ]
 
 
 QM9_HELP = "gdb9.sdf, gdb9.sdf.csv and uncharacterized.txt in PATH/raw"
@@ -94,49 +100,123 @@ def suites() -> dict[str, dict[str, DomainBench]]:
     model, schedule and optimiser (Hoogeboom et al. 2022: 82.0% molecule stability from DDPM-1000,
     10,000 samples) and ``sc09`` at 16 kHz (DiffWave, Kong et al. 2021: IS 5.30 vs 8.48 for real clips).
     """
-    quick_samplers = [("ddpm", TRAINING_T), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 20),
-                      ("dpmpp_2m", 10)]
+    quick_samplers = [
+        ("ddpm", TRAINING_T),
+        ("ddim", 100),
+        ("ddim", 50),
+        ("ddim", 20),
+        ("ddim", 10),
+        ("dpmpp_2m", 20),
+        ("dpmpp_2m", 10),
+    ]
     full_samplers = list(quick_samplers)  # the same sweep
     return {
         "quick": {
-            "points": DomainBench("examples/points.yaml", _train_steps(1500), 512, quick_samplers, batch_sizes=[64, 256, 1024],
-                                  peers=["samplers", "diffusers"]),
-            "image": DomainBench("recipes/image_unet.yaml", ["profile=cpu", *_train_steps(1000)], 100, quick_samplers,
-                                 guidance=[1.0, 3.0], batch_sizes=[16, 32, 64], peers=["unet2d", "diffusers"], max_guided_steps=100),
-            "audio": DomainBench("recipes/audio_unet.yaml", ["profile=cpu", *_train_steps(1000)], 30,
-                                 [("ddpm", TRAINING_T), ("ddpm", 200), *quick_samplers[1:]], guidance=[1.0, 3.0],
-                                 batch_sizes=[4, 8, 16], peers=["unet1d", "diffusers"], scaling=("duration", [0.35, 0.7, 1.4, 2.8]),
-                                 max_guided_steps=100),
-            "molecule": DomainBench("recipes/molecule_egnn.yaml", ["profile=cpu", *_train_steps(800)], 64,
-                                    quick_samplers, batch_sizes=[8, 16, 32], peers=["egnn"],
-                                    scaling=("num_atoms", [8, 16, 32, 64])),
+            "points": DomainBench(
+                "examples/points.yaml",
+                _train_steps(1500),
+                512,
+                quick_samplers,
+                batch_sizes=[64, 256, 1024],
+                peers=["samplers", "diffusers"],
+            ),
+            "image": DomainBench(
+                "recipes/image_unet.yaml",
+                ["profile=cpu", *_train_steps(1000)],
+                100,
+                quick_samplers,
+                guidance=[1.0, 3.0],
+                batch_sizes=[16, 32, 64],
+                peers=["unet2d", "diffusers"],
+                max_guided_steps=100,
+            ),
+            "audio": DomainBench(
+                "recipes/audio_unet.yaml",
+                ["profile=cpu", *_train_steps(1000)],
+                30,
+                [("ddpm", TRAINING_T), ("ddpm", 200), *quick_samplers[1:]],
+                guidance=[1.0, 3.0],
+                batch_sizes=[4, 8, 16],
+                peers=["unet1d", "diffusers"],
+                scaling=("duration", [0.35, 0.7, 1.4, 2.8]),
+                max_guided_steps=100,
+            ),
+            "molecule": DomainBench(
+                "recipes/molecule_egnn.yaml",
+                ["profile=cpu", *_train_steps(800)],
+                64,
+                quick_samplers,
+                batch_sizes=[8, 16, 32],
+                peers=["egnn"],
+                scaling=("num_atoms", [8, 16, 32, 64]),
+            ),
         },
         "full": {
-            "points": DomainBench("examples/points.yaml", _train_steps(5000), 4096, full_samplers, batch_sizes=[256, 1024, 4096],
-                                  peers=["samplers", "diffusers"]),
-            "image": DomainBench("recipes/image_unet.yaml", _train_steps(20000), 300, full_samplers, guidance=[1.0, 3.0],
-                                 batch_sizes=[32, 64, 128, 256], peers=["unet2d", "diffusers"], compile_check=True),
-            # 100 samples: as many as the built-in set's held-out clips, so FID's sample-count bias is the reference row's.
-            "audio": DomainBench("recipes/audio_unet.yaml", _train_steps(20000), 100, [("ddpm", 200), *full_samplers],
-                                 guidance=[1.0, 3.0], batch_sizes=[4, 8, 16, 32], peers=["unet1d", "diffusers"],
-                                 scaling=("duration", [0.5, 1.0, 2.0, 4.0]), compile_check=True),
-            "molecule": DomainBench("recipes/molecule_egnn.yaml", _train_steps(20000), 1000, full_samplers,
-                                    batch_sizes=[16, 32, 64, 128], peers=["egnn"], scaling=("num_atoms", [8, 16, 32, 64]),
-                                    compile_check=True),
+            "points": DomainBench(
+                "examples/points.yaml",
+                _train_steps(5000),
+                4096,
+                full_samplers,
+                batch_sizes=[256, 1024, 4096],
+                peers=["samplers", "diffusers"],
+            ),
+            "image": DomainBench(
+                "recipes/image_unet.yaml",
+                _train_steps(20000),
+                300,
+                full_samplers,
+                guidance=[1.0, 3.0],
+                batch_sizes=[32, 64, 128, 256],
+                peers=["unet2d", "diffusers"],
+                compile_check=True,
+            ),
+            # 100 samples: as many as the built-in set's held-out clips, so FID's sample-count bias is the
+            # reference row's.
+            "audio": DomainBench(
+                "recipes/audio_unet.yaml",
+                _train_steps(20000),
+                100,
+                [("ddpm", 200), *full_samplers],
+                guidance=[1.0, 3.0],
+                batch_sizes=[4, 8, 16, 32],
+                peers=["unet1d", "diffusers"],
+                scaling=("duration", [0.5, 1.0, 2.0, 4.0]),
+                compile_check=True,
+            ),
+            "molecule": DomainBench(
+                "recipes/molecule_egnn.yaml",
+                _train_steps(20000),
+                1000,
+                full_samplers,
+                batch_sizes=[16, 32, 64, 128],
+                peers=["egnn"],
+                scaling=("num_atoms", [8, 16, 32, 64]),
+                compile_check=True,
+            ),
             # The recipe's defaults already are EDM's (9 layers, 256 wide, polynomial T = 1000, batch 64,
             # lr 1e-4, EMA 0.9999); EDM trained ~4.7M steps, so raise --steps to chase its 82% figure.
-            "qm9": DomainBench("recipes/molecule_egnn.yaml", ["domain.source=qm9", *_train_steps(200000)], 10000,
-                               [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("dpmpp_2m", 100), ("dpmpp_2m", 50),
-                                ("dpmpp_2m", 20)],
-                               batch_sizes=[64, 128, 256], scaling=("num_atoms", [9, 18, 29, 58]),
-                               data=("qm9", "domain.path", QM9_HELP), compile_check=True),
+            "qm9": DomainBench(
+                "recipes/molecule_egnn.yaml",
+                ["domain.source=qm9", *_train_steps(200000)],
+                10000,
+                [("ddpm", 1000), ("ddim", 100), ("ddim", 50), ("dpmpp_2m", 100), ("dpmpp_2m", 50), ("dpmpp_2m", 20)],
+                batch_sizes=[64, 128, 256],
+                scaling=("num_atoms", [9, 18, 29, 58]),
+                data=("qm9", "domain.path", QM9_HELP),
+                compile_check=True,
+            ),
             # SC09 at 16 kHz, the recipe's GPU model; DiffWave and SaShiMi score 2,048 samples.
-            "sc09": DomainBench("recipes/audio_unet.yaml", ["domain.dataset=sc09", "trainer.batch_size=64",
-                                                            *_train_steps(200000)], 2048,
-                                [("ddpm", 200), ("ddim", 100), ("ddim", 50), ("dpmpp_2m", 50), ("dpmpp_2m", 20)],
-                                guidance=[1.0, 2.0, 3.0], batch_sizes=[16, 32, 64], peers=["diffusers"],
-                                data=("sc09", "domain.root", SC09_HELP),
-                                compile_check=True),
+            "sc09": DomainBench(
+                "recipes/audio_unet.yaml",
+                ["domain.dataset=sc09", "trainer.batch_size=64", *_train_steps(200000)],
+                2048,
+                [("ddpm", 200), ("ddim", 100), ("ddim", 50), ("dpmpp_2m", 50), ("dpmpp_2m", 20)],
+                guidance=[1.0, 2.0, 3.0],
+                batch_sizes=[16, 32, 64],
+                peers=["diffusers"],
+                data=("sc09", "domain.root", SC09_HELP),
+                compile_check=True,
+            ),
         },
     }
 
@@ -230,22 +310,35 @@ def compile_speedup(trainer: Trainer, batch_size: int, repeats: int = 3) -> dict
     batch = _train_batch(trainer, batch_size)
     eager = _time_training(trainer, batch, repeats)
     compiled = _time_training(trainer, batch, repeats, net=torch.compile(trainer.net))
-    return {"batch_size": batch.num_samples, "eager_samples_per_s": eager["samples_per_s"],
-            "compiled_samples_per_s": compiled["samples_per_s"],
-            "ratio_compiled_over_eager": compiled["samples_per_s"] / eager["samples_per_s"],
-            "compile_s": compiled["warmup_s"] - eager["warmup_s"],
-            "eager_peak_mem_mb": eager["peak_mem_mb"], "compiled_peak_mem_mb": compiled["peak_mem_mb"]}
+    return {
+        "batch_size": batch.num_samples,
+        "eager_samples_per_s": eager["samples_per_s"],
+        "compiled_samples_per_s": compiled["samples_per_s"],
+        "ratio_compiled_over_eager": compiled["samples_per_s"] / eager["samples_per_s"],
+        "compile_s": compiled["warmup_s"] - eager["warmup_s"],
+        "eager_peak_mem_mb": eager["peak_mem_mb"],
+        "compiled_peak_mem_mb": compiled["peak_mem_mb"],
+    }
 
 
 def size_throughput(trainer: Trainer, option: str, value: float, batch_size: int, repeats: int = 3) -> dict[str, float]:
     """Training throughput on states of another size: ``domain.prior(..., option=value)`` (noise as data)."""
     domain = trainer.domain
     g = torch.Generator(device=trainer.device).manual_seed(0)
-    labels = torch.randint(0, domain.num_classes, (batch_size,), device=trainer.device, generator=g) if domain.num_classes else None
+    labels = (
+        torch.randint(0, domain.num_classes, (batch_size,), device=trainer.device, generator=g)
+        if domain.num_classes
+        else None
+    )
     space, cond = domain.prior(batch_size, labels=labels, device=trainer.device, generator=g, **{option: value})
     batch = Batch(space.randn(generator=g), space, cond)
-    return {"axis": option, "size": value, "elements_per_sample": batch.x.numel() / batch_size, "batch_size": batch_size,
-            **_time_training(trainer, batch, repeats)}
+    return {
+        "axis": option,
+        "size": value,
+        "elements_per_sample": batch.x.numel() / batch_size,
+        "batch_size": batch_size,
+        **_time_training(trainer, batch, repeats),
+    }
 
 
 def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, seed: int) -> dict[str, Any]:
@@ -259,13 +352,31 @@ def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, s
     with mem.measure():
         _sync(trainer.device)
         t0 = time.perf_counter()
-        batch = generate(domain, trainer.ema.module, trainer.parts.schedule, trainer.parts.objective, n,
-                         sampler=sampler, guidance={"scale": scale}, labels=labels, device=trainer.device, generator=gen)
+        batch = generate(
+            domain,
+            trainer.ema.module,
+            trainer.parts.schedule,
+            trainer.parts.objective,
+            n,
+            sampler=sampler,
+            guidance={"scale": scale},
+            labels=labels,
+            device=trainer.device,
+            generator=gen,
+        )
         _sync(trainer.device)
         wall = time.perf_counter() - t0
     metrics = domain.evaluate(batch)
-    row = {"sampler": name, "steps": steps, "guidance": scale, "num_samples": n, "wall_s": wall,
-           "samples_per_s": n / wall, "peak_mem_mb": mem.peak_mb, "metrics": metrics}
+    row = {
+        "sampler": name,
+        "steps": steps,
+        "guidance": scale,
+        "num_samples": n,
+        "wall_s": wall,
+        "samples_per_s": n / wall,
+        "peak_mem_mb": mem.peak_mb,
+        "metrics": metrics,
+    }
     duration = getattr(domain, "duration", None)  # audio: seconds of audio generated per second
     if isinstance(duration, (int, float)):
         row["audio_seconds_per_s"] = n * duration / wall
@@ -298,8 +409,16 @@ def diffusers_on_trained(trainer: Trainer, n: int, seed: int) -> dict[str, Any]:
     def raw(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return net(x, t.to(x.dtype), **cond)
 
-    rows = compare_on_network(raw, trainer.parts.objective, trainer.parts.schedule, space, noise, TRAINED_SAMPLERS, seed,
-                              clip_x0=trainer.cfg["sampler"].get("clip_x0"))
+    rows = compare_on_network(
+        raw,
+        trainer.parts.objective,
+        trainer.parts.schedule,
+        space,
+        noise,
+        TRAINED_SAMPLERS,
+        seed,
+        clip_x0=trainer.cfg["sampler"].get("clip_x0"),
+    )
     out = {}
     for row in rows:
         ours, theirs = row.pop("x_polydiff"), row.pop("x_diffusers")
@@ -319,7 +438,9 @@ def run_peer(peer: str, device: torch.device, quick: bool) -> dict[str, Any]:
     if peer in ("unet1d", "unet2d"):
         from benchmarks.bench_unet import main as bench_unet
 
-        args = ["--only", peer[-2:], "--device", device.type] + (["--quick"] if quick else ["--bf16"] * (device.type == "cuda"))
+        args = ["--only", peer[-2:], "--device", device.type] + (
+            ["--quick"] if quick else ["--bf16"] * (device.type == "cuda")
+        )
         return bench_unet(args)
     if peer == "egnn":
         from benchmarks.bench_egnn import main as bench_egnn
@@ -357,8 +478,15 @@ def _fit_timed(trainer: Trainer) -> tuple[float, PeakMemory]:
     return wall, mem
 
 
-def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: Path, quick: bool, seed: int,
-                 data_root: Optional[str] = None) -> dict[str, Any]:
+def bench_domain(
+    name: str,
+    spec: DomainBench,
+    device: torch.device,
+    run_root: Path,
+    quick: bool,
+    seed: int,
+    data_root: Optional[str] = None,
+) -> dict[str, Any]:
     overrides = [*spec.overrides, f"trainer.device={device}", f"seed={seed}"]
     if spec.data and data_root:
         overrides.append(f"{spec.data[1]}={data_root}")
@@ -372,13 +500,22 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
     result: dict[str, Any] = {
         "recipe": spec.recipe,
         "overrides": overrides,
-        "train": {"steps": trainer.step, "wall_s": train_wall, "samples_per_s": sum(sps) / len(sps),
-                  "peak_mem_mb": mem.peak_mb, "final_loss": curve[-1]["loss"], "loss_curve": curve},
+        "train": {
+            "steps": trainer.step,
+            "wall_s": train_wall,
+            "samples_per_s": sum(sps) / len(sps),
+            "peak_mem_mb": mem.peak_mb,
+            "final_loss": curve[-1]["loss"],
+            "loss_curve": curve,
+        },
         "reference": trainer.domain.reference_metrics(spec.num_samples),
         "sampling": [],
         "throughput_vs_batch": [train_throughput(trainer, b) for b in spec.batch_sizes],
-        "throughput_vs_size": [size_throughput(trainer, spec.scaling[0], v, spec.batch_sizes[0]) for v in spec.scaling[1]]
-        if spec.scaling else [],
+        "throughput_vs_size": [
+            size_throughput(trainer, spec.scaling[0], v, spec.batch_sizes[0]) for v in spec.scaling[1]
+        ]
+        if spec.scaling
+        else [],
     }
     if spec.compile_check:
         try:
@@ -397,15 +534,22 @@ def bench_domain(name: str, spec: DomainBench, device: torch.device, run_root: P
             except Exception as err:  # one row (out of memory at DDPM-1000, say) must not lose the trained domain
                 traceback.print_exc()
                 result.setdefault("sampling_errors", []).append(
-                    {"sampler": sampler, "steps": steps, "guidance": scale, "error": f"{type(err).__name__}: {err}"})
+                    {"sampler": sampler, "steps": steps, "guidance": scale, "error": f"{type(err).__name__}: {err}"}
+                )
                 continue
-            print(f"[bench] {name}: {sampler}-{steps} guidance {scale}: {row['wall_s']:.1f} s, {row['metrics']}", flush=True)
+            print(
+                f"[bench] {name}: {sampler}-{steps} guidance {scale}: {row['wall_s']:.1f} s, {row['metrics']}",
+                flush=True,
+            )
             result["sampling"].append(row)
     result["peers"] = {}
     for peer in spec.peers:
         try:
-            result["peers"][peer] = (diffusers_on_trained(trainer, spec.num_samples, seed) if peer == "diffusers"
-                                     else run_peer(peer, device, quick))
+            result["peers"][peer] = (
+                diffusers_on_trained(trainer, spec.num_samples, seed)
+                if peer == "diffusers"
+                else run_peer(peer, device, quick)
+            )
         except Exception as err:  # a missing bench extra must not lose the domain's figures
             result["peers"][peer] = {"error": f"{type(err).__name__}: {err}"}
     return result
@@ -429,15 +573,28 @@ def environment(device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     import polydiff
 
-    return {"git_commit": commit or "unknown", "git_dirty": None if status is None else bool(status),
-            "polydiff": polydiff.__version__,
-            "torch": torch.__version__, "device": str(device), "device_name": name,
-            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "git_commit": commit or "unknown",
+        "git_dirty": None if status is None else bool(status),
+        "polydiff": polydiff.__version__,
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": name,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
-def run_suite(suite: str, domains: Optional[list[str]], device: str, out_dir: Path, seed: int = 0,
-              specs: Optional[dict[str, DomainBench]] = None, data: Optional[dict[str, str]] = None) -> Path:
+def run_suite(
+    suite: str,
+    domains: Optional[list[str]],
+    device: str,
+    out_dir: Path,
+    seed: int = 0,
+    specs: Optional[dict[str, DomainBench]] = None,
+    data: Optional[dict[str, str]] = None,
+) -> Path:
     """Run a suite; returns the JSON result path (Markdown and plots beside it).
 
     ``data`` maps a data set's name (``qm9``, ``sc09``) to its local copy; a domain that needs one
@@ -454,8 +611,13 @@ def run_suite(suite: str, domains: Optional[list[str]], device: str, out_dir: Pa
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tag = f"{stamp}_{suite}_{env['device_name'] if dev.type == 'cuda' else 'cpu'}".replace(" ", "-").replace("/", "-")
     run_root = out_dir / "runs" / tag
-    result: dict[str, Any] = {"suite": suite, "seed": seed, "environment": env,
-                              "config": {n: vars(all_specs[n]) for n in names}, "domains": {}}
+    result: dict[str, Any] = {
+        "suite": suite,
+        "seed": seed,
+        "environment": env,
+        "config": {n: vars(all_specs[n]) for n in names},
+        "domains": {},
+    }
     for name in names:
         spec = all_specs[name]
         if spec.data and spec.data[0] not in data and not packaged(spec.data[0]):
@@ -465,8 +627,9 @@ def run_suite(suite: str, domains: Optional[list[str]], device: str, out_dir: Pa
             continue
         print(f"[bench] {name}: training ({time.strftime('%H:%M:%S')}) ...", flush=True)
         try:
-            result["domains"][name] = bench_domain(name, spec, dev, run_root, suite == "quick", seed,
-                                                   data.get(spec.data[0]) if spec.data else None)
+            result["domains"][name] = bench_domain(
+                name, spec, dev, run_root, suite == "quick", seed, data.get(spec.data[0]) if spec.data else None
+            )
         except Exception as err:
             traceback.print_exc()
             result["domains"][name] = {"error": f"{type(err).__name__}: {err}"}
@@ -500,13 +663,23 @@ def merge_results(paths: list[Path], out_dir: Path) -> Path:
         except (OSError, json.JSONDecodeError) as err:
             raise SystemExit(f"polydiff bench --merge: cannot read {path}: {err}") from err
         if not {"suite", "environment", "domains"} <= set(results[-1][1]):
-            raise SystemExit(f"polydiff bench --merge: {path} is not a polydiff bench result (no suite/environment/domains)")
+            raise SystemExit(
+                f"polydiff bench --merge: {path} is not a polydiff bench result (no suite/environment/domains)"
+            )
     suite_names = sorted({r["suite"] for _, r in results})
     if len(suite_names) > 1:
-        raise SystemExit(f"polydiff bench --merge: the files come from different suites {suite_names}; merge one suite at a time")
+        raise SystemExit(
+            f"polydiff bench --merge: the files come from different suites {suite_names}; merge one suite at a time"
+        )
     first = results[0][1]
-    merged: dict[str, Any] = {"suite": first["suite"], "seed": first["seed"], "environment": first["environment"],
-                              "config": {}, "domains": {}, "merged_from": [str(p) for p, _ in results]}
+    merged: dict[str, Any] = {
+        "suite": first["suite"],
+        "seed": first["seed"],
+        "environment": first["environment"],
+        "config": {},
+        "domains": {},
+        "merged_from": [str(p) for p, _ in results],
+    }
     origin: dict[str, Path] = {}
     for path, r in results:
         for name, d in r["domains"].items():
@@ -514,8 +687,10 @@ def merge_results(paths: list[Path], out_dir: Path) -> Path:
             if name in merged["domains"]:
                 kept_ran = not ({"error", "skipped"} & set(merged["domains"][name]))
                 if ran and kept_ran:
-                    raise SystemExit(f"polydiff bench --merge: domain {name!r} was measured in both {origin[name]} and "
-                                     f"{path}; pass only one of them")
+                    raise SystemExit(
+                        f"polydiff bench --merge: domain {name!r} was measured in both {origin[name]} and "
+                        f"{path}; pass only one of them"
+                    )
                 if not ran:
                     continue
             # A merged file's domains already say where they ran (its own environment is its first file's).
@@ -525,37 +700,77 @@ def merge_results(paths: list[Path], out_dir: Path) -> Path:
     # Where each domain ran, through earlier merges too.
     envs = [d["environment"] for d in merged["domains"].values()] or [r["environment"] for _, r in results]
     devices = sorted({e["device_name"] if e["device"].startswith("cuda") else "cpu" for e in envs})
-    tag = f"{time.strftime('%Y%m%d-%H%M%S')}_{first['suite']}_{'+'.join(devices)}_merged".replace(" ", "-").replace("/", "-")
+    tag = f"{time.strftime('%Y%m%d-%H%M%S')}_{first['suite']}_{'+'.join(devices)}_merged".replace(" ", "-").replace(
+        "/", "-"
+    )
     return write_result(merged, out_dir, tag)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
-    p = argparse.ArgumentParser(prog="polydiff bench", description="Benchmark every domain's training, samplers and peers.")
+    p = argparse.ArgumentParser(
+        prog="polydiff bench", description="Benchmark every domain's training, samplers and peers."
+    )
     p.add_argument("--suite", choices=("quick", "full"), default="quick")
-    p.add_argument("--domains", nargs="+", default=None,
-                   help="default: every domain of the suite, or only the --recipe domains when given")
+    p.add_argument(
+        "--domains",
+        nargs="+",
+        default=None,
+        help="default: every domain of the suite, or only the --recipe domains when given",
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", type=Path, default=RESULTS,
-                   help="results folder (default ./benchmarks/results); training runs go to OUT/runs")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="results folder (default ./benchmarks/results); training runs go to OUT/runs",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", action="append", default=[], metavar="NAME=RECIPE.yaml",
-                   help="benchmark your own domain's recipe (repeatable), with the suite's sampler sweep; "
-                        "with --domains, beside built-in ones")
-    p.add_argument("--steps", type=int, default=None,
-                   help="training budget of every domain (default: the suite's; --recipe domains: quick 500, full 20000)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=V", dest="overrides",
-                   help="a recipe override for every domain (repeatable), e.g. --set trainer.compile=true")
-    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="local copy of a literature data set for the full suite: qm9=PATH (" + QM9_HELP + "; not needed "
-                        "with the qm9pack package installed), sc09=PATH (" + SC09_HELP + ")")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULT.json",
-                   help="combine results of the same suite (e.g. one domain per job) into one report, then stop")
+    p.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="NAME=RECIPE.yaml",
+        help="benchmark your own domain's recipe (repeatable), with the suite's sampler sweep; "
+        "with --domains, beside built-in ones",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training budget of every domain (default: the suite's; --recipe domains: quick 500, full 20000)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=V",
+        dest="overrides",
+        help="a recipe override for every domain (repeatable), e.g. --set trainer.compile=true",
+    )
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="local copy of a literature data set for the full suite: qm9=PATH (" + QM9_HELP + "; not needed "
+        "with the qm9pack package installed), sc09=PATH (" + SC09_HELP + ")",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="RESULT.json",
+        help="combine results of the same suite (e.g. one domain per job) into one report, then stop",
+    )
     a = p.parse_args(argv)
     if a.merge:
         return merge_results(a.merge, a.out)
     if a.data and a.suite != "full":
-        raise SystemExit(f"polydiff bench: --data is for the full suite's literature settings (qm9, sc09), not --suite "
-                         f"{a.suite}: add --suite full (e.g. --suite full --domains qm9 --data qm9=PATH)")
+        raise SystemExit(
+            f"polydiff bench: --data is for the full suite's literature settings (qm9, sc09), not --suite "
+            f"{a.suite}: add --suite full (e.g. --suite full --domains qm9 --data qm9=PATH)"
+        )
     data = {}
     for item in a.data:
         key, sep, path = item.partition("=")
@@ -563,8 +778,10 @@ def main(argv: Optional[list[str]] = None) -> Path:
             raise SystemExit(f"polydiff bench: --data needs qm9=PATH or sc09=PATH, got {item!r}")
         data[key] = str(Path(path).expanduser().resolve())
         if not Path(path).is_dir():
-            raise SystemExit(f"polydiff bench: --data {item}: no folder at {data[key]}; place "
-                             f"{QM9_HELP if key == 'qm9' else SC09_HELP}")
+            raise SystemExit(
+                f"polydiff bench: --data {item}: no folder at {data[key]}; place "
+                f"{QM9_HELP if key == 'qm9' else SC09_HELP}"
+            )
     if a.steps is not None and a.steps < 1:
         raise SystemExit(f"polydiff bench: --steps must be at least 1, got {a.steps}")
     specs = dict(suites()[a.suite])
@@ -577,9 +794,16 @@ def main(argv: Optional[list[str]] = None) -> Path:
         steps = a.steps or (500 if a.suite == "quick" else 20000)
         base = specs["points"]  # the generic sweep (every sampler and step count)
         quick = a.suite == "quick"  # a network of unknown cost: fewer samples, guided sweeps up to 100 steps
-        specs[name] = DomainBench(str(Path(recipe).resolve()), _train_steps(steps), 128 if quick else base.num_samples,
-                                  base.samplers, guidance=[1.0, 3.0], batch_sizes=base.batch_sizes[:2], peers=["diffusers"],
-                                  max_guided_steps=100 if quick else 10**9)
+        specs[name] = DomainBench(
+            str(Path(recipe).resolve()),
+            _train_steps(steps),
+            128 if quick else base.num_samples,
+            base.samplers,
+            guidance=[1.0, 3.0],
+            batch_sizes=base.batch_sizes[:2],
+            peers=["diffusers"],
+            max_guided_steps=100 if quick else 10**9,
+        )
     for item in a.overrides:
         if "=" not in item:
             raise SystemExit(f"polydiff bench: --set needs KEY=VALUE (a recipe override), got {item!r}")
@@ -594,22 +818,39 @@ def main(argv: Optional[list[str]] = None) -> Path:
     if unknown:
         other = [d for d in unknown if d in suites()["full" if a.suite == "quick" else "quick"]]
         hint = f"; {other} belong to --suite {'full' if a.suite == 'quick' else 'quick'}" if other else ""
-        raise SystemExit(f"polydiff bench: no {a.suite}-suite configuration for domain(s) {unknown}; known: "
-                         f"{sorted(specs)}{hint} (a domain of your own: --recipe NAME=RECIPE.yaml)")
+        raise SystemExit(
+            f"polydiff bench: no {a.suite}-suite configuration for domain(s) {unknown}; known: "
+            f"{sorted(specs)}{hint} (a domain of your own: --recipe NAME=RECIPE.yaml)"
+        )
     unused = sorted(set(data) - {specs[d].data[0] for d in domains if specs[d].data})
     if unused:
-        raise SystemExit(f"polydiff bench: --data {' '.join(f'{k}=...' for k in unused)} is given but no domain that "
-                         f"reads it is benchmarked (domains: {' '.join(domains)}); add --domains {' '.join(unused)}")
-    missing = {d: specs[d].data for d in domains if specs[d].data and specs[d].data[0] not in data and not packaged(specs[d].data[0])}
+        raise SystemExit(
+            f"polydiff bench: --data {' '.join(f'{k}=...' for k in unused)} is given but no domain that "
+            f"reads it is benchmarked (domains: {' '.join(domains)}); add --domains {' '.join(unused)}"
+        )
+    missing = {
+        d: specs[d].data
+        for d in domains
+        if specs[d].data and specs[d].data[0] not in data and not packaged(specs[d].data[0])
+    }
     if missing and len(missing) == len(domains):  # nothing would run: a result of skips only, and exit status 0
-        raise SystemExit("polydiff bench: nothing to benchmark without the local data: "
-                         + "; ".join(f"{d} needs its data: {_placing(key, where)}" for d, (key, _, where) in missing.items()))
+        raise SystemExit(
+            "polydiff bench: nothing to benchmark without the local data: "
+            + "; ".join(f"{d} needs its data: {_placing(key, where)}" for d, (key, _, where) in missing.items())
+        )
     path = run_suite(a.suite, domains, a.device, a.out, a.seed, specs=specs, data=data)
     results = json.loads(path.read_text())["domains"]
     failed = {n: r["error"] for n, r in results.items() if "error" in r}
-    failed.update({f"{n} {e['sampler']}-{e['steps']} guidance {e['guidance']}": e["error"]
-                   for n, r in results.items() for e in r.get("sampling_errors", [])})
+    failed.update(
+        {
+            f"{n} {e['sampler']}-{e['steps']} guidance {e['guidance']}": e["error"]
+            for n, r in results.items()
+            for e in r.get("sampling_errors", [])
+        }
+    )
     if failed:  # the results are written; the exit status still says the run is not whole
-        raise SystemExit(f"polydiff bench: {len(failed)} domain(s) or sampler row(s) failed "
-                         f"({'; '.join(f'{n}: {e}' for n, e in failed.items())}); results so far in {path}")
+        raise SystemExit(
+            f"polydiff bench: {len(failed)} domain(s) or sampler row(s) failed "
+            f"({'; '.join(f'{n}: {e}' for n, e in failed.items())}); results so far in {path}"
+        )
     return path

@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from polydiff.checkpoint import atomic_save
 from polydiff.metrics import classifier_metrics
 
-__all__ = ["fit_classifier", "seeded", "ClassifierScorer", "cache_key", "cached_scorer", "enough_to_score", "default_cache_dir"]
+__all__ = [
+    "fit_classifier",
+    "seeded",
+    "ClassifierScorer",
+    "cache_key",
+    "cached_scorer",
+    "enough_to_score",
+    "default_cache_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +146,9 @@ class ClassifierScorer:
         count = len(self.heldout_x) if n is None else max(2, min(int(n), len(self.heldout_x)))
         idx = torch.randperm(len(self.heldout_x), generator=torch.Generator().manual_seed(seed))[:count]
         labels = self.heldout_y.cpu()[idx] if labelled else None
-        row = classifier_metrics(self.heldout_feats[idx], self.heldout_probs[idx], self.train_feats, self.train_probs, labels)
+        row = classifier_metrics(
+            self.heldout_feats[idx], self.heldout_probs[idx], self.train_feats, self.train_probs, labels
+        )
         return {**row, "num_samples": count}
 
 
@@ -164,16 +174,20 @@ def cached_scorer(
     fit_kwargs: dict,
     device: Union[torch.device, str, None] = None,
 ) -> ClassifierScorer:
-    """A :class:`ClassifierScorer` fitted (or loaded from ``cache``) on ``device``: a GPU when there is one by default."""
+    """A :class:`ClassifierScorer` fitted (or loaded from ``cache``) on ``device`` (by default a GPU where there is
+    one)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     x, y = train
-    return ClassifierScorer(lambda: make_net().to(device), (x.to(device), y.to(device)), heldout, cache=cache, fit_kwargs=fit_kwargs)
+    return ClassifierScorer(
+        lambda: make_net().to(device), (x.to(device), y.to(device)), heldout, cache=cache, fit_kwargs=fit_kwargs
+    )
 
 
 def enough_to_score(n: int, domain: str, items: str) -> bool:
-    """Whether ``n`` samples can be scored: FID fits a covariance, so at least 2 (a warning names ``items`` when not)."""
+    """Whether ``n`` samples can be scored: FID fits a covariance, so at least 2 (a warning names ``items`` when
+    not)."""
     if n >= 2:
         return True
     log.warning("%s metrics need at least 2 %s (FID fits a covariance), got %d: none computed", domain, items, n)

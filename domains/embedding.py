@@ -11,8 +11,9 @@ from torch import Tensor
 __all__ = ["sinusoidal_embedding"]
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, shift: int = 0,
-                         sin_first: bool = False) -> Tensor:
+def sinusoidal_embedding(
+    t: Tensor, dim: int, max_period: float = 10000.0, shift: int = 0, sin_first: bool = False
+) -> Tensor:
     """Transformer position encoding of ``t`` (Vaswani et al. 2017, section 3.5): ``[B] -> [B, dim]``.
 
     Frequencies ``max_period ** (-k / (dim // 2 - shift))``, ``k < dim // 2``; cosines then sines (or

@@ -31,7 +31,12 @@ def visible_files(folder: Path, recursive: bool = True, follow_links: bool = Tru
             if follow_links:
                 real = os.path.realpath(os.path.join(top, d))
                 if real in chains[top]:
-                    log.warning("%s: skipped %s: it links back to %s, which holds it (a loop)", folder, os.path.join(top, d), real)
+                    log.warning(
+                        "%s: skipped %s: it links back to %s, which holds it (a loop)",
+                        folder,
+                        os.path.join(top, d),
+                        real,
+                    )
                     continue
                 chains[os.path.join(top, d)] = chains[top] | {real}
             kept.append(d)
@@ -49,8 +54,17 @@ def split_by_suffix(files: Iterable[Path], suffixes: Collection[str]) -> tuple[l
     return matching, other
 
 
-def log_other_files(folder: Path, other: Sequence[Path], suffixes: Sequence[str], advice: str, verb: str = "skipped") -> None:
+def log_other_files(
+    folder: Path, other: Sequence[Path], suffixes: Sequence[str], advice: str, verb: str = "skipped"
+) -> None:
     """One INFO line naming (the first three of) the ``other`` files under ``folder`` left out for their suffix."""
     if other:
-        log.info("%s: %s %d file(s) that are not %s, e.g. %s (%s)", folder, verb, len(other), "/".join(suffixes),
-                 [str(p.relative_to(folder)) for p in other[:3]], advice)
+        log.info(
+            "%s: %s %d file(s) that are not %s, e.g. %s (%s)",
+            folder,
+            verb,
+            len(other),
+            "/".join(suffixes),
+            [str(p.relative_to(folder)) for p in other[:3]],
+            advice,
+        )

@@ -145,7 +145,9 @@ class UNet(nn.Module):
         if not mults or min(mults) < 1:
             raise ValueError(f"UNet: channel_mults={list(channel_mults)} must be a non-empty list of positive integers")
         levels = len(mults)
-        factors = [int(down_factors)] * (levels - 1) if isinstance(down_factors, int) else [int(f) for f in down_factors]
+        factors = (
+            [int(down_factors)] * (levels - 1) if isinstance(down_factors, int) else [int(f) for f in down_factors]
+        )
         if len(factors) != levels - 1 or any(f < 1 for f in factors):
             raise ValueError(
                 f"UNet: down_factors={down_factors} must be one positive integer or one per level transition "
@@ -219,7 +221,9 @@ class UNet(nn.Module):
             idx = null
         else:
             if label.shape != (batch,) or label.is_floating_point():
-                raise ValueError(f"UNet: label must be an integer tensor of shape [{batch}], got {tuple(label.shape)} {label.dtype}")
+                raise ValueError(
+                    f"UNet: label must be an integer tensor of shape [{batch}], got {tuple(label.shape)} {label.dtype}"
+                )
             if label.device.type == "cpu" and not torch.compiler.is_compiling():
                 bad = (label < NULL_LABEL) | (label >= self.num_classes)
                 if bad.any():
@@ -233,7 +237,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, label: Optional[Tensor] = None) -> Tensor:
         if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"UNet: expected x of shape [B, {self.in_channels}, {', '.join(['size'] * self.dims)}], got {tuple(x.shape)}"
+                f"UNet: expected x of shape [B, {self.in_channels}, {', '.join(['size'] * self.dims)}], "
+                f"got {tuple(x.shape)}"
             )
         b, spatial = x.shape[0], x.shape[2:]
         if t.shape != (b,):
@@ -266,7 +271,8 @@ class UNet(nn.Module):
 
 
 def build_unet(dims: int, in_channels: int, num_classes: int, model: Mapping[str, Any], owner: str) -> UNet:
-    """A :class:`UNet` from a recipe's ``model`` section; the ``owner`` domain sets dims, channels and classes from its data."""
+    """A :class:`UNet` from a recipe's ``model`` section; the ``owner`` domain sets dims, channels and classes from
+    its data."""
     for key in _DATA_KEYS:
         if key in model:
             raise KeyError(f"model.{key} is set by the {owner} domain from the data; remove it from the recipe")

@@ -13,12 +13,26 @@ from torch import nn
 
 from .config import call_checked
 from .domain import Domain
-from .objectives import Objective
+from .objectives import BaseObjective, build_objective_from
 from .registry import get_domain
 from .safety import safe_instantiate
 from .schedules import NoiseSchedule, make_schedule
 
-__all__ = ["Parts", "load_run", "parts_from_checkpoint", "saved_config", "domain_class_path", "build_domain", "split_domain_overrides", "with_domain_overrides", "build_network", "build_schedule", "build_objective", "to_plain", "check_targets"]
+__all__ = [
+    "Parts",
+    "load_run",
+    "parts_from_checkpoint",
+    "saved_config",
+    "domain_class_path",
+    "build_domain",
+    "split_domain_overrides",
+    "with_domain_overrides",
+    "build_network",
+    "build_schedule",
+    "build_objective",
+    "to_plain",
+    "check_targets",
+]
 
 
 def to_plain(cfg: Any) -> Any:
@@ -82,8 +96,9 @@ def build_schedule(schedule_cfg: Mapping[str, Any]) -> NoiseSchedule:
     return call_checked(make_schedule, cfg, "schedule")
 
 
-def build_objective(objective_cfg: Mapping[str, Any], schedule: NoiseSchedule) -> Objective:
-    objective = call_checked(Objective, dict(to_plain(objective_cfg)), "objective")
+def build_objective(objective_cfg: Mapping[str, Any], schedule: NoiseSchedule) -> BaseObjective:
+    """The objective the ``objective`` section names (``vp`` without a name), its options checked by name."""
+    objective = build_objective_from(to_plain(objective_cfg) or {})
     objective.check_schedule(schedule)  # before training, not only when sampling
     return objective
 
@@ -95,7 +110,7 @@ class Parts:
     domain: Domain
     net: nn.Module
     schedule: NoiseSchedule
-    objective: Objective
+    objective: BaseObjective
     train_set: Any = None  # the training set, when it was read to set the domain up
 
     @classmethod
@@ -139,9 +154,14 @@ def saved_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
         return cfg
     except (KeyError, ImportError):  # not registered here, or a "module:Class" name whose module does not import
         if not saved.get("class") or saved["class"].startswith("__main__:"):
-            raise KeyError(f"unknown domain {name!r}: the run's domain class is not importable here"
-                           + (" (it was defined in a script run as __main__: move it into a module)" if saved else
-                              "; import or register it first (polydiff.register_domain)")) from None
+            raise KeyError(
+                f"unknown domain {name!r}: the run's domain class is not importable here"
+                + (
+                    " (it was defined in a script run as __main__: move it into a module)"
+                    if saved
+                    else "; import or register it first (polydiff.register_domain)"
+                )
+            ) from None
     try:
         get_domain(saved["class"])
     except ImportError as err:
@@ -150,8 +170,9 @@ def saved_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     return {**cfg, "domain": {**cfg["domain"], "name": saved["class"]}}
 
 
-def load_run(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
-             domain_overrides: Sequence[str] = ()) -> tuple[Parts, dict[str, Any]]:
+def load_run(
+    path: str | Path, weights: str = "ema", device: str | torch.device = "cpu", domain_overrides: Sequence[str] = ()
+) -> tuple[Parts, dict[str, Any]]:
     """The parts of a trained run (a run folder or a checkpoint file), its network holding the EMA (``"ema"``) or
     raw (``"raw"``) weights on ``device`` in eval mode, and the checkpoint. Samples come from
     :func:`polydiff.generate.generate` with the parts and the checkpoint's ``config["sampler"]``."""
@@ -170,7 +191,9 @@ def parts_from_checkpoint(ckpt: Mapping[str, Any], weights: str = "ema", domain_
     """:func:`load_run` for a checkpoint already loaded: the network on the CPU, in eval mode."""
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights={weights!r}: choose 'ema' or 'raw'")
-    parts = Parts.from_config(with_domain_overrides(saved_config(ckpt), domain_overrides), domain_state=ckpt["domain_state"])
+    parts = Parts.from_config(
+        with_domain_overrides(saved_config(ckpt), domain_overrides), domain_state=ckpt["domain_state"]
+    )
     state = ckpt["model"]
     if weights == "ema":
         state = {k[len("module.") :]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}

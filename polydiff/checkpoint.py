@@ -47,7 +47,8 @@ def atomic_save(obj: Any, path: Path) -> None:
             try:
                 torch.save(obj, f)
             except RuntimeError as err:
-                # torch's zip writer reports a failed write (a full disk) as "unexpected pos": the OSError is its context.
+                # torch's zip writer reports a failed write (a full disk) as "unexpected pos": the OSError is its
+                # context.
                 if isinstance(err.__context__, OSError):
                     raise OSError(err.__context__.errno, err.__context__.strerror) from err
                 raise
@@ -181,8 +182,27 @@ def _refused_global(message: str) -> tuple[str, bool] | None:
 
 
 # Modules whose globals in a pickle can only mean running something (older torch does not say "blocked").
-_CODE_MODULES = {"os", "posix", "nt", "subprocess", "builtins", "sys", "importlib", "runpy", "pty", "shutil",
-                 "ctypes", "code", "codeop", "pickle", "marshal", "socket", "webbrowser", "operator", "functools"}
+_CODE_MODULES = {
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "builtins",
+    "sys",
+    "importlib",
+    "runpy",
+    "pty",
+    "shutil",
+    "ctypes",
+    "code",
+    "codeop",
+    "pickle",
+    "marshal",
+    "socket",
+    "webbrowser",
+    "operator",
+    "functools",
+}
 
 
 def _refusal(path: Path, name: str, blocked: bool) -> ValueError:

@@ -6,16 +6,18 @@ Each section mirrors a constructor or function signature. A recipe lists the sch
 with the likely fix, also for keys added with Hydra's ``+`` (which the schema would otherwise
 carry along unused). The free-form ``domain`` and ``model`` sections are checked against the
 domain's constructor and ``build_network`` signatures by :func:`call_checked`.
+
+The ``sampler`` and ``objective`` sections name a plug-in (``name``): beside the schema's keys they
+hold that plug-in's own options (``sampler.eta``, ``objective.prediction``), which Hydra lets a
+command line set without ``+`` and which are checked against the plug-in's signature.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from .plugins import call_checked, check_call, unknown_key  # noqa: F401  (re-exported: config mirrors constructors)
 
 __all__ = [
     "ScheduleConfig",
@@ -29,6 +31,10 @@ __all__ = [
     "check_call",
     "check_keys",
     "check_overrides",
+    "check_section",
+    "sampler_section",
+    "merge_sampler",
+    "open_section",
     "unknown_key",
     "check_trainer",
 ]
@@ -51,11 +57,11 @@ class ScheduleConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Arguments of :class:`polydiff.objectives.Objective`."""
+    """The objective by its registry name (:func:`polydiff.objectives.get_objective`); the section's other keys are
+    that class's constructor arguments, e.g. ``vp``'s ``prediction`` (eps | v | x0), ``weighting`` (uniform |
+    min_snr) and ``gamma``."""
 
-    prediction: str = "eps"  # eps | v | x0
-    weighting: str = "uniform"  # uniform | min_snr
-    gamma: float = 5.0  # min-SNR-gamma (Hang et al. 2023)
+    name: str = "vp"  # a registered objective, or module:Class
 
 
 @dataclass
@@ -90,16 +96,18 @@ class TrainerConfig:
 
 @dataclass
 class SamplerConfig:
-    """Arguments of :func:`polydiff.samplers.sample`."""
+    """The sampler (:func:`polydiff.samplers.get_sampler`), its steps, the options every sampler takes and the
+    generation settings of :func:`polydiff.generate.generate`; the section's other keys are the chosen sampler's own
+    keyword arguments (``eta`` of ddim, ``variance`` of ddpm: small | large)."""
 
-    name: str = "ddim"  # ddpm | ddim | dpmpp_2m
+    name: str = "ddim"  # ddpm | ddim | dpmpp_2m, another registered sampler, or module:function
     steps: int = 50
-    eta: float = 0.0  # ddim
     spacing: str = "trailing"  # trailing | leading | linspace
-    variance: str = "small"  # ddpm: small | large
     clip_x0: Optional[float] = None  # off: non-image data is not in [-1, 1]
+    # Generation settings, never passed to the sampler:
     batch_size: Optional[int] = 64  # samples per chunk of a draw (null: all at once)
-    precision: str = "fp32"  # fp32 | bf16 (the network under bf16 autocast, e.g. on a GPU; the sampler's arithmetic stays fp32)
+    # fp32 | bf16: the network under bf16 autocast (e.g. on a GPU); the sampler's arithmetic stays fp32
+    precision: str = "fp32"
 
 
 @dataclass
@@ -121,11 +129,21 @@ class RecipeConfig:
     domain: Dict[str, Any] = field(default_factory=dict)  # {name: ..., **domain constructor args}
     model: Dict[str, Any] = field(default_factory=dict)  # build_network(**model)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: open_section(ObjectiveConfig))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig = field(default_factory=lambda: open_section(SamplerConfig))
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     seed: int = 0
+
+
+def open_section(schema: type) -> Any:
+    """``schema`` as a typed OmegaConf node that also takes keys of its own (a plug-in's options): its fields keep
+    their types, and Hydra lets ``section.KEY=V`` add a key without ``+``."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(schema)
+    OmegaConf.set_struct(node, False)  # set on the node itself: Hydra's struct flag on the root does not close it
+    return node
 
 
 _REGISTERED = False
@@ -149,110 +167,140 @@ SECTIONS: Dict[str, type] = {
     "sampler": SamplerConfig,
     "guidance": GuidanceConfig,
 }
+# The sections that name a plug-in: their keys beyond the schema's are the plug-in's options.
+PLUGIN_SECTIONS = ("sampler", "objective")
 
 
-def unknown_key(where: str, key: str, known: List[str], owner: str = "") -> KeyError:
-    """``KeyError`` naming ``where.key``, the closest known key and the known keys."""
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" Did you mean '{where}.{close[0]}'?" if close else ""
-    return KeyError(f"unknown key '{where}.{key}'{f' for {owner}' if owner else ''}.{hint} Known keys: {known}")
+def _plugins(section: str) -> tuple[Mapping[str, Any], Callable[[str], Mapping[str, Any]], Callable[..., None]]:
+    """The registry of a plug-in section, the options of a plug-in by name, and the check of given options."""
+    if section == "sampler":
+        from .samplers import SAMPLERS, check_sampler_options, sampler_options
+
+        return SAMPLERS, sampler_options, check_sampler_options
+    from .objectives import OBJECTIVES, check_objective_options, objective_options
+
+    return OBJECTIVES, objective_options, check_objective_options
 
 
 def check_keys(cfg: Mapping[str, Any]) -> None:
-    """Raise :func:`unknown_key` for any key of a recipe outside :class:`RecipeConfig` and its typed sections."""
+    """Raise :func:`unknown_key` for any key of a recipe outside :class:`RecipeConfig` and its typed sections; a
+    plug-in section's other keys are checked by :func:`check_section`."""
     top = list(RecipeConfig.__dataclass_fields__)
     for key in cfg:
         if key not in top:
             raise unknown_key("recipe", str(key), top)
     for section, schema in SECTIONS.items():
+        if section in PLUGIN_SECTIONS:
+            check_section(section, cfg.get(section) or {})
+            continue
         known = list(schema.__dataclass_fields__)
         for key in cfg.get(section) or {}:
             if key not in known:
                 raise unknown_key(section, str(key), known, schema.__name__)
 
 
+def check_section(section: str, values: Mapping[str, Any]) -> None:
+    """Refuse a key of the ``sampler`` or ``objective`` section that is neither the schema's nor an option of the
+    plug-in it names, naming the plug-ins that take it; and an option of the wrong type."""
+    fields = SECTIONS[section].__dataclass_fields__
+    values = sampler_section(values) if section == "sampler" else dict(values)
+    name = values.get("name") or fields["name"].default
+    options = {k: v for k, v in values.items() if k not in fields}
+    _plugins(section)[2](name, options, settings=tuple(fields))
+
+
 def check_overrides(overrides: Sequence[str]) -> None:
-    """Check ``[+|++]section.key=value`` command-line overrides of the typed sections before Hydra sees them."""
-    for item in overrides:
-        path = item.split("=", 1)[0].lstrip("+")
-        parts = path.split(".")
-        if "=" in item and len(parts) >= 2 and parts[0] in SECTIONS:
-            known = list(SECTIONS[parts[0]].__dataclass_fields__)
-            if parts[1] not in known:
-                raise unknown_key(parts[0], parts[1], known, SECTIONS[parts[0]].__name__)
+    """Check ``[+|++]section.key=value`` command-line overrides of the typed sections before Hydra sees them.
 
-
-def call_checked(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str) -> Any:
-    """Call ``fn(**kwargs)``, rejecting unknown keys with a message naming ``where`` and the fix."""
-    check_call(fn, kwargs, where)
-    return fn(**kwargs)
-
-
-def check_call(fn: Callable[..., Any], kwargs: Mapping[str, Any], where: str, given: Sequence[str] = ()) -> None:
-    """Raise ``KeyError`` naming ``where.KEY`` for keys ``fn`` does not take or required keys missing, and
-    ``TypeError`` for a value whose type contradicts a plain annotation (int, float, bool, str, optional).
-
-    ``given`` names parameters the caller passes itself: they are neither config keys nor missing.
+    A plug-in section's key must be an option of the plug-in named by ``section.name=`` on the command line, or
+    (the recipe names it) of a registered one; the composed recipe is checked again by :func:`check_keys`.
     """
-    sig = inspect.signature(fn)
-    params = sig.parameters
-    owner = getattr(fn, "__qualname__", str(fn))
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if not takes_any:
-        known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                 and n != "self" and n not in given]
-        for key in kwargs:
-            if key not in known:
-                raise unknown_key(where, key, known, owner)
-        missing = [
-            n
-            for n, p in params.items()
-            if p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and n != "self"
-            and n not in kwargs
-            and n not in given
-        ]
-        if missing:
-            raise KeyError(f"missing key(s) {[f'{where}.{m}' for m in missing]} for {owner}")
+    given = {item.split("=", 1)[0].lstrip("+"): item.split("=", 1)[1] for item in overrides if "=" in item}
+    for path in given:
+        parts = path.split(".")
+        if len(parts) < 2 or parts[0] not in SECTIONS:
+            continue
+        section, key, schema = parts[0], parts[1], SECTIONS[parts[0]]
+        known = list(schema.__dataclass_fields__)
+        if key in known:
+            continue
+        if section not in PLUGIN_SECTIONS:
+            raise unknown_key(section, key, known, schema.__name__)
+        table, options_of, check = _plugins(section)
+        named = given.get(f"{section}.name")
+        if named is not None:
+            if key not in options_of(named):
+                check(named, {key: _value(given[path])}, settings=tuple(known))
+            continue
+        every = sorted({k for n in table for k in options_of(n)} - set(known))
+        if key not in every:
+            raise unknown_key(
+                section,
+                key,
+                [*known, *every],
+                f"any registered {section}; a {section} of your own: "
+                f"name it on the command line too ({section}.name=module:attr)",
+            )
+
+
+def _value(text: str) -> Any:
+    """A command-line value as Hydra reads it (YAML), for messages."""
+    import yaml
+
     try:
-        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
-    except Exception:  # annotations that do not evaluate here: nothing to check
-        return
-    for key, value in kwargs.items():
-        if key in hints and _accepts(value, hints[key]) is False:
-            raise TypeError(f"{where}.{key}={value!r} has the wrong type: it must be {_describe(hints[key])}")
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
-_PLAIN = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+# The sampler section as written before samplers had a registry: every key, whatever the sampler, and the defaults
+# of options only some samplers take, which that code dropped for the others.
+_LEGACY_SAMPLER = {"name", "steps", "eta", "spacing", "variance", "clip_x0", "batch_size", "precision"}
+_LEGACY_DEFAULTS = {"eta": 0.0, "variance": "small"}
 
 
-def _accepts(value: Any, tp: Any) -> Optional[bool]:
-    """Whether ``value`` fits the annotation ``tp``; ``None`` where the annotation is not a plain one."""
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp in (bool, str, type(None)):
-        return isinstance(value, tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        verdicts = [_accepts(value, arg) for arg in typing.get_args(tp)]
-        return True if True in verdicts else (None if None in verdicts else False)
-    return None
+def sampler_section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``sampler`` section as a dict; one written before the sampler registry (it holds every old key) leaves out
+    the old defaults its sampler does not take (``eta: 0.0`` for ddpm), so old checkpoints sample as before."""
+    out = dict(section)
+    if _LEGACY_SAMPLER <= set(out):
+        takes = _plugins("sampler")[1](out["name"])
+        out = {k: v for k, v in out.items() if k in takes or k not in _LEGACY_DEFAULTS or v != _LEGACY_DEFAULTS[k]}
+    return out
 
 
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(tp))
-    return _PLAIN.get(tp, getattr(tp, "__name__", str(tp)))
+def merge_sampler(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``sampler`` section ``polydiff sample`` uses: the run's (``saved``) with the command line's (``given``)
+    over it, typed by :class:`SamplerConfig` and checked. Another sampler named on the command line starts from its
+    own defaults: the run's options it does not take were the run's sampler's, and are left out."""
+    from omegaconf import OmegaConf
+
+    saved, given = sampler_section(saved), dict(given)
+    if "name" in given and given["name"] != saved.get("name"):
+        takes = _plugins("sampler")[1](str(given["name"]))
+        saved = {k: v for k, v in saved.items() if k in SamplerConfig.__dataclass_fields__ or k in takes}
+    merged = OmegaConf.to_container(OmegaConf.merge(open_section(SamplerConfig), saved, given))
+    check_section("sampler", merged)
+    return merged
 
 
 # trainer.KEY -> (lowest allowed value, highest or None): checked before anything is built.
 _LIMITS = {
-    "max_steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None), "log_every": (1, None),
-    "ckpt_every": (1, None), "keep_every": (0, None), "num_samples": (1, None), "warmup_steps": (0, None),
-    "sample_every": (0, None), "num_workers": (0, None), "grad_clip": (0, None), "weight_decay": (0, None), "label_dropout": (0, 1),
-    "lr": (0, None), "ema_decay": (0, 1),
+    "max_steps": (1, None),
+    "batch_size": (1, None),
+    "grad_accum": (1, None),
+    "log_every": (1, None),
+    "ckpt_every": (1, None),
+    "keep_every": (0, None),
+    "num_samples": (1, None),
+    "warmup_steps": (0, None),
+    "sample_every": (0, None),
+    "num_workers": (0, None),
+    "grad_clip": (0, None),
+    "weight_decay": (0, None),
+    "label_dropout": (0, 1),
+    "lr": (0, None),
+    "ema_decay": (0, 1),
 }
 
 

@@ -69,7 +69,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
     that of their place in the data order (global batch number and place in it), for augmentation.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.check(num_items, batch_size, world_size)
         global_batch = batch_size * world_size
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
@@ -96,7 +98,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 epoch = e
                 perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
             lo = (k * self.world_size + self.rank) * self.batch_size
-            first = b * self.world_size * self.batch_size + self.rank * self.batch_size  # this slice's place in the order
+            first = (
+                b * self.world_size * self.batch_size + self.rank * self.batch_size
+            )  # this slice's place in the order
             yield [Draw(i, self.seed, first + j) for j, i in enumerate(perm[lo : lo + self.batch_size].tolist())]
             b += 1
 

@@ -1,8 +1,9 @@
-"""The domain adapter template: data, network, state layout, outputs and metrics of one modality.
+"""The domain adapter template: data, network and state layout of one modality, and its outputs object.
 
 A domain overrides only what differs from dense tensors. For a data set of ``[...]``-shaped
 tensors (or ``(tensor, label)`` pairs) a domain needs just :meth:`Domain.dataset` and
-:meth:`Domain.build_network`; everything else has a dense default.
+:meth:`Domain.build_network`; everything else has a dense default. Files and metrics belong to
+the domain's :class:`polydiff.outputs.Outputs` (:meth:`Domain.make_outputs`).
 
 The network contract used by every sampler and objective::
 
@@ -15,40 +16,23 @@ where ``t`` is a per-sample float tensor ``[B]`` in ``[0, 1]`` (``0`` = clean da
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .conditioning import NULL_LABEL
+from .outputs import Outputs
+from .plugins import check_call
 from .space import DenseSpace, RaggedSpace, Space
-
-if TYPE_CHECKING:
-    from .samplers import Known
+from .state import Batch, Known  # Batch stays importable from here
 
 __all__ = ["Batch", "Domain"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Batch:
-    """A batch of states ``x`` with their layout ``space`` and the network's keyword args ``cond``."""
-
-    x: Tensor
-    space: Space
-    cond: dict[str, Tensor] = field(default_factory=dict)
-
-    def to(self, device: torch.device | str) -> "Batch":
-        cond = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.cond.items()}
-        return Batch(self.x.to(device), self.space.to(device), cond)
-
-    @property
-    def num_samples(self) -> int:
-        return self.space.num_samples
 
 
 def cond_layout(key: str, value: Any, batch: Batch) -> str:
@@ -61,35 +45,44 @@ def cond_layout(key: str, value: Any, batch: Batch) -> str:
     space, n = batch.space, value.shape[0]
     if isinstance(space, RaggedSpace) and value.shape == space.batch.shape and torch.equal(value, space.batch):
         return "index"
-    if n == batch.num_samples == batch.x.shape[0] and isinstance(space, RaggedSpace) and not torch.equal(
-            space.batch, torch.arange(n, device=space.batch.device)):
-        raise ValueError(f"cond[{key!r}] has {n} entries, as many as the samples and as the state's rows, which "
-                         "are laid out differently: override the domain's take() and concat() to say which it is, "
-                         "or set sampler.batch_size=null")
+    if (
+        n == batch.num_samples == batch.x.shape[0]
+        and isinstance(space, RaggedSpace)
+        and not torch.equal(space.batch, torch.arange(n, device=space.batch.device))
+    ):
+        raise ValueError(
+            f"cond[{key!r}] has {n} entries, as many as the samples and as the state's rows, which "
+            "are laid out differently: override the domain's take() and concat() to say which it is, "
+            "or set sampler.batch_size=null"
+        )
     if n == batch.num_samples:
         return "sample"
     return "row" if n == batch.x.shape[0] else "whole"
 
 
 class Domain:
-    """Template base class for a data domain.
+    """Template base class for a data domain: what training and sampling need, and an outputs object for the rest.
 
-    Hooks (defaults serve dense ``[B, ...]`` tensors):
+    Training and sampling (defaults serve dense ``[B, ...]`` tensors):
 
     * :meth:`dataset` -- the data set of a split (``"train"``, ``"test"``, ...). Required.
     * :meth:`build_network` -- the denoiser for the recipe's ``model`` section. Required.
     * :meth:`collate` -- items -> :class:`Batch` (dense stacking by default).
     * :meth:`setup` -- what sampling needs from the training set (sample shape, class names).
     * :meth:`prior` -- the layout and conditions of ``n`` new samples; :meth:`can_guide` says whether
-      they carry a condition for guidance, :meth:`parse_label` reads a class name.
-    * :meth:`save_samples` / :meth:`evaluate` / :meth:`reference_metrics` -- outputs, metrics and the
-      same metrics of real held-out data (a ``.pt`` file and no metrics by default);
-      :meth:`read_samples` reads sample files back (``polydiff eval``) and :meth:`known_values`
-      says what ``polydiff sample --known FILE`` keeps of one.
+      they carry a condition for guidance (:attr:`guidance_keys`), :meth:`parse_label` reads a class
+      name and :meth:`default_labels` picks the labels of a draw.
     * :meth:`concat` / :meth:`take` -- one batch from the chunks of a large draw, and a chunk of it
       (override both when ``cond`` holds indices into the state other than a graph batch vector).
     * :meth:`state_dict` / :meth:`load_state_dict` -- what sampling needs from the data
       (sample shape, class names, ...), saved in checkpoints so sampling needs no data.
+
+    Outputs and scoring belong to :attr:`outputs`, a :class:`polydiff.outputs.Outputs` made by
+    :meth:`make_outputs` (override it to give the domain its own): :meth:`save_samples`,
+    :meth:`read_samples` (``polydiff eval``), :meth:`known_values` (``polydiff sample --known``),
+    :meth:`evaluate` and :meth:`reference_metrics` (the same metrics of real held-out data). A ``.pt``
+    file and no metrics by default. Callers reach them through the domain (``domain.evaluate(batch)``),
+    so a subclass that overrides them itself, as before the outputs object, still works.
     """
 
     #: Registry name, set by :func:`polydiff.register_domain`.
@@ -167,8 +160,10 @@ class Domain:
         if not name.lstrip("-").isdigit():
             raise ValueError(f"unknown label {value!r} for domain {self.name!r}; known labels: {self.class_names}")
         if any(c.lstrip("-").isdigit() for c in self.class_names):
-            raise ValueError(f"label {value!r} is not a class name, and indices are ambiguous where class names are "
-                             f"numbers: give one of {self.class_names}")
+            raise ValueError(
+                f"label {value!r} is not a class name, and indices are ambiguous where class names are "
+                f"numbers: give one of {self.class_names}"
+            )
         index = int(name)
         if not 0 <= index < self.num_classes:
             raise ValueError(
@@ -197,19 +192,11 @@ class Domain:
         cond: dict[str, Tensor] = {}
         if self.num_classes:
             cond["label"] = (
-                labels.to(device) if labels is not None else torch.full((n,), NULL_LABEL, dtype=torch.long, device=device)
+                labels.to(device)
+                if labels is not None
+                else torch.full((n,), NULL_LABEL, dtype=torch.long, device=device)
             )
         return space, cond
-
-    # --------------------------------------------------------------- outputs
-    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
-        """Write samples to ``out_dir``; returns the written paths."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{prefix}.pt"
-        cond = {k: v.detach().cpu() for k, v in batch.cond.items() if isinstance(v, Tensor)}
-        torch.save({"x": batch.x.detach().cpu(), **cond, "layout": _layout(batch.space)}, path)
-        return [path]
 
     def concat(self, batches: Sequence[Batch]) -> Batch:
         """One batch from several (sampling in chunks, stacked guidance): states, layouts and conditions in order.
@@ -247,53 +234,43 @@ class Domain:
                 cond[k] = v[rows] if kind == "row" else v
         return Batch(batch.x[rows], space, cond)
 
-    def read_samples(self, path: Path) -> Batch:
-        """Samples made elsewhere, read back from ``path`` for :meth:`evaluate` (``polydiff eval``).
+    # --------------------------------------------------------------- outputs
+    def make_outputs(self) -> Outputs:
+        """The outputs object of this domain: files, known values and metrics (dense defaults)."""
+        return Outputs(self)
 
-        The default reads the ``.pt`` files that the default :meth:`save_samples` writes (a file,
-        or every ``.pt`` under a folder): ``x [B, ...]`` and tensor conditions such as ``label``.
-        """
-        path = Path(path)
-        files = sorted(path.rglob("*.pt")) if path.is_dir() else [path]  # --seeds K writes a folder per seed
-        if not files or not files[0].is_file():
-            raise FileNotFoundError(f"no samples at {path}: give a .pt file written by save_samples, or a folder of them")
-        batches = []
-        for f in files:
-            try:
-                saved = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as err:  # noqa: BLE001 -- any unreadable file gets the same message
-                raise ValueError(f"cannot read samples from {f} ({err}); expected a .pt file written by save_samples") from err
-            if not isinstance(saved, Mapping) or not isinstance(saved.get("x"), Tensor):
-                raise ValueError(f"{f} holds no sample tensor 'x'; expected a .pt file written by save_samples")
-            x = saved["x"].float()
-            space = _space_of(saved.get("layout"), x, f)
-            if isinstance(space, DenseSpace) and self.sample_shape is not None and tuple(x.shape[1:]) != tuple(self.sample_shape):
-                raise ValueError(f"samples in {f} have shape {tuple(x.shape[1:])}, the domain's are {tuple(self.sample_shape)}")
-            sizes = {len(x), space.num_samples}  # per-row (a ragged batch vector) or per-sample (labels) conditions
-            cond = {k: v for k, v in saved.items()
-                    if k not in ("x", "layout") and isinstance(v, Tensor) and v.dim() and len(v) in sizes}
-            batches.append(Batch(x, space, cond))
-        return self.concat(batches)
+    @cached_property
+    def outputs(self) -> Outputs:
+        """The domain's :class:`~polydiff.outputs.Outputs`, made by :meth:`make_outputs` on first use and kept."""
+        return self.make_outputs()
+
+    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        """Write samples to ``out_dir``; returns the written paths (:meth:`Outputs.save_samples`)."""
+        return self.outputs.save_samples(batch, out_dir, prefix)
+
+    def read_samples(self, path: Path) -> Batch:
+        """Samples made elsewhere, read back from ``path`` for :meth:`evaluate` (:meth:`Outputs.read_samples`)."""
+        return self.outputs.read_samples(path)
 
     def known_values(self, path: Path, n: int, **options: Any) -> Known:
-        """What ``n`` new samples keep of the sample file at ``path`` (``polydiff sample --known PATH known.KEY=V``):
-        inpainting or continuation. Domains that support it say which part is generated (the options)."""
-        raise NotImplementedError(
-            f"domain {self.name!r} cannot take known values from a file; from Python, pass "
-            "known=polydiff.samplers.Known(values, mask) to polydiff.generate.generate"
-        )
+        """What ``n`` new samples keep of the sample file at ``path`` (:meth:`Outputs.known_values`)."""
+        check_call(self.outputs.known_values, options, "known", given=("path", "n"))  # names a mistyped known.KEY
+        return self.outputs.known_values(path, n, **options)
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
-        """Quality metrics of generated samples (none by default)."""
-        return {}
+        """Quality metrics of generated samples (:meth:`Outputs.evaluate`)."""
+        return self.outputs.evaluate(batch)
 
     def reference_metrics(self, n: int) -> dict[str, float]:
-        """The same metrics on ``n`` held-out real samples: the reference row."""
-        return {}
+        """The same metrics on ``n`` held-out real samples: the reference row (:meth:`Outputs.reference_metrics`)."""
+        return self.outputs.reference_metrics(n)
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        return {"sample_shape": list(self.sample_shape) if self.sample_shape else None, "class_names": list(self.class_names)}
+        return {
+            "sample_shape": list(self.sample_shape) if self.sample_shape else None,
+            "class_names": list(self.class_names),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         shape = state.get("sample_shape")
@@ -302,24 +279,3 @@ class Domain:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
-
-
-def _layout(space: Space) -> Optional[dict[str, Any]]:
-    """What :meth:`Domain.read_samples` needs to rebuild a saved batch's space (``None``: a plain dense batch)."""
-    if isinstance(space, RaggedSpace):
-        return {"kind": "ragged", "batch": space.batch.cpu(), "num_samples": space.num_samples,
-                "centered": list(space.centered)}
-    if isinstance(space, DenseSpace) and space.mask is not None:
-        return {"kind": "dense", "mask": space.mask.cpu()}
-    return None
-
-
-def _space_of(layout: Optional[Mapping[str, Any]], x: Tensor, path: Path) -> Space:
-    """The space a saved batch was drawn in, from the layout :meth:`Domain.save_samples` stored beside it."""
-    if layout is None:
-        return DenseSpace(tuple(x.shape))
-    if layout.get("kind") == "dense":
-        return DenseSpace(tuple(x.shape), mask=layout["mask"])
-    if layout.get("kind") == "ragged":
-        return RaggedSpace(layout["batch"], int(layout["num_samples"]), x.shape[1], centered=tuple(layout["centered"]))
-    raise ValueError(f"{path} holds an unknown sample layout {layout.get('kind')!r}; expected a file of save_samples")

@@ -44,8 +44,10 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"frechet_distance needs two [N, D] arrays with equal D, got {a.shape} and {b.shape}")
     if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"frechet_distance needs at least 2 samples in each set to fit a covariance, got "
-                         f"{len(a)} and {len(b)}: score 2 or more samples")
+        raise ValueError(
+            f"frechet_distance needs at least 2 samples in each set to fit a covariance, got "
+            f"{len(a)} and {len(b)}: score 2 or more samples"
+        )
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return float("nan")  # numpy's eigvals would raise deep inside
     mu_a, mu_b = a.mean(0), b.mean(0)

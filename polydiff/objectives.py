@@ -1,6 +1,12 @@
-"""Training objectives: what the network predicts (eps, v or x0), exact conversions, loss weights.
+"""Training objectives: what the network learns, the loss, and the sampler-facing denoiser it defines.
 
-With ``x_t = alpha x_0 + sigma eps`` and ``alpha^2 + sigma^2 = 1``:
+An objective is one class (:class:`BaseObjective`): ``losses`` (per-sample training losses), ``denoiser``
+(the network as ``(x_t, t[B]) -> Prediction``) and ``check_schedule`` (what it needs from a schedule),
+registered by name with :func:`register_objective` (``objective.name=NAME``; a ``"module:Class"`` name is
+imported on demand). Its options (``objective.KEY``) are exactly its constructor's arguments.
+
+``vp`` (:class:`VPObjective`, the default) predicts one of these parameterisations of
+``x_t = alpha x_0 + sigma eps`` with ``alpha^2 + sigma^2 = 1``:
 
 * eps-prediction (Ho et al. 2020): ``x_0 = (x_t - sigma eps) / alpha``;
 * v-prediction (Salimans & Ho 2022): ``v = alpha eps - sigma x_0``, so
@@ -10,100 +16,221 @@ With ``x_t = alpha x_0 + sigma eps`` and ``alpha^2 + sigma^2 = 1``:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .domain import Batch
+from .plugins import check_options, lookup, option_params, register
 from .schedules import NoiseSchedule
 from .space import Space
+from .state import Batch, DenoiserFn, Prediction
 
-__all__ = ["Prediction", "PREDICTIONS", "to_prediction", "target_of", "loss_weight", "Objective", "DenoiserFn"]
+__all__ = [
+    "Prediction",
+    "DenoiserFn",
+    "Parameterisation",
+    "PARAMETERISATIONS",
+    "PREDICTIONS",
+    "to_prediction",
+    "target_of",
+    "loss_weight",
+    "BaseObjective",
+    "VPObjective",
+    "Objective",
+    "OBJECTIVES",
+    "register_objective",
+    "get_objective",
+    "objective_options",
+    "check_objective_options",
+    "objective_settings",
+    "build_objective_from",
+    "ENTRY_POINT_GROUP",
+]
 
-PREDICTIONS = ("eps", "v", "x0")
+ENTRY_POINT_GROUP = "polydiff.objectives"
 WEIGHTINGS = ("uniform", "min_snr")
 
 
-class Prediction(NamedTuple):
-    """A denoiser's estimate of the clean state ``x0`` and of the noise ``eps``."""
+class Parameterisation(NamedTuple):
+    """One network output of :class:`VPObjective`: its regression target, the conversion back to ``(x0, eps)``,
+    and the min-SNR-gamma weight in its own space (Hang et al. 2023, eq. 9). alpha, sigma broadcast."""
 
-    x0: Tensor
-    eps: Tensor
+    target: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (x0, eps, alpha, sigma) -> target
+    prediction: Callable[[Tensor, Tensor, Tensor, Tensor], Prediction]  # (out, x_t, alpha, sigma) -> (x0, eps)
+    # (snr, gamma) -> weight: the x0-space weight min(SNR, gamma) divided by what this space's loss already
+    # carries (SNR for eps, SNR + 1 for v), written so that SNR = 0 needs no division by zero.
+    min_snr: Callable[[Tensor, float], Tensor]
 
 
-#: What samplers call: ``denoiser(x_t, t[B]) -> Prediction``.
-DenoiserFn = Callable[[Tensor, Tensor], Prediction]
+# addcmul fuses the scale-and-add: the conversions run once per sampler step on the whole state.
+PARAMETERISATIONS: dict[str, Parameterisation] = {
+    "eps": Parameterisation(
+        target=lambda x0, eps, a, s: eps,
+        prediction=lambda out, x_t, a, s: Prediction(torch.addcmul(x_t, s, out, value=-1).div_(a), out),
+        min_snr=lambda snr, gamma: gamma / snr.clamp(min=gamma),
+    ),
+    "v": Parameterisation(
+        target=lambda x0, eps, a, s: a * eps - s * x0,
+        prediction=lambda out, x_t, a, s: Prediction(
+            torch.addcmul(a * x_t, s, out, value=-1), torch.addcmul(s * x_t, a, out)
+        ),
+        min_snr=lambda snr, gamma: snr.clamp(max=gamma) / (snr + 1),
+    ),
+    "x0": Parameterisation(
+        target=lambda x0, eps, a, s: x0,
+        prediction=lambda out, x_t, a, s: Prediction(out, torch.addcmul(x_t, a, out, value=-1).div_(s)),
+        min_snr=lambda snr, gamma: snr.clamp(max=gamma),
+    ),
+}
+PREDICTIONS = tuple(PARAMETERISATIONS)
 
 
-def _check(kind: str) -> None:
-    if kind not in PREDICTIONS:
-        raise KeyError(f"unknown objective.prediction {kind!r}; choose one of {list(PREDICTIONS)}")
+def _parameterisation(kind: str) -> Parameterisation:
+    if kind not in PARAMETERISATIONS:
+        raise KeyError(f"unknown objective.prediction {kind!r}; choose one of {list(PARAMETERISATIONS)}")
+    return PARAMETERISATIONS[kind]
 
 
 def to_prediction(kind: str, out: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Prediction:
     """Convert a network output of parameterisation ``kind`` to ``(x0, eps)``; alpha, sigma broadcast."""
-    # addcmul fuses the scale-and-add: these run once per sampler step on the whole state.
-    if kind == "eps":
-        return Prediction(torch.addcmul(x_t, sigma, out, value=-1).div_(alpha), out)
-    if kind == "v":
-        return Prediction(torch.addcmul(alpha * x_t, sigma, out, value=-1), torch.addcmul(sigma * x_t, alpha, out))
-    if kind == "x0":
-        return Prediction(out, torch.addcmul(x_t, alpha, out, value=-1).div_(sigma))
-    _check(kind)
-    raise AssertionError
+    return _parameterisation(kind).prediction(out, x_t, alpha, sigma)
 
 
 def target_of(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """The regression target of parameterisation ``kind``."""
-    if kind == "eps":
-        return eps
-    if kind == "v":
-        return alpha * eps - sigma * x0
-    if kind == "x0":
-        return x0
-    _check(kind)
-    raise AssertionError
+    return _parameterisation(kind).target(x0, eps, alpha, sigma)
 
 
 def loss_weight(kind: str, weighting: str, snr: Tensor, gamma: float = 5.0) -> Tensor:
-    """Per-sample loss weight; ``min_snr`` is min-SNR-gamma (Hang et al. 2023, eq. 9) in ``kind``'s space.
-
-    The x0-space weight ``min(SNR, gamma)`` is divided by what ``kind``'s loss already carries
-    (``SNR`` for eps, ``SNR + 1`` for v), written so that SNR = 0 needs no division by zero.
-    """
+    """Per-sample loss weight; ``min_snr`` is min-SNR-gamma (Hang et al. 2023, eq. 9) in ``kind``'s space."""
     if weighting == "uniform":
         return torch.ones_like(snr)
     if weighting != "min_snr":
         raise KeyError(f"unknown objective.weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
-    clipped = snr.clamp(max=gamma)
-    if kind == "eps":
-        return gamma / snr.clamp(min=gamma)
-    if kind == "v":
-        return clipped / (snr + 1)
-    if kind == "x0":
-        return clipped
-    _check(kind)
-    raise AssertionError
+    return _parameterisation(kind).min_snr(snr, gamma)
 
 
+def _checked(out: Tensor, x_t: Tensor) -> Tensor:
+    """The network's output, which must have the state's shape (broadcasting would silently mix elements)."""
+    if not isinstance(out, Tensor) or out.shape != x_t.shape:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"the network returned {got} for a state x_t of shape {tuple(x_t.shape)}: "
+            "net(x_t, t, **cond) must return a tensor of x_t's shape"
+        )
+    return out
+
+
+class BaseObjective:
+    """What every objective provides; a new one overrides ``losses`` and ``denoiser`` (and ``check_schedule``
+    where it needs something of the schedule) and registers itself with :func:`register_objective`."""
+
+    def losses(
+        self,
+        net: Callable[..., Tensor],
+        batch: Batch,
+        schedule: NoiseSchedule,
+        generator: Optional[torch.Generator] = None,
+        t: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Per-sample training losses ``[B]`` of ``net`` on ``batch`` (at times ``t[B]`` when given)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement losses(net, batch, schedule, generator, t)")
+
+    def denoiser(
+        self, net: Callable[..., Tensor], schedule: NoiseSchedule, space: Space, cond: Optional[dict] = None
+    ) -> DenoiserFn:
+        """The sampler-facing denoiser ``(x_t, t[B]) -> Prediction`` of ``net`` under this objective."""
+        raise NotImplementedError(f"{type(self).__name__} must implement denoiser(net, schedule, space, cond)")
+
+    def check_schedule(self, schedule: NoiseSchedule) -> None:
+        """Refuse a schedule this objective cannot use (called before training and before sampling)."""
+
+    def loss(
+        self,
+        net: Callable[..., Tensor],
+        batch: Batch,
+        schedule: NoiseSchedule,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """Mean loss over the batch."""
+        return self.losses(net, batch, schedule, generator).mean()
+
+
+OBJECTIVES: dict[str, type[BaseObjective]] = {}
+
+
+def _check_class(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, BaseObjective)):
+        raise TypeError(f"objective {name!r} must be a polydiff.objectives.BaseObjective subclass, got {cls!r}")
+
+
+def register_objective(name: str, cls: Optional[type[BaseObjective]] = None, *, overwrite: bool = False) -> Any:
+    """Register an objective class under ``name`` (``objective.name=NAME``); usable as a decorator."""
+
+    def _register(c: type[BaseObjective]) -> type[BaseObjective]:
+        return register(OBJECTIVES, "objective", name, c, _check_class, overwrite)
+
+    return _register(cls) if cls is not None else _register
+
+
+def get_objective(name: str) -> type[BaseObjective]:
+    """The objective class registered as ``name``, at the ``"module:Class"`` path ``name``, or an entry point's."""
+    return lookup(OBJECTIVES, "objective", name, ENTRY_POINT_GROUP, _check_class)
+
+
+def objective_options(name: str) -> dict[str, Any]:
+    """The options of objective ``name`` (its constructor's arguments) with their defaults."""
+    return {k: p.default for k, p in option_params(get_objective(name)).items()}
+
+
+def check_objective_options(name: str, options: Mapping[str, Any], settings: tuple[str, ...] = ("name",)) -> None:
+    """Refuse an option objective ``name`` does not take (naming the objectives that do) or of the wrong type."""
+    check_options("objective", name, get_objective(name), options, OBJECTIVES, settings=settings)
+
+
+def objective_settings(section: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``objective`` section with its class's defaults filled in: ``{"name": ..., **constructor arguments}``
+    (a section without ``name`` is ``vp``, as every config written before objectives had names)."""
+    given = dict(section or {})
+    name = given.pop("name", None) or "vp"
+    defaults = {k: v for k, v in objective_options(name).items() if v is not inspect.Parameter.empty}
+    return {"name": name, **defaults, **given}
+
+
+def build_objective_from(section: Mapping[str, Any]) -> BaseObjective:
+    """The objective an ``objective`` section names, its options checked against the class's constructor."""
+    options = dict(section or {})
+    name = options.pop("name", None) or "vp"
+    check_objective_options(name, options)
+    return get_objective(name)(**options)
+
+
+@register_objective("vp")
 @dataclass
-class Objective:
-    """The denoising objective: parameterisation, loss weighting and the denoiser it defines."""
+class VPObjective(BaseObjective):
+    """The variance-preserving denoising objective: a parameterisation (``eps``, ``v`` or ``x0``, see
+    :data:`PARAMETERISATIONS`), uniform or min-SNR-gamma loss weighting (Hang et al. 2023), and times drawn
+    uniformly over the schedule's trained steps (Ho et al. 2020, Algorithm 1)."""
 
     prediction: str = "eps"
     weighting: str = "uniform"
     gamma: float = 5.0
 
     def __post_init__(self) -> None:
-        _check(self.prediction)
+        self._kind = _parameterisation(self.prediction)
         if self.weighting not in WEIGHTINGS:
             raise KeyError(f"unknown objective.weighting {self.weighting!r}; choose one of {list(WEIGHTINGS)}")
         if self.weighting == "min_snr" and not self.gamma > 0:
-            raise ValueError(f"objective.gamma={self.gamma} must be positive (min-SNR weighting clips the SNR at gamma)")
+            raise ValueError(
+                f"objective.gamma={self.gamma} must be positive (min-SNR weighting clips the SNR at gamma)"
+            )
 
-    def sample_t(self, n: int, schedule: NoiseSchedule, device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
+    def sample_t(
+        self, n: int, schedule: NoiseSchedule, device: torch.device, generator: Optional[torch.Generator]
+    ) -> Tensor:
         """Per-sample training times ``[B]``: uniform over the trained steps ``i / T``, ``i = 1..T``."""
         gdev = generator.device if generator is not None else device
         i = torch.randint(1, schedule.num_steps + 1, (n,), generator=generator, device=gdev).to(device)
@@ -126,41 +253,36 @@ class Objective:
         a, s = space.expand(alpha), space.expand(sigma)
         x_t = a * x0 + s * eps
         out = _checked(net(x_t, t, **batch.cond), x_t)
-        target = target_of(self.prediction, x0, eps, a, s)
+        target = self._kind.target(x0, eps, a, s)
         per_sample = space.mean((out.float() - target.float()) ** 2)  # [B]
         weight = loss_weight(self.prediction, self.weighting, schedule.snr(t).float(), self.gamma)
         return per_sample * weight
-
-    def loss(self, net: Callable[..., Tensor], batch: Batch, schedule: NoiseSchedule, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Mean weighted loss over the batch."""
-        return self.losses(net, batch, schedule, generator).mean()
 
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Refuse an eps-prediction on a zero-terminal-SNR schedule (Lin et al. 2024, sec. 3.2): x0 = (x_t - sigma eps)
         / alpha divides by alpha = 0 at t = 1, and every sample would be NaN."""
         if self.prediction == "eps" and float(schedule.alpha_bar_table[-1]) == 0.0:
-            raise ValueError("a zero-terminal-SNR schedule (schedule.zero_terminal_snr=true) needs prediction 'v' or "
-                             "'x0' (objective.prediction=v): an eps-prediction cannot recover x0 where the signal is "
-                             "exactly zero")
+            raise ValueError(
+                "a zero-terminal-SNR schedule (schedule.zero_terminal_snr=true) needs prediction 'v' or "
+                "'x0' (objective.prediction=v): an eps-prediction cannot recover x0 where the signal is "
+                "exactly zero"
+            )
 
-    def denoiser(self, net: Callable[..., Tensor], schedule: NoiseSchedule, space: Space, cond: Optional[dict] = None) -> DenoiserFn:
+    def denoiser(
+        self, net: Callable[..., Tensor], schedule: NoiseSchedule, space: Space, cond: Optional[dict] = None
+    ) -> DenoiserFn:
         """The sampler-facing denoiser ``(x_t, t[B]) -> Prediction`` of ``net`` under this objective."""
         cond = dict(cond or {})
-        kind = self.prediction
+        convert = self._kind.prediction
         self.check_schedule(schedule)
 
         def denoise(x_t: Tensor, t: Tensor) -> Prediction:
             alpha, sigma = schedule.alpha_sigma(t, dtype=x_t.dtype)
             out = _checked(net(x_t, t.to(x_t.dtype), **cond), x_t)
-            return to_prediction(kind, out.to(x_t.dtype), x_t, space.expand(alpha), space.expand(sigma))
+            return convert(out.to(x_t.dtype), x_t, space.expand(alpha), space.expand(sigma))
 
         return denoise
 
 
-def _checked(out: Tensor, x_t: Tensor) -> Tensor:
-    """The network's output, which must have the state's shape (broadcasting would silently mix elements)."""
-    if not isinstance(out, Tensor) or out.shape != x_t.shape:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"the network returned {got} for a state x_t of shape {tuple(x_t.shape)}: "
-                         "net(x_t, t, **cond) must return a tensor of x_t's shape")
-    return out
+#: The name of :class:`VPObjective` before objectives had a registry (``Objective(prediction="v")``).
+Objective = VPObjective

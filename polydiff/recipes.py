@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["recipe_paths", "compose_recipe", "check_recipe", "check_schema"]
+__all__ = ["recipe_paths", "compose_recipe", "check_recipe", "check_schema", "explain_composition"]
 
 
 # The folder holding polydiff/, recipes/ and examples/: the repository, or site-packages when installed from a wheel.
@@ -30,8 +31,11 @@ def recipe_paths(recipe: str | Path) -> tuple[Path, list[str]]:
         path = next((c for c in (SHIPPED / "recipes" / path, SHIPPED / path) if c.is_file()), path)
     if not path.is_file():
         known = sorted(str(p) for p in Path("recipes").glob("*.yaml")) if Path("recipes").is_dir() else []
-        raise FileNotFoundError(f"recipe {str(recipe)!r} not found" + (f"; recipes here: {known}" if known else "")
-                                + f"; shipped recipes, by name: {', '.join(shipped_recipes()) or 'none'}")
+        raise FileNotFoundError(
+            f"recipe {str(recipe)!r} not found"
+            + (f"; recipes here: {known}" if known else "")
+            + f"; shipped recipes, by name: {', '.join(shipped_recipes()) or 'none'}"
+        )
     path = path.resolve()
     if str(path.parent) not in sys.path:
         sys.path.insert(1, str(path.parent))
@@ -44,7 +48,6 @@ def compose_recipe(recipe: str | Path, overrides: Sequence[str] = (), with_hydra
     from hydra import compose, initialize_config_dir
 
     from .config import register_configs
-
     from .safety import check_config
 
     register_configs()
@@ -71,14 +74,15 @@ def check_recipe(recipe: str | Path, overrides: Sequence[str] = ()) -> None:
     variants = [fixed]
     for i, override in enumerate(parsed):
         if override.is_sweep_override():
-            variants += [fixed[:i] + [f"{override.get_key_element()}={v}"] + fixed[i + 1 :]
-                         for v in override.sweep_string_iterator()]
+            variants += [
+                fixed[:i] + [f"{override.get_key_element()}={v}"] + fixed[i + 1 :]
+                for v in override.sweep_string_iterator()
+            ]
     for variant in variants:
         try:
             cfg = compose_recipe(recipe, variant, with_hydra=True)
         except ConfigCompositionException as err:  # never hand Hydra a config that could not be checked
-            first = str(err).strip().splitlines()
-            raise ValueError(f"recipe {recipe} does not compose with {variant}: {' '.join(first[:2])}") from None
+            raise explain_composition(recipe, err, variant) from None
         params = cfg.hydra.sweeper.get("params") or {}
         for key, values in params.items():  # a recipe's own sweep, as Hydra's basic sweeper reads it
             for value in parser.parse_overrides([f"{key}={values}"])[0].sweep_string_iterator():
@@ -98,5 +102,38 @@ def check_schema(cfg: Any, recipe: str | Path) -> None:
     from omegaconf import OmegaConf
 
     if OmegaConf.select(cfg, "trainer.resume") is None:
-        raise ValueError(f"recipe {recipe} does not build on polydiff's recipe schema: put `defaults: [polydiff_recipe, "
-                         f"_self_]` at its top (as in examples/points.yaml), so that its defaults and overrides apply")
+        raise ValueError(
+            f"recipe {recipe} does not build on polydiff's recipe schema: put `defaults: [polydiff_recipe, "
+            f"_self_]` at its top (as in examples/points.yaml), so that its defaults and overrides apply"
+        )
+
+
+def explain_composition(recipe: str | Path, err: Exception, overrides: Sequence[str] = ()) -> Exception:
+    """The error to show for a recipe that does not compose: an unknown key is named with the file that holds it and
+    the closest known key (as for a command-line typo), anything else by Hydra's own first lines, never a traceback."""
+    from .config import SECTIONS, RecipeConfig, unknown_key
+
+    cause = err.__cause__ or err.__context__
+    full_key = str(getattr(cause, "full_key", "") or "")
+    section, _, key = full_key.rpartition(".")
+    if type(cause).__name__ == "ConfigKeyError" and full_key and "." not in section:
+        known = list((SECTIONS[section] if section in SECTIONS else RecipeConfig).__dataclass_fields__)
+        if section and section not in SECTIONS:
+            known = []
+        if not section or known:
+            message = unknown_key(section or "recipe", key, known).args[0]
+            if key == "_target_":
+                message = f"'{full_key}' is not allowed: only the model section may name a network class with _target_"
+            return KeyError(f"{message} (in {_holder(recipe, key)})")
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    given = f" with {list(overrides)}" if overrides else ""
+    return ValueError(f"recipe {recipe} does not compose{given}: {' '.join(lines[:3])}")
+
+
+def _holder(recipe: str | Path, key: str) -> str:
+    """The recipe file, or the file of its config groups, whose text sets ``key``."""
+    path, _ = recipe_paths(recipe)
+    for candidate in [path, *sorted(path.with_suffix("").rglob("*.yaml"))]:
+        if candidate.is_file() and re.search(rf"(^|[{{\s,]){re.escape(key)}\s*:", candidate.read_text(), re.M):
+            return str(candidate)
+    return str(path)

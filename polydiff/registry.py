@@ -37,7 +37,9 @@ _BUILTIN: dict[str, str] = {
 _REGISTRY: dict[str, Union[type[Domain], str]] = dict(_BUILTIN)
 
 
-def register_domain(name: str, cls: Optional[type[Domain]] = None, *, overwrite: bool = False) -> Callable[[D], D] | type[Domain]:
+def register_domain(
+    name: str, cls: Optional[type[Domain]] = None, *, overwrite: bool = False
+) -> Callable[[D], D] | type[Domain]:
     """Register a :class:`Domain` subclass under ``name``; usable as a decorator."""
 
     def _register(c: D) -> D:
@@ -47,7 +49,9 @@ def register_domain(name: str, cls: Optional[type[Domain]] = None, *, overwrite:
         if known is not None and not isinstance(known, str) and known is not c and not overwrite:
             # A script that names its own domain by module path imports itself a second time under its real name.
             if not (known.__module__ == "__main__" and known.__qualname__ == c.__qualname__):
-                raise ValueError(f"domain {name!r} is already registered to {known!r}; pass overwrite=True to replace it")
+                raise ValueError(
+                    f"domain {name!r} is already registered to {known!r}; pass overwrite=True to replace it"
+                )
         c.name = name
         _REGISTRY[name] = c
         return c
@@ -65,8 +69,10 @@ def check_domain_name(name: str, where: str) -> None:
         return
     top = name.partition(":")[0].split(".")[0]
     if top in sys.stdlib_module_names or top in sys.builtin_module_names:
-        raise UnsafeConfigError(f"{where}={name!r}: a domain class never lies in the standard library module "
-                                f"{top!r}; name your domain's module:Class or a registered domain name")
+        raise UnsafeConfigError(
+            f"{where}={name!r}: a domain class never lies in the standard library module "
+            f"{top!r}; name your domain's module:Class or a registered domain name"
+        )
 
 
 def _load(name: str, target: str) -> type[Domain]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["IncompatibleCheckpointError", "check_compatible", "check_resumable", "resume_source"]
+__all__ = ["IncompatibleCheckpointError", "check_compatible", "check_resumable", "resume_source", "move_previous_run"]
+
+log = logging.getLogger("polydiff")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -13,10 +17,14 @@ class IncompatibleCheckpointError(ValueError):
 
 
 # Config sections that must match for a checkpoint to be resumed or sampled.
-_MUST_MATCH = ("domain.name", "model", "schedule", "objective.prediction")
+_MUST_MATCH = ("domain.name", "model", "schedule", "objective.name", "objective.prediction")
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
+    if dotted.startswith("objective."):  # with the objective's defaults: a config may leave them out (or the name)
+        from .objectives import objective_settings
+
+        cfg = {**cfg, "objective": objective_settings(cfg.get("objective") or {})}
     for part in dotted.split("."):
         cfg = cfg.get(part, {}) if isinstance(cfg, Mapping) else None
     return cfg
@@ -58,8 +66,23 @@ def resume_source(mode: str, own: Path) -> Path | None:
         return None
     path = Path(mode)
     if path.is_dir():
-        raise FileNotFoundError(f"trainer.resume={mode} is a folder: give a checkpoint file, e.g. "
-                                f"trainer.resume={path / 'checkpoints' / 'last.pt'}")
+        raise FileNotFoundError(
+            f"trainer.resume={mode} is a folder: give a checkpoint file, e.g. "
+            f"trainer.resume={path / 'checkpoints' / 'last.pt'}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"trainer.resume={mode!r} is neither auto, never nor an existing checkpoint file")
     return path
+
+
+def move_previous_run(run_dir: Path) -> Path:
+    """``trainer.resume=never`` in a used run folder: move its results to ``previous-TIME/`` rather than overwrite
+    them; returns that folder."""
+    run_dir = Path(run_dir)
+    old = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    old.mkdir(parents=True)
+    for name in ("checkpoints", "samples", "metrics.jsonl", "tensorboard"):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(old / name)
+    log.warning("trainer.resume=never: the previous run's checkpoints, samples and metrics moved to %s", old)
+    return old

@@ -22,7 +22,12 @@ from typing import Any, Iterable, Mapping
 from .registry import UnsafeConfigError, check_domain_name, domain_module_prefixes
 
 __all__ = [
-    "UnsafeConfigError", "check_config", "check_domain_name", "check_hydra", "resolve_target", "safe_instantiate"
+    "UnsafeConfigError",
+    "check_config",
+    "check_domain_name",
+    "check_hydra",
+    "resolve_target",
+    "safe_instantiate",
 ]
 
 
@@ -121,9 +126,16 @@ def check_config(cfg: Any, where: str = "recipe") -> None:
 _PLUGIN_PACKAGES = ("hydra", "hydra_plugins")
 # logging.config.dictConfig builds these by name ("class" or "()"): the standard handlers and formatters only.
 _LOGGING_CLASSES = {
-    "logging.StreamHandler", "logging.FileHandler", "logging.NullHandler", "logging.Formatter", "logging.Filter",
-    "logging.handlers.RotatingFileHandler", "logging.handlers.TimedRotatingFileHandler",
-    "logging.handlers.WatchedFileHandler", "colorlog.ColoredFormatter", "colorlog.formatter.ColoredFormatter",
+    "logging.StreamHandler",
+    "logging.FileHandler",
+    "logging.NullHandler",
+    "logging.Formatter",
+    "logging.Filter",
+    "logging.handlers.RotatingFileHandler",
+    "logging.handlers.TimedRotatingFileHandler",
+    "logging.handlers.WatchedFileHandler",
+    "colorlog.ColoredFormatter",
+    "colorlog.formatter.ColoredFormatter",
 }
 _LOGGING_STREAMS = {"ext://sys.stdout", "ext://sys.stderr"}
 _RUN_FOLDERS = ("${hydra.runtime.output_dir}", "${hydra.run.dir}", "${hydra.sweep.dir}")
@@ -159,8 +171,10 @@ def check_hydra(hydra: Mapping[str, Any], where: str = "hydra") -> None:
             )
     subdir = hydra.get("output_subdir")
     if subdir is not None and not _inside(str(subdir)):
-        raise UnsafeConfigError(f"{where}.output_subdir={subdir!r}: it must be a folder inside the run folder "
-                                "(a relative path without '..'), e.g. .hydra")
+        raise UnsafeConfigError(
+            f"{where}.output_subdir={subdir!r}: it must be a folder inside the run folder "
+            "(a relative path without '..'), e.g. .hydra"
+        )
 
 
 def _check_plugin(target: Any, base: str, where: str) -> None:
@@ -170,8 +184,9 @@ def _check_plugin(target: Any, base: str, where: str) -> None:
     cls = _locate(str(target), _PLUGIN_PACKAGES, where)
     kind = {"Launcher": Launcher, "Sweeper": Sweeper}[base]
     if not (_defined_in(cls, _PLUGIN_PACKAGES) and issubclass(cls, kind)):
-        raise UnsafeConfigError(f"{where}: {target!r} is not a Hydra {base} class of hydra or an installed "
-                                "hydra_plugins package")
+        raise UnsafeConfigError(
+            f"{where}: {target!r} is not a Hydra {base} class of hydra or an installed hydra_plugins package"
+        )
 
 
 def _check_logging(cfg: Any, where: str) -> None:
@@ -185,15 +200,18 @@ def _check_logging(cfg: Any, where: str) -> None:
                     f"({', '.join(sorted(_LOGGING_CLASSES))})"
                 )
             if key == "filename" and not (str(value).startswith(_RUN_FOLDERS) and ".." not in str(value)):
-                raise UnsafeConfigError(f"{here}={value!r}: a log file must lie in the run folder, e.g. "
-                                        "${hydra.runtime.output_dir}/train.log")
+                raise UnsafeConfigError(
+                    f"{here}={value!r}: a log file must lie in the run folder, e.g. "
+                    "${hydra.runtime.output_dir}/train.log"
+                )
             _check_logging(value, here)
     elif isinstance(cfg, (list, tuple)):
         for i, value in enumerate(cfg):
             _check_logging(value, f"{where}[{i}]")
     elif isinstance(cfg, str) and cfg.startswith("ext://") and cfg not in _LOGGING_STREAMS:
-        raise UnsafeConfigError(f"{where}={cfg!r}: a recipe's logging config may name only ext://sys.stdout and "
-                                "ext://sys.stderr")
+        raise UnsafeConfigError(
+            f"{where}={cfg!r}: a recipe's logging config may name only ext://sys.stdout and ext://sys.stderr"
+        )
 
 
 def _inside(path: str) -> bool:

@@ -1,11 +1,11 @@
 """Samplers: functions of (denoiser, initial noise, schedule, steps, ...) that return clean states.
 
-Every sampler shares one signature::
+Every sampler shares one signature (k-diffusion's discipline)::
 
     sample_x(denoiser, noise, schedule, steps, *, space=None, generator=None, callback=None,
-             clip_x0=None, spacing="trailing", ...) -> Tensor
+             clip_x0=None, spacing="trailing", known=None, **its own options) -> Tensor
 
-* ``denoiser(x_t, t[B]) -> Prediction(x0, eps)`` (see :meth:`polydiff.objectives.Objective.denoiser`);
+* ``denoiser(x_t, t[B]) -> Prediction(x0, eps)`` (see :meth:`polydiff.objectives.VPObjective.denoiser`);
 * ``steps`` is a number of steps, or an explicit time grid ``[n + 1]`` or per-sample ``[n + 1, B]``
   running from noise (``t`` near 1) down to ``0``;
 * ``space`` says how per-sample scalars broadcast and how states are projected (dense by default);
@@ -14,38 +14,53 @@ Every sampler shares one signature::
 * ``callback({"i", "t", "x", "x0"})`` is called after every step;
 * ``known=Known(values, mask)`` holds part of the state fixed (imputation, inpainting, continuation).
 
+A sampler's options (``sampler.KEY`` in a recipe) are exactly its keyword arguments other than the four the
+caller passes (``space``, ``generator``, ``callback``, ``known``): ``clip_x0``, ``spacing`` and its own, such as
+DDIM's ``eta``. :func:`register_sampler` adds one under a name; a ``"module:function"`` name is imported on demand.
+
 Coefficients are computed once per call in float64 and cast to the state's dtype, so the
 loop only does the elementwise update.
 """
 
 from __future__ import annotations
 
-import difflib
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+import inspect
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from .objectives import DenoiserFn, Prediction
-from .schedules import NoiseSchedule
 from .noise import NoiseSource
+from .plugins import check_options, lookup, option_params, register
+from .schedules import NoiseSchedule
 from .space import DenseSpace, Space
+from .state import DenoiserFn, Known, Prediction
 
-__all__ = ["Known", "timesteps", "sample_ddpm", "sample_ddim", "sample_dpmpp_2m", "sample", "SAMPLERS"]
+__all__ = [
+    "Known",
+    "timesteps",
+    "sample_ddpm",
+    "sample_ddim",
+    "sample_dpmpp_2m",
+    "sample",
+    "SAMPLERS",
+    "register_sampler",
+    "get_sampler",
+    "sampler_options",
+    "check_sampler_options",
+    "prepare",
+    "run_steps",
+    "RUNTIME",
+    "ENTRY_POINT_GROUP",
+]
 
 Callback = Callable[[dict[str, Any]], None]
-
-
-class Known(NamedTuple):
-    """Part of the state held fixed while sampling, by replacement (Song et al. 2021, App. I.2; RePaint,
-    Lugmayr et al. 2022, eq. 8, without its resampling): after every step the known elements are set to
-    ``values`` noised to the next time, and to ``values`` themselves at the end. The rest is generated
-    to fit them, as well as an unconditional model can (an approximation of the true conditional).
-    """
-
-    values: Tensor  # like the state; only read where mask is 1
-    mask: Tensor  # broadcastable to the state, 1 (True) = known
-
+#: What every sampler takes by keyword (the contract); of these, RUNTIME are passed by the caller, not the config.
+CONTRACT = ("space", "generator", "callback", "clip_x0", "spacing", "known")
+RUNTIME = ("space", "generator", "callback", "known")
+# Positional arguments: steps is the section's sampler.steps, passed by position.
+_POSITIONAL = ("denoiser", "noise", "schedule", "steps")
+ENTRY_POINT_GROUP = "polydiff.samplers"
 
 SPACINGS = ("trailing", "leading", "linspace")
 
@@ -85,13 +100,24 @@ def _grid(steps: int | Tensor, schedule: NoiseSchedule, spacing: str, batch: int
     return timesteps(int(steps), schedule.num_steps, spacing).to(device)[:, None].expand(-1, batch)
 
 
-def _setup(noise: Tensor, space: Optional[Space], steps: int | Tensor, schedule: NoiseSchedule, spacing: str):
+def prepare(
+    noise: Tensor, space: Optional[Space], steps: int | Tensor, schedule: NoiseSchedule, spacing: str
+) -> tuple[Space, Tensor, Tensor]:
+    """The space (dense by default), the time grid ``[n + 1, B]`` and ``alpha_bar`` on it ``[n + 1, B]``, in float64."""
     space = space if space is not None else DenseSpace(tuple(noise.shape), device_=noise.device)
+    shape = getattr(space, "shape", None)
+    if shape is not None and tuple(noise.shape) != tuple(shape):  # broadcasting would silently return another shape
+        raise ValueError(
+            f"the starting noise has shape {tuple(noise.shape)} but the space describes states of shape "
+            f"{tuple(shape)}: draw it with space.randn()"
+        )
     grid = _grid(steps, schedule, spacing, space.num_samples, noise.device)  # [n + 1, B]
     ab = schedule.alpha_bar(grid)  # [n + 1, B] float64
     if isinstance(steps, Tensor) and (ab[1:] <= ab[:-1]).any():
-        raise ValueError("two times of the grid fall on the same noise level of the schedule (alpha_bar must rise "
-                         "strictly along the grid): space them further apart")
+        raise ValueError(
+            "two times of the grid fall on the same noise level of the schedule (alpha_bar must rise "
+            "strictly along the grid): space them further apart"
+        )
     return space, grid, ab
 
 
@@ -113,7 +139,9 @@ def _noise(space: Space, generator: Optional[torch.Generator | NoiseSource], lik
 Update = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 
 
-def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Generator | NoiseSource], like: Tensor):
+def _imposer(
+    known: Optional[Known], space: Space, generator: Optional[torch.Generator | NoiseSource], like: Tensor
+) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """``impose(x, alpha[B], sigma[B])``: ``x`` with its known elements drawn from q(x_t | values)."""
     if known is None:
         return lambda x, a, s: x
@@ -124,9 +152,11 @@ def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Gen
             raise RuntimeError("the mask would enlarge the state")
         values = torch.broadcast_to(values, like.shape)
     except RuntimeError as err:
-        raise ValueError(f"known values {tuple(known.values.shape)} and mask {tuple(known.mask.shape)} do not fit "
-                         f"the state {tuple(like.shape)}: the kept sample must have the new samples' layout (the "
-                         "trained length or size; no prior option that changes it)") from err
+        raise ValueError(
+            f"known values {tuple(known.values.shape)} and mask {tuple(known.mask.shape)} do not fit "
+            f"the state {tuple(like.shape)}: the kept sample must have the new samples' layout (the "
+            "trained length or size; no prior option that changes it)"
+        ) from err
 
     def impose(x: Tensor, a: Tensor, s: Tensor) -> Tensor:
         noisy = (values * space.expand(a)).addcmul_(_noise(space, generator, x), space.expand(s))
@@ -135,7 +165,7 @@ def _imposer(known: Optional[Known], space: Space, generator: Optional[torch.Gen
     return impose
 
 
-def _run(
+def run_steps(
     denoiser: DenoiserFn,
     noise: Tensor,
     grid: Tensor,
@@ -161,6 +191,34 @@ def _run(
     return x
 
 
+SAMPLERS: dict[str, Callable[..., Tensor]] = {}
+
+
+def _check_contract(name: str, fn: Any) -> None:
+    """Refuse a sampler that does not take the shared signature (its options would reach it as errors later)."""
+    if not callable(fn):
+        raise TypeError(f"sampler {name!r} must be a function, got {fn!r}")
+    params = inspect.signature(fn).parameters
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    lacking = [] if takes_any else [k for k in CONTRACT if k not in params]
+    if len(positional) < len(_POSITIONAL) or lacking:
+        raise TypeError(
+            f"sampler {name!r} ({getattr(fn, '__qualname__', fn)}) must take (denoiser, noise, schedule, "
+            f"steps, *, {', '.join(CONTRACT)}, ...)" + (f"; it lacks {lacking}" if lacking else "")
+        )
+
+
+def register_sampler(name: str, fn: Optional[Callable[..., Tensor]] = None, *, overwrite: bool = False) -> Any:
+    """Register a sampler function under ``name`` (``sampler.name=NAME``); usable as a decorator."""
+
+    def _register(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        return register(SAMPLERS, "sampler", name, f, _check_contract, overwrite)
+
+    return _register(fn) if fn is not None else _register
+
+
+@register_sampler("ddim")
 @torch.no_grad()
 def sample_ddim(
     denoiser: DenoiserFn,
@@ -178,7 +236,7 @@ def sample_ddim(
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12); ``eta = 0`` is deterministic, ``eta = 1`` is ancestral DDPM."""
     _check_values(eta=eta)
-    space, grid, ab = _setup(noise, space, steps, schedule, spacing)
+    space, grid, ab = prepare(noise, space, steps, schedule, spacing)
     s = (1 - ab).sqrt()  # [n + 1, B]
     # c: std of the fresh noise; sqrt(s_next^2 - c^2): weight of the predicted eps.
     c = eta * ((s[1:] ** 2 / s[:-1] ** 2) * (1 - ab[:-1] / ab[1:])).clamp(min=0).sqrt()
@@ -191,9 +249,10 @@ def sample_ddim(
             x = x.addcmul_(_noise(space, generator, x), space.expand(c_[i]))
         return x
 
-    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
+    return run_steps(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
 
 
+@register_sampler("ddpm")
 @torch.no_grad()
 def sample_ddpm(
     denoiser: DenoiserFn,
@@ -212,7 +271,7 @@ def sample_ddpm(
     """Ancestral DDPM (Ho et al. 2020, eq. 6-7) with the posterior (``small``) or ``large`` (beta) variance."""
     if variance not in ("small", "large"):
         raise KeyError(f"unknown sampler.variance {variance!r}; choose 'small' or 'large'")
-    space, grid, ab = _setup(noise, space, steps, schedule, spacing)
+    space, grid, ab = prepare(noise, space, steps, schedule, spacing)
     ab_t, ab_s = ab[:-1], ab[1:]  # [n, B]
     alpha_ts2 = ab_t / ab_s
     beta_ts = 1 - alpha_ts2
@@ -220,16 +279,18 @@ def sample_ddpm(
     w_x0 = ab_s.sqrt() * beta_ts / one_m_ab_t
     w_xt = alpha_ts2.sqrt() * (1 - ab_s) / one_m_ab_t
     var = beta_ts * (1 - ab_s) / one_m_ab_t if variance == "small" else beta_ts
-    var = var.masked_fill(grid[1:] == 0, 0.0)  # no noise on the final step to clean data (a mask, not an index: no sync)
+    # No noise on the final step to clean data (a mask, not an index: no device sync).
+    var = var.masked_fill(grid[1:] == 0, 0.0)
     w_x0_, w_xt_, std_ = (v.to(noise.dtype) for v in (w_x0, w_xt, var.clamp(min=0).sqrt()))  # [n, B]
 
     def update(i: int, x: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
         x = (x0 * space.expand(w_x0_[i])).addcmul_(x, space.expand(w_xt_[i]))
         return x.addcmul_(_noise(space, generator, x), space.expand(std_[i]))
 
-    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
+    return run_steps(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
 
 
+@register_sampler("dpmpp_2m")
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoiser: DenoiserFn,
@@ -248,7 +309,7 @@ def sample_dpmpp_2m(
 
     The final step to clean data is first order, where it returns the last ``x0`` prediction.
     """
-    space, grid, ab = _setup(noise, space, steps, schedule, spacing)
+    space, grid, ab = prepare(noise, space, steps, schedule, spacing)
     a, s = ab.sqrt(), (1 - ab).sqrt()  # [n + 1, B]
     lam = torch.log(a) - torch.log(s)  # log(alpha / sigma), +inf at t = 0
     h = lam[1:] - lam[:-1]  # [n, B]
@@ -272,16 +333,26 @@ def sample_dpmpp_2m(
         prev[:] = [x0]
         return (x * space.expand(ratio_[i])).addcmul_(d, space.expand(w_x0_[i]))
 
-    return _run(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
+    return run_steps(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp_2m": sample_dpmpp_2m,
-}
+def get_sampler(name: str) -> Callable[..., Tensor]:
+    """The sampler registered as ``name``, at the ``"module:function"`` path ``name``, or an entry point's."""
+    return lookup(SAMPLERS, "sampler", name, ENTRY_POINT_GROUP, _check_contract)
 
-_OPTIONS = {"ddpm": {"variance"}, "ddim": {"eta"}, "dpmpp_2m": set()}
+
+def sampler_options(name: str) -> dict[str, Any]:
+    """The options of sampler ``name`` (its keyword arguments but the runtime ones) with their defaults."""
+    return {k: p.default for k, p in option_params(get_sampler(name), (*_POSITIONAL, *RUNTIME)).items()}
+
+
+def check_sampler_options(name: str, options: Mapping[str, Any], settings: tuple[str, ...] = ()) -> None:
+    """Refuse an option sampler ``name`` does not take (naming the samplers that do) or of the wrong type.
+
+    ``settings`` are the other keys of the ``sampler`` section (listed in the message for a misspelled key).
+    """
+    fn = get_sampler(name)
+    check_options("sampler", name, fn, options, SAMPLERS, (*_POSITIONAL, *RUNTIME), settings)
 
 
 def sample(
@@ -292,26 +363,9 @@ def sample(
     steps: int | Tensor,
     **options: Any,
 ) -> Tensor:
-    """Run the sampler registered as ``name``; options another sampler uses are dropped, unknown ones rejected."""
-    check_options(name, options)
-    kept = {k: v for k, v in options.items() if k in _COMMON or k in _OPTIONS[name]}
-    return SAMPLERS[name](denoiser, noise, schedule, steps, **kept)
-
-
-_COMMON = {"space", "generator", "callback", "clip_x0", "spacing", "known"}
-
-
-def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Raise ``KeyError`` naming an unknown sampler or option (with the closest known name), ``ValueError`` a bad value."""
-    if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, SAMPLERS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown sampler {name!r}. Known samplers: {sorted(SAMPLERS)}.{hint}")
-    every = set().union(*_OPTIONS.values())
-    unknown = set(options) - _COMMON - every
-    if unknown:
-        raise KeyError(f"unknown sampler option(s) {sorted(unknown)}; known: {sorted(_COMMON | every)}")
-    _check_values(float(options.get("eta", 0.0)), options.get("clip_x0"))
+    """Run the sampler ``name`` (see :func:`get_sampler`); an option it does not take is refused, not dropped."""
+    check_sampler_options(name, {k: v for k, v in options.items() if k not in RUNTIME})
+    return get_sampler(name)(denoiser, noise, schedule, steps, **options)
 
 
 def _check_values(eta: float = 0.0, clip_x0: Optional[float] = None) -> None:

@@ -31,12 +31,24 @@ __all__ = [
 ]
 
 
-def linear_betas(steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Linear betas of DDPM (Ho et al. 2020), scaled by ``1000 / steps`` so shorter schedules still end near noise
-    (alpha_bar_T is 4e-5 at 1,000 steps, smaller below: the scaled sum of betas is the same, their product not)."""
+def linear_betas(steps: int, beta_start: Optional[float] = None, beta_end: Optional[float] = None) -> Tensor:
+    """Linear betas of DDPM (Ho et al. 2020).
+
+    DDPM's range 1e-4..0.02 is set for 1,000 steps; the defaults scale it by ``1000 / steps`` so that
+    shorter schedules still end near noise (alpha_bar_T is 4e-5 at 1,000 steps, smaller below: the
+    scaled sum of betas is the same, their product not), capped at 0.999 for very short ones.
+    Explicit ``beta_start`` / ``beta_end`` are used as given (diffusers' ``linear`` with the same range).
+    """
     scale = 1000.0 / steps
-    betas = torch.linspace(beta_start * scale, beta_end * scale, steps, dtype=torch.float64)
-    return betas.clamp(max=0.999)  # very short schedules would otherwise exceed beta = 1
+    for key, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"schedule.{key}={value} must lie in (0, 1): a beta is the variance added by one step")
+    start = 1e-4 * scale if beta_start is None else beta_start
+    end = 0.02 * scale if beta_end is None else beta_end
+    betas = torch.linspace(start, end, steps, dtype=torch.float64)
+    if beta_start is None or beta_end is None:
+        betas = betas.clamp(max=0.999)  # a scaled default passes beta = 1 below 20 steps
+    return betas
 
 
 def cosine_betas(steps: int, offset: float = 0.008, max_beta: float = 0.999) -> Tensor:
@@ -181,8 +193,10 @@ def make_schedule(
         if betas is None:
             raise ValueError("schedule 'custom' needs schedule.betas: a list of betas in (0, 1]")
         if name != "custom":
-            raise ValueError(f"schedule.betas is given with schedule.name={name!r}: set schedule.name=custom to use "
-                             f"those betas, or remove schedule.betas")
+            raise ValueError(
+                f"schedule.betas is given with schedule.name={name!r}: set schedule.name=custom to use "
+                f"those betas, or remove schedule.betas"
+            )
         extra = {k: v for k, v in kwargs.items() if v is not None}
         if extra:
             raise KeyError(f"schedule 'custom' takes only schedule.betas (and zero_terminal_snr), not {sorted(extra)}")
@@ -193,8 +207,10 @@ def make_schedule(
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise KeyError(f"unknown schedule {name!r}. Known schedules: {sorted(SCHEDULES) + ['custom']}.{hint}")
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
-            raise ValueError(f"schedule.steps must be a whole number >= 2, got {steps!r} (one step cannot run from "
-                             "data to noise: linear and sigmoid betas would start and end at their first value)")
+            raise ValueError(
+                f"schedule.steps must be a whole number >= 2, got {steps!r} (one step cannot run from "
+                "data to noise: linear and sigmoid betas would start and end at their first value)"
+            )
         fn = SCHEDULES[name]
         allowed = set(inspect.signature(fn).parameters) - {"steps"}
         extra = {k: v for k, v in kwargs.items() if v is not None and k not in allowed}

@@ -3,7 +3,9 @@
 ``polydiff eval SOURCE SAMPLES...``: the domain comes from a run directory (its checkpoint's
 config and data state, as ``polydiff sample`` builds it) or from a recipe (set up from its
 training data); each ``SAMPLES`` path is read by :meth:`polydiff.Domain.read_samples` and scored
-by :meth:`~polydiff.Domain.evaluate`, beside the same metrics for real held-out data.
+by :meth:`~polydiff.Domain.evaluate`, beside the same metrics for real held-out data. Both are the
+domain's outputs hooks (:class:`polydiff.outputs.Outputs`), called through the domain so that one
+which overrides them itself is scored the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def load_domain(source: str | Path, overrides: Sequence[str] = ()) -> tuple[Doma
     else:
         ckpt_path = run_checkpoint(source)
         if not ckpt_path.is_file():
-            raise FileNotFoundError(f"{source} is neither a recipe (.yaml) nor a run directory with checkpoints/last.pt")
+            raise FileNotFoundError(
+                f"{source} is neither a recipe (.yaml) nor a run directory with checkpoints/last.pt"
+            )
         ckpt = load_checkpoint(ckpt_path, mmap=True)
         cfg, state = saved_config(ckpt), ckpt["domain_state"]
     cfg = with_domain_overrides(cfg, overrides)
@@ -63,7 +67,10 @@ def score_samples(domain: Domain, paths: Sequence[str | Path], reference: bool =
         try:
             record["reference"] = domain.reference_metrics(max(r["n"] for r in rows))
         except (FileNotFoundError, ValueError, OSError) as err:
-            log.warning("no real-data reference row: the training data could not be read (%s); point domain.root "
-                        "(or domain.path) at them, or pass --no-reference", err)
+            log.warning(
+                "no real-data reference row: the training data could not be read (%s); point domain.root "
+                "(or domain.path) at them, or pass --no-reference",
+                err,
+            )
             record["reference"] = None
     return record

@@ -65,8 +65,12 @@ class Space:
     def cat(cls, spaces: Sequence["Space"]) -> "Space":
         """One space holding the samples of ``spaces`` in order (states concatenated along dim 0); the draws of
         :func:`polydiff.generate.generate` in chunks and stacked guidance (``guidance.batched``) need it."""
-        raise _missing(cls, "cat", "to draw samples in chunks or with guidance.batched=true, or set "
-                                   "sampler.batch_size=null and guidance.batched=false")
+        raise _missing(
+            cls,
+            "cat",
+            "to draw samples in chunks or with guidance.batched=true, or set "
+            "sampler.batch_size=null and guidance.batched=false",
+        )
 
     def take(self, start: int, stop: int) -> tuple["Space", slice | Tensor]:
         """Samples ``start .. stop`` as a space of their own, and the state's rows they hold (the inverse of
@@ -96,8 +100,10 @@ class DenseSpace(Space):
             except RuntimeError:
                 fits = False
             if not fits:
-                raise ValueError(f"DenseSpace mask of shape {tuple(self.mask.shape)} does not broadcast to the state's "
-                                 f"shape {self.shape}: give it the state's rank, with 1 for broadcast dimensions")
+                raise ValueError(
+                    f"DenseSpace mask of shape {tuple(self.mask.shape)} does not broadcast to the state's "
+                    f"shape {self.shape}: give it the state's rank, with 1 for broadcast dimensions"
+                )
             self.device_ = self.mask.device
         self.device_ = torch.device(self.device_)
 
@@ -145,8 +151,14 @@ class DenseSpace(Space):
         shape = (sum(s.shape[0] for s in spaces), *spaces[0].shape[1:])
         mask = None
         if any(s.mask is not None for s in spaces):  # full [B, ...] masks; a missing one means all valid
-            mask = torch.cat([torch.ones(s.shape, device=s.device) if s.mask is None
-                              else torch.broadcast_to(s.mask, s.shape).float() for s in spaces])
+            mask = torch.cat(
+                [
+                    torch.ones(s.shape, device=s.device)
+                    if s.mask is None
+                    else torch.broadcast_to(s.mask, s.shape).float()
+                    for s in spaces
+                ]
+            )
         return replace(spaces[0], shape=shape, mask=mask)  # a subclass stays itself (its project, its randn)
 
     def take(self, start: int, stop: int) -> tuple["DenseSpace", slice]:
@@ -183,8 +195,11 @@ class RaggedSpace(Space):
         # The centred columns as a slice (or a device index), not a Python list: indexing a GPU tensor
         # with a list copies it to the device and waits for the copy, twice per project().
         c, lo = self.centered, self.centered[0] if self.centered else 0
-        self._cols: slice | Tensor = (slice(lo, lo + len(c)) if c == tuple(range(lo, lo + len(c)))
-                                      else torch.tensor(c, dtype=torch.long, device=self.batch.device))
+        self._cols: slice | Tensor = (
+            slice(lo, lo + len(c))
+            if c == tuple(range(lo, lo + len(c)))
+            else torch.tensor(c, dtype=torch.long, device=self.batch.device)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -254,7 +269,9 @@ def _missing(space: "Space | type", method: str, use: str = "") -> NotImplemente
     return NotImplementedError(f"{name} has no {method}(): implement it" + (f" {use}" if use else ""))
 
 
-def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device, dtype: torch.dtype) -> Tensor:
+def _randn(
+    shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """``torch.randn`` on ``device``, drawn on the generator's own device (a CPU generator may seed GPU noise)."""
     where = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=where, dtype=dtype).to(device)

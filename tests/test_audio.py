@@ -60,6 +60,23 @@ def test_folder_loader_labels_resamples_and_mixes(labelled_folder, caplog):
     assert "ignored 2 file(s) that are not .wav/.flac" in text and "bark.mp3" in text
 
 
+def test_a_data_set_is_a_row_of_the_table(tmp_path, monkeypatch):
+    """A new data set is an index function in ``DATASETS``; labels it fixes keep their order in the model."""
+    from domains.audio.data import DATASETS, AudioSource
+
+    for label, freq in (("low", 300.0), ("high", 900.0)):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            sf.write(tmp_path / label / f"{label}{i}.wav", tone(freq, 8000, 0.2), 8000)
+    monkeypatch.setitem(DATASETS, "pitches", AudioSource(folder_index, labels=("low", "high")))
+    with pytest.raises(ValueError, match="domain.dataset='pitches' needs domain.root"):
+        AudioDomain(dataset="pitches")
+    domain = AudioDomain(dataset="pitches", root=str(tmp_path), sample_rate=8000, duration=0.2, test_fraction=0.5)
+    train = domain.dataset("train")
+    assert domain.class_names == ["low", "high"]
+    assert all(train.class_names[int(y)] == path.parent.name for y, path in zip(train.labels, train.files))
+
+
 def test_explicit_train_test_folders_and_unlabelled_audio(tmp_path):
     for split in ("train", "test"):
         for label in ("a", "b"):
@@ -71,7 +88,14 @@ def test_explicit_train_test_folders_and_unlabelled_audio(tmp_path):
     (tmp_path / "flat").mkdir()
     for i in range(4):
         sf.write(tmp_path / "flat" / f"{i}.wav", tone(440, 8000, 0.2), 8000)
-    domain = AudioDomain(dataset="folder", root=str(tmp_path / "flat"), sample_rate=8000, duration=0.2, conditional=False, test_fraction=0.5)
+    domain = AudioDomain(
+        dataset="folder",
+        root=str(tmp_path / "flat"),
+        sample_rate=8000,
+        duration=0.2,
+        conditional=False,
+        test_fraction=0.5,
+    )
     clips = domain.dataset("train")
     assert clips.class_names == [] and bool((clips.labels == -1).all())
     assert domain.collate([clips[0], clips[0]]).cond == {}
@@ -95,7 +119,8 @@ def test_resampling_keeps_pitch_and_level_and_mono_is_the_channel_mean(tmp_path)
 
 
 def make_fake_sc09(root: Path, base: Optional[Path] = None) -> Path:
-    """Speech Commands v0.02 in miniature at ``base`` (default: the documented ROOT/SpeechCommands/speech_commands_v0.02)."""
+    """Speech Commands v0.02 in miniature at ``base`` (default: the documented
+    ROOT/SpeechCommands/speech_commands_v0.02)."""
     base = base or root / "SpeechCommands" / "speech_commands_v0.02"
     words = DIGITS + ["cat"]
     for w, word in enumerate(words):
@@ -143,7 +168,9 @@ def test_sc09_missing_split_list_is_named(tmp_path, missing):
     base = make_fake_sc09(tmp_path)
     (base / missing).unlink()
     for root in (tmp_path, base):  # domain.root at the parent (documented layout) or at the copy itself
-        with pytest.raises(FileNotFoundError, match=f"but not {missing}: looked for {re.escape(str(base / missing))}. Copy") as err:
+        with pytest.raises(
+            FileNotFoundError, match=f"but not {missing}: looked for {re.escape(str(base / missing))}. Copy"
+        ) as err:
             AudioDomain(dataset="sc09", root=str(root)).dataset("train")
         assert "no Speech Commands v0.02 copy" not in str(err.value)
 
@@ -159,8 +186,11 @@ def test_sc09_copy_missing_a_digit_is_refused_by_name(tmp_path, split):
     for path in (base / "nine").iterdir():
         path.unlink()
     (base / "nine").rmdir()
-    with pytest.raises(ValueError, match=rf"all ten digit words, but the '{split}' split .* has none of \['nine'\]: the "
-                                         rf"folder\(s\) {re.escape(str(base / 'nine'))}/ are missing"):
+    with pytest.raises(
+        ValueError,
+        match=rf"all ten digit words, but the '{split}' split .* has none of \['nine'\]: the "
+        rf"folder\(s\) {re.escape(str(base / 'nine'))}/ are missing",
+    ):
         sc09_index(tmp_path, split)
     with pytest.raises(ValueError, match=r"has none of \['nine'\]"):
         AudioDomain(dataset="sc09", root=str(tmp_path), sample_rate=2000).dataset(split)
@@ -170,8 +200,11 @@ def test_sc09_test_list_without_a_digit_is_refused(tmp_path):
     base = make_fake_sc09(tmp_path)
     listed = (base / "testing_list.txt").read_text().splitlines()
     (base / "testing_list.txt").write_text("\n".join(line for line in listed if not line.startswith("seven/")) + "\n")
-    with pytest.raises(ValueError, match=rf"'test' split .* has none of \['seven'\]: .*testing_list.txt names none of "
-                                         rf"the files in {re.escape(str(base / 'seven'))}/"):
+    with pytest.raises(
+        ValueError,
+        match=rf"'test' split .* has none of \['seven'\]: .*testing_list.txt names none of "
+        rf"the files in {re.escape(str(base / 'seven'))}/",
+    ):
         sc09_index(tmp_path, "test")
 
 
@@ -181,8 +214,11 @@ def test_sc09_listed_file_that_was_deleted_is_skipped_with_one_warning(tmp_path,
     sf.write(base / "seven" / "spk3_nohash_0.wav", np.zeros((16000, 1), dtype=np.float32), 16000)  # a silent clip
     with open(base / "testing_list.txt", "a") as f:
         f.write("seven/spk3_nohash_0.wav\neight/gone_nohash_0.wav\nnine/gone_nohash_1.wav\n")
-    with pytest.raises(AudioFileError, match=r"spk3_nohash_0.wav is silent after loading \(all zeros\): delete it .*"
-                                             r"testing_list.txt names but that is missing is skipped"):
+    with pytest.raises(
+        AudioFileError,
+        match=r"spk3_nohash_0.wav is silent after loading \(all zeros\): delete it .*"
+        r"testing_list.txt names but that is missing is skipped",
+    ):
         AudioDomain(dataset="sc09", root=str(tmp_path), sample_rate=2000).dataset("test")
     (base / "seven" / "spk3_nohash_0.wav").unlink()
     caplog.clear()
@@ -216,7 +252,11 @@ def test_shipped_spoken_digits_set():
 # ------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize(
     "content, match",
-    [(b"", "is empty"), (b"RIFF\x00\x00 this is not audio at all" * 10, "could not decode"), (b"hello, world\n", "could not decode")],
+    [
+        (b"", "is empty"),
+        (b"RIFF\x00\x00 this is not audio at all" * 10, "could not decode"),
+        (b"hello, world\n", "could not decode"),
+    ],
 )
 def test_bad_files_are_named(tmp_path, content, match):
     (tmp_path / "a").mkdir()
@@ -289,7 +329,9 @@ def test_folder_without_audio_channel_mismatch_and_unknown_labels(tmp_path):
         (tmp_path / "numbers" / name).mkdir(parents=True)
         for k in range(2):
             sf.write(tmp_path / "numbers" / name / f"{k}.wav", tone(300 + 100 * k, 8000, 0.1), 8000)
-    numbers = AudioDomain(dataset="folder", root=str(tmp_path / "numbers"), sample_rate=8000, duration=0.1, test_fraction=0.01)
+    numbers = AudioDomain(
+        dataset="folder", root=str(tmp_path / "numbers"), sample_rate=8000, duration=0.1, test_fraction=0.01
+    )
     numbers.setup(numbers.dataset("train"))
     assert numbers.class_names == ["3", "5", "7"]
     assert numbers.parse_label(5) == 1 and numbers.parse_label("7") == 2
@@ -300,7 +342,11 @@ def test_folder_without_audio_channel_mismatch_and_unknown_labels(tmp_path):
     (meta / "metadata.csv").write_text("file,label,split,voice,speed,pitch\nx.flac,eleven,train,en,150,50\n")
     with pytest.raises(ValueError, match="line 2: unknown label 'eleven'"):
         spoken_digits_index(meta, "train")
-    with pytest.raises(ValueError, match="unknown domain.dataset 'mp3s'"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown domain.dataset 'mp3s'; choose one of \['spoken_digits', 'folder', "
+        r"'sc09'\]",
+    ):
         AudioDomain(dataset="mp3s")
 
 
@@ -376,12 +422,22 @@ def test_unconditional_reference_row_has_no_label_accuracy_like_its_samples(tmp_
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
     rows = {}
     for conditional in (True, False):
-        domain = AudioDomain(dataset="folder", root=str(labelled_folder), sample_rate=4000, duration=0.5,
-                             test_fraction=0.3, classifier_epochs=1, conditional=conditional)
+        domain = AudioDomain(
+            dataset="folder",
+            root=str(labelled_folder),
+            sample_rate=4000,
+            duration=0.5,
+            test_fraction=0.3,
+            classifier_epochs=1,
+            conditional=conditional,
+        )
         domain.setup(domain.dataset("train"))
         test = domain.dataset("test")
         labelled = {"label": test.labels}  # as polydiff eval reads files named by label (_seven)
-        rows[conditional] = (domain.reference_metrics(10), domain.evaluate(Batch(test.waves, DenseSpace(tuple(test.waves.shape)), labelled)))
+        rows[conditional] = (
+            domain.reference_metrics(10),
+            domain.evaluate(Batch(test.waves, DenseSpace(tuple(test.waves.shape)), labelled)),
+        )
     assert "label_acc" in rows[True][0] and "label_acc" in rows[True][1]
     reference, samples = rows[False]
     assert "label_acc" not in reference and "label_acc" not in samples and "fid" in reference and "fid" in samples
@@ -399,7 +455,7 @@ def test_evaluate_scores_the_clipped_waves_that_are_written(tmp_path):
             return {"peak": float(x.abs().max())}
 
     domain = AudioDomain(sample_rate=2000, duration=0.5)
-    domain._scorer = recorder = Recorder()
+    domain.outputs._scorer = recorder = Recorder()
     x = torch.randn(3, 1, 1000, generator=torch.Generator().manual_seed(0))  # peaks near 3: overshoots [-1, 1]
     batch = Batch(x, DenseSpace(tuple(x.shape)), {"label": torch.tensor([1, 2, 3])})
     assert domain.evaluate(batch)["peak"] == 1.0
@@ -416,7 +472,9 @@ def test_classifier_cache_key_follows_the_clips_not_their_location(tmp_path, lab
     from domains.audio.metrics import classifier_cache_path
 
     def key(root: Path, **kwargs) -> Path:
-        domain = AudioDomain(dataset="folder", root=str(root), sample_rate=4000, duration=0.5, test_fraction=0.3, **kwargs)
+        domain = AudioDomain(
+            dataset="folder", root=str(root), sample_rate=4000, duration=0.5, test_fraction=0.3, **kwargs
+        )
         return classifier_cache_path(domain.data_config(), domain.dataset("train"), tmp_path / "cache")
 
     moved = tmp_path / "elsewhere" / "sounds.v2"
@@ -446,7 +504,7 @@ def test_metric_classifier_cache_file_of_the_shipped_digits_is_pinned(monkeypatc
 
     monkeypatch.setattr(metrics, "cached_scorer", capture)
     monkeypatch.setenv("POLYDIFF_CACHE", "/cache")
-    AudioDomain()._get_scorer()
+    AudioDomain().outputs.scorer()
     assert seen["cache"] == Path("/cache/audio/digit_classifier_4d33dd78d8aa8ae7.pt")
     assert seen["fit_kwargs"] == {"epochs": 10, "batch_size": 64, "lr": 3e-3, "augment": features.augment_waves}
 
@@ -455,8 +513,14 @@ def test_metric_classifier_is_refitted_when_its_epochs_change(tmp_path, monkeypa
     """domain.classifier_epochs is part of the cache key: other epochs never reuse weights fitted with fewer."""
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
     for epochs in (1, 2, 1):
-        domain = AudioDomain(dataset="folder", root=str(labelled_folder), sample_rate=4000, duration=0.5,
-                             test_fraction=0.3, classifier_epochs=epochs)
+        domain = AudioDomain(
+            dataset="folder",
+            root=str(labelled_folder),
+            sample_rate=4000,
+            duration=0.5,
+            test_fraction=0.3,
+            classifier_epochs=epochs,
+        )
         domain.setup(domain.dataset("train"))
         assert "fid" in domain.reference_metrics(4)
     assert len(list((tmp_path / "cache" / "audio").glob("digit_classifier_*.pt"))) == 2
@@ -473,8 +537,10 @@ def test_sample_labels_with_underscores_are_read_back_from_file_names(tmp_path):
     domain.save_samples(batch, tmp_path / "out")
     index = sample_index(tmp_path / "out", domain.label_names)
     assert [(p.name, label) for p, label in index] == [
-        ("samples_000_left_hand.wav", "left_hand"), ("samples_001_hand.wav", "hand"),
-        ("samples_002_dog-bark.wav", "dog bark"), ("samples_003_uncond.wav", None),
+        ("samples_000_left_hand.wav", "left_hand"),
+        ("samples_001_hand.wav", "hand"),
+        ("samples_002_dog-bark.wav", "dog bark"),
+        ("samples_003_uncond.wav", None),
     ]
     assert domain.read_samples(tmp_path / "out").cond["label"].tolist() == [1, 0, 2, -1]
 
@@ -489,7 +555,7 @@ def test_evaluate_one_clip_gives_no_metrics_not_an_error(tmp_path, caplog):
             return classifier_metrics(feats, probs, torch.randn(10, 4), torch.full((10, 3), 1 / 3), labels)
 
     domain = AudioDomain(sample_rate=2000, duration=0.5)
-    domain._scorer = Scorer()
+    domain.outputs._scorer = Scorer()
     x = torch.rand(2, 1, 1000) - 0.5
     assert "fid" in domain.evaluate(Batch(x, DenseSpace(tuple(x.shape)), {}))
     with caplog.at_level(logging.WARNING):
@@ -508,16 +574,31 @@ def test_eval_scores_wav_files_made_elsewhere_like_the_reference_row(tmp_path, m
         for row in csv.DictReader(f):
             if row["split"] == "test":
                 (real / row["label"]).mkdir(parents=True, exist_ok=True)
-                (real / row["label"] / Path(row["file"]).name).write_bytes((SPOKEN_DIGITS_DIR / row["file"]).read_bytes())
+                (real / row["label"] / Path(row["file"]).name).write_bytes(
+                    (SPOKEN_DIGITS_DIR / row["file"]).read_bytes()
+                )
     noise = tmp_path / "noise"
     noise.mkdir()
     rng = np.random.default_rng(0)
     for i in range(20):
-        sf.write(noise / f"samples_{i:03d}_{DIGITS[i % 10]}.wav", (0.3 * rng.standard_normal(1400)).astype(np.float32), 2000)
+        sf.write(
+            noise / f"samples_{i:03d}_{DIGITS[i % 10]}.wav", (0.3 * rng.standard_normal(1400)).astype(np.float32), 2000
+        )
     out = tmp_path / "scores.json"
-    main(["eval", str(Path(__file__).resolve().parents[1] / "recipes" / "audio_unet.yaml"), str(real), str(noise),
-          "domain.sample_rate=2000", "domain.duration=0.7", "domain.classifier_epochs=4", "domain.limit=300",
-          "--json", str(out)])
+    main(
+        [
+            "eval",
+            str(Path(__file__).resolve().parents[1] / "recipes" / "audio_unet.yaml"),
+            str(real),
+            str(noise),
+            "domain.sample_rate=2000",
+            "domain.duration=0.7",
+            "domain.classifier_epochs=4",
+            "domain.limit=300",
+            "--json",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
     (real_row, noise_row), ref = record["samples"], record["reference"]
     assert real_row["n"] == 100 and noise_row["n"] == 20 and ref["num_samples"] == 100
@@ -538,8 +619,18 @@ def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monke
         "model": TINY_NET,
         "schedule": {"name": "cosine", "steps": 100},
         "objective": {"prediction": "v", "weighting": "min_snr"},
-        "trainer": dict(max_steps=40, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=0.9, device="cpu",
-                        ckpt_every=1000, num_samples=4, log_every=5, progress=False),
+        "trainer": dict(
+            max_steps=40,
+            batch_size=16,
+            lr=2e-3,
+            warmup_steps=5,
+            ema_decay=0.9,
+            device="cpu",
+            ckpt_every=1000,
+            num_samples=4,
+            log_every=5,
+            progress=False,
+        ),
         "sampler": {"name": "ddim", "steps": 5},
     }
     run = tmp_path / "run"
@@ -557,8 +648,22 @@ def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monke
     # Inpainting: a recording is kept outside [0.2 s, 0.4 s), which is generated.
     sf.write(tmp_path / "take.wav", tone(110.0, 1000, 0.7), 1000)
     filled = tmp_path / "filled"
-    main(["sample", str(run), "--n", "2", "--out", str(filled), "--known", str(tmp_path / "take.wav"),
-          "known.start=0.2", "known.end=0.4", "sampler.steps=4", "label=seven"])
+    main(
+        [
+            "sample",
+            str(run),
+            "--n",
+            "2",
+            "--out",
+            str(filled),
+            "--known",
+            str(tmp_path / "take.wav"),
+            "known.start=0.2",
+            "known.end=0.4",
+            "sampler.steps=4",
+            "label=seven",
+        ]
+    )
     take = torch.from_numpy(sf.read(tmp_path / "take.wav", dtype="float32")[0])  # [700]
     assert len(list(filled.glob("*.wav"))) == 2
     for wav in sorted(filled.glob("*.wav")):
@@ -567,7 +672,11 @@ def test_short_training_run_lowers_the_loss_and_samples_by_label(tmp_path, monke
         keep[200:400] = False
         assert torch.allclose(out[keep], take[keep], atol=1 / 16384)  # kept, up to 16-bit rounding
         assert (out[~keep] - take[~keep]).abs().max() > 0.05  # generated
-    assert json.loads((filled / "sampling.json").read_text())["known"] == {"path": str(tmp_path / "take.wav"), "start": 0.2, "end": 0.4}
+    assert json.loads((filled / "sampling.json").read_text())["known"] == {
+        "path": str(tmp_path / "take.wav"),
+        "start": 0.2,
+        "end": 0.4,
+    }
     with pytest.raises(SystemExit, match=r"known.start=0.5 and known.end=0.9 must satisfy 0 <= start < end <= 0.7"):
         main(["sample", str(run), "--known", str(tmp_path / "take.wav"), "known.start=0.5", "known.end=0.9"])
     with pytest.raises(SystemExit, match=r"needs known.start=S and/or known.end=E \(seconds, within 0.7\)"):

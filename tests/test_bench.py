@@ -27,8 +27,14 @@ def _numbers(obj, prefix=""):
 
 def test_quick_suite_tiny_budget(tmp_path):
     specs = {
-        "points": DomainBench("examples/points.yaml", _train_steps(30), 64, [("ddim", 10), ("ddim", 5), ("dpmpp_2m", 5)],
-                              batch_sizes=[16, 64], peers=["samplers", "diffusers"]),
+        "points": DomainBench(
+            "examples/points.yaml",
+            _train_steps(30),
+            64,
+            [("ddim", 10), ("ddim", 5), ("dpmpp_2m", 5)],
+            batch_sizes=[16, 64],
+            peers=["samplers", "diffusers"],
+        ),
     }
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs=specs)
     result = json.loads(path.read_text())
@@ -84,8 +90,9 @@ def test_training_figures_leave_out_the_final_draw(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(polydiff.trainer, "generate", slow_generate)
-    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)],
-                       batch_sizes=[16])
+    spec = DomainBench(
+        "examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)], batch_sizes=[16]
+    )
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs={"points": spec})
     d = json.loads(path.read_text())["domains"]["points"]
     assert "error" not in d, d["error"]
@@ -107,7 +114,9 @@ def test_full_suite_skips_literature_data_that_is_not_placed(tmp_path, monkeypat
     monkeypatch.setattr(suite, "packaged", lambda key: False)  # as without qm9pack installed
     path = run_suite("full", ["qm9", "sc09"], "cpu", tmp_path)
     result = json.loads(path.read_text())
-    assert "--data qm9=PATH" in result["domains"]["qm9"]["skipped"] and "gdb9.sdf" in result["domains"]["qm9"]["skipped"]
+    assert (
+        "--data qm9=PATH" in result["domains"]["qm9"]["skipped"] and "gdb9.sdf" in result["domains"]["qm9"]["skipped"]
+    )
     assert "pip install qm9pack" in result["domains"]["qm9"]["skipped"]
     assert "--data sc09=PATH" in result["domains"]["sc09"]["skipped"]
     assert "skipped: needs a local copy of SC09" in path.with_suffix(".md").read_text()
@@ -125,8 +134,11 @@ def test_steps_and_data_options_reach_the_recipe(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"\['qm9'\] belong to --suite full"):
         main(["--domains", "qm9"])
     # Nothing but skips is a failed run, named with the --data to give; --data that nothing reads is refused.
-    with pytest.raises(SystemExit, match=r"qm9 needs its data: place gdb9.sdf.*--data qm9=PATH \(or pip install qm9pack.*"
-                                         r"sc09 needs its data: place speech_commands.*--data sc09=PATH"):
+    with pytest.raises(
+        SystemExit,
+        match=r"qm9 needs its data: place gdb9.sdf.*--data qm9=PATH \(or pip install qm9pack.*"
+        r"sc09 needs its data: place speech_commands.*--data sc09=PATH",
+    ):
         main(["--suite", "full", "--domains", "qm9", "sc09", "--out", str(tmp_path)])
     assert not list(tmp_path.glob("*.json"))
     with pytest.raises(SystemExit, match="--data is for the full suite.*add --suite full"):
@@ -137,8 +149,16 @@ def test_steps_and_data_options_reach_the_recipe(tmp_path, monkeypatch):
 
 def _tiny(spec: DomainBench, *overrides: str, scaling=None) -> DomainBench:
     overrides = [*with_steps(spec, 2).overrides, "trainer.num_samples=2", "sampler.steps=2", *overrides]
-    return replace(spec, overrides=overrides, num_samples=4,
-                   samplers=[("ddim", 2)], guidance=[1.0], batch_sizes=[4], scaling=scaling, compile_check=False)
+    return replace(
+        spec,
+        overrides=overrides,
+        num_samples=4,
+        samplers=[("ddim", 2)],
+        guidance=[1.0],
+        batch_sizes=[4],
+        scaling=scaling,
+        compile_check=False,
+    )
 
 
 def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
@@ -166,8 +186,9 @@ def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="no folder at"):
         main(["--suite", "full", "--data", f"qm9={tmp_path / 'missing'}"])
     ran = []
-    monkeypatch.setattr(suite, "run_suite", lambda name, domains, *a, **k: ran.append(domains) or fake_run_suite(
-        name, domains, *a, **k))
+    monkeypatch.setattr(
+        suite, "run_suite", lambda name, domains, *a, **k: ran.append(domains) or fake_run_suite(name, domains, *a, **k)
+    )
     main(["--recipe", "mine=examples/points.yaml", "--steps", "3"])  # a user's domain alone: no built-in trains
     main(["--recipe", "mine=examples/points.yaml", "--domains", "mine", "points"])  # beside a built-in one
     assert ran == [["mine"], ["mine", "points"]]
@@ -176,8 +197,14 @@ def test_compile_check_and_overrides_for_every_domain(tmp_path, monkeypatch):
         main(["--domains", "points", "image"])
     monkeypatch.undo()
 
-    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)],
-                       batch_sizes=[32], compile_check=True)
+    spec = DomainBench(
+        "examples/points.yaml",
+        [*_train_steps(5), "model.width=16"],
+        16,
+        [("ddim", 2)],
+        batch_sizes=[32],
+        compile_check=True,
+    )
     path = run_suite("full", ["points"], "cpu", tmp_path, specs={"points": spec})
     c = json.loads(path.read_text())["domains"]["points"]["compile"]
     assert c["batch_size"] == 32 and c["compile_s"] > 0
@@ -194,8 +221,28 @@ def test_literature_settings_run_on_local_copies(tmp_path, monkeypatch):
 
     raw = tmp_path / "qm9" / "raw"
     raw.mkdir(parents=True)
-    smiles = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC",
-              "CNC", "C=C", "C#C", "CF", "FCF"]
+    smiles = [
+        "C",
+        "N",
+        "O",
+        "CC",
+        "CO",
+        "CN",
+        "C=O",
+        "C#N",
+        "CCO",
+        "CCN",
+        "CC=O",
+        "OCO",
+        "NC=O",
+        "CC#N",
+        "COC",
+        "CNC",
+        "C=C",
+        "C#C",
+        "CF",
+        "FCF",
+    ]
     _write_sdf(raw / "gdb9.sdf", smiles)
     header = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
     rows = [f"gdb_{i + 1}," + ",".join(str(float(i + j)) for j in range(19)) for i in range(len(smiles))]
@@ -203,10 +250,18 @@ def test_literature_settings_run_on_local_copies(tmp_path, monkeypatch):
     (raw / "uncharacterized.txt").write_text("\n".join(f"header {k}" for k in range(9)) + "\n2 skipped\n----\n")
     make_fake_sc09(tmp_path / "sc")
     full = suites()["full"]
-    specs = {"qm9": _tiny(full["qm9"], "trainer.batch_size=4", scaling=("num_atoms", [3, 6])),
-             "sc09": _tiny(full["sc09"], "profile=cpu", "trainer.batch_size=4")}
-    path = run_suite("full", ["qm9", "sc09"], "cpu", tmp_path / "out", specs=specs,
-                     data={"qm9": str(tmp_path / "qm9"), "sc09": str(tmp_path / "sc")})
+    specs = {
+        "qm9": _tiny(full["qm9"], "trainer.batch_size=4", scaling=("num_atoms", [3, 6])),
+        "sc09": _tiny(full["sc09"], "profile=cpu", "trainer.batch_size=4"),
+    }
+    path = run_suite(
+        "full",
+        ["qm9", "sc09"],
+        "cpu",
+        tmp_path / "out",
+        specs=specs,
+        data={"qm9": str(tmp_path / "qm9"), "sc09": str(tmp_path / "sc")},
+    )
     result = json.loads(path.read_text())
     for name in ("qm9", "sc09"):
         d = result["domains"][name]
@@ -225,15 +280,42 @@ def test_full_suite_reads_qm9_from_its_package_without_data(tmp_path, monkeypatc
     from tests.test_molecule import write_fake_qm9pack
 
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
-    smiles = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC",
-              "CNC", "C=C", "C#C", "CF", "FCF"]
+    smiles = [
+        "C",
+        "N",
+        "O",
+        "CC",
+        "CO",
+        "CN",
+        "C=O",
+        "C#N",
+        "CCO",
+        "CCN",
+        "CC=O",
+        "OCO",
+        "NC=O",
+        "CC#N",
+        "COC",
+        "CNC",
+        "C=C",
+        "C#C",
+        "CF",
+        "FCF",
+    ]
     monkeypatch.syspath_prepend(str(write_fake_qm9pack(tmp_path / "site", smiles)))
     import importlib.util
 
     assert suite.packaged("qm9") and not suite.packaged("sc09")
     assert Path(importlib.util.find_spec("qm9pack").origin).is_relative_to(tmp_path)  # the fake, not an installed one
-    specs = {"qm9": _tiny(suites()["full"]["qm9"], "trainer.batch_size=4", "model.hidden=16", "model.layers=1",
-                          scaling=("num_atoms", [3]))}
+    specs = {
+        "qm9": _tiny(
+            suites()["full"]["qm9"],
+            "trainer.batch_size=4",
+            "model.hidden=16",
+            "model.layers=1",
+            scaling=("num_atoms", [3]),
+        )
+    }
     result = json.loads(run_suite("full", ["qm9"], "cpu", tmp_path / "out", specs=specs).read_text())
     qm9 = result["domains"]["qm9"]
     assert "error" not in qm9 and "skipped" not in qm9, qm9
@@ -243,7 +325,9 @@ def test_full_suite_reads_qm9_from_its_package_without_data(tmp_path, monkeypatc
 
 def test_merge_joins_runs_of_one_suite(tmp_path):
     """Domains run as separate jobs merge into one report; a measured domain is never silently replaced."""
-    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)], batch_sizes=[16])
+    spec = DomainBench(
+        "examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)], batch_sizes=[16]
+    )
     a = run_suite("quick", ["p1"], "cpu", tmp_path / "a", specs={"p1": spec})
     b = run_suite("quick", ["p2"], "cpu", tmp_path / "b", specs={"p2": replace(spec, num_samples=32)})
     skipped = tmp_path / "skipped.json"
@@ -260,14 +344,20 @@ def test_merge_joins_runs_of_one_suite(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert "## p1" in md and "## p2" in md and "skipped" not in md and md.count("measured on ") == 2
     assert "peak MiB" in md and " MB" not in md  # the figures are 2**20 bytes
-    assert sorted(p.name for p in (path.parent / path.stem).glob("*.png")) == ["loss_curves.png", "quality_vs_steps.png", "scaling.png"]
+    assert sorted(p.name for p in (path.parent / path.stem).glob("*.png")) == [
+        "loss_curves.png",
+        "quality_vs_steps.png",
+        "scaling.png",
+    ]
     # A merged result merged again: every domain keeps the environment it ran in, not the merged file's first one.
     third = json.loads(b.read_text())
     third["environment"]["device_name"] = "machine C"
     third["domains"] = {"p3": third["domains"]["p2"]}
     third["config"] = {"p3": third["config"]["p2"]}
     (tmp_path / "c.json").write_text(json.dumps(third))
-    again = json.loads(main(["--merge", str(path), str(tmp_path / "c.json"), "--out", str(tmp_path / "m2")]).read_text())
+    again = json.loads(
+        main(["--merge", str(path), str(tmp_path / "c.json"), "--out", str(tmp_path / "m2")]).read_text()
+    )
     assert [again["domains"][n]["environment"]["device_name"] for n in ("p2", "p3")] == ["machine B", "machine C"]
     assert again["domains"]["p1"]["environment"] == merged["domains"]["p1"]["environment"]
     with pytest.raises(SystemExit, match="measured in both"):
@@ -292,12 +382,20 @@ def test_diffusers_schedulers_match_polydiff_with_x0_clipping():
 
     space = DenseSpace((4, 3, 8, 8))
     noise = torch.randn(space.shape, generator=torch.Generator().manual_seed(0))
-    rows = compare_on_network(toy_eps, Objective(prediction="eps"), make_schedule("cosine", 1000), space, noise,
-                              [("ddpm", 20), ("ddim", 20), ("dpmpp_2m", 10)], clip_x0=1.0)
+    rows = compare_on_network(
+        toy_eps,
+        Objective(prediction="eps"),
+        make_schedule("cosine", 1000),
+        space,
+        noise,
+        [("ddpm", 20), ("ddim", 20), ("dpmpp_2m", 10)],
+        clip_x0=1.0,
+    )
     for r in rows:
         assert r["max_rel_diff"] < 1e-4, r["sampler"]
-    unclipped = compare_on_network(toy_eps, Objective(prediction="eps"), make_schedule("cosine", 1000), space, noise,
-                                   [("ddim", 20)])[0]
+    unclipped = compare_on_network(
+        toy_eps, Objective(prediction="eps"), make_schedule("cosine", 1000), space, noise, [("ddim", 20)]
+    )[0]
     assert (unclipped["x_polydiff"] - rows[1]["x_polydiff"]).abs().max() > 1e-3  # clipping took effect
 
 
@@ -305,8 +403,14 @@ def test_ddpm_row_runs_at_the_recipes_training_T(tmp_path):
     """The sweep's DDPM row samples at the recipe's schedule.steps (a --recipe or --set schedule.steps=...),
     rather than at a fixed 1000 that a 50-step schedule refuses, losing the domain."""
     points = suites()["quick"]["points"]
-    spec = replace(points, overrides=[*_train_steps(5), "model.width=16", "schedule.steps=50"], num_samples=16,
-                   samplers=points.samplers[:1], batch_sizes=[16], peers=[])
+    spec = replace(
+        points,
+        overrides=[*_train_steps(5), "model.width=16", "schedule.steps=50"],
+        num_samples=16,
+        samplers=points.samplers[:1],
+        batch_sizes=[16],
+        peers=[],
+    )
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs={"points": spec})
     d = json.loads(path.read_text())["domains"]["points"]
     assert "error" not in d, d["error"]
@@ -321,8 +425,14 @@ def test_a_failing_compiler_keeps_the_domains_figures(tmp_path, monkeypatch):
         raise RuntimeError("no backend")
 
     monkeypatch.setattr(torch, "compile", broken)
-    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddim", 2)],
-                       batch_sizes=[16], compile_check=True)
+    spec = DomainBench(
+        "examples/points.yaml",
+        [*_train_steps(5), "model.width=16"],
+        16,
+        [("ddim", 2)],
+        batch_sizes=[16],
+        compile_check=True,
+    )
     path = run_suite("full", ["points"], "cpu", tmp_path, specs={"points": spec})
     d = json.loads(path.read_text())["domains"]["points"]
     assert "error" not in d, d["error"]
@@ -331,7 +441,8 @@ def test_a_failing_compiler_keeps_the_domains_figures(tmp_path, monkeypatch):
 
 
 def test_a_failing_sampler_row_keeps_the_others(tmp_path, monkeypatch):
-    """One sampler row failing (out of memory at DDPM-1000 on a GPU, say) is recorded; the trained domain's other rows stay."""
+    """One sampler row failing (out of memory at DDPM-1000 on a GPU, say) is recorded; the trained domain's other
+    rows stay."""
     import benchmarks.suite as suite_module
 
     real = suite_module.sampler_row
@@ -342,16 +453,22 @@ def test_a_failing_sampler_row_keeps_the_others(tmp_path, monkeypatch):
         return real(trainer, sampler, steps, *args)
 
     monkeypatch.setattr(suite_module, "sampler_row", row)
-    spec = DomainBench("examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddpm", 10), ("ddim", 2)],
-                       batch_sizes=[16])
+    spec = DomainBench(
+        "examples/points.yaml", [*_train_steps(5), "model.width=16"], 16, [("ddpm", 10), ("ddim", 2)], batch_sizes=[16]
+    )
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs={"points": spec})
     d = json.loads(path.read_text())["domains"]["points"]
     assert "error" not in d and [(r["sampler"], r["steps"]) for r in d["sampling"]] == [("ddim", 2)]
-    assert d["sampling_errors"] == [{"sampler": "ddpm", "steps": 10, "guidance": 1.0, "error": "MemoryError: no room for DDPM"}]
+    assert d["sampling_errors"] == [
+        {"sampler": "ddpm", "steps": 10, "guidance": 1.0, "error": "MemoryError: no room for DDPM"}
+    ]
     assert "| ddpm | 10 | 1.0 | failed: MemoryError: no room for DDPM |" in path.with_suffix(".md").read_text()
     monkeypatch.setattr(suite_module, "suites", lambda: {"quick": {"points": spec}, "full": {}})
-    with pytest.raises(SystemExit, match=r"1 domain\(s\) or sampler row\(s\) failed \(points ddpm-10 guidance 1.0: "
-                                         r"MemoryError: no room for DDPM\); results so far in"):
+    with pytest.raises(
+        SystemExit,
+        match=r"1 domain\(s\) or sampler row\(s\) failed \(points ddpm-10 guidance 1.0: "
+        r"MemoryError: no room for DDPM\); results so far in",
+    ):
         main(["--suite", "quick", "--domains", "points", "--out", str(tmp_path / "cli")])
 
 
@@ -397,7 +514,9 @@ def test_peer_line_names_a_failed_model():
     """A peer whose one model failed in its own process says so in the Markdown, not 'no ratios reported'."""
     from benchmarks.report import _peer_line
 
-    line = _peer_line({"results": {"1d": {"ours": {"samples_per_s": 3.0}, "lucidrains": {"error": "OutOfMemoryError: CUDA"}}}})
+    line = _peer_line(
+        {"results": {"1d": {"ours": {"samples_per_s": 3.0}, "lucidrains": {"error": "OutOfMemoryError: CUDA"}}}}
+    )
     assert line == "results.1d.lucidrains failed (OutOfMemoryError: CUDA)"
 
 
@@ -443,7 +562,9 @@ def test_egnn_peer_leaves_the_thread_count_as_it_was(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert run_peer("egnn", torch.device("cpu"), quick=True) == {"argv": ["--device", "cpu", "--quick", "--skip-sampling"]}
+        assert run_peer("egnn", torch.device("cpu"), quick=True) == {
+            "argv": ["--device", "cpu", "--quick", "--skip-sampling"]
+        }
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -4,13 +4,12 @@ keep the space's class and constraint, conditions follow their samples, and what
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import pytest
 import torch
 from torch import nn
 
-from polydiff import Batch, DenseSpace, Domain, RaggedSpace
+from polydiff import DenseSpace, Domain, RaggedSpace
 from polydiff.generate import generate
 from polydiff.objectives import Objective
 from polydiff.samplers import Known
@@ -70,10 +69,18 @@ class PushMean(nn.Module):
 def test_chunks_keep_a_space_subclass_and_its_projection():
     dom = _Custom(lambda n: (ZeroMean((n, 4)), {}))
     for size in (None, 2):
-        out = generate(dom, PushMean(), SCHEDULE, Objective("x0"), 4, {"name": "ddim", "steps": 5, "batch_size": size},
-                       generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(out.x.mean(1), torch.zeros(4), atol=1e-5, rtol=0,
-                                   msg=lambda m, size=size: f"batch_size={size}: {m}")
+        out = generate(
+            dom,
+            PushMean(),
+            SCHEDULE,
+            Objective("x0"),
+            4,
+            {"name": "ddim", "steps": 5, "batch_size": size},
+            generator=torch.Generator().manual_seed(0),
+        )
+        torch.testing.assert_close(
+            out.x.mean(1), torch.zeros(4), atol=1e-5, rtol=0, msg=lambda m, size=size: f"batch_size={size}: {m}"
+        )
     space, rows = ZeroMean((4, 4)).take(1, 3)
     assert type(space) is ZeroMean and rows == slice(1, 3)
     sub = dataclasses.make_dataclass("MyRagged", [], bases=(RaggedSpace,))
@@ -131,12 +138,26 @@ class EdgeNet(nn.Module):
 
 def test_a_domain_overriding_concat_but_not_take_is_told():
     dom = EdgeGraphs()
-    whole = generate(dom, EdgeNet(), SCHEDULE, Objective("eps"), 4, {"name": "ddim", "steps": 3},
-                     generator=torch.Generator().manual_seed(0))
+    whole = generate(
+        dom,
+        EdgeNet(),
+        SCHEDULE,
+        Objective("eps"),
+        4,
+        {"name": "ddim", "steps": 3},
+        generator=torch.Generator().manual_seed(0),
+    )
     assert whole.x.shape == (8, 2)
     with pytest.raises(TypeError, match="take"):  # not an IndexError deep in the network
-        generate(dom, EdgeNet(), SCHEDULE, Objective("eps"), 4, {"name": "ddim", "steps": 3, "batch_size": 2},
-                 generator=torch.Generator().manual_seed(0))
+        generate(
+            dom,
+            EdgeNet(),
+            SCHEDULE,
+            Objective("eps"),
+            4,
+            {"name": "ddim", "steps": 3, "batch_size": 2},
+            generator=torch.Generator().manual_seed(0),
+        )
 
 
 # ---------------------------------------------------------------- concat is not take's inverse
@@ -155,9 +176,17 @@ def test_a_condition_for_the_whole_draw_survives_chunks_and_stacked_guidance(sty
     dom = _Custom(lambda n: (DenseSpace((n, 4)), {"style": style}), class_names=["a", "b"])
     draws = {}
     for size in (None, 2):
-        out = generate(dom, StyledNet(), SCHEDULE, Objective("eps"), 3, {"name": "ddim", "steps": 3, "batch_size": size},
-                       guidance={"scale": 2.0, "batched": batched}, labels=torch.tensor([0, 1, 1]),
-                       generator=torch.Generator().manual_seed(0))
+        out = generate(
+            dom,
+            StyledNet(),
+            SCHEDULE,
+            Objective("eps"),
+            3,
+            {"name": "ddim", "steps": 3, "batch_size": size},
+            guidance={"scale": 2.0, "batched": batched},
+            labels=torch.tensor([0, 1, 1]),
+            generator=torch.Generator().manual_seed(0),
+        )
         assert torch.equal(out.cond["style"], style)  # as take() leaves it: whole
         draws[size] = out.x
     torch.testing.assert_close(draws[2], draws[None], rtol=0, atol=1e-5)
@@ -179,8 +208,16 @@ def test_known_values_follow_their_rows_in_an_unsorted_ragged_layout():
     mask = (torch.arange(3 * n) % 2 == 0)[:, None]  # every other row of the whole draw's layout is kept
     layout = dom.prior(n)[0].batch
     for size in (None, 2, 1):
-        out = generate(dom, HalfX(), SCHEDULE, Objective("eps"), n, {"name": "ddim", "steps": 3, "batch_size": size},
-                       known=Known(values, mask), generator=torch.Generator().manual_seed(0))
+        out = generate(
+            dom,
+            HalfX(),
+            SCHEDULE,
+            Objective("eps"),
+            n,
+            {"name": "ddim", "steps": 3, "batch_size": size},
+            known=Known(values, mask),
+            generator=torch.Generator().manual_seed(0),
+        )
         for i in range(n):
             got = {tuple(r) for r in out.x[out.space.batch == i].tolist()}
             want = {tuple(r) for r in values[(layout == i) & mask[:, 0]].tolist()}
@@ -218,16 +255,34 @@ def test_a_condition_that_could_be_per_sample_or_per_row_is_not_guessed():
     # Read per sample, sample 0's chunk would get kind[0:1] for its 0 rows and sample 1's kind[1:2] for its 2 rows,
     # which the network broadcasts: no error, and samples far from the unchunked draw's.
     with pytest.raises(ValueError, match="kind"):
-        generate(_Custom(_empty_samples, sample_shape=(2,)), KindNet(), SCHEDULE, Objective("eps"), 3, {"name": "ddim", "steps": 2, "batch_size": 1})
+        generate(
+            _Custom(_empty_samples, sample_shape=(2,)),
+            KindNet(),
+            SCHEDULE,
+            Objective("eps"),
+            3,
+            {"name": "ddim", "steps": 2, "batch_size": 1},
+        )
 
 
 def test_noise_blocks_follow_an_unsorted_ragged_layout_across_chunks():
     """Fresh noise comes in blocks of samples; a chunk spanning blocks of an interleaved layout gets each row its
     own sample's noise: the same samples at any chunk size (the joined layout lists the chunks' rows in turn)."""
     n, dom = 70, _Custom(_interleaved, sample_shape=(2,))
-    draws = [generate(dom, HalfX(), SCHEDULE, Objective("x0"), n, {"name": "ddpm", "steps": 3, "batch_size": size},
-                      generator=torch.Generator().manual_seed(0)) for size in (None, 30, 7)]
+    draws = [
+        generate(
+            dom,
+            HalfX(),
+            SCHEDULE,
+            Objective("x0"),
+            n,
+            {"name": "ddpm", "steps": 3, "batch_size": size},
+            generator=torch.Generator().manual_seed(0),
+        )
+        for size in (None, 30, 7)
+    ]
     for other in draws[1:]:
         for i in range(n):
-            torch.testing.assert_close(other.x[other.space.batch == i], draws[0].x[draws[0].space.batch == i],
-                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                other.x[other.space.batch == i], draws[0].x[draws[0].space.batch == i], rtol=0, atol=1e-6
+            )

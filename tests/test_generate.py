@@ -62,8 +62,16 @@ class Toy(Domain):
 def test_chunked_generation_keeps_each_sample_with_its_label(batch_size):
     schedule, objective = make_schedule("cosine", 100), Objective(prediction="x0")
     labels = torch.arange(7).flip(0)
-    out = generate(Toy(), LabelToValue(), schedule, objective, 7, {"name": "ddim", "steps": 5, "batch_size": batch_size},
-                   labels=labels, generator=torch.Generator().manual_seed(0))
+    out = generate(
+        Toy(),
+        LabelToValue(),
+        schedule,
+        objective,
+        7,
+        {"name": "ddim", "steps": 5, "batch_size": batch_size},
+        labels=labels,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.x.shape == (7, 2, 3) and out.num_samples == 7
     assert torch.equal(out.cond["label"], labels)
     assert torch.allclose(out.x, labels.float().reshape(7, 1, 1).expand(7, 2, 3), atol=1e-4)
@@ -75,14 +83,30 @@ def test_guidance_without_a_condition_is_named_once(caplog):
     """guidance.scale on samples with no label (null labels: nothing to guide towards) is warned, once per draw."""
     schedule, objective = make_schedule("cosine", 100), Objective(prediction="x0")
     with caplog.at_level(logging.WARNING, logger="polydiff.generate"):
-        out = generate(Toy(), LabelToValue(), schedule, objective, 6, {"name": "ddim", "steps": 3, "batch_size": 2},
-                       guidance={"scale": 3.0}, labels=torch.full((6,), -1))
+        out = generate(
+            Toy(),
+            LabelToValue(),
+            schedule,
+            objective,
+            6,
+            {"name": "ddim", "steps": 3, "batch_size": 2},
+            guidance={"scale": 3.0},
+            labels=torch.full((6,), -1),
+        )
     assert torch.allclose(out.x, torch.zeros_like(out.x), atol=1e-4)  # the null label's answer, unguided
     assert caplog.text.count("guidance (scale 3, rescale 0) has no effect") == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="polydiff.generate"):
-        generate(Toy(), LabelToValue(), schedule, objective, 2, {"name": "ddim", "steps": 3}, guidance={"scale": 3.0},
-                 labels=torch.tensor([1, 2]))
+        generate(
+            Toy(),
+            LabelToValue(),
+            schedule,
+            objective,
+            2,
+            {"name": "ddim", "steps": 3},
+            guidance={"scale": 3.0},
+            labels=torch.tensor([1, 2]),
+        )
     assert "no effect" not in caplog.text
 
 
@@ -108,8 +132,16 @@ def test_sampler_precision_runs_the_network_in_bf16_and_the_sampler_in_fp32():
     draws = {}
     for precision in ("fp32", "bf16"):
         net = LinearDenoiser()
-        draws[precision] = generate(Toy(), net, schedule, objective, 4, {"name": "ddim", "steps": 5, "precision": precision},
-                                    labels=torch.arange(4), generator=torch.Generator().manual_seed(0)).x
+        draws[precision] = generate(
+            Toy(),
+            net,
+            schedule,
+            objective,
+            4,
+            {"name": "ddim", "steps": 5, "precision": precision},
+            labels=torch.arange(4),
+            generator=torch.Generator().manual_seed(0),
+        ).x
         expected = (True, torch.bfloat16) if precision == "bf16" else (False, torch.float32)
         assert set(net.seen) == {expected}
     assert draws["bf16"].dtype == torch.float32
@@ -145,16 +177,31 @@ class Graphs(Domain):
 def test_chunked_ragged_generation_splits_per_sample_prior_options():
     schedule, objective = make_schedule("cosine", 100), Objective(prediction="x0")
     sizes = [1, 4, 2, 3, 5]
-    out = generate(Graphs(), RowIndexNet(), schedule, objective, 5, {"name": "ddpm", "steps": 4, "batch_size": 2},
-                   prior={"num_nodes": sizes}, generator=torch.Generator().manual_seed(0))
+    out = generate(
+        Graphs(),
+        RowIndexNet(),
+        schedule,
+        objective,
+        5,
+        {"name": "ddpm", "steps": 4, "batch_size": 2},
+        prior={"num_nodes": sizes},
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.num_samples == 5 and out.x.shape == (sum(sizes), 3)
     assert torch.equal(out.cond["batch"], torch.repeat_interleave(torch.arange(5), torch.tensor(sizes)))
     # each chunk's net saw its local indices 0..1: samples 2k and 2k+1 of the whole draw hold 0 and 1
     local = (out.cond["batch"] % 2).float().unsqueeze(-1).expand(-1, 3)
     assert torch.allclose(out.x, local, atol=1e-3)
     with pytest.raises(ValueError, match="prior.num_nodes has 2 values for 5 samples"):
-        generate(Graphs(), RowIndexNet(), schedule, objective, 5, {"name": "ddim", "steps": 2, "batch_size": 2},
-                 prior={"num_nodes": [1, 2]})
+        generate(
+            Graphs(),
+            RowIndexNet(),
+            schedule,
+            objective,
+            5,
+            {"name": "ddim", "steps": 2, "batch_size": 2},
+            prior={"num_nodes": [1, 2]},
+        )
 
 
 def test_molecule_domain_concat_offsets_its_batch_vector():
@@ -173,7 +220,9 @@ def test_molecule_domain_concat_offsets_its_batch_vector():
 
 def test_dense_space_rejects_a_mask_that_does_not_fit():
     DenseSpace((4, 1, 64), torch.ones(1, 1, 64))  # broadcast over the batch: fine
-    with pytest.raises(ValueError, match=r"mask of shape \(4, 64\) does not broadcast to the state's shape \(4, 1, 64\)"):
+    with pytest.raises(
+        ValueError, match=r"mask of shape \(4, 64\) does not broadcast to the state's shape \(4, 1, 64\)"
+    ):
         DenseSpace((4, 1, 64), torch.ones(4, 64))
 
 
@@ -186,8 +235,17 @@ def test_known_values_follow_their_samples_through_chunks(batch_size):
     values = torch.arange(7.0).reshape(7, 1, 1).expand(7, 2, 3) * -10  # sample k: -10 k
     mask = torch.zeros(1, 2, 3, dtype=torch.bool)
     mask[0, 0, 0] = True  # one element of every sample, broadcast over the draw
-    out = generate(Toy(), LabelToValue(), schedule, objective, 7, {"name": "ddim", "steps": 5, "batch_size": batch_size},
-                   labels=labels, generator=torch.Generator().manual_seed(0), known=Known(values, mask))
+    out = generate(
+        Toy(),
+        LabelToValue(),
+        schedule,
+        objective,
+        7,
+        {"name": "ddim", "steps": 5, "batch_size": batch_size},
+        labels=labels,
+        generator=torch.Generator().manual_seed(0),
+        known=Known(values, mask),
+    )
     assert torch.equal(out.x[:, 0, 0], values[:, 0, 0])
     rest = out.x.reshape(7, -1)[:, 1:]  # generated: the label, as the net answers
     assert torch.allclose(rest, labels.float()[:, None].expand_as(rest), atol=1e-4)
@@ -198,11 +256,15 @@ def test_generate_checks_its_arguments_before_any_work():
     domain, net, sch, obj = Toy(), LabelToValue(), make_schedule("cosine", 100), Objective("x0")
     out = generate(domain, net, sch, obj, 3, {}, labels=[1, 2, 3])  # DDIM-50, labels as a list
     assert out.x[:, 0, 0].tolist() == pytest.approx([1, 2, 3])
-    grid = generate(domain, net, sch, obj, 2, {"name": "ddim", "steps": torch.tensor([1.0, 0.5, 0.0])},
-                    labels=torch.tensor([4, 5]))  # an explicit time grid
+    grid = generate(
+        domain, net, sch, obj, 2, {"name": "ddim", "steps": torch.tensor([1.0, 0.5, 0.0])}, labels=torch.tensor([4, 5])
+    )  # an explicit time grid
     assert grid.x[:, 0, 0].tolist() == pytest.approx([4, 5])
-    for labels, message in [([1, 2], "must be 3 class indices"), ([0, 1, 7], "label 7 is out of range"),
-                            (torch.ones(3), "must be 3 class indices")]:
+    for labels, message in [
+        ([1, 2], "must be 3 class indices"),
+        ([0, 1, 7], "label 7 is out of range"),
+        (torch.ones(3), "must be 3 class indices"),
+    ]:
         with pytest.raises(ValueError, match=message):
             generate(domain, net, sch, obj, 3, {}, labels=labels)
     with pytest.raises(KeyError, match=r"unknown guidance option\(s\) \['scael'\]"):
@@ -221,6 +283,7 @@ def test_generate_checks_its_arguments_before_any_work():
 def test_known_of_lower_rank_broadcasts_over_every_chunk():
     """Values and a mask shaped like one sample ([6] for states [3, 6]) hold the same part of every sample,
     whether the draw is chunked or not."""
+
     class Zero(nn.Module):
         def forward(self, x, t):
             return torch.zeros_like(x)
@@ -253,8 +316,9 @@ def test_guidance_mixes_the_conditional_and_unconditional_predictions():
     assert out.x[:, 0, 0].tolist() == pytest.approx([3.0, 6.0])
     plain = generate(domain, LabelToValue(), sch, obj, 2, {"steps": 3}, labels=labels)
     assert plain.x[:, 0, 0].tolist() == pytest.approx([1.0, 2.0])
-    rescaled = generate(domain, LabelToValue(), sch, obj, 2, {"steps": 3}, guidance={"scale": 3.0, "rescale": 1.0},
-                        labels=labels)
+    rescaled = generate(
+        domain, LabelToValue(), sch, obj, 2, {"steps": 3}, guidance={"scale": 3.0, "rescale": 1.0}, labels=labels
+    )
     assert torch.isfinite(rescaled.x).all() and not torch.allclose(rescaled.x, out.x)
 
 
@@ -280,16 +344,32 @@ def test_batched_guidance_is_one_call_on_both_halves_and_equals_two_calls(rescal
     draws = {}
     for batched in (True, False):
         net.rows.clear()
-        draws[batched] = generate(domain, net, sch, obj, 3, {"name": "dpmpp_2m", "steps": 5},
-                                  guidance={"scale": 3.0, "rescale": rescale, "batched": batched}, labels=labels,
-                                  generator=torch.Generator().manual_seed(0)).x
+        draws[batched] = generate(
+            domain,
+            net,
+            sch,
+            obj,
+            3,
+            {"name": "dpmpp_2m", "steps": 5},
+            guidance={"scale": 3.0, "rescale": rescale, "batched": batched},
+            labels=labels,
+            generator=torch.Generator().manual_seed(0),
+        ).x
         assert net.rows == ([6] * 5 if batched else [3] * 10)
     torch.testing.assert_close(draws[True], draws[False], rtol=1e-5, atol=1e-6)
     net.rows.clear()
     generate(domain, net, sch, obj, 3, {"name": "dpmpp_2m", "steps": 5}, guidance={"scale": 3.0}, labels=labels)
     assert net.rows == [3] * 10  # the default off CUDA: two calls (faster on the CPU)
-    unguided = generate(domain, net, sch, obj, 3, {"name": "dpmpp_2m", "steps": 5}, labels=labels,
-                        generator=torch.Generator().manual_seed(0)).x
+    unguided = generate(
+        domain,
+        net,
+        sch,
+        obj,
+        3,
+        {"name": "dpmpp_2m", "steps": 5},
+        labels=labels,
+        generator=torch.Generator().manual_seed(0),
+    ).x
     assert not torch.allclose(unguided, draws[True], atol=1e-3)  # the guidance did change the samples
 
 
@@ -312,9 +392,19 @@ class ZeroMeanToy(Toy):
 def test_a_space_subclass_keeps_its_constraint_through_chunks():
     """take and cat keep the space's own class: a chunked draw of a user's constrained space stays constrained."""
     domain, sch, obj = ZeroMeanToy(), make_schedule("cosine", 100), Objective("x0")
-    draws = [generate(domain, LinearDenoiser(), sch, obj, 7, {"name": "ddpm", "steps": 5, "batch_size": size},
-                      labels=torch.arange(7), generator=torch.Generator().manual_seed(0))
-             for size in (None, 3)]
+    draws = [
+        generate(
+            domain,
+            LinearDenoiser(),
+            sch,
+            obj,
+            7,
+            {"name": "ddpm", "steps": 5, "batch_size": size},
+            labels=torch.arange(7),
+            generator=torch.Generator().manual_seed(0),
+        )
+        for size in (None, 3)
+    ]
     for out in draws:
         assert type(out.space) is ZeroMeanSpace and out.x.mean(dim=-1).abs().max() < 1e-6 * out.x.abs().max()
     torch.testing.assert_close(draws[0].x, draws[1].x, rtol=1e-5, atol=1e-6)
@@ -333,3 +423,60 @@ def test_a_space_without_the_chunking_methods_says_which_it_lacks():
         Bare.cat([Bare(), Bare()])
     with pytest.raises(NotImplementedError, match=r"Bare has no expand\(\)"):
         Bare().expand(torch.zeros(2))
+
+
+def test_generation_settings_never_reach_the_sampler(monkeypatch):
+    """batch_size and precision are generate()'s; the sampler gets the runtime arguments and its own options."""
+    from polydiff import samplers
+
+    calls = []
+
+    def spy(
+        denoiser,
+        noise,
+        schedule,
+        steps,
+        *,
+        space=None,
+        generator=None,
+        callback=None,
+        clip_x0=None,
+        spacing="trailing",
+        known=None,
+        eta: float = 0.0,
+    ):
+        calls.append({"space": space, "clip_x0": clip_x0, "spacing": spacing, "eta": eta})
+        return samplers.sample_ddim(
+            denoiser,
+            noise,
+            schedule,
+            steps,
+            space=space,
+            generator=generator,
+            callback=callback,
+            clip_x0=clip_x0,
+            spacing=spacing,
+            known=known,
+            eta=eta,
+        )
+
+    monkeypatch.setattr(samplers, "SAMPLERS", dict(samplers.SAMPLERS))
+    polydiff.register_sampler("spy", spy)
+    sampler = {"name": "spy", "steps": 3, "batch_size": 2, "precision": "bf16", "eta": 0.5, "spacing": "leading"}
+    out = generate(
+        Toy(),
+        LabelToValue(),
+        make_schedule("cosine", 100),
+        Objective("x0"),
+        4,
+        sampler,
+        labels=torch.arange(4),
+        generator=torch.Generator().manual_seed(0),
+    )
+    drawn = [c for c in calls if c["space"] is not None]  # the others: the check's dry run
+    assert len(drawn) == 2 and all(c["eta"] == 0.5 and c["spacing"] == "leading" for c in drawn)
+    assert out.x[:, 0, 0].tolist() == pytest.approx([0, 1, 2, 3], abs=0.05)
+    with pytest.raises(KeyError, match=r"sampler.variance is not an option of sampler 'spy' \(samplers that take it"):
+        generate(
+            Toy(), LabelToValue(), make_schedule("cosine", 100), Objective("x0"), 4, {**sampler, "variance": "large"}
+        )

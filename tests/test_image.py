@@ -15,8 +15,7 @@ from PIL import Image
 from domains.image import ImageDomain
 from domains.image.data import load_cifar10, load_digits_split, load_folder
 from domains.image.outputs import grid_layout, make_grid
-from polydiff import get_domain
-from polydiff.domain import Batch
+from polydiff import Batch, get_domain
 from polydiff.space import DenseSpace
 
 
@@ -64,7 +63,9 @@ def test_digits_split_sizes_range_and_stratification():
     x = train.to_tensor()
     assert x.min() == -1.0 and x.max() == 1.0
     # Every label is held out in about the same proportion.
-    frac = np.bincount(test.labels, minlength=10) / np.bincount(np.concatenate([train.labels, test.labels]), minlength=10)
+    frac = np.bincount(test.labels, minlength=10) / np.bincount(
+        np.concatenate([train.labels, test.labels]), minlength=10
+    )
     assert np.all(np.abs(frac - 0.2) < 0.02)
     # Seeded: the same split twice, another seed gives another split.
     assert np.array_equal(load_digits_split("test").images, test.images)
@@ -202,8 +203,25 @@ def test_empty_folders_name_the_folder(tmp_path):
         load_folder(tmp_path / "missing", "train", size=8)
 
 
+def test_a_data_source_is_a_row_of_the_table(monkeypatch):
+    """A new source is a loader in ``SOURCES`` with its fixed size; the domain reads it like the shipped ones."""
+    from domains.image.data import SOURCES, ImageArrays, ImageSource
+
+    def squares(root, split, size, mode, fraction, seed):
+        images = np.arange(2 * 3 * 4 * 4, dtype=np.uint8).reshape(2, 3, 4, 4)
+        return ImageArrays(images, np.array([0, 1]), ["dark", "light"], max_value=95)
+
+    monkeypatch.setitem(SOURCES, "squares", ImageSource(squares, size=4, needs_root=False))
+    with pytest.raises(ValueError, match="domain.size=8 is not available for source 'squares'"):
+        ImageDomain(source="squares", size=8)
+    dom = ImageDomain(source="squares")
+    dom.setup(dom.dataset("train"))
+    assert dom.sample_shape == (3, 4, 4) and dom.class_names == ["dark", "light"]
+    assert dom.collate([dom.dataset("test")[1]]).x.max() == 1.0
+
+
 def test_bad_domain_settings():
-    with pytest.raises(ValueError, match="source"):
+    with pytest.raises(ValueError, match=r"'imagenet' is unknown; choose one of \['digits', 'folder', 'cifar10'\]"):
         ImageDomain(source="imagenet")
     with pytest.raises(ValueError, match="domain.size"):
         ImageDomain(source="digits", size=16)
@@ -331,7 +349,9 @@ def test_read_samples_from_image_files_and_saved_tensors(tmp_path, monkeypatch):
     labels = torch.from_numpy(test.labels[:120])
     for i, (img, y) in enumerate(zip(test.images[:120], test.labels[:120])):  # 0..16 -> 8-bit PNGs
         (tmp_path / "png" / dom.class_names[y]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.round(img[0].astype(np.float64) * 255 / 16).astype(np.uint8)).save(tmp_path / "png" / dom.class_names[y] / f"{i:03d}.png")
+        Image.fromarray(np.round(img[0].astype(np.float64) * 255 / 16).astype(np.uint8)).save(
+            tmp_path / "png" / dom.class_names[y] / f"{i:03d}.png"
+        )
     back = dom.read_samples(tmp_path / "png")
     order = back.cond["label"].argsort(stable=True)  # files are read folder by folder
     assert back.x.shape == x.shape and (back.cond["label"][order] == labels[labels.argsort(stable=True)]).all()
@@ -413,8 +433,15 @@ def test_sample_and_eval_after_the_data_moved(tmp_path, monkeypatch, capsys):
             (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
     cfg = {
-        "domain": {"name": "image", "source": "folder", "root": str(tmp_path / "data"), "size": 8, "mode": "grayscale",
-                   "test_fraction": 0.25, "metric_epochs": 2},
+        "domain": {
+            "name": "image",
+            "source": "folder",
+            "root": str(tmp_path / "data"),
+            "size": 8,
+            "mode": "grayscale",
+            "test_fraction": 0.25,
+            "metric_epochs": 2,
+        },
         "model": {"channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": []},
         "schedule": {"name": "cosine", "steps": 50},
         "trainer": dict(max_steps=4, batch_size=8, device="cpu", num_samples=4, progress=False, eval=False),
@@ -429,16 +456,46 @@ def test_sample_and_eval_after_the_data_moved(tmp_path, monkeypatch, capsys):
     main(["sample", str(run), "--n", "4", "--eval", "--out", str(tmp_path / "s2"), f"domain.root={tmp_path / 'moved'}"])
     record = json.loads((tmp_path / "s2" / "sampling.json").read_text())
     assert {"fid", "is", "label_acc"} <= set(record["metrics"]) and record["reference"]["num_samples"] == 4
-    main(["eval", str(run), str(tmp_path / "s1"), f"domain.root={tmp_path / 'moved'}", "--json", str(tmp_path / "e.json")])
+    main(
+        [
+            "eval",
+            str(run),
+            str(tmp_path / "s1"),
+            f"domain.root={tmp_path / 'moved'}",
+            "--json",
+            str(tmp_path / "e.json"),
+        ]
+    )
     scored = json.loads((tmp_path / "e.json").read_text())
     assert scored["samples"][0]["n"] == 4 and "fid" in scored["samples"][0]["metrics"] and scored["reference"]
     main(["sample", str(run), "--n", "3", "--seeds", "2", "--out", str(tmp_path / "seeds")])  # a folder per seed
-    main(["eval", str(run), str(tmp_path / "seeds"), f"domain.root={tmp_path / 'moved'}", "--no-reference",
-          "--json", str(tmp_path / "seeds.json")])
+    main(
+        [
+            "eval",
+            str(run),
+            str(tmp_path / "seeds"),
+            f"domain.root={tmp_path / 'moved'}",
+            "--no-reference",
+            "--json",
+            str(tmp_path / "seeds.json"),
+        ]
+    )
     assert json.loads((tmp_path / "seeds.json").read_text())["samples"][0]["n"] == 6  # the tensors, not the grids
     # Inpainting: an image is kept outside known.box, which is generated.
     photo = tmp_path / "moved" / "light" / "0.png"
-    main(["sample", str(run), "--n", "3", "--out", str(tmp_path / "inpaint"), "--known", str(photo), "known.box=[2,1,6,7]"])
+    main(
+        [
+            "sample",
+            str(run),
+            "--n",
+            "3",
+            "--out",
+            str(tmp_path / "inpaint"),
+            "--known",
+            str(photo),
+            "known.box=[2,1,6,7]",
+        ]
+    )
     x = torch.load(tmp_path / "inpaint" / "samples.pt", weights_only=True)["x"]  # [3, 1, 8, 8]
     kept = torch.from_numpy(np.asarray(Image.open(photo), dtype=np.float32)) / 127.5 - 1  # [8, 8]
     box = torch.zeros(8, 8, dtype=torch.bool)
@@ -460,6 +517,6 @@ def test_metric_classifier_cache_file_of_the_digits_is_pinned(monkeypatch):
 
     monkeypatch.setattr(metrics, "cached_scorer", capture)
     monkeypatch.setenv("POLYDIFF_CACHE", "/cache")
-    ImageDomain()._get_scorer()
+    ImageDomain().outputs.scorer()
     assert seen["cache"] == Path("/cache/image-classifier-930160400010d9f2.pt")
     assert seen["fit_kwargs"] == {"epochs": 15, "batch_size": 64, "lr": 3e-3, "augment": metrics.random_shift}

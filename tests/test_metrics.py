@@ -60,9 +60,11 @@ def test_scorer_reference_row_uses_training_statistics(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     centres = torch.eye(3, 4) * 4
+
     def blobs(n):
         y = torch.arange(n) % 3
         return centres[y] + torch.randn(n, 4, generator=g), y
+
     train, heldout = blobs(300), blobs(60)
     torch.manual_seed(0)
     scorer = ClassifierScorer(Net, train, heldout, cache=tmp_path / "c.pt", fit_kwargs={"epochs": 20, "lr": 1e-2})
@@ -89,7 +91,9 @@ def test_non_finite_features_give_nan_and_too_few_samples_are_named():
         frechet_distance(feats[:1], feats)
     probs = torch.eye(3)[[0, 1, 2, 0]]
     probs[3] = float("nan")  # argmax would read the NaN row as class 0, a hit
-    out = classifier_metrics(feats[:4], probs, feats, torch.eye(3)[torch.arange(10) % 3], labels=torch.tensor([0, 1, 2, 0]))
+    out = classifier_metrics(
+        feats[:4], probs, feats, torch.eye(3)[torch.arange(10) % 3], labels=torch.tensor([0, 1, 2, 0])
+    )
     assert out["label_acc"] == pytest.approx(0.75)
 
 

@@ -14,9 +14,9 @@ from torch.utils._pytree import tree_leaves
 from domains.molecule import EGNN, MoleculeDomain
 from domains.molecule.bonds import bond_order
 from domains.molecule.data import read_sdf, read_smiles_file
-from domains.molecule.qm9 import _local_qm9, load_qm9
 from domains.molecule.egnn import fully_connected_edges
 from domains.molecule.metrics import molecule_metrics, stability
+from domains.molecule.qm9 import _local_qm9, load_qm9
 from polydiff import Batch, RaggedSpace
 from polydiff.generate import generate
 from polydiff.objectives import Objective
@@ -115,7 +115,6 @@ def test_egnn_float32_equivariance_and_unsorted_batch():
     assert sorted(zip(row.tolist(), col.tolist())) == [(0, 2), (0, 4), (1, 3), (2, 0), (2, 4), (3, 1), (4, 0), (4, 2)]
 
 
-
 def test_edge_list_reads_the_device_once_and_keeps_its_order():
     """One host read (the edge count): no bincount, no boolean mask, repeat_interleave told its size."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -135,13 +134,18 @@ def test_edge_list_reads_the_device_once_and_keeps_its_order():
     names = [name for name, _, _ in ops.calls]
     assert names.count("aten._local_scalar_dense.default") == 1 and "aten.bincount.default" not in names
     assert all(kw.get("output_size") is not None for name, _, kw in ops.calls if "repeat_interleave" in name)
-    assert not any(isinstance(a, torch.Tensor) and a.dtype == torch.bool
-                   for name, args, _ in ops.calls if name.startswith("aten.index") for a in tree_leaves(args))
+    assert not any(
+        isinstance(a, torch.Tensor) and a.dtype == torch.bool
+        for name, args, _ in ops.calls
+        if name.startswith("aten.index")
+        for a in tree_leaves(args)
+    )
     # Row-major over the rows sorted by sample, partners in ascending sorted order: the order of the masked n^2 list.
     order = torch.argsort(batch, stable=True).tolist()
     expected = [(i, j) for i in order for j in order if i != j and batch[i] == batch[j]]
     assert list(zip(row.tolist(), col.tolist())) == expected
     assert all(torch.equal(a, b) for a, b in zip(fully_connected_edges(batch), (row, col)))
+
 
 def test_null_context_is_learned_token_and_differs_from_a_value():
     gen = torch.Generator().manual_seed(2)
@@ -171,7 +175,14 @@ def test_sampler_step_is_equivariant():
         rot = torch.cat([x[:, :3] @ q.T, x[:, 3:]], 1)
         out_rot = sample("ddim", objective.denoiser(net, schedule, space, cond), rot, schedule, 1, space=space)
         pspace = RaggedSpace(batch[perm], 2, 3 + F, centered=(0, 1, 2))
-        out_perm = sample("ddim", objective.denoiser(net, schedule, pspace, {"batch": batch[perm]}), x[perm], schedule, 1, space=pspace)
+        out_perm = sample(
+            "ddim",
+            objective.denoiser(net, schedule, pspace, {"batch": batch[perm]}),
+            x[perm],
+            schedule,
+            1,
+            space=pspace,
+        )
     assert not torch.allclose(out, x)
     torch.testing.assert_close(out_rot[:, :3], out[:, :3] @ q.T, rtol=0, atol=1e-9)
     torch.testing.assert_close(out_rot[:, 3:], out[:, 3:], rtol=0, atol=1e-9)
@@ -182,7 +193,11 @@ def test_sampler_step_is_equivariant():
 
 # ----------------------------------------------------------- state / prior
 def test_zero_com_noise_projection_and_prior(tmp_path, caplog):
-    dom = MoleculeDomain(source="sdf", path=str(_write_sdf(tmp_path / "m.sdf", ["CCO", "c1ccccc1", "CC#N", "OCC=O"])), split=(1.0, 0.0, 0.0))
+    dom = MoleculeDomain(
+        source="sdf",
+        path=str(_write_sdf(tmp_path / "m.sdf", ["CCO", "c1ccccc1", "CC#N", "OCC=O"])),
+        split=(1.0, 0.0, 0.0),
+    )
     dom.setup(dom.dataset("train"))
     assert dom.num_atoms_hist[9] == 1 and dom.num_atoms_hist[12] == 1 and sum(dom.num_atoms_hist) == 4
     space, cond = dom.prior(6, generator=torch.Generator().manual_seed(0))
@@ -355,7 +370,9 @@ def test_smiles_loader_and_builtin_conformers(tmp_path, caplog):
     bad.write_text("C1CC(\n")
     with pytest.raises(ValueError, match="no usable molecule"):
         read_smiles_file(bad, ["H", "C"], 9)
-    dom = MoleculeDomain(source="smiles", path=str(path), num_conformers=2, split=(1.0, 0.0, 0.0), cache_dir=str(tmp_path / "cache"))
+    dom = MoleculeDomain(
+        source="smiles", path=str(path), num_conformers=2, split=(1.0, 0.0, 0.0), cache_dir=str(tmp_path / "cache")
+    )
     train = dom.dataset("train")
     assert len(train) >= 2 and all(int(it["z"].eq(1).sum()) > 0 for it in train)
     assert len(list((tmp_path / "cache").glob("molecule_conformers_*.pt"))) == 1
@@ -367,7 +384,9 @@ def test_smiles_loader_and_builtin_conformers(tmp_path, caplog):
         dom.dataset("test")
 
 
-QM9_CSV_HEADER = "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
+QM9_CSV_HEADER = (
+    "mol_id,A,B,C,mu,alpha,homo,lumo,gap,r2,zpve,u0,u298,h298,g298,cv,u0_atom,u298_atom,h298_atom,g298_atom"
+)
 QM9_SMILES = ["C", "N", "O", "CC#N"]  # molecule 2 (ammonia) is listed as uncharacterised
 
 
@@ -411,9 +430,26 @@ def test_qm9_loader_on_fake_raw_folder_and_missing_copy(tmp_path):
         load_qm9(broken)
 
 
-QM9PACK_COLUMNS = ["XYZ_file", "Index", "SMILES", "N_atoms", "Elements", "XYZ_Ang", "Dipole_debye", "Polarizability_bohr3",
-                   "HOMO_au", "LUMO_au", "HOMO_LUMO_gap_au", "R2_bohr2", "ZPVE_au", "InternalEnergy_0K_au",
-                   "InternalEnergy_298K_au", "Enthalphy_298K_au", "GibbsFreeEnergy_298K_au", "Heatcapacity_Cv_cal_mol_K"]
+QM9PACK_COLUMNS = [
+    "XYZ_file",
+    "Index",
+    "SMILES",
+    "N_atoms",
+    "Elements",
+    "XYZ_Ang",
+    "Dipole_debye",
+    "Polarizability_bohr3",
+    "HOMO_au",
+    "LUMO_au",
+    "HOMO_LUMO_gap_au",
+    "R2_bohr2",
+    "ZPVE_au",
+    "InternalEnergy_0K_au",
+    "InternalEnergy_298K_au",
+    "Enthalphy_298K_au",
+    "GibbsFreeEnergy_298K_au",
+    "Heatcapacity_Cv_cal_mol_K",
+]
 
 
 def write_fake_qm9pack(root: Path, smiles: list[str], parts: tuple[list[int], ...] | None = None) -> Path:
@@ -423,7 +459,9 @@ def write_fake_qm9pack(root: Path, smiles: list[str], parts: tuple[list[int], ..
 
     data = root / "qm9pack" / "data"
     data.mkdir(parents=True, exist_ok=True)
-    (root / "qm9pack" / "__init__.py").write_text("raise ImportError('polydiff reads the data files without importing this')\n")
+    (root / "qm9pack" / "__init__.py").write_text(
+        "raise ImportError('polydiff reads the data files without importing this')\n"
+    )
     parts = parts or (list(range(len(smiles))), [], [])
     for k, members in enumerate(parts, start=1):
         with open(data / f"qm9_part{k}.csv", "w", newline="") as f:
@@ -434,8 +472,17 @@ def write_fake_qm9pack(root: Path, smiles: list[str], parts: tuple[list[int], ..
                 symbols = [a.GetSymbol() for a in mol.GetAtoms()]
                 xyz = mol.GetConformer().GetPositions().round(6).tolist()
                 props = [i + j / 100 for j in range(12)]
-                w.writerow([f"dsgdb9nsd_{i + 1:06d}.xyz", i + 1, smiles[i], len(symbols),
-                            "[" + ",".join(f"'{s}'" for s in symbols) + "]", str(xyz).replace(" ", ""), *props])
+                w.writerow(
+                    [
+                        f"dsgdb9nsd_{i + 1:06d}.xyz",
+                        i + 1,
+                        smiles[i],
+                        len(symbols),
+                        "[" + ",".join(f"'{s}'" for s in symbols) + "]",
+                        str(xyz).replace(" ", ""),
+                        *props,
+                    ]
+                )
     return root
 
 
@@ -465,7 +512,9 @@ def test_qm9_from_the_qm9pack_package(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"qm9_part2.csv, line 3 \(dsgdb9nsd_000003.xyz\).*\['Si'\]"):
         qm9.load_qm9_package()
     part.write_text(text.replace('"N",4,', '"N",6,', 1))
-    with pytest.raises(ValueError, match=r"qm9_part2.csv, line 2 \(dsgdb9nsd_000005.xyz\): 4 elements, 12 coordinates and N_atoms=6"):
+    with pytest.raises(
+        ValueError, match=r"qm9_part2.csv, line 2 \(dsgdb9nsd_000005.xyz\): 4 elements, 12 coordinates and N_atoms=6"
+    ):
         qm9.load_qm9_package()
     part.write_text(text.replace("HOMO_au", "HOMO"))
     with pytest.raises(ValueError, match=r"qm9_part2.csv lacks the column\(s\) \['HOMO_au'\]"):
@@ -481,16 +530,49 @@ def test_qm9_from_the_qm9pack_package(tmp_path, monkeypatch):
         domain.dataset("train")
 
 
-SIZED_SMILES = ["C", "N", "O", "CC", "CO", "CN", "C=O", "C#N", "CCO", "CCN", "CC=O", "OCO", "NC=O", "CC#N", "COC", "CNC",
-                "C=C", "C#C", "CF", "FCF", "CCC", "CCCO", "CC(C)C", "CCOC", "OCCO", "NCCN", "CC(=O)O", "CCCC", "C1CC1",
-                "C1CCC1", "CCCCC", "OCC(O)CO"]
+SIZED_SMILES = [
+    "C",
+    "N",
+    "O",
+    "CC",
+    "CO",
+    "CN",
+    "C=O",
+    "C#N",
+    "CCO",
+    "CCN",
+    "CC=O",
+    "OCO",
+    "NC=O",
+    "CC#N",
+    "COC",
+    "CNC",
+    "C=C",
+    "C#C",
+    "CF",
+    "FCF",
+    "CCC",
+    "CCCO",
+    "CC(C)C",
+    "CCOC",
+    "OCCO",
+    "NCCN",
+    "CC(=O)O",
+    "CCCC",
+    "C1CC1",
+    "C1CCC1",
+    "CCCCC",
+    "OCC(O)CO",
+]
 
 
 def write_sized_sdf(path: Path) -> Path:
     """An SDF of :data:`SIZED_SMILES` tagged ``size``, the atom count: a property a predictor can learn."""
     from rdkit import Chem
 
-    return _write_sdf(path, SIZED_SMILES, {"size": [Chem.AddHs(Chem.MolFromSmiles(s)).GetNumAtoms() for s in SIZED_SMILES]})
+    return _write_sdf(
+        path, SIZED_SMILES, {"size": [Chem.AddHs(Chem.MolFromSmiles(s)).GetNumAtoms() for s in SIZED_SMILES]}
+    )
 
 
 def test_property_mae_of_a_conditional_model(tmp_path, caplog):
@@ -518,7 +600,9 @@ def test_property_mae_of_a_conditional_model(tmp_path, caplog):
     assert "property_mae" not in dom.evaluate(unconditional)  # no value asked for: nothing to compare
     # Saved samples keep the value asked for as an SD tag, and are scored the same when read back.
     dom.save_samples(own, tmp_path / "out")
-    assert dom.evaluate(dom.read_samples(tmp_path / "out" / "samples.sdf"))["property_mae"] == pytest.approx(ref["property_mae"], rel=1e-4)
+    assert dom.evaluate(dom.read_samples(tmp_path / "out" / "samples.sdf"))["property_mae"] == pytest.approx(
+        ref["property_mae"], rel=1e-4
+    )
     assert torch.isnan(dom.read_samples(tmp_path / "out" / "samples_xyz").cond["context"]).all()  # XYZ: no tags
     from rdkit import Chem
 
@@ -581,8 +665,10 @@ def test_max_molecules_subsets_the_training_split_of_qm9_and_sdf(tmp_path, caplo
     assert len(cut.dataset("val")) == len(full.dataset("val")) == 1  # valid and test stay whole
     assert "domain.max_molecules=1" in caplog.text and "of the 2 qm9 training molecules" in caplog.text
     sdf = str(_write_sdf(tmp_path / "m.sdf", ["CCO", "CC#N", "C=O", "CO", "CCC"]))
-    picks = [MoleculeDomain(source="sdf", path=sdf, split=(1.0, 0.0, 0.0), max_molecules=3, seed=s).dataset("train")
-             for s in (0, 0)]
+    picks = [
+        MoleculeDomain(source="sdf", path=sdf, split=(1.0, 0.0, 0.0), max_molecules=3, seed=s).dataset("train")
+        for s in (0, 0)
+    ]
     assert [len(t) for t in picks] == [3, 3]
     assert all(torch.equal(a["pos"], b["pos"]) for a, b in zip(picks[0], picks[1]))  # seeded: the same subset twice
     assert len(MoleculeDomain(source="sdf", path=sdf, split=(1.0, 0.0, 0.0), max_molecules=50).dataset("train")) == 5
@@ -611,12 +697,15 @@ def test_qm9_path_one_level_too_deep_names_its_parent(tmp_path):
     assert "raw/raw" not in str(err.value)
     flat = tmp_path / "flat"
     shutil.copytree(raw, flat)  # files directly in the given folder, which is not named raw
-    with pytest.raises(FileNotFoundError, match=r"holds the QM9 raw files .* directly, but they must be in .*flat/raw/"):
+    with pytest.raises(
+        FileNotFoundError, match=r"holds the QM9 raw files .* directly, but they must be in .*flat/raw/"
+    ):
         load_qm9(flat)
 
 
 def test_qm9_is_never_downloaded_and_a_processed_only_copy_is_read(tmp_path, monkeypatch):
-    """PyG's QM9 calls download() whenever a raw file is missing, even with processed/ in place: polydiff's never fetches."""
+    """PyG's QM9 calls download() whenever a raw file is missing, even with processed/ in place: polydiff's never
+    fetches."""
     import torch_geometric.datasets.qm9 as pyg_qm9
 
     def no_download(*args, **kwargs):
@@ -633,7 +722,9 @@ def test_qm9_is_never_downloaded_and_a_processed_only_copy_is_read(tmp_path, mon
     assert (copy / "processed" / "data_v3.pt").is_file()  # never deleted as if it were damaged
 
     empty = tmp_path / "empty"
-    with pytest.raises(FileNotFoundError, match=r"missing under .*empty/raw\. polydiff never downloads data: place gdb9"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing under .*empty/raw\. polydiff never downloads data: place gdb9"
+    ):
         _local_qm9(empty, ["gdb9.sdf"], empty / "processed" / "data_v3.pt")  # download() itself refuses
 
 
@@ -641,18 +732,26 @@ def test_qm9_processed_folder_that_cannot_be_written_is_named(tmp_path, monkeypa
     root = tmp_path / "qm9"
     _fake_qm9_raw(root / "raw")
     (root / "processed").write_text("")  # a file where PyG writes its parse
-    with pytest.raises(ValueError, match=r"cannot write QM9's processed data to .*qm9/processed/ .*is a file, not a "
-                                            r"folder: move or delete it") as err:
+    with pytest.raises(
+        ValueError,
+        match=r"cannot write QM9's processed data to .*qm9/processed/ .*is a file, not a "
+        r"folder: move or delete it",
+    ) as err:
         load_qm9(root)
-    assert "raw files in" not in str(err.value) and isinstance(err.value, OSError)  # a ValueError too: the CLI's plain message
+    assert "raw files in" not in str(err.value) and isinstance(
+        err.value, OSError
+    )  # a ValueError too: the CLI's plain message
     (root / "processed").unlink()
 
     def read_only(data, path):  # what a processed/ folder without write permission gives (root ignores chmod)
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr("torch_geometric.io.fs.torch_save", read_only)
-    with pytest.raises(ValueError, match=r"cannot write QM9's processed data to .*qm9/processed/ \(PermissionError.*"
-                                         r"Fix: make .*qm9/processed writable, or copy .*qm9/raw/ into a writable folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot write QM9's processed data to .*qm9/processed/ \(PermissionError.*"
+        r"Fix: make .*qm9/processed writable, or copy .*qm9/raw/ into a writable folder",
+    ):
         load_qm9(root)
 
 
@@ -663,7 +762,9 @@ def test_edm_txt_sample_files_are_read_as_xyz(tmp_path):
     edm = tmp_path / "edm"
     edm.mkdir()
     (edm / "molecule_000.txt").write_text("3\n\nO 0.0 0.0 0.0\nH 0.96 0.0 0.0\nH -0.24 0.93 0.0\n")
-    (edm / "molecule_001.txt").write_text("5\n\nC 0 0 0\nH 0.63 0.63 0.63\nH -0.63 -0.63 0.63\nH -0.63 0.63 -0.63\nH 0.63 -0.63 -0.63\n")
+    (edm / "molecule_001.txt").write_text(
+        "5\n\nC 0 0 0\nH 0.63 0.63 0.63\nH -0.63 -0.63 0.63\nH -0.63 0.63 -0.63\nH 0.63 -0.63 -0.63\n"
+    )
     mols = read_sample_molecules(edm)
     assert [m[0] for m in mols] == [["O", "H", "H"], ["C", "H", "H", "H", "H"]]
     assert read_sample_molecules(edm / "molecule_001.txt")[0][1].shape == (5, 3)
@@ -689,7 +790,7 @@ def test_context_is_in_torch_geometric_units_and_far_values_are_warned(tmp_path,
     dom.setup(dom.dataset("train"))
     assert "SD tag 'alpha'" in dom.context_units()
     # Given atom counts and no context, the property is drawn among training molecules of that size (EDM's p(c | N)).
-    norm = lambda values: dom._normalise(torch.tensor(values).unsqueeze(-1))  # noqa: E731
+    norm = lambda values: dom.conditioning.normalise(torch.tensor(values).unsqueeze(-1))  # noqa: E731
     _, cond = dom.prior(40, num_atoms=6, generator=torch.Generator().manual_seed(0))  # CC#N and CO: 64 and 62
     assert set(cond["context"].flatten().tolist()) == set(norm([64.0, 62.0]).flatten().tolist())
     _, cond = dom.prior(3, num_atoms=9)  # ethanol only
@@ -717,7 +818,10 @@ def test_context_is_in_torch_geometric_units_and_far_values_are_warned(tmp_path,
     dom.save_samples(Batch(space.randn(), space, cond), tmp_path / "out")
     from rdkit import Chem
 
-    asked = [m.GetProp("alpha") for m in Chem.SDMolSupplier(str(tmp_path / "out" / "samples.sdf"), sanitize=False, removeHs=False)]
+    asked = [
+        m.GetProp("alpha")
+        for m in Chem.SDMolSupplier(str(tmp_path / "out" / "samples.sdf"), sanitize=False, removeHs=False)
+    ]
     assert asked == ["61.5", "66", ""]
 
 
@@ -756,8 +860,10 @@ def test_reading_files_silences_rdkit_while_reading_only(tmp_path, capfd):
     smi = tmp_path / "list.smi"
     smi.write_text("CCO\nC1CC(\nC(C)(C)(C)(C)C\n")  # unparsable; a pentavalent carbon
     sdf = tmp_path / "bad.sdf"
-    sdf.write_text("bad\n  RDKit          3D\n\n  1  0  0  0  0  0  0  0  0  0999 V2000\n"
-                   "    0.0000    0.0000    0.0000 Xx  0  0  0  0  0  0  0  0  0  0  0  0\nM  END\n$$$$\n")
+    sdf.write_text(
+        "bad\n  RDKit          3D\n\n  1  0  0  0  0  0  0  0  0  0999 V2000\n"
+        "    0.0000    0.0000    0.0000 Xx  0  0  0  0  0  0  0  0  0  0  0  0\nM  END\n$$$$\n"
+    )
     before = rdBase.LogStatus()
     RDLogger.EnableLog("rdApp.error")
     try:
@@ -774,7 +880,7 @@ def test_reading_files_silences_rdkit_while_reading_only(tmp_path, capfd):
 
 
 def test_bad_domain_configuration_messages():
-    with pytest.raises(ValueError, match="source='xyz'"):
+    with pytest.raises(ValueError, match=r"'xyz' is unknown; choose one of \['builtin', 'smiles', 'sdf', 'qm9'\]"):
         MoleculeDomain(source="xyz")
     with pytest.raises(ValueError, match="needs domain.path"):
         MoleculeDomain(source="sdf")
@@ -782,6 +888,32 @@ def test_bad_domain_configuration_messages():
         MoleculeDomain(source="qm9", path="/x", condition_on="homo_lumo")
     with pytest.raises(ValueError, match="prior.context"):
         MoleculeDomain().parse_label("3")
+
+
+def test_a_data_source_is_a_row_of_the_table_and_the_checkpoint_keys_are_unchanged(tmp_path, monkeypatch):
+    """A new source is a loader in ``SOURCES``; the domain state keeps the keys checkpoints have always held."""
+    from domains.molecule.sources import SOURCES, Source, load_sdf
+
+    sdf = _write_sdf(tmp_path / "m.sdf", ["CCO", "CC#N", "C=O", "CO"], {"alpha": [60.0, 64.0, 70.0, 62.0]})
+    monkeypatch.setitem(SOURCES, "tagged", Source(load_sdf, needs_path=True, properties=("alpha",)))
+    with pytest.raises(ValueError, match=r"condition_on='gap' is not a TAGGED target; choose one of \['alpha'\]"):
+        MoleculeDomain(source="tagged", path=str(sdf), condition_on="gap")
+    dom = MoleculeDomain(source="tagged", path=str(sdf), condition_on="alpha", split=(1.0, 0.0, 0.0))
+    dom.setup(dom.dataset("train"))
+    state = dom.state_dict()
+    assert list(state) == [
+        "atom_types",
+        "num_atoms_hist",
+        "condition_on",
+        "context_stats",
+        "context_range",
+        "context_pairs",
+        "train_smiles",
+    ]
+    assert state["context_stats"] == [64.0, 3.0] and state["context_range"] == [60.0, 70.0]
+    fresh = MoleculeDomain(source="sdf", path="unused.sdf", condition_on="alpha")
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
 
 
 # ----------------------------------------------------------------- outputs
@@ -792,9 +924,14 @@ def test_save_samples_writes_sdf_xyz_png(tmp_path):
     train = dom.dataset("train")
     dom.setup(train)
     batch = dom.collate([train[0], train[1]])
-    noisy = Batch(batch.x + torch.randn(batch.x.shape, generator=torch.Generator().manual_seed(0)) * 0.5, batch.space, batch.cond)
-    both = Batch(torch.cat([batch.x, noisy.x]), RaggedSpace(torch.cat([batch.cond["batch"], batch.cond["batch"] + 2]), 4, 3 + F, (0, 1, 2)),
-                 {"batch": torch.cat([batch.cond["batch"], batch.cond["batch"] + 2])})
+    noisy = Batch(
+        batch.x + torch.randn(batch.x.shape, generator=torch.Generator().manual_seed(0)) * 0.5, batch.space, batch.cond
+    )
+    both = Batch(
+        torch.cat([batch.x, noisy.x]),
+        RaggedSpace(torch.cat([batch.cond["batch"], batch.cond["batch"] + 2]), 4, 3 + F, (0, 1, 2)),
+        {"batch": torch.cat([batch.cond["batch"], batch.cond["batch"] + 2])},
+    )
     paths = dom.save_samples(both, tmp_path / "out", prefix="s")
     sdf = Chem.SDMolSupplier(str(tmp_path / "out" / "s.sdf"), removeHs=False, sanitize=False)
     mols = [m for m in sdf]
@@ -916,12 +1053,22 @@ def test_batched_guidance_on_ragged_molecules_equals_two_calls(tmp_path):
     sch, obj = make_schedule("polynomial", 100), Objective("eps")
     draws = {}
     for batched in (True, False):
-        out = generate(dom, net, sch, obj, 3, {"name": "ddim", "steps": 4}, guidance={"scale": 2.0, "batched": batched},
-                       prior={"num_atoms": [4, 6, 9], "context": [61.0, 66.0, 69.0]},
-                       generator=torch.Generator().manual_seed(1))
+        out = generate(
+            dom,
+            net,
+            sch,
+            obj,
+            3,
+            {"name": "ddim", "steps": 4},
+            guidance={"scale": 2.0, "batched": batched},
+            prior={"num_atoms": [4, 6, 9], "context": [61.0, 66.0, 69.0]},
+            generator=torch.Generator().manual_seed(1),
+        )
         draws[batched] = out.x
     torch.testing.assert_close(draws[True], draws[False], rtol=1e-4, atol=1e-5)
-    centre = torch.zeros(3, 3).index_add_(0, out.cond["batch"], draws[True][:, :3]) / torch.tensor([[4.0], [6.0], [9.0]])
+    centre = torch.zeros(3, 3).index_add_(0, out.cond["batch"], draws[True][:, :3]) / torch.tensor(
+        [[4.0], [6.0], [9.0]]
+    )
     assert centre.abs().max() < 1e-4
 
 

@@ -32,13 +32,24 @@ def _version(text: str) -> tuple[int, ...]:
 
 def _source_files() -> list[str]:
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                             capture_output=True, check=True, timeout=60).stdout.decode()
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout.decode()
         files = [f for f in out.split("\0") if f]
     except (OSError, subprocess.SubprocessError):  # not a git checkout (an unpacked sdist): walk the tree
-        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()
-                 and not any(part in ("__pycache__", ".git", "build", "runs") or part.endswith(".egg-info")
-                             for part in p.relative_to(ROOT).parts)]
+        files = [
+            str(p.relative_to(ROOT))
+            for p in ROOT.rglob("*")
+            if p.is_file()
+            and not any(
+                part in ("__pycache__", ".git", "build", "runs") or part.endswith(".egg-info")
+                for part in p.relative_to(ROOT).parts
+            )
+        ]
     return sorted(f for f in files if (ROOT / f).is_file() and "__pycache__" not in f)
 
 
@@ -56,15 +67,33 @@ def wheel(tmp_path_factory, source_files) -> zipfile.ZipFile:
         pytest.skip(f"an offline wheel build needs pip and setuptools installed here ({err} is not)")
     needed = re.search(r'requires\s*=\s*\[[^\]]*"setuptools>=([\d.]+)"', (ROOT / "pyproject.toml").read_text())
     if needed and _version(installed["setuptools"]) < _version(needed.group(1)):
-        pytest.skip(f"an offline wheel build needs setuptools>={needed.group(1)} installed here "
-                    f"(found {installed['setuptools']}); pip install -e '.[test]' brings it")
+        pytest.skip(
+            f"an offline wheel build needs setuptools>={needed.group(1)} installed here "
+            f"(found {installed['setuptools']}); pip install -e '.[test]' brings it"
+        )
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
     for f in source_files:
         (src / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, src / f)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                           "-v", "-w", str(out), str(src)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-v",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (whl,) = out.glob("polydiff-*.whl")
     with zipfile.ZipFile(whl) as zf:
@@ -74,8 +103,12 @@ def wheel(tmp_path_factory, source_files) -> zipfile.ZipFile:
 
 def test_wheel_holds_every_package_file(wheel, source_files):
     names = set(wheel.namelist())
-    wanted = [f for f in source_files if f.split("/", 1)[0] in WHOLE
-              or (f.startswith("benchmarks/") and f.endswith(".py") and not f.startswith("benchmarks/results/"))]
+    wanted = [
+        f
+        for f in source_files
+        if f.split("/", 1)[0] in WHOLE
+        or (f.startswith("benchmarks/") and f.endswith(".py") and not f.startswith("benchmarks/results/"))
+    ]
     missing = [f for f in wanted if f not in names]
     assert not missing, f"{len(missing)} file(s) of the source tree are not in the wheel, e.g. {missing[:10]}"
 
@@ -108,9 +141,13 @@ def test_wheel_leaves_out_tests_and_results(wheel):
 
 def test_wheel_builds_without_setuptools_warnings(wheel):
     """Deprecations (the license table: an error from 2027-02-18) and data folders setuptools would drop."""
-    flagged = [line.strip() for line in wheel.build_log.splitlines()
-               if "SetuptoolsDeprecationWarning" in line or "Package would be ignored" in line
-               or "is absent from the `packages` configuration" in line]
+    flagged = [
+        line.strip()
+        for line in wheel.build_log.splitlines()
+        if "SetuptoolsDeprecationWarning" in line
+        or "Package would be ignored" in line
+        or "is absent from the `packages` configuration" in line
+    ]
     assert not flagged, flagged[:5]
 
 

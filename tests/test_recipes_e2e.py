@@ -23,10 +23,18 @@ def _losses(run: Path) -> list[float]:
 
 def test_image_recipe_trains_and_writes_png_grids(tmp_path, monkeypatch):
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
-    cfg = compose_recipe(ROOT / "recipes" / "image_unet.yaml", [
-        "profile=cpu", "trainer.max_steps=60", "trainer.batch_size=32", "trainer.num_samples=20",
-        "model.channels=16", "sampler.steps=5", *SHORT,
-    ])
+    cfg = compose_recipe(
+        ROOT / "recipes" / "image_unet.yaml",
+        [
+            "profile=cpu",
+            "trainer.max_steps=60",
+            "trainer.batch_size=32",
+            "trainer.num_samples=20",
+            "model.channels=16",
+            "sampler.steps=5",
+            *SHORT,
+        ],
+    )
     run = tmp_path / "run"
     train(cfg, run)
     losses = _losses(run)
@@ -45,10 +53,20 @@ def test_molecule_recipe_trains_and_writes_a_readable_sdf(tmp_path, monkeypatch)
     from rdkit import Chem
 
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
-    cfg = compose_recipe(ROOT / "recipes" / "molecule_egnn.yaml", [
-        "profile=cpu", "trainer.max_steps=40", "trainer.num_samples=6", "domain.max_molecules=20",
-        "domain.num_conformers=2", "model.hidden=32", "model.layers=2", "sampler.steps=5", *SHORT,
-    ])
+    cfg = compose_recipe(
+        ROOT / "recipes" / "molecule_egnn.yaml",
+        [
+            "profile=cpu",
+            "trainer.max_steps=40",
+            "trainer.num_samples=6",
+            "domain.max_molecules=20",
+            "domain.num_conformers=2",
+            "model.hidden=32",
+            "model.layers=2",
+            "sampler.steps=5",
+            *SHORT,
+        ],
+    )
     run = tmp_path / "run"
     train(cfg, run)
     losses = _losses(run)
@@ -67,11 +85,25 @@ def test_property_conditional_molecule_run_reports_property_mae(tmp_path, monkey
 
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
     sdf = write_sized_sdf(tmp_path / "m.sdf")
-    cfg = compose_recipe(ROOT / "recipes" / "molecule_egnn.yaml", [
-        "profile=cpu", "domain.source=sdf", f"domain.path={sdf}", "domain.condition_on=size", "+domain.split=[0.4,0.4,0.2]",
-        "domain.property_epochs=150", "trainer.max_steps=4", "trainer.batch_size=8", "trainer.num_samples=4", "model.hidden=16",
-        "model.layers=1", "sampler.steps=3", "trainer.log_every=2", "trainer.progress=false",
-    ])
+    cfg = compose_recipe(
+        ROOT / "recipes" / "molecule_egnn.yaml",
+        [
+            "profile=cpu",
+            "domain.source=sdf",
+            f"domain.path={sdf}",
+            "domain.condition_on=size",
+            "+domain.split=[0.4,0.4,0.2]",
+            "domain.property_epochs=150",
+            "trainer.max_steps=4",
+            "trainer.batch_size=8",
+            "trainer.num_samples=4",
+            "model.hidden=16",
+            "model.layers=1",
+            "sampler.steps=3",
+            "trainer.log_every=2",
+            "trainer.progress=false",
+        ],
+    )
     run = tmp_path / "run"
     train(cfg, run)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -85,19 +117,34 @@ def test_property_conditional_molecule_run_reports_property_mae(tmp_path, monkey
     assert metrics["property_scored"] > 0 and metrics["property_mae"] >= 0
 
 
-@pytest.mark.parametrize("recipe,overrides", [
-    ("audio_unet", ["domain.duration=0.25", "model.channels=8"]),
-    ("molecule_egnn", ["domain.max_molecules=10", "domain.num_conformers=1", "model.hidden=16", "model.layers=2"]),
-    ("image_unet", ["model.channels=8"]),
-], ids=["audio", "molecule", "image"])
+@pytest.mark.parametrize(
+    "recipe,overrides",
+    [
+        ("audio_unet", ["domain.duration=0.25", "model.channels=8"]),
+        ("molecule_egnn", ["domain.max_molecules=10", "domain.num_conformers=1", "model.hidden=16", "model.layers=2"]),
+        ("image_unet", ["model.channels=8"]),
+    ],
+    ids=["audio", "molecule", "image"],
+)
 def test_bf16_autocast_training_keeps_float32_weights(tmp_path, monkeypatch, recipe, overrides):
     """trainer.precision=bf16 (the GPU default) through each shipped network, here under CPU autocast."""
     monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
-    cfg = compose_recipe(ROOT / "recipes" / f"{recipe}.yaml", [
-        "profile=cpu", "trainer.precision=bf16", "trainer.max_steps=4", "trainer.batch_size=4", "trainer.log_every=1",
-        "trainer.ckpt_every=1000", "trainer.progress=false", "trainer.eval=false", "trainer.num_samples=2",
-        "sampler.steps=2", *overrides,
-    ])
+    cfg = compose_recipe(
+        ROOT / "recipes" / f"{recipe}.yaml",
+        [
+            "profile=cpu",
+            "trainer.precision=bf16",
+            "trainer.max_steps=4",
+            "trainer.batch_size=4",
+            "trainer.log_every=1",
+            "trainer.ckpt_every=1000",
+            "trainer.progress=false",
+            "trainer.eval=false",
+            "trainer.num_samples=2",
+            "sampler.steps=2",
+            *overrides,
+        ],
+    )
     # Output dtypes of every module called while training (not while sampling).
     dtypes = set()
     real_micro_step = Trainer._micro_step

@@ -66,8 +66,9 @@ LABELS = torch.tensor([0, 1, 2, 3, 0, 1, 2])
 
 def _dense(sampler, seed=0, n=7, **kw):
     kw.setdefault("labels", LABELS[:n])
-    return generate(Tiny(), TinyNet(), SCHEDULE, OBJECTIVE, n, sampler, generator=torch.Generator().manual_seed(seed),
-                    **kw)
+    return generate(
+        Tiny(), TinyNet(), SCHEDULE, OBJECTIVE, n, sampler, generator=torch.Generator().manual_seed(seed), **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +108,17 @@ def test_deterministic_samplers_ignore_the_generator_and_stochastic_ones_follow_
     den = OBJECTIVE.denoiser(TinyNet(), SCHEDULE, space, cond)
     for name in ("ddim", "dpmpp_2m"):
         g = torch.Generator().manual_seed(5)
-        outs = [sample(name, den, noise, SCHEDULE, 4, space=space, generator=gen)
-                for gen in (None, g, torch.Generator().manual_seed(6))]
+        outs = [
+            sample(name, den, noise, SCHEDULE, 4, space=space, generator=gen)
+            for gen in (None, g, torch.Generator().manual_seed(6))
+        ]
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
         assert torch.equal(g.get_state(), torch.Generator().manual_seed(5).get_state())  # nothing drawn
     for name, options in (("ddpm", {}), ("ddim", {"eta": 1.0})):
-        one, again, other = (sample(name, den, noise, SCHEDULE, 4, space=space, generator=torch.Generator().manual_seed(s),
-                                    **options) for s in (1, 1, 2))
+        one, again, other = (
+            sample(name, den, noise, SCHEDULE, 4, space=space, generator=torch.Generator().manual_seed(s), **options)
+            for s in (1, 1, 2)
+        )
         assert torch.equal(one, again) and (one - other).abs().max() > 0.1
 
 
@@ -141,8 +146,13 @@ def test_known_values_are_kept_exactly(sampler, molecules):
     values = space.randn(generator=torch.Generator().manual_seed(4))
     kept = torch.arange(values.shape[0]) % 2 == 0
     for size in (None, 2):
-        out = _mol(molecules, {**sampler, "batch_size": size}, n=3, prior={"num_atoms": counts},
-                   known=Known(values, kept[:, None]))
+        out = _mol(
+            molecules,
+            {**sampler, "batch_size": size},
+            n=3,
+            prior={"num_atoms": counts},
+            known=Known(values, kept[:, None]),
+        )
         assert torch.equal(out.x[kept, 3:], values[kept, 3:])
         for i in range(3):
             rows = kept & (out.space.batch == i)
@@ -155,9 +165,14 @@ def points_run(tmp_path_factory):
     from polydiff.trainer import train
 
     run = tmp_path_factory.mktemp("points")
-    cfg = {"domain": {"name": "examples.points:PointsDomain", "size": 256}, "model": {"width": 16, "depth": 1},
-           "schedule": {"steps": 50}, "objective": {"prediction": "v"}, "sampler": {"name": "ddpm", "steps": 5},
-           "trainer": {"max_steps": 2, "batch_size": 32, "device": "cpu", "num_samples": 8, "progress": False}}
+    cfg = {
+        "domain": {"name": "examples.points:PointsDomain", "size": 256},
+        "model": {"width": 16, "depth": 1},
+        "schedule": {"steps": 50},
+        "objective": {"prediction": "v"},
+        "sampler": {"name": "ddpm", "steps": 5},
+        "trainer": {"max_steps": 2, "batch_size": 32, "device": "cpu", "num_samples": 8, "progress": False},
+    }
     train(cfg, run)
     return run
 
@@ -190,8 +205,13 @@ def test_chunk_size_does_not_change_dense_samples(sampler):
     network's rounding, which may differ with the number of rows it sees at once)."""
     whole = _dense({**sampler, "batch_size": None}).x
     for size in (3, 2):
-        torch.testing.assert_close(_dense({**sampler, "batch_size": size}).x, whole, rtol=0, atol=1e-5,
-                                   msg=lambda m, size=size: f"batch_size={size}: {m}")
+        torch.testing.assert_close(
+            _dense({**sampler, "batch_size": size}).x,
+            whole,
+            rtol=0,
+            atol=1e-5,
+            msg=lambda m, size=size: f"batch_size={size}: {m}",
+        )
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS[:1] + SAMPLERS[2:3], ids=["ddim", "ddpm"])
@@ -207,5 +227,7 @@ def test_chunk_size_does_not_change_molecule_sizes_or_positions(sampler, molecul
 def test_cli_batch_size_does_not_change_the_samples(points_run, tmp_path):
     """``polydiff sample --seed S`` writes the same samples whatever sampler.batch_size (the recipe's sampler: DDPM)."""
     one = torch.load(_cli_samples(points_run, tmp_path / "one", "--n", "6", "sampler.batch_size=6") / "samples.pt")["x"]
-    three = torch.load(_cli_samples(points_run, tmp_path / "three", "--n", "6", "sampler.batch_size=3") / "samples.pt")["x"]
+    three = torch.load(_cli_samples(points_run, tmp_path / "three", "--n", "6", "sampler.batch_size=3") / "samples.pt")[
+        "x"
+    ]
     torch.testing.assert_close(three, one, rtol=0, atol=1e-5)

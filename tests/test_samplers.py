@@ -82,6 +82,7 @@ def test_centered_subspace_noise_and_samples():
     assert space.segment_sum(noise[:, 3:]).abs().max() > 1e-3  # the uncentred column keeps its per-sample mean
 
     var = 0.5  # x0: i.i.d. N(0, var) positions projected to zero mean; N(0, var) feature
+
     def denoise(x, t):
         a, s = schedule.alpha_sigma(t, dtype=torch.float64)
         a, s = space.expand(a), space.expand(s)
@@ -89,7 +90,14 @@ def test_centered_subspace_noise_and_samples():
         return Prediction(x0, (x - a * x0) / s)
 
     seen = []
-    x = sample_ddim(denoise, noise, schedule, 200, space=space, callback=lambda d: seen.append(space.segment_sum(d["x"][:, :3]).abs().max()))
+    x = sample_ddim(
+        denoise,
+        noise,
+        schedule,
+        200,
+        space=space,
+        callback=lambda d: seen.append(space.segment_sum(d["x"][:, :3]).abs().max()),
+    )
     assert max(seen) < 1e-10
     # Per-coordinate variance in the subspace is var * (n - 1) / n.
     factor = ((sizes - 1) / sizes).double()[batch]
@@ -145,6 +153,17 @@ def test_unknown_sampler_lists_known():
         sample("ddim", None, torch.zeros(1, 3), schedule, 5, temperature=2.0)
 
 
+def test_an_option_the_sampler_does_not_take_is_refused_not_dropped():
+    """Options are the sampler's keyword arguments; another sampler's is named with the samplers that take it."""
+    from polydiff.samplers import sampler_options
+
+    schedule = make_schedule("linear", 10)
+    with pytest.raises(KeyError, match=r"sampler.eta is not an option of sampler 'ddpm' \(samplers that take it: ddim"):
+        sample("ddpm", None, torch.zeros(1, 3), schedule, 5, eta=0.5)
+    assert sampler_options("ddpm") == {"variance": "small", "clip_x0": None, "spacing": "trailing"}
+    assert sampler_options("ddim") == {"eta": 0.0, "clip_x0": None, "spacing": "trailing"}
+
+
 def test_clip_x0_off_by_default_and_opt_in():
     """Data far outside [-1, 1] is reproduced unless clipping is asked for."""
     schedule = make_schedule("cosine", 1000)
@@ -178,7 +197,8 @@ def test_cfg_scale_0_and_1_reduce_to_each_model():
 
 
 def test_guidance_rescale_matches_the_conditional_std():
-    """Guidance rescale (Lin et al. 2024, eq. 15-16): phi = 1 gives the conditional x0's per-sample std; phi mixes linearly."""
+    """Guidance rescale (Lin et al. 2024, eq. 15-16): phi = 1 gives the conditional x0's per-sample std; phi mixes
+    linearly."""
     schedule = make_schedule("cosine", 1000)
     space = DenseSpace((64, 3))
     cond = gaussian_denoiser(schedule, space, mu=MU)
@@ -215,8 +235,17 @@ def test_known_values_are_kept_and_independent_parts_keep_their_law(name, steps)
     assert torch.equal(x[:, 0], torch.full((4000,), 5.0, dtype=torch.float64))
     assert (x[:, 1:].mean(0) - MU[1:]).abs().max() < 0.08
     assert (x[:, 1:].var(0) / var[1:] - 1).abs().max() < 0.1
-    with pytest.raises(ValueError, match=r"known values \(1, 3\) and mask \(2, 4000, 3\) do not fit the state \(4000, 3\)"):
-        sample(name, denoise, space.randn(g, dtype=torch.float64), schedule, 2, known=Known(known.values, torch.ones(2, 4000, 3)))
+    with pytest.raises(
+        ValueError, match=r"known values \(1, 3\) and mask \(2, 4000, 3\) do not fit the state \(4000, 3\)"
+    ):
+        sample(
+            name,
+            denoise,
+            space.randn(g, dtype=torch.float64),
+            schedule,
+            2,
+            known=Known(known.values, torch.ones(2, 4000, 3)),
+        )
 
 
 def test_known_rows_of_a_zero_centre_of_mass_layout_keep_their_relative_geometry():
@@ -286,8 +315,10 @@ def test_bad_time_grids_and_sampler_values_are_refused():
     clip_x0 (samples silently collapsed) are refused."""
     schedule, space = make_schedule("cosine", 100), DenseSpace((4, 3))
     den, noise = gaussian_denoiser(schedule, space), torch.randn(4, 3, dtype=torch.float64)
-    for grid, message in ((torch.tensor([1.0, float("nan"), 0.0]), "decrease strictly"),
-                          (torch.tensor([1.0, 0.5, 1e-16, 0.0]), "same noise level")):
+    for grid, message in (
+        (torch.tensor([1.0, float("nan"), 0.0]), "decrease strictly"),
+        (torch.tensor([1.0, 0.5, 1e-16, 0.0]), "same noise level"),
+    ):
         with pytest.raises(ValueError, match=message):
             sample("ddim", den, noise, schedule, grid, space=space)
     with pytest.raises(ValueError, match=r"sampler.eta=-0.5 is outside \[0, 1\]"):
@@ -316,20 +347,29 @@ def test_a_per_sample_grid_gives_each_sample_the_run_of_its_own_grid():
 
 def test_ddpm_large_variance_adds_the_forward_process_noise():
     """variance="large" draws a step's noise with std sqrt(beta_t) (DDPM's sigma^2 = beta), "small" with the
-    posterior's: from x_T = 0 with a denoiser answering x0 = 0 the posterior mean is 0, so the first step's
-    state is that noise alone."""
+    posterior's: from x = 0 with a denoiser answering x0 = 0 the posterior mean is 0, so the first step's state is
+    that noise alone. The grid starts at t = 0.2, where the two variances differ (near t = 1 they almost agree);
+    the last step, to clean data, adds no noise with either."""
     schedule, space = make_schedule("linear", 1000), DenseSpace((20000, 1))
     zero = lambda x, t: Prediction(torch.zeros_like(x), torch.zeros_like(x))
-    steps, stds = 10, {}
+    grid, stds = torch.tensor([0.2, 0.1, 0.0], dtype=torch.float64), {}
     for variance in ("small", "large"):
         seen = []
-        sample_ddpm(zero, torch.zeros(20000, 1, dtype=torch.float64), schedule, steps, space=space,
-                    generator=torch.Generator().manual_seed(1), variance=variance,
-                    callback=lambda info: seen.append(info["x"].std().item()))
+        out = sample_ddpm(
+            zero,
+            torch.zeros(20000, 1, dtype=torch.float64),
+            schedule,
+            grid,
+            space=space,
+            generator=torch.Generator().manual_seed(1),
+            variance=variance,
+            callback=lambda info: seen.append(info["x"].std().item()),
+        )
         stds[variance] = seen[0]
-    ab = schedule.alpha_bar(timesteps(steps, 1000))
-    ab_t, ab_prev = ab[0], ab[1]  # the first step, from t = 1
+        assert torch.equal(out, torch.zeros_like(out))  # the final step is noiseless
+    ab = schedule.alpha_bar(grid)
+    ab_t, ab_prev = ab[0], ab[1]  # the first step, from t = 0.2
     beta = 1 - ab_t / ab_prev
+    assert float((1 - ab_prev) / (1 - ab_t)) < 0.5  # the two variances are told apart here
     assert stds["large"] == pytest.approx(float(beta.sqrt()), rel=0.03)
     assert stds["small"] == pytest.approx(float((beta * (1 - ab_prev) / (1 - ab_t)).sqrt()), rel=0.03)
-

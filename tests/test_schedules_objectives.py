@@ -4,7 +4,7 @@ import torch
 from polydiff import DenseSpace, RaggedSpace
 from polydiff.domain import Batch
 from polydiff.objectives import Objective, loss_weight, target_of, to_prediction
-from polydiff.schedules import NoiseSchedule, make_schedule, rescale_zero_terminal_snr
+from polydiff.schedules import NoiseSchedule, make_schedule
 
 NAMES = ["linear", "cosine", "sigmoid", "polynomial"]
 T_DENSE = torch.linspace(0, 1, 4001, dtype=torch.float64)
@@ -46,7 +46,8 @@ def test_schedules_match_their_published_formulas():
 
 
 def test_sigmoid_default_reaches_geodiffs_noise_at_any_step_count():
-    """GeoDiff's sigmoid betas 1e-7..2e-3 (Xu et al. 2022) are set for 5,000 steps; the default ends as noisy at any count."""
+    """GeoDiff's sigmoid betas 1e-7..2e-3 (Xu et al. 2022) are set for 5,000 steps; the default ends as noisy at any
+    count."""
     import math
 
     geo = 1.0  # GeoDiff's QM9 table, with plain floats
@@ -119,8 +120,9 @@ def test_a_sample_without_valid_elements_has_zero_loss_not_nan():
     """An all-masked row (or a 0-row ragged sample) must not make the batch loss NaN."""
     x, mask = torch.randn(2, 5), torch.ones(2, 5)
     mask[1] = 0
-    losses = Objective("eps").losses(lambda x_t, t: torch.zeros_like(x_t), Batch(x, DenseSpace(x.shape, mask=mask)),
-                                     make_schedule("cosine", 100))
+    losses = Objective("eps").losses(
+        lambda x_t, t: torch.zeros_like(x_t), Batch(x, DenseSpace(x.shape, mask=mask)), make_schedule("cosine", 100)
+    )
     assert torch.isfinite(losses).all() and losses[1] == 0
     assert RaggedSpace(torch.tensor([0, 0]), 2, 3).mean(torch.ones(2, 3)).tolist() == [1.0, 0.0]
 
@@ -211,8 +213,63 @@ def test_loss_carries_the_objectives_weight(prediction):
     net = lambda x_t, t: torch.zeros_like(x_t)
     batch = Batch(x, DenseSpace(x.shape))
     plain = Objective(prediction).losses(net, batch, schedule, torch.Generator().manual_seed(0), t=t)
-    weighted = Objective(prediction, weighting="min_snr", gamma=5.0).losses(net, batch, schedule,
-                                                                          torch.Generator().manual_seed(0), t=t)
+    weighted = Objective(prediction, weighting="min_snr", gamma=5.0).losses(
+        net, batch, schedule, torch.Generator().manual_seed(0), t=t
+    )
     torch.testing.assert_close(weighted, plain * loss_weight(prediction, "min_snr", schedule.snr(t).float(), 5.0))
     assert not torch.allclose(weighted, plain)
 
+
+def test_an_explicit_linear_range_is_used_as_given():
+    """diffusers' ``linear`` with the same range; the default range still scales with 1000 / steps to reach noise."""
+    betas = make_schedule("linear", 50, beta_start=1e-4, beta_end=0.02).betas
+    torch.testing.assert_close(betas, torch.linspace(1e-4, 0.02, 50, dtype=torch.float64))
+    torch.testing.assert_close(make_schedule("linear", 50).betas, torch.linspace(2e-3, 0.4, 50, dtype=torch.float64))
+    one = make_schedule("linear", 50, beta_end=0.1).betas  # the other end keeps its scaled default
+    torch.testing.assert_close(one, torch.linspace(2e-3, 0.1, 50, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"schedule.beta_end=1.5 must lie in \(0, 1\)"):
+        make_schedule("linear", 50, beta_end=1.5)
+
+
+def test_a_new_parameterisation_is_one_table_entry(monkeypatch):
+    """x0 = -prediction, eps from it: the objective trains and denoises with it, no other code touched."""
+    from polydiff import objectives
+
+    neg = objectives.Parameterisation(
+        target=lambda x0, eps, a, s: -x0,
+        prediction=lambda out, x_t, a, s: objectives.Prediction(-out, (x_t + a * out) / s),
+        min_snr=lambda snr, gamma: snr.clamp(max=gamma),
+    )
+    monkeypatch.setitem(objectives.PARAMETERISATIONS, "neg_x0", neg)
+    schedule, x = make_schedule("cosine", 100), torch.randn(4, 3)
+    objective = Objective("neg_x0", weighting="min_snr")
+    losses = objective.losses(lambda x_t, t: -x, Batch(x, DenseSpace(x.shape)), schedule)
+    assert torch.equal(losses, torch.zeros(4))  # the exact answer costs nothing
+    pred = objective.denoiser(lambda x_t, t: -x, schedule, DenseSpace(x.shape))(x, torch.full((4,), 0.5))
+    assert torch.equal(pred.x0, x)
+
+
+def test_objectives_are_plug_ins_whose_options_are_their_constructors():
+    from polydiff.build import build_objective
+    from polydiff.objectives import OBJECTIVES, VPObjective, objective_settings
+    from polydiff.resume import check_compatible
+
+    schedule = make_schedule("cosine", 100)
+    assert OBJECTIVES["vp"] is VPObjective and Objective is VPObjective
+    assert build_objective({"name": "vp", "prediction": "v"}, schedule) == Objective("v")
+    assert build_objective({}, schedule) == Objective()  # a config without a name (every one before) means vp
+    with pytest.raises(KeyError, match="Did you mean 'objective.gamma'"):
+        build_objective({"gama": 3.0}, schedule)
+    with pytest.raises(TypeError, match="objective.gamma: Value 'x' has the wrong type"):
+        build_objective({"gamma": "x"}, schedule)
+    assert objective_settings({"prediction": "v"}) == {
+        "name": "vp",
+        "prediction": "v",
+        "weighting": "uniform",
+        "gamma": 5.0,
+    }
+    # A checkpoint whose config lists every option resumes under a recipe that leaves the defaults out.
+    old = {"domain": {"name": "d"}, "model": {}, "schedule": {}, "objective": {"prediction": "eps", "gamma": 5.0}}
+    check_compatible(old, {**old, "objective": {"name": "vp"}}, "ckpt")
+    with pytest.raises(ValueError, match="objective.prediction: checkpoint 'eps' vs recipe 'v'"):
+        check_compatible(old, {**old, "objective": {"prediction": "v"}}, "ckpt")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from polydiff.build import check_targets, load_run
 from polydiff.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, remove_stale_temporaries
@@ -23,8 +22,17 @@ from polydiff.safety import UnsafeConfigError, check_hydra, resolve_target
 from polydiff.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-POINTS = ["domain.size=64", "model.width=16", "model.depth=1", "trainer.max_steps=2", "trainer.batch_size=16",
-          "trainer.num_samples=2", "trainer.eval=false", "trainer.ckpt_every=2", "sampler.steps=2"]
+POINTS = [
+    "domain.size=64",
+    "model.width=16",
+    "model.depth=1",
+    "trainer.max_steps=2",
+    "trainer.batch_size=16",
+    "trainer.num_samples=2",
+    "trainer.eval=false",
+    "trainer.ckpt_every=2",
+    "sampler.steps=2",
+]
 
 
 def _copy_payload(marker: Path) -> dict:
@@ -34,11 +42,13 @@ def _copy_payload(marker: Path) -> dict:
 
 def _recipe(tmp_path: Path, body: str, name: str = "recipe") -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text("defaults: [polydiff_recipe, _self_]\n"
-                    "domain: {name: 'examples.points:PointsDomain', size: 64}\n"
-                    "model: {width: 16, depth: 1}\n"
-                    "trainer: {max_steps: 2, batch_size: 16, device: cpu, progress: false, eval: false, num_samples: 2}\n"
-                    "sampler: {steps: 2}\n" + body)
+    path.write_text(
+        "defaults: [polydiff_recipe, _self_]\n"
+        "domain: {name: 'examples.points:PointsDomain', size: 64}\n"
+        "model: {width: 16, depth: 1}\n"
+        "trainer: {max_steps: 2, batch_size: 16, device: cpu, progress: false, eval: false, num_samples: 2}\n"
+        "sampler: {steps: 2}\n" + body
+    )
     return path
 
 
@@ -50,24 +60,40 @@ def _train_refused(recipe: Path, run_dir: Path, *extra: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- _target_ names
-@pytest.mark.parametrize("target", [
-    "polydiff.trainer.os.system",  # re-exported through an allowed package
-    "polydiff.checkpoint.pickle.loads",
-    "domains.os.system",
-    "polydiff.checkpoint.keep_copy",  # a function defined in polydiff, but not a network class
-    "polydiff.trainer.Trainer",  # a class defined in polydiff, but not a network
-    "domains.unet.nn.Linear",  # a network class, but defined in torch
-    "polydiffevil.x",  # a name sharing a prefix with an allowed package
-    "domains_x.fn",
-    "os.system",
-    "builtins.eval",
-    "polydiff.trainer:os",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "polydiff.trainer.os.system",  # re-exported through an allowed package
+        "polydiff.checkpoint.pickle.loads",
+        "domains.os.system",
+        "polydiff.checkpoint.keep_copy",  # a function defined in polydiff, but not a network class
+        "polydiff.trainer.Trainer",  # a class defined in polydiff, but not a network
+        "domains.unet.nn.Linear",  # a network class, but defined in torch
+        "polydiffevil.x",  # a name sharing a prefix with an allowed package
+        "domains_x.fn",
+        "os.system",
+        "builtins.eval",
+        "polydiff.trainer:os",
+    ],
+)
 def test_targets_outside_allowed_network_classes_are_refused(target):
     with pytest.raises(UnsafeConfigError):
         resolve_target(target, "model._target_")
     with pytest.raises(UnsafeConfigError):
         check_targets({"model": {"_target_": "domains.unet.UNet", "inner": {"_target_": target}}})
+
+
+def test_a_package_sharing_an_allowed_prefix_is_never_imported(tmp_path, monkeypatch):
+    """``polydiffevil`` starts like ``polydiff``: naming it must not even import it (its import would run code)."""
+    marker = tmp_path / "imported"
+    (tmp_path / "polydiffevil.py").write_text(
+        f"import pathlib, torch\npathlib.Path({str(marker)!r}).write_text('x')\nclass Net(torch.nn.Module):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in ("polydiffevil.Net", "domainsevil.Net"):
+        with pytest.raises(UnsafeConfigError, match="is not allowed"):
+            resolve_target(target, "model._target_")
+    assert not marker.exists() and "polydiffevil" not in sys.modules
 
 
 def test_network_classes_of_allowed_packages_resolve():
@@ -82,7 +108,8 @@ def test_a_registered_domain_allows_its_package_and_no_other(tmp_path, monkeypat
     (pkg / "__init__.py").write_text(
         "import os\nimport torch\nimport polydiff\n\n"
         "class Net(torch.nn.Module):\n    pass\n\n"
-        "@polydiff.register_domain('mylab_points')\nclass Points(polydiff.Domain):\n    pass\n")
+        "@polydiff.register_domain('mylab_points')\nclass Points(polydiff.Domain):\n    pass\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     import mylab
 
@@ -101,8 +128,14 @@ def test_a_registered_domain_allows_its_package_and_no_other(tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------- recipes, routes 1-2
 def test_recipe_model_target_running_code_is_refused(tmp_path):
     marker = tmp_path / "ran"
-    recipe = _recipe(tmp_path, "").read_text().replace(
-        "model: {width: 16, depth: 1}", f"model: {{_target_: polydiff.checkpoint.keep_copy, src: {__file__}, dst: {marker}}}")
+    recipe = (
+        _recipe(tmp_path, "")
+        .read_text()
+        .replace(
+            "model: {width: 16, depth: 1}",
+            f"model: {{_target_: polydiff.checkpoint.keep_copy, src: {__file__}, dst: {marker}}}",
+        )
+    )
     (tmp_path / "recipe.yaml").write_text(recipe)
     message = _train_refused(tmp_path / "recipe.yaml", tmp_path / "run")
     assert "model._target_" in message and "keep_copy" in message
@@ -111,21 +144,31 @@ def test_recipe_model_target_running_code_is_refused(tmp_path):
 
 def test_recipe_reexported_os_system_is_refused(tmp_path):
     marker = tmp_path / "ran"
-    recipe = _recipe(tmp_path, "").read_text().replace(
-        "model: {width: 16, depth: 1}", f"model: {{_target_: polydiff.trainer.os.system, _args_: ['touch {marker}']}}")
+    recipe = (
+        _recipe(tmp_path, "")
+        .read_text()
+        .replace(
+            "model: {width: 16, depth: 1}",
+            f"model: {{_target_: polydiff.trainer.os.system, _args_: ['touch {marker}']}}",
+        )
+    )
     (tmp_path / "recipe.yaml").write_text(recipe)
     message = _train_refused(tmp_path / "recipe.yaml", tmp_path / "run")
     assert "polydiff.trainer.os.system" in message and "re-exported" in message
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("section", [
-    "hydra: {callbacks: {x: PAYLOAD}}",
-    "hydra: {job_logging: {version: 1, handlers: {x: {'()': polydiff.checkpoint.keep_copy, src: SRC, dst: DST}}, "
-    "root: {handlers: [x]}}}",
-    "hydra: {hydra_logging: {version: 1, handlers: {x: {class: polydiff.checkpoint.keep_copy, src: SRC, dst: DST}}}}",
-    "hydra: {launcher: {_target_: polydiff.trainer.os.system}}",
-])
+@pytest.mark.parametrize(
+    "section",
+    [
+        "hydra: {callbacks: {x: PAYLOAD}}",
+        "hydra: {job_logging: {version: 1, handlers: {x: {'()': polydiff.checkpoint.keep_copy, src: SRC, dst: DST}}, "
+        "root: {handlers: [x]}}}",
+        "hydra: {hydra_logging: {version: 1, handlers: {x: {class: polydiff.checkpoint.keep_copy, src: SRC, "
+        "dst: DST}}}}",
+        "hydra: {launcher: {_target_: polydiff.trainer.os.system}}",
+    ],
+)
 def test_recipe_hydra_section_running_code_is_refused(tmp_path, section):
     marker = tmp_path / "ran"
     payload = "{_target_: polydiff.checkpoint.keep_copy, src: SRC, dst: DST}"
@@ -139,10 +182,14 @@ def test_recipe_hydra_section_running_code_is_refused(tmp_path, section):
 def test_recipe_environment_and_files_outside_the_run_are_refused(tmp_path):
     for body, named in [
         ("hydra: {job: {env_set: {LD_PRELOAD: /tmp/x.so}}}", "env_set"),
-        ("hydra: {job_logging: {version: 1, handlers: {f: {class: logging.FileHandler, filename: /root/.bashrc}}}}",
-         "filename"),
-        ("hydra: {job_logging: {version: 1, handlers: {f: {class: logging.StreamHandler, stream: 'ext://os.system'}}}}",
-         "ext://"),
+        (
+            "hydra: {job_logging: {version: 1, handlers: {f: {class: logging.FileHandler, filename: /root/.bashrc}}}}",
+            "filename",
+        ),
+        (
+            "hydra: {job_logging: {version: 1, handlers: {f: {class: logging.StreamHandler, stream: 'ext://os.system'}}}}",
+            "ext://",
+        ),
         ("hydra: {output_subdir: /etc}", "output_subdir"),
     ]:
         assert named in _train_refused(_recipe(tmp_path, body + "\n"), tmp_path / "run")
@@ -154,8 +201,10 @@ def test_a_sweep_value_is_checked_like_the_recipe(tmp_path):
     recipe = _recipe(tmp_path, "hydra: {sweeper: {params: {hydra/job_logging: 'default,evil'}}}\n")
     group = tmp_path / "recipe" / "hydra" / "job_logging"
     group.mkdir(parents=True)
-    (group / "evil.yaml").write_text(f"version: 1\nhandlers: {{x: {{'()': polydiff.checkpoint.keep_copy, src: "
-                                     f"{__file__}, dst: {marker}}}}}\nroot: {{handlers: [x]}}\n")
+    (group / "evil.yaml").write_text(
+        f"version: 1\nhandlers: {{x: {{'()': polydiff.checkpoint.keep_copy, src: "
+        f"{__file__}, dst: {marker}}}}}\nroot: {{handlers: [x]}}\n"
+    )
     with pytest.raises(UnsafeConfigError, match="job_logging"):
         check_recipe(recipe, ["-m"])
     plain = _recipe(tmp_path, "", name="plain")
@@ -209,8 +258,11 @@ def _hostile_copy(run_dir: Path, tmp_path: Path, model: dict) -> Path:
 @pytest.mark.parametrize("model", ["keep_copy", "reexport"])
 def test_checkpoint_config_naming_code_is_refused_by_every_reader(tiny_run, tmp_path, model):
     marker = tmp_path / "ran"
-    payload = (_copy_payload(marker) if model == "keep_copy" else
-               {"_target_": "polydiff.trainer.os.system", "_args_": [f"touch {marker}"]})
+    payload = (
+        _copy_payload(marker)
+        if model == "keep_copy"
+        else {"_target_": "polydiff.trainer.os.system", "_args_": [f"touch {marker}"]}
+    )
     run = _hostile_copy(tiny_run, tmp_path, payload)
     with pytest.raises(SystemExit, match="checkpoint .*model._target_"):
         main(["sample", str(run), "--n", "2"])
@@ -220,8 +272,15 @@ def test_checkpoint_config_naming_code_is_refused_by_every_reader(tiny_run, tmp_
         main(["eval", str(run), str(tmp_path)])
     recipe = ROOT / "examples" / "points.yaml"
     with pytest.raises(SystemExit, match="model._target_"):
-        main(["train", str(recipe), *POINTS, f"trainer.resume={run / 'checkpoints' / 'last.pt'}",
-              f"hydra.run.dir={tmp_path / 'resumed'}"])
+        main(
+            [
+                "train",
+                str(recipe),
+                *POINTS,
+                f"trainer.resume={run / 'checkpoints' / 'last.pt'}",
+                f"hydra.run.dir={tmp_path / 'resumed'}",
+            ]
+        )
     assert not marker.exists()
 
 
@@ -240,7 +299,11 @@ def test_pickled_code_is_named_as_code_without_torchs_advice(tmp_path):
         load_checkpoint(tmp_path / "last.pt")
     message = str(err.value)
     assert "holds code" in message and "system" in message
-    assert "truncated" not in message and "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert (
+        "truncated" not in message
+        and "weights_only=False" not in message
+        and "weights_only` set to `False" not in message
+    )
     assert not (tmp_path / "ran").exists()
 
 

@@ -23,14 +23,25 @@ from polydiff.checkpoint import load_checkpoint
 from polydiff.config import RecipeConfig
 from polydiff.objectives import Objective
 from polydiff.resume import IncompatibleCheckpointError
-from polydiff.trainer import STOP_POLL_EVERY, NonFiniteLossError, Trainer, TrainingInterrupted, train
+from polydiff.stop import STOP_POLL_EVERY
+from polydiff.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(**trainer):
-    tc = dict(max_steps=30, batch_size=64, lr=1e-3, warmup_steps=5, ema_decay=0.9, device="cpu",
-              ckpt_every=1000, num_samples=64, log_every=5, progress=False)
+    tc = dict(
+        max_steps=30,
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=5,
+        ema_decay=0.9,
+        device="cpu",
+        ckpt_every=1000,
+        num_samples=64,
+        log_every=5,
+        progress=False,
+    )
     tc.update(trainer)
     return {
         "domain": {"name": "examples.points:PointsDomain", "size": 512},
@@ -44,7 +55,9 @@ def config(**trainer):
 
 def test_worked_example_learns_the_distribution(tmp_path):
     """A new domain registered in user code trains and samples in seconds on the CPU."""
-    cfg = config(max_steps=1500, batch_size=256, lr=3e-3, warmup_steps=100, ema_decay=0.99, num_samples=1000, log_every=5)
+    cfg = config(
+        max_steps=1500, batch_size=256, lr=3e-3, warmup_steps=100, ema_decay=0.99, num_samples=1000, log_every=5
+    )
     cfg["domain"]["size"] = 4096
     cfg["model"] = {"width": 128, "depth": 3}
     cfg["schedule"]["steps"] = 1000
@@ -85,7 +98,9 @@ def test_resume_on_another_kind_of_device_continues_with_new_random_streams(tmp_
     path = tmp_path / "checkpoints" / "last.pt"
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["rng"]["device_type"] == "cpu" and ckpt["rng"]["cuda"] == []
-    ckpt["rng"].update(device_type="cuda", generators=[torch.zeros(16, dtype=torch.uint8)], cuda=[torch.zeros(16, dtype=torch.uint8)])
+    ckpt["rng"].update(
+        device_type="cuda", generators=[torch.zeros(16, dtype=torch.uint8)], cuda=[torch.zeros(16, dtype=torch.uint8)]
+    )
     torch.save(ckpt, path)
     with caplog.at_level(logging.WARNING):
         train(config(max_steps=10), tmp_path)
@@ -94,7 +109,10 @@ def test_resume_on_another_kind_of_device_continues_with_new_random_streams(tmp_
 
 
 def test_ema_follows_the_exponential_average_of_the_weights(tmp_path):
-    cfg = config(max_steps=5, ema_decay=0.5)
+    """ema = d * ema + (1 - d) * w after each step, with d = trainer.ema_decay: a decay other than 0.5, so that d and
+    1 - d swapped would fail."""
+    d = 0.9
+    cfg = config(max_steps=5, ema_decay=d, lr=1e-2, warmup_steps=0)
     trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path)
     after_step = []
     trainer.opt.register_step_post_hook(
@@ -102,15 +120,20 @@ def test_ema_follows_the_exponential_average_of_the_weights(tmp_path):
     )
     trainer.fit()
     assert len(after_step) == 5
-    # AveragedModel copies the weights on its first update, then e = d * e + (1 - d) * p.
+    # AveragedModel copies the weights on its first update, then e = d * e + (1 - d) * w.
     expected = dict(after_step[0])
     for params in after_step[1:]:
-        expected = {n: 0.5 * expected[n] + 0.5 * p for n, p in params.items()}
+        expected = {n: d * expected[n] + (1 - d) * w for n, w in params.items()}
+    swapped = dict(after_step[0])
+    for params in after_step[1:]:
+        swapped = {n: (1 - d) * swapped[n] + d * w for n, w in params.items()}
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert int(ckpt["ema"]["n_averaged"]) == 5
     for name, value in expected.items():
-        torch.testing.assert_close(ckpt["ema"][f"module.{name}"], value, msg=f"ema.{name}")
-        assert not torch.allclose(ckpt["ema"][f"module.{name}"], ckpt["model"][name]), f"ema.{name} is the model"
+        ema = ckpt["ema"][f"module.{name}"]
+        torch.testing.assert_close(ema, value, rtol=1e-5, atol=1e-7, msg=f"ema.{name}")
+        assert (ema - swapped[name]).abs().max() > 100 * (ema - value).abs().max() + 1e-6, f"ema.{name}: d, 1 - d"
+        assert not torch.allclose(ema, ckpt["model"][name]), f"ema.{name} is the model"
 
 
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
@@ -173,17 +196,76 @@ def test_kill_during_save_keeps_last_complete_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 15
 
 
+def test_stale_temporary_checkpoints_of_killed_writes_are_removed_at_start_up(tmp_path, caplog):
+    """A write killed mid-way leaves .last.pt.PID.HEX.tmp, as large as a checkpoint: the next start removes it once
+    its writer is gone, and keeps one whose writer still runs (however old)."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, live = folder / f".last.pt.{gone.pid}.0123abcd.tmp", folder / f".last.pt.{os.getpid()}.89abcdef.tmp"
+    an_hour_ago = time.time() - 3600
+    for path in (stale, live):
+        path.write_bytes(b"part of a checkpoint")
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    with caplog.at_level(logging.INFO, logger="polydiff"):
+        train(config(max_steps=3, num_samples=8), tmp_path)
+    assert not stale.exists() and live.exists()
+    assert f"removed 1 stale temporary checkpoint file(s) left by a killed write: {stale}" in caplog.text
+    assert load_checkpoint(folder / "last.pt")["step"] == 3
+
+
+def test_a_checkpoint_without_its_device_type_resumes_by_its_config_or_names_the_fix(tmp_path):
+    """Checkpoints written before rng.device_type: the kind of device comes from their trainer.device; with
+    trainer.device=auto it is unknown, and the error gives the command that adds it."""
+    train(config(max_steps=10), tmp_path / "straight")
+    run = tmp_path / "run"
+    train(config(max_steps=6), run)
+    path = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["rng"]["device_type"], ckpt["rng"]["cuda"], ckpt["rng"]["torch_ranks"], ckpt["data"]  # the older layout
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    ckpt["config"]["trainer"]["device"] = "auto"
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} has no rng.device_type")) as info:
+        train(config(max_steps=10), run)
+    command = str(info.value).split("e.g.: ")[1]
+    assert command.endswith(f"{path} cuda")
+    subprocess.run(command[: -len("cuda")] + "cpu", shell=True, check=True)
+    assert torch.load(path, weights_only=True)["rng"]["device_type"] == "cpu"
+    path.write_bytes(before)  # trainer.device=cpu: its streams are restored
+    train(config(max_steps=10), run)
+    a, b = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("straight", "run"))
+    assert a["step"] == b["step"] == 10
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 @pytest.mark.parametrize("name, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")])
-def test_ctrl_c_or_sigterm_saves_the_last_step_and_the_rerun_resumes_without_duplicate_records(tmp_path, name, code,
-                                                                                               said):
+def test_ctrl_c_or_sigterm_saves_the_last_step_and_the_rerun_resumes_without_duplicate_records(
+    tmp_path, name, code, said
+):
     """Ctrl-C, or a cluster scheduler's SIGTERM (SLURM's preemption or time limit, Kubernetes), exits with 128 + the
     signal's number once the step in progress is saved."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "polydiff.cli", "train", "examples/points.yaml", "trainer.max_steps=1000000",
-           "trainer.log_every=10", "trainer.ckpt_every=1000000", "trainer.progress=false", "trainer.num_workers=1",
-           "trainer.grad_accum=4", f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "polydiff.cli",
+        "train",
+        "examples/points.yaml",
+        "trainer.max_steps=1000000",
+        "trainer.log_every=10",
+        "trainer.ckpt_every=1000000",
+        "trainer.progress=false",
+        "trainer.num_workers=1",
+        "trainer.grad_accum=4",
+        f"hydra.run.dir={run_dir}",
+    ]
     # Its own process group, which a terminal's Ctrl-C (or SLURM) signals whole: the data-loading worker too.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     metrics = run_dir / "metrics.jsonl"
     for _ in range(600):  # until a few steps are logged
         if metrics.is_file() and metrics.read_text().count("\n") >= 2:
@@ -201,7 +283,10 @@ def test_ctrl_c_or_sigterm_saves_the_last_step_and_the_rerun_resumes_without_dup
         f.write('{"kind": "train", "st')  # torn by the kill
     cmd[cmd.index("trainer.max_steps=1000000")] = f"trainer.max_steps={step + 20}"
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert rerun.returncode == 0 and f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {step}" in rerun.stdout + rerun.stderr
+    assert (
+        rerun.returncode == 0
+        and f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {step}" in rerun.stdout + rerun.stderr
+    )
     assert "dropped a line that is not a JSON record" in rerun.stdout + rerun.stderr
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert {"kind": "train", "step": step + 5, "loss": 1.0} not in records  # logged past the checkpoint: dropped
@@ -229,32 +314,43 @@ def test_incompatible_checkpoint_is_named(tmp_path):
         load_checkpoint(bogus)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("batch_size", 0, "trainer.batch_size=0 is out of range: it must be at least 1"),
-    ("grad_accum", 0, "trainer.grad_accum=0"),
-    ("log_every", 0, "trainer.log_every=0"),
-    ("num_samples", 0, "trainer.num_samples=0"),
-    ("label_dropout", 2, "trainer.label_dropout=2.0 is out of range: it must be between 0 and 1"),
-    ("device", "gpu", "trainer.device='gpu' is not a device"),
-    ("precision", "fp16", "unknown trainer.precision 'fp16'; choose one of ['auto', 'fp32', 'bf16']"),
-    ("lr_decay", "linear", "unknown trainer.lr_decay 'linear'"),
-    ("ema_decay", 1.5, "trainer.ema_decay=1.5 is out of range: it must be between 0 and 1"),
-    ("lr", -1.0, "trainer.lr=-1.0 is out of range"),
-    ("betas", [0.9], "trainer.betas=[0.9] must be two numbers in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("batch_size", 0, "trainer.batch_size=0 is out of range: it must be at least 1"),
+        ("grad_accum", 0, "trainer.grad_accum=0"),
+        ("log_every", 0, "trainer.log_every=0"),
+        ("num_samples", 0, "trainer.num_samples=0"),
+        ("label_dropout", 2, "trainer.label_dropout=2.0 is out of range: it must be between 0 and 1"),
+        ("device", "gpu", "trainer.device='gpu' is not a device"),
+        ("precision", "fp16", "unknown trainer.precision 'fp16'; choose one of ['auto', 'fp32', 'bf16']"),
+        ("lr_decay", "linear", "unknown trainer.lr_decay 'linear'"),
+        ("ema_decay", 1.5, "trainer.ema_decay=1.5 is out of range: it must be between 0 and 1"),
+        ("lr", -1.0, "trainer.lr=-1.0 is out of range"),
+        ("betas", [0.9], "trainer.betas=[0.9] must be two numbers in [0, 1)"),
+    ],
+)
 def test_bad_trainer_values_are_named_before_training(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         train(config(**{key: value}), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("key, value, error, message", [
-    ("name", "dpmpp2m", KeyError, "unknown sampler 'dpmpp2m'. Known samplers: ['ddim', 'ddpm', 'dpmpp_2m']. Did you mean 'dpmpp_2m'?"),
-    ("steps", 500, ValueError, "sampler.steps must be in 1..100 (the schedule's trained steps), got 500"),
-    ("spacing", "uniform", KeyError, "unknown sampler.spacing 'uniform'"),
-    ("precision", "fp16", ValueError, "sampler.precision='fp16': choose one of ['fp32', 'bf16']"),
-    ("batch_size", 0, ValueError, "sampler.batch_size must be a positive number of samples, got 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, error, message",
+    [
+        (
+            "name",
+            "dpmpp2m",
+            KeyError,
+            "unknown sampler 'dpmpp2m'. Known samplers: ['ddim', 'ddpm', 'dpmpp_2m']. Did you mean 'dpmpp_2m'?",
+        ),
+        ("steps", 500, ValueError, "sampler.steps must be in 1..100 (the schedule's trained steps), got 500"),
+        ("spacing", "uniform", KeyError, "unknown sampler.spacing 'uniform'"),
+        ("precision", "fp16", ValueError, "sampler.precision='fp16': choose one of ['fp32', 'bf16']"),
+        ("batch_size", 0, ValueError, "sampler.batch_size must be a positive number of samples, got 0"),
+    ],
+)
 def test_bad_sampler_values_are_named_before_training(tmp_path, key, value, error, message):
     """A recipe's sampler section is only used when sampling, after training: it is checked first."""
     cfg = config(sample_every=0)
@@ -282,6 +378,11 @@ def test_resume_applies_the_recipes_lr_betas_and_weight_decay(tmp_path, caplog):
     assert group["lr"] == pytest.approx(1e-4) and group["weight_decay"] == 0.1 and tuple(group["betas"]) == (0.8, 0.99)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records if r["kind"] == "train" and r["step"] > 10] == [pytest.approx(1e-4)]
+    # The schedule is the recipe's at the resumed step, its own record of the rate included.
+    cfg = config(max_steps=20, lr=2e-4, warmup_steps=30)
+    trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path)
+    assert trainer.step == trainer.sched.last_epoch == 15 and trainer.sched.base_lrs == [2e-4]
+    assert trainer.sched.get_last_lr() == [g["lr"] for g in trainer.opt.param_groups] == [pytest.approx(2e-4 * 16 / 30)]
 
 
 def test_rerun_with_resume_path_goes_on_from_the_runs_own_checkpoint(tmp_path, caplog):
@@ -345,8 +446,12 @@ def test_keep_every_keeps_a_snapshot_per_step_that_later_saves_do_not_change(tmp
     step's weights after last.pt has moved on, and a run resumed from a snapshot matches the straight run."""
     train(config(max_steps=12, ckpt_every=5, keep_every=4), tmp_path)
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "step_0000004.pt", "step_0000008.pt",
-                                                       "step_0000012.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.pt",
+        "step_0000004.pt",
+        "step_0000008.pt",
+        "step_0000012.pt",
+    ]
     steps = {p.name: load_checkpoint(p)["step"] for p in ckpts.iterdir()}
     assert steps == {"last.pt": 12, "step_0000004.pt": 4, "step_0000008.pt": 8, "step_0000012.pt": 12}
     resumed = tmp_path / "resumed"
@@ -417,7 +522,9 @@ def test_a_schedulers_signal_stops_after_the_step_in_progress_and_the_rerun_is_b
                 os.kill(os.getpid(), signum)
 
         trainer.opt.register_step_post_hook(signal_twice_during_step_12)
-        with pytest.raises(TrainingInterrupted, match=re.escape(f"training stopped by {name} at step 12 of 30")) as info:
+        with pytest.raises(
+            TrainingInterrupted, match=re.escape(f"training stopped by {name} at step 12 of 30")
+        ) as info:
             trainer.fit()
         assert signal.getsignal(signum) is reached_the_test  # the trainer's handler was put back
     finally:
@@ -466,7 +573,9 @@ def test_grad_accumulation_and_cosine_lr(tmp_path, monkeypatch):
     monkeypatch.setattr(Objective, "loss", per_item_loss)
 
     def step_grads(run_dir, **tc):
-        trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(max_steps=2, grad_clip=0, **tc)), run_dir)
+        trainer = Trainer(
+            OmegaConf.merge(OmegaConf.structured(RecipeConfig), config(max_steps=2, grad_clip=0, **tc)), run_dir
+        )
         grads = []
         trainer.opt.register_step_pre_hook(
             lambda opt, args, kwargs: grads.append([p.grad.clone() for p in trainer.net.parameters()])
@@ -517,9 +626,21 @@ def _torchrun_points(tmp_path: Path, launcher: str, *overrides: str, timeout: in
     script.write_text(launcher)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-        str(script), str(tmp_path), "train", str(ROOT / "examples" / "points.yaml"), "trainer.batch_size=64",
-        "trainer.log_every=5", "model.width=32", f"hydra.run.dir={tmp_path / 'ddp'}", *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(script),
+        str(tmp_path),
+        "train",
+        str(ROOT / "examples" / "points.yaml"),
+        "trainer.batch_size=64",
+        "trainer.log_every=5",
+        "model.width=32",
+        f"hydra.run.dir={tmp_path / 'ddp'}",
+        *overrides,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -527,8 +648,15 @@ def _torchrun_points(tmp_path: Path, launcher: str, *overrides: str, timeout: in
 def test_ddp_two_processes_on_cpu(tmp_path):
     """``torchrun --nproc_per_node 2`` runs DistributedDataParallel over gloo."""
     run_dir = tmp_path / "ddp"
-    proc = _torchrun_points(tmp_path, DDP_LAUNCHER, "trainer.max_steps=20", "trainer.num_samples=32",
-                            "trainer.ckpt_every=10", "trainer.sample_every=10", timeout=300)
+    proc = _torchrun_points(
+        tmp_path,
+        DDP_LAUNCHER,
+        "trainer.max_steps=20",
+        "trainer.num_samples=32",
+        "trainer.ckpt_every=10",
+        "trainer.sample_every=10",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["kind"] == "train"]
@@ -589,8 +717,14 @@ def test_ddp_processes_stop_at_the_same_step_when_one_is_signalled(tmp_path):
     """SLURM signals every process (torchrun forwards its own SIGTERM to each): the processes agree on the stop
     every STOP_POLL_EVERY steps, so one signalled alone stops them all at the same step, with one checkpoint."""
     run_dir = tmp_path / "ddp"
-    proc = _torchrun_points(tmp_path, DDP_STOP_LAUNCHER, "trainer.max_steps=1000000", "trainer.ckpt_every=1000000",
-                            "trainer.progress=false", timeout=180)
+    proc = _torchrun_points(
+        tmp_path,
+        DDP_STOP_LAUNCHER,
+        "trainer.max_steps=1000000",
+        "trainer.ckpt_every=1000000",
+        "trainer.progress=false",
+        timeout=180,
+    )
     assert proc.returncode != 0, proc.stderr[-3000:]  # the run is unfinished: a scheduler may requeue it
     stopped = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert stopped == [{"step": STOP_POLL_EVERY, "exit": 143}] * 2, proc.stderr[-3000:]  # 128 + SIGTERM
@@ -627,7 +761,9 @@ def test_logged_lr_is_the_steps_own_and_the_last_checkpoint_is_written_once(tmp_
     step that is also a checkpoint step is saved once."""
     writes = []
     real = checkpoint_module.atomic_save
-    monkeypatch.setattr("polydiff.trainer.atomic_save", lambda obj, path: (writes.append(obj["step"]), real(obj, path)))
+    monkeypatch.setattr(
+        "polydiff.checkpointer.atomic_save", lambda obj, path: (writes.append(obj["step"]), real(obj, path))
+    )
     train(config(max_steps=10, ckpt_every=5, log_every=1, warmup_steps=5, sample_every=0), tmp_path)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
@@ -653,7 +789,7 @@ def test_ema_update_matches_averaged_model_without_moving_its_counter():
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    from polydiff.trainer import _update_ema
+    from polydiff.train_step import update_ema as _update_ema
 
     torch.manual_seed(0)
     net = MLP(16, 2)
@@ -731,8 +867,11 @@ def test_gradient_clipping_and_label_dropout_take_effect(tmp_path, monkeypatch):
     cfg = config(max_steps=4, grad_clip=1e-3, lr=1e-2)
     cfg["domain"] = {"name": f"{__name__}:PairsDomain", "size": 256}
     trainer = Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path / "clip")
-    trainer.opt.register_step_pre_hook(lambda opt, args, kwargs: norms.append(
-        float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.net.parameters()])))))
+    trainer.opt.register_step_pre_hook(
+        lambda opt, args, kwargs: norms.append(
+            float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.net.parameters()])))
+        )
+    )
     trainer.train_steps()
     assert len(norms) == 4 and max(norms) <= 1e-3 * 1.0001
     real, seen = Trainer._micro_step, []
@@ -750,4 +889,3 @@ def test_gradient_clipping_and_label_dropout_take_effect(tmp_path, monkeypatch):
         Trainer(OmegaConf.merge(OmegaConf.structured(RecipeConfig), cfg), tmp_path / f"drop{dropout}").train_steps()
         nulled = float((torch.cat(seen) == -1).float().mean())
         assert nulled == pytest.approx(expected, abs=0.06)
-

@@ -119,7 +119,7 @@ def test_gradients_reach_every_parameter() -> None:
     _perturb_head(net)
     x = torch.randn(3, 1, 50)
     y = net(x, torch.rand(3), torch.tensor([0, 1, NULL_LABEL]))
-    (y ** 2).mean().backward()
+    (y**2).mean().backward()
     dead = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
     assert not dead, f"parameters without gradient: {dead}"
 

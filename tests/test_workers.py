@@ -7,7 +7,6 @@ import pickle
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,8 +33,9 @@ def _batches(dataset, n: int, batch_size: int = 8, start: int = 0, seed: int = 0
 
 
 def _same(a: list[polydiff.Batch], b: list[polydiff.Batch]) -> bool:
-    return len(a) == len(b) and all(torch.equal(x.x, y.x) and torch.equal(x.cond["label"], y.cond["label"])
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        torch.equal(x.x, y.x) and torch.equal(x.cond["label"], y.cond["label"]) for x, y in zip(a, b)
+    )
 
 
 # ------------------------------------------------------------------ the sampler's draws
@@ -114,11 +114,28 @@ def test_spawned_workers_give_the_batches_of_the_main_process():
 def _image_run(tmp_path, name: str, max_steps: int, num_workers: int, **model) -> dict:
     cfg = {
         "domain": {"name": "image", "hflip": True, "metric_epochs": 1},
-        "model": {"channels": 8, "channel_mults": [1], "num_res_blocks": 1, "attention_levels": [],
-                  "mid_attention": False, **model},
+        "model": {
+            "channels": 8,
+            "channel_mults": [1],
+            "num_res_blocks": 1,
+            "attention_levels": [],
+            "mid_attention": False,
+            **model,
+        },
         "schedule": {"name": "cosine", "steps": 50},
-        "trainer": dict(max_steps=max_steps, batch_size=16, lr=1e-2, warmup_steps=0, device="cpu", num_samples=2,
-                        log_every=1, ckpt_every=1000, progress=False, eval=False, num_workers=num_workers),
+        "trainer": dict(
+            max_steps=max_steps,
+            batch_size=16,
+            lr=1e-2,
+            warmup_steps=0,
+            device="cpu",
+            num_samples=2,
+            log_every=1,
+            ckpt_every=1000,
+            progress=False,
+            eval=False,
+            num_workers=num_workers,
+        ),
         "sampler": {"name": "ddim", "steps": 2},
     }
     train(cfg, tmp_path / name)

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -36,20 +36,34 @@ __all__ = [
     "sc09_index",
     "SC09_DELETE_NOTE",
     "load_clips",
+    "AudioSource",
+    "DATASETS",
+    "dataset_of",
 ]
 
 log = logging.getLogger(__name__)
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPOKEN_DIGITS_DIR = Path(__file__).resolve().parent / "data" / "spoken_digits"
-#: Columns of a spoken-digits folder's ``metadata.csv`` (:mod:`.make_spoken_digits` writes them); the first three are read.
+#: Columns of a spoken-digits folder's ``metadata.csv`` (:mod:`.make_spoken_digits` writes them); the first three
+#: are read.
 METADATA_COLUMNS = ("file", "label", "split", "voice", "speed", "pitch")
-_SPLITS = {"train": "train", "training": "train", "valid": "valid", "val": "valid", "validation": "valid", "test": "test", "testing": "test"}
+_SPLITS = {
+    "train": "train",
+    "training": "train",
+    "valid": "valid",
+    "val": "valid",
+    "validation": "valid",
+    "test": "test",
+    "testing": "test",
+}
 
 _SC09_LISTS = ("validation_list.txt", "testing_list.txt")  # Speech Commands' split lists (Warden 2018, Sec. 7)
 #: What deleting a bad SC09 clip does (appended to the errors that name one).
-SC09_DELETE_NOTE = ("deleting a Speech Commands clip is safe: a file that validation_list.txt or testing_list.txt "
-                    "names but that is missing is skipped (with a warning)")
+SC09_DELETE_NOTE = (
+    "deleting a Speech Commands clip is safe: a file that validation_list.txt or testing_list.txt "
+    "names but that is missing is skipped (with a warning)"
+)
 
 Index = list[tuple[Path, Optional[str]]]
 
@@ -235,8 +249,13 @@ def _missing_listed(index: Index, folder: Path, list_name: str) -> list[Path]:
     gone = [p for p, _ in index if not p.is_file()]
     if gone:
         named = ", ".join(os.path.relpath(p, folder) for p in gone[:3]) + (", ..." if len(gone) > 3 else "")
-        log.warning("%s: skipped %d file(s) that %s names but that are missing (deleted?): %s", folder, len(gone),
-                    list_name, named)
+        log.warning(
+            "%s: skipped %d file(s) that %s names but that are missing (deleted?): %s",
+            folder,
+            len(gone),
+            list_name,
+            named,
+        )
     return gone
 
 
@@ -247,17 +266,23 @@ def _sc09_missing_digits(folder: Path, split: str, absent: list[str], gone: list
     listed = {"train": " or ".join(_SC09_LISTS), "valid": "validation_list.txt", "test": "testing_list.txt"}[split]
     deleted = [p for p in gone if p.parent.name in absent]
     if lost:
-        fix = (f"the folder(s) {', '.join(f'{folder / word}/' for word in lost)} are missing: extract them from "
-               f"speech_commands_v0.02.tar.gz (http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz) into {folder}")
+        fix = (
+            f"the folder(s) {', '.join(f'{folder / word}/' for word in lost)} are missing: extract them from "
+            "speech_commands_v0.02.tar.gz (http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz) "
+            f"into {folder}"
+        )
     elif split == "train":
         fix = f"every file in {folders} is named in {listed}, which hold the other splits"
     elif deleted:
-        fix = (f"{listed} names {len(deleted)} file(s) of these words, but they are missing from {folders} (deleted?); "
-               "put back at least one clip of each word from the archive")
+        fix = (
+            f"{listed} names {len(deleted)} file(s) of these words, but they are missing from {folders} (deleted?); "
+            "put back at least one clip of each word from the archive"
+        )
     else:
         fix = f"{folder / listed} names none of the files in {folders}; restore the list from the archive"
-    return ValueError(f"SC09 needs clips of all ten digit words, but the {split!r} split of {folder} has none of "
-                      f"{absent}: {fix}")
+    return ValueError(
+        f"SC09 needs clips of all ten digit words, but the {split!r} split of {folder} has none of {absent}: {fix}"
+    )
 
 
 def sc09_index(root: Path, split: str) -> Index:
@@ -346,3 +371,32 @@ def load_clips(
             + (f" ({note})" if note else "")
         )
     return ClipSet(waves, labels, list(class_names) if labelled else [], [p for p, _ in index])
+
+
+# ------------------------------------------------------------------ the table of data sets
+class AudioSource(NamedTuple):
+    """A ``domain.dataset``: the index of a split given ``(root, split, test_fraction)``, the label names it fixes
+    (else those of the training split, in order), a note for errors naming a bad clip, and whether it needs
+    ``domain.root``."""
+
+    index: Callable[[Path, str, float], Index]
+    labels: tuple[str, ...] = ()
+    note: str = ""
+    needs_root: bool = True
+
+
+#: ``domain.dataset`` -> :class:`AudioSource`. To add a data set, write its index function and add a row.
+DATASETS: dict[str, AudioSource] = {
+    "spoken_digits": AudioSource(
+        lambda root, split, _: spoken_digits_index(root, split), tuple(DIGITS), needs_root=False
+    ),
+    "folder": AudioSource(folder_index),
+    "sc09": AudioSource(lambda root, split, _: sc09_index(root, split), tuple(DIGITS), SC09_DELETE_NOTE),
+}
+
+
+def dataset_of(name: str) -> AudioSource:
+    """The :class:`AudioSource` named ``name``; the error lists the known ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown domain.dataset {name!r}; choose one of {list(DATASETS)}")
+    return DATASETS[name]

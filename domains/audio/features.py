@@ -37,14 +37,18 @@ class LogMel(nn.Module):
 class DigitClassifier(nn.Module):
     """Log-mel time-convolution network (mel bins as channels) returning ``(features [B, D], logits [B, K])``."""
 
-    def __init__(self, sample_rate: int, in_channels: int, num_classes: int, width: int = 64, feature_dim: int = 128) -> None:
+    def __init__(
+        self, sample_rate: int, in_channels: int, num_classes: int, width: int = 64, feature_dim: int = 128
+    ) -> None:
         super().__init__()
         self.logmel = LogMel(sample_rate)
         bins = in_channels * mel_settings(sample_rate)["n_mels"]
         self.norm = nn.BatchNorm1d(bins)  # log-mel levels vary with the rate and loudness
 
         def block(cin: int, cout: int, k: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv1d(cin, cout, k, padding=k // 2), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(2))
+            return nn.Sequential(
+                nn.Conv1d(cin, cout, k, padding=k // 2), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(2)
+            )
 
         # 1-D convolutions over frames are far cheaper on a CPU than 2-D ones over the spectrogram.
         self.body = nn.Sequential(block(bins, width, 5), block(width, 2 * width, 3), block(2 * width, 2 * width, 3))

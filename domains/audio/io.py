@@ -73,8 +73,10 @@ class Conversions:
             log.info(line)
         if self.stubs:
             named = ", ".join(f"{Path(p).name} ({s:.3f} s)" for p, s in self.stubs[:5])
-            line = (f"{what}: {len(self.stubs)} file(s) hold under a tenth of {seconds:g} s and train as near-silence "
-                    f"(truncated recordings?): {named}{', ...' if len(self.stubs) > 5 else ''}")
+            line = (
+                f"{what}: {len(self.stubs)} file(s) hold under a tenth of {seconds:g} s and train as near-silence "
+                f"(truncated recordings?): {named}{', ...' if len(self.stubs) > 5 else ''}"
+            )
             log.warning(line)
             lines.append(line)
         return lines
@@ -140,7 +142,9 @@ def fit_length(x: Tensor, length: int, conv: Conversions, sample_rate: int, crop
     return x
 
 
-def load_clip(path: Path, sample_rate: int, channels: int, length: int, conv: Conversions, crop: str = "start") -> Tensor:
+def load_clip(
+    path: Path, sample_rate: int, channels: int, length: int, conv: Conversions, crop: str = "start"
+) -> Tensor:
     """Read one file and convert it to ``[channels, length]`` at ``sample_rate``."""
     x, rate = read_audio(path)
     x = to_channels(x, channels, path, conv)

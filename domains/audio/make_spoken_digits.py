@@ -31,8 +31,30 @@ from .data import DIGITS, METADATA_COLUMNS, SPOKEN_DIGITS_DIR
 ACCENTS = ["en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
 # Voice variants: formant sets and timbres, male and female.
 VARIANTS = [
-    "", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
-    "klatt", "klatt2", "klatt3", "croak", "Alex", "Annie", "Andy", "steph", "linda", "grandpa", "john",
+    "",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "croak",
+    "Alex",
+    "Annie",
+    "Andy",
+    "steph",
+    "linda",
+    "grandpa",
+    "john",
 ]
 SPEEDS = (120, 210)  # words per minute
 PITCHES = (20, 80)  # espeak-ng pitch, 0..99
@@ -97,7 +119,14 @@ def build(out: Path, per_digit: int, rate: int, seconds: float, seed: int) -> li
                 (out / label).mkdir(parents=True, exist_ok=True)
                 sf.write(out / rel, clip, rate, format="FLAC", subtype="PCM_16", compression_level=1.0)
                 rows.append(
-                    {"file": rel.as_posix(), "label": label, "split": split, "voice": voice, "speed": str(speed), "pitch": str(pitch)}
+                    {
+                        "file": rel.as_posix(),
+                        "label": label,
+                        "split": split,
+                        "voice": voice,
+                        "speed": str(speed),
+                        "pitch": str(pitch),
+                    }
                 )
     with open(out / "metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(METADATA_COLUMNS))
@@ -108,7 +137,9 @@ def build(out: Path, per_digit: int, rate: int, seconds: float, seed: int) -> li
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=SPOKEN_DIGITS_DIR, help=f"output folder (default: {SPOKEN_DIGITS_DIR})")
+    parser.add_argument(
+        "--out", type=Path, default=SPOKEN_DIGITS_DIR, help=f"output folder (default: {SPOKEN_DIGITS_DIR})"
+    )
     parser.add_argument("--per-digit", type=int, default=80, help="clips per digit (default: 80)")
     parser.add_argument("--rate", type=int, default=16000, help="sample rate in Hz (default: 16000)")
     parser.add_argument("--seconds", type=float, default=1.0, help="clip length in seconds (default: 1.0)")

@@ -30,8 +30,14 @@ def classifier_cache_path(
     config: Mapping[str, Any], train: ClipSet, cache_dir: Optional[Path] = None, fit: Optional[Mapping[str, Any]] = None
 ) -> Path:
     """Cache file of the classifier for a data ``config``, its training clips and the ``fit`` settings (epochs, ...)."""
-    settings = json.dumps({**config, "version": CLASSIFIER_VERSION, "fit": dict(fit or {})}, sort_keys=True, default=str)
-    return Path(cache_dir or default_cache_dir()) / "audio" / f"digit_classifier_{cache_key(settings, train.waves, train.labels)}.pt"
+    settings = json.dumps(
+        {**config, "version": CLASSIFIER_VERSION, "fit": dict(fit or {})}, sort_keys=True, default=str
+    )
+    return (
+        Path(cache_dir or default_cache_dir())
+        / "audio"
+        / f"digit_classifier_{cache_key(settings, train.waves, train.labels)}.pt"
+    )
 
 
 def make_scorer(
@@ -59,6 +65,10 @@ def make_scorer(
     )
     log.info(
         "audio metric classifier %s in %.1f s (%s); held-out accuracy %.3f on %d clips",
-        "loaded" if cached else "fitted", time.perf_counter() - start, cache, scorer.test_accuracy, len(heldout),
+        "loaded" if cached else "fitted",
+        time.perf_counter() - start,
+        cache,
+        scorer.test_accuracy,
+        len(heldout),
     )
     return scorer

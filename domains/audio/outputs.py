@@ -1,22 +1,163 @@
-"""Sample outputs: one WAV per generated clip and a PNG sheet of their spectrograms."""
+"""The audio domain's outputs: one WAV per generated clip and a PNG sheet of their spectrograms, clips read back,
+known parts of a recording (inpainting, continuation), and the classifier metrics of :mod:`.metrics`."""
 
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .data import label_slug
-from .features import LogMel
-from .io import write_audio
+from domains.classifier import enough_to_score
+from polydiff import NULL_LABEL, Batch, DenseSpace, Known
+from polydiff.outputs import Outputs
+from polydiff.report_items import ReportItem, figure_png, new_figure
 
-__all__ = ["label_slug", "save_wavs", "spectrogram_sheet"]
+from .data import label_slug, sample_index
+from .features import LogMel, mel_settings
+from .io import Conversions, load_clip, write_audio
+
+if TYPE_CHECKING:
+    from .domain import AudioDomain
+
+__all__ = ["AudioOutputs", "label_slug", "save_wavs", "spectrogram_sheet", "spectrogram_pngs"]
 
 log = logging.getLogger(__name__)
+
+
+class AudioOutputs(Outputs):
+    """WAV files and a spectrogram sheet; clips read back converted like training data; inpainting of a recording;
+    FID, IS, mIS, AM and label accuracy from the digit classifier."""
+
+    domain: AudioDomain
+
+    def __init__(self, domain: AudioDomain) -> None:
+        super().__init__(domain)
+        self._scorer: Any = None
+
+    def _names(self, batch: Batch) -> Optional[list[str]]:
+        labels = batch.cond.get("label")
+        names = self.domain.class_names
+        if labels is None or not names:
+            return None
+        return [names[int(y)] if int(y) >= 0 else "uncond" for y in labels.cpu()]
+
+    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        """One 16-bit WAV per clip (named by label when conditional) and a PNG sheet of spectrograms."""
+        rate = self.domain.sample_rate
+        waves = batch.x.detach().float().cpu()  # [B, C, L]
+        paths = save_wavs(waves, rate, Path(out_dir), prefix, self._names(batch))
+        titles = [p.stem for p in paths]
+        paths.append(spectrogram_sheet(waves.clamp(-1, 1), rate, Path(out_dir) / f"{prefix}_spectrograms.png", titles))
+        return paths
+
+    def read_samples(self, path: Path) -> Batch:
+        """Clips generated elsewhere (a WAV/FLAC file or a folder), converted like training data
+        (resampled, channels, cropped or padded to the trained length; each conversion logged).
+        Labels come from file or folder names (see :func:`~domains.audio.data.sample_index`)."""
+        dom = self.domain
+        index = sample_index(Path(path), dom.label_names)
+        conv = Conversions()
+        waves = torch.stack([load_clip(f, dom.sample_rate, dom.channels, dom.length, conv, dom.crop) for f, _ in index])
+        conv.report(f"samples ({path})", dom.sample_rate, dom.channels, dom.length)
+        named = [label for _, label in index if label is not None]
+        cond: dict[str, Tensor] = {}
+        if named:
+            cond["label"] = torch.tensor([dom.label_names.index(lab) if lab else NULL_LABEL for _, lab in index])
+            if len(named) < len(index):
+                log.info(
+                    "samples (%s): %d of %d files have no known label in their name; label accuracy scores "
+                    "the %d that do",
+                    path,
+                    len(index) - len(named),
+                    len(index),
+                    len(named),
+                )
+        return Batch(waves, DenseSpace(tuple(waves.shape)), cond)
+
+    def known_values(self, path: Path, n: int, start: float = 0.0, end: Optional[float] = None) -> Known:
+        """Inpainting or continuation of a recording: the clip at ``path`` (converted like training data) is
+        kept outside ``[start, end)`` seconds, which is generated; ``end`` defaults to the clip's end."""
+        dom = self.domain
+        batch = self.read_samples(Path(path))
+        if batch.num_samples != 1:
+            raise ValueError(f"--known {path} holds {batch.num_samples} clips: give one WAV/FLAC file")
+        seconds = dom.length / dom.sample_rate
+        if float(start) == 0.0 and end is None:
+            raise ValueError(
+                f"--known {path} needs known.start=S and/or known.end=E (seconds, within {seconds:g}): "
+                "the part to generate; the rest of the clip is kept"
+            )
+        lo = round(float(start) * dom.sample_rate)
+        hi = dom.length if end is None else round(float(end) * dom.sample_rate)
+        if not 0 <= lo < hi <= dom.length:
+            raise ValueError(
+                f"known.start={start} and known.end={end} must satisfy 0 <= start < end <= {seconds:g} "
+                f"(the trained clip length, seconds): they mark the part to generate"
+            )
+        mask = torch.ones(1, dom.channels, dom.length, dtype=torch.bool)  # [1, C, L], broadcast over the n samples
+        mask[..., lo:hi] = False
+        return Known(batch.x[:1], mask)
+
+    def scorer(self) -> Any:
+        """The digit classifier's scorer, fitted (or read from its cache) on first use."""
+        if self._scorer is None:
+            from .metrics import make_scorer
+
+            dom = self.domain
+            train = dom.dataset("train")
+            self._scorer = make_scorer(
+                train, dom.dataset(dom.reference_split), dom.sample_rate, dom.data_config(), dom.classifier_epochs
+            )
+        return self._scorer
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        """FID, IS, mIS and AM from the digit classifier; label accuracy for conditional samples.
+
+        Scores the clips clipped to [-1, 1], as :meth:`save_samples` writes them; the reference row scores the
+        real clips as loaded (PCM files, as Speech Commands and the shipped set are, lie within [-1, 1])."""
+        dom = self.domain
+        if not dom.metrics or not dom.label_names:
+            return {}
+        if not enough_to_score(batch.num_samples, "audio", "clips"):  # before the classifier is fitted
+            return {}
+        x = batch.x.detach().float().cpu().clamp(-1.0, 1.0)  # [B, C, L] as save_wavs writes it
+        if x.shape[1:] != (dom.channels, dom.length):
+            return {}  # other lengths (prior.duration) have no reference statistics
+        # An unconditional model's rows, like its reference row, have no label accuracy (files may still be
+        # named by label).
+        labels = batch.cond.get("label") if dom.conditional else None
+        return self.scorer().score(x, labels.cpu() if labels is not None else None)
+
+    def reference_metrics(self, n: int) -> dict[str, float]:
+        """The same metrics for ``n`` held-out real clips (at most the split's size): the reference row."""
+        dom = self.domain
+        if not dom.metrics or not dom.label_names:
+            return {}
+        return self.scorer().reference_row(n, labelled=dom.conditional)
+
+    def report_items(self, samples: Batch | Sequence[Path], limit: Optional[int] = None) -> list[ReportItem]:
+        """Every clip with a player and its log-mel spectrogram (axes, colour bar), grouped by label."""
+        batch = self._batch_of(samples, (".wav", ".flac"), limit)
+        if batch is None:
+            return []
+        rate, names = self.domain.sample_rate, self.domain.label_names
+        waves = batch.x.detach().float().cpu().clamp(-1.0, 1.0)  # [B, C, L] as save_wavs writes them
+        labels = batch.cond.get("label")
+        groups = (
+            [names[int(y)] if 0 <= int(y) < len(names) else "" for y in labels.cpu()]
+            if labels is not None
+            else [""] * len(waves)
+        )
+        titles = [f"{g or 'clip'} #{i}" for i, g in enumerate(groups)]
+        pngs = spectrogram_pngs(waves, rate, titles)
+        return [
+            ReportItem("audio", title=t, group=g, png=png, wave=w.numpy(), sample_rate=rate)
+            for t, g, png, w in zip(titles, groups, pngs, waves)
+        ]
 
 
 def save_wavs(
@@ -32,7 +173,9 @@ def save_wavs(
         n = int((waves.abs() > 1).sum())
         log.warning(
             "clipped %d sample value(s) outside [-1, 1] in clip(s) %s (largest peak %.3f) before writing WAVs",
-            n, over, float(peak.max()),
+            n,
+            over,
+            float(peak.max()),
         )
         waves = waves.clamp(-1.0, 1.0)
     out_dir = Path(out_dir)
@@ -44,7 +187,12 @@ def save_wavs(
 
 
 def spectrogram_sheet(
-    waves: Tensor, sample_rate: int, path: Path, titles: Optional[Sequence[str]] = None, cols: int = 4, max_clips: int = 32
+    waves: Tensor,
+    sample_rate: int,
+    path: Path,
+    titles: Optional[Sequence[str]] = None,
+    cols: int = 4,
+    max_clips: int = 32,
 ) -> Path:
     """A grid of log-mel spectrograms of ``waves [B, C, L]`` (first channel) saved as a PNG."""
     import matplotlib
@@ -64,7 +212,15 @@ def spectrogram_sheet(
         ax.set_axis_off()
         if i >= b:
             continue
-        ax.imshow(spec[i].numpy(), origin="lower", aspect="auto", vmin=lo, vmax=hi, cmap="magma", extent=(0, seconds, 0, spec.shape[1]))
+        ax.imshow(
+            spec[i].numpy(),
+            origin="lower",
+            aspect="auto",
+            vmin=lo,
+            vmax=hi,
+            cmap="magma",
+            extent=(0, seconds, 0, spec.shape[1]),
+        )
         ax.set_title(titles[i] if titles is not None else f"#{i}", fontsize=9)
     fig.suptitle(f"log-mel spectrograms ({sample_rate} Hz, {seconds:g} s)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title
@@ -73,3 +229,41 @@ def spectrogram_sheet(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def spectrogram_pngs(waves: Tensor, sample_rate: int, titles: Sequence[str]) -> list[bytes]:
+    """One PNG per clip of ``waves [B, C, L]`` (first channel): its log-mel spectrogram against seconds and the mel
+    bands' centre frequencies, with a colour bar in dB on a scale shared by the batch (80 dB below its peak)."""
+    settings = mel_settings(sample_rate)
+    spec = LogMel(sample_rate)(waves[:, :1].float())[:, 0] * (10 / math.log(10))  # [B, mels, frames], dB
+    hi = float(spec.max())
+    seconds = waves.shape[-1] / sample_rate
+    mels = settings["n_mels"]
+    fig, axes = new_figure(3.4, 2.3)
+    ax = axes[0, 0]
+    image = ax.imshow(
+        spec[0].numpy(),
+        origin="lower",
+        aspect="auto",
+        vmin=hi - 80,
+        vmax=hi,
+        cmap="magma",
+        extent=(0, seconds, 0, mels),
+    )
+    fig.colorbar(image, ax=ax, label="dB")
+    # The mel bands' centres (torchaudio's HTK scale), labelled in Hz at a few bands.
+    top = 2595 * math.log10(1 + sample_rate / 2 / 700)
+    ticks = [0, mels // 3, 2 * mels // 3, mels - 1]
+    ax.set_yticks([t + 0.5 for t in ticks])
+    ax.set_yticklabels([f"{700 * (10 ** (top * (t + 1) / (mels + 1) / 2595) - 1):.0f}" for t in ticks])
+    ax.set_xlabel("seconds", fontsize=8)
+    ax.set_ylabel("Hz (mel bands)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(titles[0] if titles else "", fontsize=8)  # before the layout, which leaves room for it
+    fig.tight_layout()
+    pngs = []
+    for i, title in enumerate(titles):  # one figure redrawn per clip: far faster than a figure each
+        image.set_data(spec[i].numpy())
+        ax.set_title(title, fontsize=8)
+        pngs.append(figure_png(fig))
+    return pngs

@@ -12,7 +12,7 @@ import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from torch.utils.data import Dataset
 
 from domains.files import log_other_files, split_by_suffix, visible_files
 from polydiff.data import item_generator
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 __all__ = [
     "ImageArrays",
@@ -33,6 +36,9 @@ __all__ = [
     "find_cifar10",
     "read_sample_images",
     "list_images",
+    "ImageSource",
+    "SOURCES",
+    "source_of",
 ]
 
 #: File suffixes read by :func:`load_folder` (case-insensitive).
@@ -110,7 +116,9 @@ class ImageSet(Dataset):
         return list(zip(x.unbind(0), labels))
 
 
-def stratified_split(labels: Optional[np.ndarray], n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: Optional[np.ndarray], n: int, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/test indices holding ``test_fraction`` of every class out (of all items if unlabelled)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -173,7 +181,9 @@ def _scan_folder(root: Path) -> tuple[list[Path], Optional[list[int]], list[str]
         )
     if not classes:
         if not loose:
-            raise ValueError(f"image folder {root} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(
+                f"image folder {root} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})"
+            )
         return loose, None, []
     paths: list[Path] = []
     labels: list[int] = []
@@ -207,8 +217,13 @@ def read_sample_images(path: Path, size: int, mode: str, class_names: Sequence[s
     if not files:
         raise ValueError(f"{path} holds no images (expected files ending in {', '.join(IMAGE_SUFFIXES)})")
     read = [read_image(f, size, mode) for f in files]
-    _log_folder(path if path.is_dir() else path.parent, "samples", [], [source for _, source in read],
-                "RGB" if mode == "rgb" else "L")
+    _log_folder(
+        path if path.is_dir() else path.parent,
+        "samples",
+        [],
+        [source for _, source in read],
+        "RGB" if mode == "rgb" else "L",
+    )
     x = to_unit_range(torch.from_numpy(np.stack([arr for arr, _ in read])), 255)  # [N, C, size, size]
     labels = [_sample_label(f, path, class_names) for f in files]
     return x, (torch.tensor(labels) if any(k >= 0 for k in labels) else None)
@@ -271,13 +286,24 @@ def _describe_mode(source: str) -> str:
 def _log_folder(folder: Path, split: str, classes: list[str], sources: list[str], target: str) -> None:
     """One log line for the files skipped as not images (in ``folder`` and under its ``classes`` folders, as
     :func:`list_images` reads them) and one for the images converted to ``target``."""
-    files = visible_files(folder, recursive=False) + [p for c in classes for p in visible_files(folder / c, follow_links=False)]
-    log_other_files(folder, split_by_suffix(files, IMAGE_SUFFIXES)[1], IMAGE_SUFFIXES, "convert them to PNG to use them")
+    files = visible_files(folder, recursive=False) + [
+        p for c in classes for p in visible_files(folder / c, follow_links=False)
+    ]
+    log_other_files(
+        folder, split_by_suffix(files, IMAGE_SUFFIXES)[1], IMAGE_SUFFIXES, "convert them to PNG to use them"
+    )
     counts = Counter(m for m in sources if m != target)
     if counts:
         detail = ", ".join(f"{n} {_describe_mode(m)}" for m, n in sorted(counts.items()))
-        log.info("%s (%s split): converted %d of %d images to %s: %s", folder, split, sum(counts.values()),
-                 len(sources), target, detail)
+        log.info(
+            "%s (%s split): converted %d of %d images to %s: %s",
+            folder,
+            split,
+            sum(counts.values()),
+            len(sources),
+            target,
+            detail,
+        )
 
 
 def load_folder(
@@ -301,7 +327,9 @@ def load_folder(
             # Class names must agree between the two splits, or labels would mean different things.
             test_classes = _scan_folder(held_out[0])[2]
             if test_classes != classes:
-                raise ValueError(f"class folders differ between {root / 'train'} {classes} and {held_out[0]} {test_classes}")
+                raise ValueError(
+                    f"class folders differ between {root / 'train'} {classes} and {held_out[0]} {test_classes}"
+                )
     elif (root / "train").is_dir() or held_out:
         found = [p.name for p in [root / "train", *held_out] if p.is_dir()]
         raise ValueError(
@@ -372,5 +400,38 @@ def load_cifar10(root: str | Path, split: str) -> ImageArrays:
         images.append(data.reshape(-1, 3, 32, 32))  # rows are R, G, B planes of 32x32
         labels.append(np.asarray(_key(batch, "labels", path), dtype=np.int64))
     meta_path = folder / "batches.meta"
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _key(_unpickle(meta_path), "label_names", meta_path)]
+    names = [
+        n.decode() if isinstance(n, bytes) else str(n) for n in _key(_unpickle(meta_path), "label_names", meta_path)
+    ]
     return ImageArrays(np.concatenate(images), np.concatenate(labels), names, max_value=255)
+
+
+# ---------------------------------------------------------------------------- the table of sources
+class ImageSource(NamedTuple):
+    """A ``domain.source``: the loader of a split's arrays given ``(root, split, size, mode, test_fraction, seed)``,
+    its fixed image side (``None``: ``domain.size`` sets it), whether it needs ``domain.root`` and whether it takes
+    ``domain.mode``."""
+
+    load: Callable[[Optional[str], str, Optional[int], Optional[str], float, int], ImageArrays]
+    size: Optional[int] = None
+    needs_root: bool = True
+    takes_mode: bool = False
+
+
+#: ``domain.source`` -> :class:`ImageSource`. To add a source, write its loader and add a row.
+SOURCES: dict[str, ImageSource] = {
+    "digits": ImageSource(
+        lambda root, split, size, mode, fraction, seed: load_digits_split(split, fraction, seed),
+        size=8,
+        needs_root=False,
+    ),
+    "folder": ImageSource(load_folder, takes_mode=True),
+    "cifar10": ImageSource(lambda root, split, *_: load_cifar10(root, split), size=32),
+}
+
+
+def source_of(name: str) -> ImageSource:
+    """The :class:`ImageSource` named ``name``; the error lists the known ones."""
+    if name not in SOURCES:
+        raise ValueError(f"domain.source={name!r} is unknown; choose one of {list(SOURCES)}")
+    return SOURCES[name]

@@ -82,4 +82,6 @@ def build_scorer(
         settings = repr((CLASSIFIER_VERSION, sorted(arch.items()), sorted(fit_kwargs.items())))
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = folder / f"image-classifier-{cache_key(settings, x, y)}.pt"
-    return cached_scorer(lambda: ImageClassifier(**arch), train, heldout, path, {**fit_kwargs, "augment": random_shift}, device)
+    return cached_scorer(
+        lambda: ImageClassifier(**arch), train, heldout, path, {**fit_kwargs, "augment": random_shift}, device
+    )

@@ -24,6 +24,7 @@ from polydiff.checkpoint import atomic_save
 from .rdkit_utils import quiet_rdkit
 
 __all__ = [
+    "SYMBOL_Z",
     "MoleculeSet",
     "builtin_smiles_path",
     "read_smiles_file",
@@ -35,12 +36,16 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Atomic number of each element symbol the molecule domain can model (``domain.atom_types``).
+SYMBOL_Z = {"H": 1, "B": 5, "C": 6, "N": 7, "O": 8, "F": 9, "Si": 14, "P": 15, "S": 16, "Cl": 17, "Br": 35, "I": 53}
 
 
 class MoleculeSet(Dataset):
     """Conformers with atomic numbers, positions and optional property vectors."""
 
-    def __init__(self, z: list[Tensor], pos: list[Tensor], y: Optional[list[Tensor]] = None, smiles: Optional[list[str]] = None) -> None:
+    def __init__(
+        self, z: list[Tensor], pos: list[Tensor], y: Optional[list[Tensor]] = None, smiles: Optional[list[str]] = None
+    ) -> None:
         if len(z) != len(pos):
             raise ValueError(f"{len(z)} atom lists but {len(pos)} position arrays")
         self.z, self.pos = z, pos
@@ -54,7 +59,12 @@ class MoleculeSet(Dataset):
         return {"z": self.z[i], "pos": self.pos[i], "y": self.y[i]}
 
     def subset(self, idx: Sequence[int]) -> "MoleculeSet":
-        return MoleculeSet([self.z[i] for i in idx], [self.pos[i] for i in idx], [self.y[i] for i in idx], [self.smiles[i] for i in idx])
+        return MoleculeSet(
+            [self.z[i] for i in idx],
+            [self.pos[i] for i in idx],
+            [self.y[i] for i in idx],
+            [self.smiles[i] for i in idx],
+        )
 
     def __getstate__(self) -> dict:
         """Each field as one tensor (DataLoader workers under 'spawn', macOS's default, or 'forkserver', Python
@@ -139,14 +149,24 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
         mol = Chem.MolFromSmiles(parts[0])
         if mol is None:
             bad += 1
-            log.log(logging.DEBUG if bundled else logging.WARNING, "%s:%d: skipped SMILES %r: RDKit cannot parse it", path, lineno, parts[0])
+            log.log(
+                logging.DEBUG if bundled else logging.WARNING,
+                "%s:%d: skipped SMILES %r: RDKit cannot parse it",
+                path,
+                lineno,
+                parts[0],
+            )
             continue
         symbols = {a.GetSymbol() for a in mol.GetAtoms()}
         reason = (
-            f"{len(Chem.GetMolFrags(mol))} fragments" if len(Chem.GetMolFrags(mol)) != 1
-            else f"{mol.GetNumHeavyAtoms()} heavy atoms > {max_heavy_atoms}" if mol.GetNumHeavyAtoms() > max_heavy_atoms
-            else f"elements {sorted(symbols - set(allowed))}" if not symbols <= set(allowed)
-            else "charged or radical atoms" if any(a.GetFormalCharge() or a.GetNumRadicalElectrons() for a in mol.GetAtoms())
+            f"{len(Chem.GetMolFrags(mol))} fragments"
+            if len(Chem.GetMolFrags(mol)) != 1
+            else f"{mol.GetNumHeavyAtoms()} heavy atoms > {max_heavy_atoms}"
+            if mol.GetNumHeavyAtoms() > max_heavy_atoms
+            else f"elements {sorted(symbols - set(allowed))}"
+            if not symbols <= set(allowed)
+            else "charged or radical atoms"
+            if any(a.GetFormalCharge() or a.GetNumRadicalElectrons() for a in mol.GetAtoms())
             else None
         )
         if reason is not None:
@@ -163,7 +183,13 @@ def read_smiles_file(path: Path | str, elements: Sequence[str], max_heavy_atoms:
     log.info(
         "%s: %d molecules kept, %d outside the filter (elements %s, <= %d heavy atoms, neutral, one fragment), "
         "%d repeats of an earlier molecule, %d unparsable",
-        path, len(kept), filtered, sorted(allowed), max_heavy_atoms, repeated, bad,
+        path,
+        len(kept),
+        filtered,
+        sorted(allowed),
+        max_heavy_atoms,
+        repeated,
+        bad,
     )
     if not kept:
         raise ValueError(
@@ -289,7 +315,9 @@ def read_sdf(path: Path | str, elements: Sequence[str], properties: Sequence[str
         elif any(s not in allowed for s in symbols):
             reason = f"elements {sorted(set(symbols) - allowed)} are outside the vocabulary {sorted(allowed)}"
         elif any(a.GetTotalNumHs(includeNeighbors=False) > 0 for a in mol.GetAtoms()):
-            reason = "hydrogens are implicit; write the SDF with explicit hydrogens (RDKit: Chem.AddHs before embedding)"
+            reason = (
+                "hydrogens are implicit; write the SDF with explicit hydrogens (RDKit: Chem.AddHs before embedding)"
+            )
         elif any(a.GetFormalCharge() or a.GetNumRadicalElectrons() for a in mol.GetAtoms()):
             reason = "charged or radical atoms: the model encodes neutral, closed-shell molecules only"
         elif _overlapping_atoms(mol.GetConformer().GetPositions()):
@@ -340,7 +368,9 @@ def _read_xyz(path: Path) -> list[tuple[list[str], np.ndarray, str]]:
             symbols = [r[0].capitalize() for r in rows]
             pos = np.array([[float(v) for v in r[1:4]] for r in rows], dtype=np.float64)  # [n, 3]
         except (ValueError, IndexError) as err:
-            raise ValueError(f"{where}: not an XYZ frame (atom count, comment line, then 'symbol x y z' per atom): {err}") from err
+            raise ValueError(
+                f"{where}: not an XYZ frame (atom count, comment line, then 'symbol x y z' per atom): {err}"
+            ) from err
         if n < 1 or pos.shape != (n, 3):
             raise ValueError(f"{where}: an XYZ frame needs at least one atom with three coordinates")
         out.append((symbols, pos, where))
@@ -360,7 +390,9 @@ def _read_sdf_atoms(path: Path) -> list[tuple[list[str], np.ndarray, str, dict[s
         if mol is None or mol.GetNumConformers() == 0:
             raise ValueError(f"{where}: RDKit cannot read atoms and coordinates from it; fix or remove the record")
         tags = mol.GetPropsAsDict(includePrivate=False, includeComputed=False)
-        out.append(([a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions().astype(np.float64), where, tags))
+        out.append(
+            ([a.GetSymbol() for a in mol.GetAtoms()], mol.GetConformer().GetPositions().astype(np.float64), where, tags)
+        )
     return out
 
 
@@ -387,12 +419,21 @@ def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray,
     if path.is_dir():
         files = split_by_suffix(visible_files(path, follow_links=False), _SAMPLE_SUFFIXES)[0]  # not .ipynb_checkpoints/
         # polydiff writes each draw twice, NAME.sdf and NAME_xyz/*.xyz: read it once.
-        files = [p for p in files if not (p.parent != path and p.parent.name.endswith("_xyz") and
-                                          (p.parent.parent / f"{p.parent.name[:-4]}.sdf").is_file())]
+        files = [
+            p
+            for p in files
+            if not (
+                p.parent != path
+                and p.parent.name.endswith("_xyz")
+                and (p.parent.parent / f"{p.parent.name[:-4]}.sdf").is_file()
+            )
+        ]
     elif path.is_file():
         files = [path]
     else:
-        raise FileNotFoundError(f"no samples at {path}: give an SDF or XYZ file (EDM's XYZ .txt too), or a folder of them")
+        raise FileNotFoundError(
+            f"no samples at {path}: give an SDF or XYZ file (EDM's XYZ .txt too), or a folder of them"
+        )
     if not files:
         raise ValueError(f"{path} holds no .sdf, .xyz or .txt (XYZ) files")
     out = []
@@ -400,7 +441,18 @@ def read_sample_molecules(path: Path | str) -> list[tuple[list[str], np.ndarray,
         suffix = f.suffix.lower()
         if suffix not in _SAMPLE_SUFFIXES:
             raise ValueError(f"{f} is neither an SDF nor an XYZ file (by its suffix: .sdf, .xyz, or .txt holding XYZ)")
-        out += _read_sdf_atoms(f) if suffix == ".sdf" else [(*m, {}) for m in (_read_xyz(f) if suffix == ".xyz" else _read_txt_xyz(f))]
+        out += (
+            _read_sdf_atoms(f)
+            if suffix == ".sdf"
+            else [(*m, {}) for m in (_read_xyz(f) if suffix == ".xyz" else _read_txt_xyz(f))]
+        )
     if not out:
         raise ValueError(f"{path} holds no molecules")
+    empty = [where for symbols, _, where, _ in out if len(symbols) == 0]
+    if empty:  # a generator never makes a molecule of no atoms: a broken file, not a sample to score
+        raise ValueError(
+            f"{empty[0]} has no atoms"
+            + (f" (and {len(empty) - 1} more records)" if len(empty) > 1 else "")
+            + ": remove such records, or regenerate the file"
+        )
     return out

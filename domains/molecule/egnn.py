@@ -46,7 +46,8 @@ def fully_connected_edges(batch: Tensor, num_samples: Optional[int] = None) -> t
         counts = torch.bincount(b_sorted)  # [B]
     else:
         counts = torch.zeros(num_samples, dtype=torch.long, device=batch.device).index_add_(
-            0, b_sorted, torch.ones_like(b_sorted))  # [B]
+            0, b_sorted, torch.ones_like(b_sorted)
+        )  # [B]
     ptr = torch.cumsum(counts, 0) - counts  # [B] first sorted row of each sample
     first = ptr[b_sorted]  # [N]
     reps = counts[b_sorted] - 1  # [N] each row pairs with every other row of its sample
@@ -79,7 +80,9 @@ class _PairMLP(nn.Module):
 class _Block(nn.Module):
     """One EDM equivariant block: a message-passing layer on ``h``, then a coordinate update."""
 
-    def __init__(self, hidden: int, attention: bool, coords_range: float, norm_constant: float, agg_norm: float) -> None:
+    def __init__(
+        self, hidden: int, attention: bool, coords_range: float, norm_constant: float, agg_norm: float
+    ) -> None:
         super().__init__()
         self.edge_mlp = _PairMLP(hidden, 2)
         self.att = nn.Sequential(nn.Linear(hidden, 1), nn.Sigmoid()) if attention else None
@@ -156,7 +159,9 @@ class EGNN(nn.Module):
                 context = torch.full((b, self.context_dim), float("nan"), device=t.device, dtype=t.dtype)
             context = context.reshape(b, -1).to(t.dtype)
             if context.shape[1] != self.context_dim:
-                raise ValueError(f"EGNN was built with context_dim={self.context_dim}, got context of shape {tuple(context.shape)}")
+                raise ValueError(
+                    f"EGNN was built with context_dim={self.context_dim}, got context of shape {tuple(context.shape)}"
+                )
             null = torch.isnan(context).all(dim=1, keepdim=True)  # [B, 1]
             ctx = torch.where(null, self.null_context.to(t.dtype).expand_as(context), context)
             parts += [ctx[batch], null.to(t.dtype)[batch]]
@@ -176,7 +181,9 @@ class EGNN(nn.Module):
             h, pos = block(h, pos, row, col, d0)
         vel = pos - pos0  # [N, 3] translation-invariant, rotation-equivariant
         b = t.shape[0]
-        counts = torch.zeros(b, device=x.device, dtype=x.dtype).index_add_(0, batch, torch.ones_like(batch, dtype=x.dtype))
+        counts = torch.zeros(b, device=x.device, dtype=x.dtype).index_add_(
+            0, batch, torch.ones_like(batch, dtype=x.dtype)
+        )
         counts = counts.clamp(min=1)  # [B] atoms per molecule (index_add_, unlike bincount, compiles without a break)
         mean = torch.zeros(b, 3, device=x.device, dtype=x.dtype).index_add_(0, batch, vel) / counts[:, None]
         return torch.cat([vel - mean[batch], self.out(h)], dim=-1)

@@ -103,7 +103,9 @@ def molecule_metrics(
         return _molecule_metrics(molecules, train_smiles, rdkit_second_opinion)
 
 
-def _molecule_metrics(molecules: Iterable[Molecule3D], train_smiles: Optional[set[str]], rdkit_second_opinion: bool) -> dict[str, float]:
+def _molecule_metrics(
+    molecules: Iterable[Molecule3D], train_smiles: Optional[set[str]], rdkit_second_opinion: bool
+) -> dict[str, float]:
     n_mols = n_stable_mols = n_atoms = n_stable_atoms = 0
     valid: list[str] = []
     valid_rdkit: list[str] = []

@@ -49,8 +49,13 @@ def _interaction_graph(pos: Tensor, batch: Tensor) -> tuple[Tensor, Tensor]:
 def _schnet(hidden: int, interactions: int) -> nn.Module:
     from torch_geometric.nn.models import SchNet
 
-    return SchNet(hidden_channels=hidden, num_filters=hidden, num_interactions=interactions, cutoff=CUTOFF,
-                  interaction_graph=_interaction_graph)
+    return SchNet(
+        hidden_channels=hidden,
+        num_filters=hidden,
+        num_interactions=interactions,
+        cutoff=CUTOFF,
+        interaction_graph=_interaction_graph,
+    )
 
 
 def _collate(mols: Sequence[Atoms], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,15 +87,19 @@ class PropertyPredictor:
             raise ValueError(f"the property predictor needs at least 2 molecules to fit on, got {len(train)}")
         bad = int((~torch.isfinite(targets)).sum())
         if bad:
-            raise ValueError(f"{bad} of the {len(targets)} molecules to fit the property predictor on have a non-finite "
-                             "property value: remove them from the data (or their NaN/inf tags from the SDF)")
+            raise ValueError(
+                f"{bad} of the {len(targets)} molecules to fit the property predictor on have a non-finite "
+                "property value: remove them from the data (or their NaN/inf tags from the SDF)"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         targets = targets.double().flatten()  # [M]
         self.mean = float(targets.mean())
         self.scale = float((targets - self.mean).abs().mean()) or 1.0
         # The network's own settings are in the key too, so a changed architecture never loads stale weights.
-        key = self.cache_key(train, targets, f"schnet|{CUTOFF}|{epochs}|{hidden}|{interactions}|{batch_size}|{lr}|{seed}")
+        key = self.cache_key(
+            train, targets, f"schnet|{CUTOFF}|{epochs}|{hidden}|{interactions}|{batch_size}|{lr}|{seed}"
+        )
         path = Path(cache) / f"molecule_property_{key}.pt" if cache is not None else None
         with seeded(seed):
             self.net = _schnet(hidden, interactions).to(self.device)

@@ -23,7 +23,17 @@ import torch
 from .data import MoleculeSet
 from .rdkit_utils import quiet_rdkit
 
-__all__ = ["load_qm9", "load_qm9_package", "qm9_package_dir", "QM9_PACKAGE", "QM9_RAW_FILES", "QM9WriteError", "QM9_TARGETS", "QM9_UNITS", "EDM_QM9_SPLIT"]
+__all__ = [
+    "load_qm9",
+    "load_qm9_package",
+    "qm9_package_dir",
+    "QM9_PACKAGE",
+    "QM9_RAW_FILES",
+    "QM9WriteError",
+    "QM9_TARGETS",
+    "QM9_UNITS",
+    "EDM_QM9_SPLIT",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +49,18 @@ QM9_TARGETS = ("mu", "alpha", "homo", "lumo", "gap", "r2", "zpve", "U0", "U", "H
 #: converts the csv's Hartree energies to eV, so these are neither the csv's units nor EDM's
 #: tables' (EDM reports homo, lumo and gap in meV: divide EDM's figure by 1000).
 QM9_UNITS = {
-    "mu": "D", "alpha": "Bohr^3", "homo": "eV", "lumo": "eV", "gap": "eV", "r2": "Bohr^2",
-    "zpve": "eV", "U0": "eV", "U": "eV", "H": "eV", "G": "eV", "Cv": "cal/(mol K)",
+    "mu": "D",
+    "alpha": "Bohr^3",
+    "homo": "eV",
+    "lumo": "eV",
+    "gap": "eV",
+    "r2": "Bohr^2",
+    "zpve": "eV",
+    "U0": "eV",
+    "U": "eV",
+    "H": "eV",
+    "G": "eV",
+    "Cv": "cal/(mol K)",
 }
 #: Where polydiff records the raw files that ``processed/`` was built from (beside PyG's data_v3.pt).
 QM9_FINGERPRINT = "polydiff_raw_fingerprint.json"
@@ -53,11 +73,18 @@ QM9_PACKAGE_FILES = ("qm9_part1.csv", "qm9_part2.csv", "qm9_part3.csv")
 HARTREE_EV = 27.211386246
 #: The package's CSV column of each target and the factor to PyG's units (:data:`QM9_UNITS`).
 QM9_PACKAGE_COLUMNS = {
-    "mu": ("Dipole_debye", 1.0), "alpha": ("Polarizability_bohr3", 1.0), "homo": ("HOMO_au", HARTREE_EV),
-    "lumo": ("LUMO_au", HARTREE_EV), "gap": ("HOMO_LUMO_gap_au", HARTREE_EV), "r2": ("R2_bohr2", 1.0),
-    "zpve": ("ZPVE_au", HARTREE_EV), "U0": ("InternalEnergy_0K_au", HARTREE_EV),
-    "U": ("InternalEnergy_298K_au", HARTREE_EV), "H": ("Enthalphy_298K_au", HARTREE_EV),
-    "G": ("GibbsFreeEnergy_298K_au", HARTREE_EV), "Cv": ("Heatcapacity_Cv_cal_mol_K", 1.0),
+    "mu": ("Dipole_debye", 1.0),
+    "alpha": ("Polarizability_bohr3", 1.0),
+    "homo": ("HOMO_au", HARTREE_EV),
+    "lumo": ("LUMO_au", HARTREE_EV),
+    "gap": ("HOMO_LUMO_gap_au", HARTREE_EV),
+    "r2": ("R2_bohr2", 1.0),
+    "zpve": ("ZPVE_au", HARTREE_EV),
+    "U0": ("InternalEnergy_0K_au", HARTREE_EV),
+    "U": ("InternalEnergy_298K_au", HARTREE_EV),
+    "H": ("Enthalphy_298K_au", HARTREE_EV),
+    "G": ("GibbsFreeEnergy_298K_au", HARTREE_EV),
+    "Cv": ("Heatcapacity_Cv_cal_mol_K", 1.0),
 }
 _ATOMIC_NUMBER = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
 
@@ -93,8 +120,13 @@ def _write_qm9_fingerprint(processed_dir: Path, fingerprint: dict[str, list[int]
         tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except OSError as err:
-        log.warning("could not record the QM9 raw files' sizes in %s (%s: %s): the processed data is used, but "
-                    "not checked against changed raw files", path, type(err).__name__, err)
+        log.warning(
+            "could not record the QM9 raw files' sizes in %s (%s: %s): the processed data is used, but "
+            "not checked against changed raw files",
+            path,
+            type(err).__name__,
+            err,
+        )
 
 
 class QM9WriteError(OSError, ValueError):
@@ -102,7 +134,8 @@ class QM9WriteError(OSError, ValueError):
 
 
 def _qm9_write_error(err: OSError, root: Path) -> Optional[QM9WriteError]:
-    """The error naming the folder and the fix when ``err`` is a failure to write under ``root`` (not to read raw files)."""
+    """The error naming the folder and the fix when ``err`` is a failure to write under ``root`` (not to read raw
+    files)."""
     if not err.filename:
         return None
     target = Path(os.path.abspath(err.filename))
@@ -110,7 +143,8 @@ def _qm9_write_error(err: OSError, root: Path) -> Optional[QM9WriteError]:
     if target == raw:  # PyG creates raw/ before anything else, even to read processed/ alone
         return QM9WriteError(
             f"cannot create {raw}/ ({type(err).__name__}: {err}): torch_geometric's QM9 makes that folder even when it "
-            f"reads only processed/; create it (mkdir {raw}) or copy {root} to a writable place and set domain.path there"
+            f"reads only processed/; create it (mkdir {raw}) or copy {root} to a writable place and set "
+            "domain.path there"
         )
     if target != processed_dir and processed_dir not in target.parents:
         return None
@@ -207,7 +241,12 @@ def load_qm9(root: Path | str) -> MoleculeSet:
     stale = _qm9_stale_reason(processed, fingerprint) if processed.is_file() and not missing else None
     try:
         if stale is not None:
-            log.warning("QM9 processed data %s cannot be trusted: %s; deleting it and rebuilding it from %s", processed, stale, raw)
+            log.warning(
+                "QM9 processed data %s cannot be trusted: %s; deleting it and rebuilding it from %s",
+                processed,
+                stale,
+                raw,
+            )
             processed.unlink()
         with quiet_rdkit():  # PyG's RDKit parse of gdb9.sdf ("Explicit valence ..." lines)
             ds = _local_qm9(root, missing, processed)
@@ -216,7 +255,9 @@ def load_qm9(root: Path | str) -> MoleculeSet:
     if not missing and _qm9_stale_reason(processed, fingerprint) is not None:  # just built
         _write_qm9_fingerprint(processed.parent, fingerprint)
     if stale is not None:
-        log.info("QM9 processed data %s rebuilt from the changed raw files in %s (%d molecules)", processed, raw, len(ds))
+        log.info(
+            "QM9 processed data %s rebuilt from the changed raw files in %s (%d molecules)", processed, raw, len(ds)
+        )
     z_list, pos_list, y_list, smi_list = [], [], [], []
     for i in range(len(ds)):
         d = ds[i]
@@ -261,10 +302,14 @@ def _read_package_csv(path: Path) -> list[tuple[int, torch.Tensor, torch.Tensor,
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            needed = {"Index", "Elements", "XYZ_Ang", "N_atoms", "SMILES"} | {c for c, _ in QM9_PACKAGE_COLUMNS.values()}
+            needed = {"Index", "Elements", "XYZ_Ang", "N_atoms", "SMILES"} | {
+                c for c, _ in QM9_PACKAGE_COLUMNS.values()
+            }
             lacking = sorted(needed - set(reader.fieldnames or ()))
             if lacking:
-                raise ValueError(f"{path} lacks the column(s) {lacking}: not a {QM9_PACKAGE} QM9 file; reinstall {QM9_PACKAGE}")
+                raise ValueError(
+                    f"{path} lacks the column(s) {lacking}: not a {QM9_PACKAGE} QM9 file; reinstall {QM9_PACKAGE}"
+                )
             for line, row in enumerate(reader, start=2):
                 where = f"{path}, line {line} ({row.get('XYZ_file', '?')})"
                 symbols = re.findall(r"[A-Z][a-z]?", row["Elements"])
@@ -273,10 +318,15 @@ def _read_package_csv(path: Path) -> list[tuple[int, torch.Tensor, torch.Tensor,
                     raise ValueError(f"{where}: elements {unknown or row['Elements']!r} are not QM9's H, C, N, O, F")
                 pos = _floats(row["XYZ_Ang"], where)
                 if pos.size != 3 * len(symbols) or len(symbols) != int(row["N_atoms"]):
-                    raise ValueError(f"{where}: {len(symbols)} elements, {pos.size} coordinates and N_atoms={row['N_atoms']} disagree")
+                    raise ValueError(
+                        f"{where}: {len(symbols)} elements, {pos.size} coordinates and "
+                        f"N_atoms={row['N_atoms']} disagree"
+                    )
                 y = [float(row[col]) * factor for col, factor in QM9_PACKAGE_COLUMNS.values()]
                 z = torch.tensor([_ATOMIC_NUMBER[s] for s in symbols], dtype=torch.long)
-                rows.append((int(row["Index"]), z, torch.from_numpy(pos.reshape(-1, 3)).float(), torch.tensor(y), row["SMILES"]))
+                rows.append(
+                    (int(row["Index"]), z, torch.from_numpy(pos.reshape(-1, 3)).float(), torch.tensor(y), row["SMILES"])
+                )
     finally:
         csv.field_size_limit(limit)
     return rows
@@ -294,8 +344,10 @@ def load_qm9_package(data_dir: Optional[Path | str] = None) -> MoleculeSet:
         raise FileNotFoundError(qm9_missing_message())
     missing = [name for name in QM9_PACKAGE_FILES if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"{folder} lacks {missing}: the {QM9_PACKAGE} package is incomplete; reinstall it "
-                                f"(pip install --force-reinstall {QM9_PACKAGE})")
+        raise FileNotFoundError(
+            f"{folder} lacks {missing}: the {QM9_PACKAGE} package is incomplete; reinstall it "
+            f"(pip install --force-reinstall {QM9_PACKAGE})"
+        )
     rows = sorted((r for name in QM9_PACKAGE_FILES for r in _read_package_csv(folder / name)), key=lambda r: r[0])
     _, z, pos, y, smiles = (list(col) for col in zip(*rows))
     log.info("QM9: %d molecules from the %s package (%s)", len(z), QM9_PACKAGE, folder)

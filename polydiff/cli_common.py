@@ -1,0 +1,83 @@
+"""What every ``polydiff`` command shares: one-line errors, the user's mistakes told apart from bugs, metric text."""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from .run_log import format_metrics as fmt_metrics
+
+__all__ = ["USAGE", "fail", "user_message", "USER_ERRORS", "fmt_metrics", "fresh_dir", "check_writable"]
+
+
+USAGE = """usage: polydiff <command> [args]
+
+commands:
+  train RECIPE.yaml [hydra overrides]   train a recipe (a file, or a shipped recipe's name from any folder:
+        audio_unet, image_unet, molecule_egnn), e.g.
+        polydiff train recipes/audio_unet.yaml profile=cpu trainer.max_steps=500 hydra.run.dir=runs/audio
+        (multirun: -m trainer.lr=1e-4,2e-4; every Hydra flag works)
+  sample RUN_DIR [--n N] [--eval] [--seeds K] [overrides]   write new samples from a run's last checkpoint, e.g.
+        polydiff sample runs/audio --n 16 sampler.name=ddim sampler.steps=50 guidance.scale=3 label=seven
+        polydiff sample runs/audio --n 4 --known take.wav known.start=0.4 known.end=0.6   (fill 0.4-0.6 s)
+  eval RUN_DIR|RECIPE.yaml SAMPLES... [--json FILE] [domain.KEY=V]   score sample files (WAV/FLAC, SDF/XYZ,
+        PNG/JPEG, .pt) made by any model with the domain's metrics, beside real held-out data, e.g.
+        polydiff eval runs/audio other_model_wavs/ runs/audio/samples/sample-20261129-101500
+  report RUN_DIR|SAMPLES_DIR [domain.KEY=V]   write RUN_DIR/report.html: one offline page of the recipe, curves,
+        metrics beside real data, every sample (players, spectrograms, images, molecules in 3-D) and earlier steps
+  bench [--suite quick|full] [--domains ...] [--recipe NAME=RECIPE.yaml]   benchmark the built-in domains and
+        the example, plus any domain of your own given by its recipe
+"""
+
+
+def fail(msg: str) -> "SystemExit":
+    return SystemExit(f"polydiff: error: {msg}")
+
+
+USER_ERRORS = (KeyError, ValueError, FileNotFoundError, TypeError, ImportError, FloatingPointError, NotImplementedError)
+
+
+def user_message(err: BaseException) -> str:
+    """One line for the user: the error's message (its type where it has none) and, where it was raised in the
+    user's own code (a domain of theirs), that place."""
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err) or type(err).__name__
+    root = Path(__file__).resolve().parents[1]
+    shipped = tuple(str(root / package) for package in ("polydiff", "domains", "benchmarks", "examples"))
+    frames = [
+        f
+        for f in traceback.extract_tb(err.__traceback__)  # the last is where it was raised, libraries aside
+        if f.filename.startswith(shipped)
+        or not any(part in f.filename for part in ("site-packages", "dist-packages", "<frozen"))
+    ]
+    if not frames or frames[-1].filename.startswith(shipped):
+        return message
+    return f"{message} (raised at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})"
+
+
+def check_writable(folder: Path, inside: Sequence[str] = (), where: str = "") -> None:
+    """Raise ``ValueError`` unless ``folder`` (and its sub-folders ``inside`` that exist) can be written, or created
+    where it does not exist yet: a file is created and removed to find out (a read-only mount, permissions)."""
+    label = f"{where}={folder}" if where.startswith("-") or "." in where else f"{where} {folder}"
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    for path in [probe, *(folder / name for name in inside if (folder / name).exists())]:
+        if not path.is_dir():
+            raise ValueError(f"{label}: {path} is a file, not a folder: choose another folder")
+        try:
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as err:
+            raise ValueError(
+                f"{label}: {path} cannot be written ({err.strerror or err}): make it writable or choose another folder"
+            ) from None
+
+
+def fresh_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... where it exists (two draws within one second)."""
+    candidate, k = path, 1
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate

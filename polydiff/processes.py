@@ -1,0 +1,68 @@
+"""The processes of a run under ``torchrun``: each one's device and rank, the process groups, a figure averaged over
+them, and the wait while rank 0 samples alone. One process without ``torchrun`` is the same with a world of one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .build import resolve_device
+
+__all__ = ["Processes"]
+
+log = logging.getLogger("polydiff")
+
+
+class Processes:
+    """This process's place among the run's (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``) and its training device."""
+
+    def __init__(self, device: str) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+        self.device = self._device(device)
+        # Rank 0 samples and scores alone (sample_every, the end of training) while the others wait at a barrier of
+        # their own, longer than the training collectives' timeout would allow on a big evaluation.
+        self._wait_group = dist.new_group(backend="gloo", timeout=timedelta(hours=2)) if self.world_size > 1 else None
+
+    def _device(self, setting: str) -> torch.device:
+        """``trainer.device`` (this process's GPU under ``torchrun``); the process group joined where there are
+        several processes."""
+        dev = resolve_device(setting)
+        if setting == "auto" and dev.type == "cpu" and self.is_main:
+            log.warning(
+                "no GPU found: training on the CPU with trainer.device=auto. Shipped recipes' defaults are sized "
+                "for one GPU; add profile=cpu for their few-minute CPU version (or trainer.device=cpu to silence this)"
+            )
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # dense batches keep one shape: cuDNN picks its fastest convolutions
+        if self.world_size > 1 and dev.type == "cuda":
+            # Launchers that show each task one GPU still number LOCAL_RANK across the node.
+            dev = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(dev)  # code that asks for "cuda" (metric classifiers) lands here too
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # default timeouts: a hung rank fails
+        return dev
+
+    def mean(self, value: torch.Tensor) -> float:
+        """A logged figure averaged over every process (each holds its own shard's)."""
+        if self.world_size > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
+    def wait_for_rank_zero(self) -> None:
+        """Every process waits here while rank 0 samples and scores (up to 2 hours; no-op in one process)."""
+        if self._wait_group is not None:
+            dist.barrier(group=self._wait_group)
+
+    def close(self) -> None:
+        """Leave the process group (several processes only)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,56 @@
+"""The types that travel between layers: a batch of states, the part of a state held fixed, a denoiser's estimate.
+
+They sit beside :mod:`polydiff.space`, which describes their layout, and import nothing else of polydiff, so
+domains, objectives, samplers and generation can all name them without importing one another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .space import Space
+
+__all__ = ["Batch", "Known", "Prediction", "DenoiserFn"]
+
+
+@dataclass
+class Batch:
+    """A batch of states ``x`` with their layout ``space`` and the network's keyword args ``cond``."""
+
+    x: Tensor
+    space: Space
+    cond: dict[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        cond = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.cond.items()}
+        return Batch(self.x.to(device), self.space.to(device), cond)
+
+    @property
+    def num_samples(self) -> int:
+        return self.space.num_samples
+
+
+class Known(NamedTuple):
+    """Part of the state held fixed while sampling, by replacement (Song et al. 2021, App. I.2; RePaint,
+    Lugmayr et al. 2022, eq. 8, without its resampling): after every step the known elements are set to
+    ``values`` noised to the next time, and to ``values`` themselves at the end. The rest is generated
+    to fit them, as well as an unconditional model can (an approximation of the true conditional).
+    """
+
+    values: Tensor  # like the state; only read where mask is 1
+    mask: Tensor  # broadcastable to the state, 1 (True) = known
+
+
+class Prediction(NamedTuple):
+    """A denoiser's estimate of the clean state ``x0`` and of the noise ``eps``."""
+
+    x0: Tensor
+    eps: Tensor
+
+
+#: What samplers call: ``denoiser(x_t, t[B]) -> Prediction``.
+DenoiserFn = Callable[[Tensor, Tensor], Prediction]
