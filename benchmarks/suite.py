@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.memory import peak_rss_kib, release_free_heap, reset_peak_rss
 from polydiff.build import resolve_device
-from polydiff.config import check_overrides
+from polydiff.config import check_overrides, merge_sampler
 from polydiff.domain import Batch
 from polydiff.generate import generate
 from polydiff.recipes import compose_recipe
@@ -346,7 +346,8 @@ def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, s
     samples/s, peak memory and the domain's metrics."""
     domain = trainer.domain
     labels = domain.default_labels(n, trainer.device)
-    sampler = dict(trainer.cfg["sampler"], name=name, steps=steps)
+    # The recipe's sampler section with another sampler named: the options that sampler does not take are left out.
+    sampler = merge_sampler(trainer.cfg["sampler"], {"name": name, "steps": steps})
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
     mem = PeakMemory(trainer.device)
     with mem.measure():

@@ -152,7 +152,7 @@ def train_command(args: Sequence[str]) -> None:
 
 
 def _log_to_files(message: str) -> None:
-    """Write ``message`` to the log files of the run (Hydra's ``cli.log``), not to the terminal."""
+    """Write ``message`` to the log files of the run (Hydra's ``cli_train.log``), not to the terminal."""
     record = logging.LogRecord("polydiff", logging.ERROR, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):

@@ -3,7 +3,7 @@
 A config is data. Three of its parts would otherwise name code to run:
 
 * ``_target_`` entries (``model._target_``): each must resolve to an ``nn.Module`` subclass *defined* in polydiff,
-  ``domains`` or a registered domain's package; a name re-exported through them (``polydiff.trainer.os.system``)
+  ``domains`` or a registered domain's package; a name re-exported through them (``polydiff.checkpoint.os.system``)
   resolves to an object defined elsewhere and is refused. What is built is the class that was checked.
 * the ``hydra`` section, which Hydra acts on before any of polydiff's code runs: callbacks are refused; launchers
   and sweepers must be Hydra's own or an installed ``hydra_plugins`` class; logging configs may use only the

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @pytest.fixture(autouse=True)
 def _isolated_process_state():
     """Each test starts with 2 torch threads and leaves the root logger as it found it: an in-process
-    ``polydiff train`` adds Hydra's file handler (the run's cli.log), which later tests must not write to."""
+    ``polydiff train`` adds Hydra's file handler (the run's cli_train.log), which later tests must not write to."""
     torch.set_num_threads(2)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

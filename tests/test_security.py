@@ -63,7 +63,7 @@ def _train_refused(recipe: Path, run_dir: Path, *extra: str) -> str:
 @pytest.mark.parametrize(
     "target",
     [
-        "polydiff.trainer.os.system",  # re-exported through an allowed package
+        "polydiff.checkpoint.os.system",  # re-exported through an allowed package
         "polydiff.checkpoint.pickle.loads",
         "domains.os.system",
         "polydiff.checkpoint.keep_copy",  # a function defined in polydiff, but not a network class
@@ -73,10 +73,13 @@ def _train_refused(recipe: Path, run_dir: Path, *extra: str) -> str:
         "domains_x.fn",
         "os.system",
         "builtins.eval",
-        "polydiff.trainer:os",
+        "polydiff.checkpoint:os",
     ],
 )
 def test_targets_outside_allowed_network_classes_are_refused(target):
+    import polydiff.checkpoint
+
+    assert polydiff.checkpoint.os.system  # the re-export these names go through exists
     with pytest.raises(UnsafeConfigError):
         resolve_target(target, "model._target_")
     with pytest.raises(UnsafeConfigError):
@@ -149,12 +152,12 @@ def test_recipe_reexported_os_system_is_refused(tmp_path):
         .read_text()
         .replace(
             "model: {width: 16, depth: 1}",
-            f"model: {{_target_: polydiff.trainer.os.system, _args_: ['touch {marker}']}}",
+            f"model: {{_target_: polydiff.checkpoint.os.system, _args_: ['touch {marker}']}}",
         )
     )
     (tmp_path / "recipe.yaml").write_text(recipe)
     message = _train_refused(tmp_path / "recipe.yaml", tmp_path / "run")
-    assert "polydiff.trainer.os.system" in message and "re-exported" in message
+    assert "polydiff.checkpoint.os.system" in message and "re-exported" in message
     assert not marker.exists()
 
 
@@ -166,7 +169,7 @@ def test_recipe_reexported_os_system_is_refused(tmp_path):
         "root: {handlers: [x]}}}",
         "hydra: {hydra_logging: {version: 1, handlers: {x: {class: polydiff.checkpoint.keep_copy, src: SRC, "
         "dst: DST}}}}",
-        "hydra: {launcher: {_target_: polydiff.trainer.os.system}}",
+        "hydra: {launcher: {_target_: polydiff.checkpoint.os.system}}",
     ],
 )
 def test_recipe_hydra_section_running_code_is_refused(tmp_path, section):
@@ -261,7 +264,7 @@ def test_checkpoint_config_naming_code_is_refused_by_every_reader(tiny_run, tmp_
     payload = (
         _copy_payload(marker)
         if model == "keep_copy"
-        else {"_target_": "polydiff.trainer.os.system", "_args_": [f"touch {marker}"]}
+        else {"_target_": "polydiff.checkpoint.os.system", "_args_": [f"touch {marker}"]}
     )
     run = _hostile_copy(tiny_run, tmp_path, payload)
     with pytest.raises(SystemExit, match="checkpoint .*model._target_"):
