@@ -161,13 +161,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         raise _unreadable(path, err) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a polydiff checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    from .safety import check_config, check_domain_name
+    from .safety import check_config, check_domain_name, check_plugin_names
 
     # A checkpoint's config is data from whoever wrote the file: it may name no code, before anything is built.
     check_config(ckpt.get("config"), f"checkpoint {path}")
     saved_class = (ckpt.get("domain_class") or {}).get("class")
     if isinstance(saved_class, str):
         check_domain_name(saved_class, f"checkpoint {path}: domain_class")
+    # Its samplers and objectives may live beside the run's own domain class, which is imported anyway.
+    home = [saved_class.partition(":")[0].split(".")[0]] if isinstance(saved_class, str) else []
+    check_plugin_names(ckpt.get("config"), f"checkpoint {path}", also=home)
     return ckpt
 
 

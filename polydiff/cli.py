@@ -1,5 +1,6 @@
 """The ``polydiff`` command: ``train`` (Hydra recipes), ``sample`` (from a run directory), ``eval`` (score sample
-files), ``bench``; each command's body lives in its own module (cli_train, cli_sample)."""
+files), ``report`` (a run's offline page), ``bench``; each command's body lives in its own module (cli_train,
+cli_sample, report, bench)."""
 
 from __future__ import annotations
 

@@ -76,13 +76,13 @@ def resume_source(mode: str, own: Path) -> Path | None:
 
 
 def move_previous_run(run_dir: Path) -> Path:
-    """``trainer.resume=never`` in a used run folder: move its results to ``previous-TIME/`` rather than overwrite
-    them; returns that folder."""
+    """``trainer.resume=never`` in a used run folder: move its results (and their report page) to ``previous-TIME/``
+    rather than overwrite them; returns that folder."""
     run_dir = Path(run_dir)
     old = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
     old.mkdir(parents=True)
-    for name in ("checkpoints", "samples", "metrics.jsonl", "tensorboard"):
+    for name in ("checkpoints", "samples", "metrics.jsonl", "tensorboard", "report.html"):
         if (run_dir / name).exists():
             (run_dir / name).rename(old / name)
-    log.warning("trainer.resume=never: the previous run's checkpoints, samples and metrics moved to %s", old)
+    log.warning("trainer.resume=never: the previous run's checkpoints, samples, metrics and report moved to %s", old)
     return old

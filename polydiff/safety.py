@@ -7,8 +7,11 @@ A config is data. Three of its parts would otherwise name code to run:
   resolves to an object defined elsewhere and is refused. What is built is the class that was checked.
 * the ``hydra`` section, which Hydra acts on before any of polydiff's code runs: callbacks are refused; launchers
   and sweepers must be Hydra's own or an installed ``hydra_plugins`` class; logging configs may use only the
-  standard handlers and formatters and write only below the run folder; ``env_set``/``env_copy`` are refused
-  (``LD_PRELOAD`` or ``PYTHONPATH`` reach every process a run starts).
+  standard handlers and formatters and write only below the run folder (``hydra.job.name``, which names Hydra's log
+  file, is a plain name); ``env_set``/``env_copy`` are refused
+  (``LD_PRELOAD`` or ``PYTHONPATH`` reach every process a run starts). Hydra resolves interpolations after this
+  check, so those sections may hold none but references to ``hydra.run``/``sweep``/``runtime``/``job`` values
+  (``${oc.create:...}`` or ``${domain.x}`` could stand for a whole handler), and what is built is resolved first.
 * a domain given as ``"module:Class"``: the module is imported (as ``python -m`` would from the recipe's folder or
   the working folder), never one of the standard library's, and the class must be a ``polydiff.Domain``.
 """
@@ -16,6 +19,7 @@ A config is data. Three of its parts would otherwise name code to run:
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import PurePosixPath
 from typing import Any, Iterable, Mapping
 
@@ -26,6 +30,7 @@ __all__ = [
     "check_config",
     "check_domain_name",
     "check_hydra",
+    "check_plugin_names",
     "resolve_target",
     "safe_instantiate",
 ]
@@ -100,8 +105,13 @@ def safe_instantiate(cfg: Mapping[str, Any], where: str) -> Any:
     """``hydra.utils.instantiate`` of ``cfg`` whose ``_target_`` entries are the classes :func:`resolve_target`
     checked (Hydra never resolves a name of its own)."""
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    return instantiate(_targets(_plain(cfg), where))
+    # Hydra resolves interpolations before it builds anything: resolved first, a nested ${oc.create:{_target_: ...}}
+    # is checked like the rest, and text that would be read as an interpolation again is refused.
+    resolved = OmegaConf.to_container(OmegaConf.create(_plain(cfg), flags={"allow_objects": True}), resolve=True)
+    _refuse_interpolations(resolved, where, ())
+    return instantiate(_targets(resolved, where))
 
 
 def check_config(cfg: Any, where: str = "recipe") -> None:
@@ -139,12 +149,17 @@ _LOGGING_CLASSES = {
 }
 _LOGGING_STREAMS = {"ext://sys.stdout", "ext://sys.stderr"}
 _RUN_FOLDERS = ("${hydra.runtime.output_dir}", "${hydra.run.dir}", "${hydra.sweep.dir}")
+_JOB_NAME = "${hydra.job.name}"  # Hydra's own log file is ${hydra.runtime.output_dir}/${hydra.job.name}.log
 
 
 def check_hydra(hydra: Mapping[str, Any], where: str = "hydra") -> None:
     """Refuse a ``hydra`` section that makes Hydra run code: callbacks, foreign launchers or sweepers, logging
     factories or files outside the run folder, environment variables for the run's processes."""
     hydra = _plain(hydra)
+    if not isinstance(hydra, Mapping):
+        raise UnsafeConfigError(f"{where}={hydra!r}: the hydra section must be a mapping of Hydra's settings")
+    for key in ("callbacks", "launcher", "sweeper", "hydra_logging", "job_logging", "job"):
+        _refuse_interpolations(hydra.get(key), f"{where}.{key}", _HYDRA_REFERENCES)
     callbacks = hydra.get("callbacks") or {}
     if callbacks:
         raise UnsafeConfigError(
@@ -169,8 +184,14 @@ def check_hydra(hydra: Mapping[str, Any], where: str = "hydra") -> None:
                 "may not set environment variables for the run's processes (LD_PRELOAD or PYTHONPATH would run code); "
                 "set them in your shell before polydiff train"
             )
+    name = job.get("name")
+    if name is not None and not (_inside(str(name)) and "/" not in str(name) and "${" not in str(name)):
+        raise UnsafeConfigError(
+            f"{where}.job.name={name!r}: Hydra names the run's log file after it (RUN/NAME.log): give a plain name "
+            "without '/', '..' or interpolations"
+        )
     subdir = hydra.get("output_subdir")
-    if subdir is not None and not _inside(str(subdir)):
+    if subdir is not None and (not _inside(str(subdir)) or "${" in str(subdir)):
         raise UnsafeConfigError(
             f"{where}.output_subdir={subdir!r}: it must be a folder inside the run folder "
             "(a relative path without '..'), e.g. .hydra"
@@ -194,15 +215,21 @@ def _check_logging(cfg: Any, where: str) -> None:
     if isinstance(cfg, Mapping):
         for key, value in cfg.items():
             here = f"{where}.{key}"
+            if key == ".":  # attributes set on the built object: baseFilename would move a log file anywhere
+                raise UnsafeConfigError(
+                    f"{here}: a recipe's logging config may not set attributes of handlers or formatters ('.'); "
+                    "give them as the handler's own arguments"
+                )
             if key in ("class", "()") and str(value) not in _LOGGING_CLASSES:
                 raise UnsafeConfigError(
                     f"{here}: {value!r}: a recipe's logging config may only use the standard handlers and formatters "
                     f"({', '.join(sorted(_LOGGING_CLASSES))})"
                 )
-            if key == "filename" and not (str(value).startswith(_RUN_FOLDERS) and ".." not in str(value)):
+            if key == "filename" and not _log_file_inside(str(value)):
                 raise UnsafeConfigError(
                     f"{here}={value!r}: a log file must lie in the run folder, e.g. "
-                    "${hydra.runtime.output_dir}/train.log"
+                    "${hydra.runtime.output_dir}/train.log (the run folder, '/', then a relative path without '..' "
+                    "whose only interpolation is ${hydra.job.name})"
                 )
             _check_logging(value, here)
     elif isinstance(cfg, (list, tuple)):
@@ -212,6 +239,42 @@ def _check_logging(cfg: Any, where: str) -> None:
         raise UnsafeConfigError(
             f"{where}={cfg!r}: a recipe's logging config may name only ext://sys.stdout and ext://sys.stderr"
         )
+
+
+# Interpolations Hydra resolves after the check: in the sections it builds code from, only references to the run's
+# folders and names; ${domain.x} or ${oc.create:...} could stand for a whole handler, launcher or callback.
+_HYDRA_REFERENCES = ("hydra.run.", "hydra.sweep.", "hydra.runtime.", "hydra.job.")
+_INTERPOLATION = re.compile(r"\$\{([^${}]*)\}")
+
+
+def _refuse_interpolations(cfg: Any, where: str, allowed: tuple[str, ...]) -> None:
+    """Refuse any ``${...}`` in ``cfg`` but plain references to nodes under the ``allowed`` prefixes."""
+    if isinstance(cfg, Mapping):
+        for key, value in cfg.items():
+            _refuse_interpolations(value, f"{where}.{key}", allowed)
+    elif isinstance(cfg, (list, tuple)):
+        for i, value in enumerate(cfg):
+            _refuse_interpolations(value, f"{where}[{i}]", allowed)
+    elif isinstance(cfg, str) and "${" in cfg:
+        # ${hydra:runtime.output_dir} is Hydra's resolver for its own node: the same reference.
+        refs = [r.strip().replace("hydra:", "hydra.", 1) for r in _INTERPOLATION.findall(cfg)]
+        plain = len(refs) == cfg.count("${") and all(r.startswith(allowed) and ":" not in r for r in refs)
+        if not (allowed and plain):
+            named = f"only references to {', '.join(p + '*' for p in allowed)}" if allowed else "no interpolation"
+            raise UnsafeConfigError(
+                f"{where}={cfg!r}: Hydra resolves interpolations after polydiff's check, so here a config may hold "
+                f"{named} (a resolver or another node could stand for code to build)"
+            )
+
+
+def _log_file_inside(path: str) -> bool:
+    """Whether a log file's path is the run folder, ``/``, then a relative path inside it: text right after the
+    folder (``${hydra.run.dir}_x``) names a sibling, and any interpolation but the checked job name could hold '..'."""
+    folder = next((f for f in _RUN_FOLDERS if path.startswith(f + "/")), None)
+    if folder is None:
+        return False
+    rest = path[len(folder) + 1 :].replace(_JOB_NAME, "job")
+    return "${" not in rest and _inside(rest)
 
 
 def _inside(path: str) -> bool:
@@ -226,3 +289,24 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=False)
     return cfg
+
+
+def check_plugin_names(cfg: Any, where: str, also: Iterable[str] = ()) -> None:
+    """Refuse a checkpoint's ``sampler.name`` given as ``"module:function"`` in a package that polydiff would not
+    build a network from (:func:`resolve_target`'s packages and ``also``, e.g. the run's domain's package) unless
+    that module is imported already: a sampler is any function of the sampler signature, called with the config's
+    values. (An objective must subclass ``BaseObjective``, a domain ``Domain``: naming them only imports a module.)"""
+    import sys
+
+    plain = _plain(cfg)
+    section = plain.get("sampler") if isinstance(plain, Mapping) else None
+    name = section.get("name") if isinstance(section, Mapping) else None
+    if not isinstance(name, str) or ":" not in name:
+        return
+    module, allowed = name.partition(":")[0], _allowed_packages() | set(also)
+    if module.split(".")[0] not in allowed and module not in sys.modules:
+        raise UnsafeConfigError(
+            f"{where}: sampler.name={name!r} names a module outside {sorted(allowed)}: a checkpoint may name a sampler "
+            "of another package only once it is imported or registered (polydiff.register_sampler, or the "
+            "polydiff.samplers entry points) by code you trust"
+        )

@@ -95,3 +95,23 @@ def test_core_modules_stay_small(path):
 
 def test_the_worked_example_stays_short():
     assert len((ROOT / "examples" / "points.py").read_text().splitlines()) <= 60
+
+
+def _layers() -> dict[str, int]:
+    """ARCHITECTURE.md's layer table: module -> layer number."""
+    layers = {}
+    for line in (ROOT / "ARCHITECTURE.md").read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 3 and cells[1][:1].isdigit() and cells[1][1:2] == ".":
+            for name in cells[2].split(","):
+                layers[f"polydiff.{name.strip().strip('`')}"] = int(cells[1][0])
+    return layers
+
+
+def test_imports_go_downwards_through_the_documented_layers():
+    layers, graph = _layers(), _graph()
+    assert sorted(set(graph) - {"polydiff"} - set(layers)) == []  # every module has its layer
+    upwards = sorted(
+        f"{a} -> {b}" for a, edges in graph.items() if a in layers for b in edges if layers.get(b, 0) > layers[a]
+    )
+    assert upwards == []

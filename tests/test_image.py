@@ -182,6 +182,27 @@ def test_cifar_loader_and_missing_copy(tmp_path):
         load_cifar10(tmp_path, "train")
 
 
+def test_a_cifar_file_that_names_code_is_refused_unrun(tmp_path):
+    """A CIFAR-10 batch is a pickle: one from someone else may name code, which reading it must never run."""
+    folder = _fake_cifar(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "x"))
+
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [Payload()]}, f)
+    with pytest.raises(ValueError, match=r"batches.meta.*pathlib.*write_text"):
+        load_cifar10(tmp_path, "test")
+    assert not marker.exists()
+    with open(folder / "test_batch", "wb") as f:  # numpy 1's array layout (protocol 2) still reads
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [np.int64(1), 2]}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"a", b"b"]}, f, protocol=2)
+    assert load_cifar10(tmp_path, "test").labels.tolist() == [1, 2]
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_corrupt_image_names_the_file(tmp_path):
     root = _image_folder(tmp_path / "imgs")

@@ -198,6 +198,61 @@ def test_recipe_environment_and_files_outside_the_run_are_refused(tmp_path):
         assert named in _train_refused(_recipe(tmp_path, body + "\n"), tmp_path / "run")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Text right after the run folder names a sibling of it (RUN_out.log beside RUN).
+        "hydra: {job_logging: {version: 1, handlers: {f: {class: logging.FileHandler, "
+        "filename: '${hydra.runtime.output_dir}_out.log'}}, root: {handlers: [f]}}}",
+        # logging's '.' sets attributes after the check: a delayed handler opens its baseFilename on first use.
+        "hydra: {job_logging: {version: 1, handlers: {f: {class: logging.FileHandler, delay: true, "
+        "filename: '${hydra.runtime.output_dir}/x.log', "
+        "'.': {baseFilename: '${hydra.runtime.output_dir}/../../out.log'}}}, root: {handlers: [f]}}}",
+        # Hydra's own log file is RUN/${hydra.job.name}.log: a job name holding '..' moves it out of the run.
+        "hydra: {job: {name: ../../out}}",
+    ],
+)
+def test_log_files_escaping_the_run_folder_are_refused(tmp_path, body):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    run_dir = tmp_path / "a" / "b" / "run"
+    message = _train_refused(_recipe(tmp_path, body + "\n"), run_dir)
+    assert "run folder" in message or "job.name" in message or "'.'" in message
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.suffix == ".log") == []
+
+
+def test_a_log_file_may_interpolate_only_the_checked_job_name():
+    """Any other interpolation after the run folder may hold '..' that the text does not show."""
+    handler = {"class": "logging.FileHandler", "filename": "${hydra.runtime.output_dir}/${trainer.lr_decay}.log"}
+    with pytest.raises(UnsafeConfigError, match="interpolations"):
+        check_hydra({"job_logging": {"version": 1, "handlers": {"f": handler}}})
+    handler["filename"] = "${hydra.runtime.output_dir}/${hydra.job.override_dirname}.log"
+    with pytest.raises(UnsafeConfigError, match="run folder"):
+        check_hydra({"job_logging": {"version": 1, "handlers": {"f": handler}}})
+    handler["filename"] = "${hydra.runtime.output_dir}/logs/${hydra.job.name}.log"
+    check_hydra({"job_logging": {"version": 1, "handlers": {"f": handler}}, "job": {"name": "cli_train"}})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Resolved by Hydra after the check, into a handler that runs a command (hydra-core 1.3.2 builds it).
+        "hydra: {job_logging: '${oc.create:{version: 1, handlers: {x: {class: subprocess.Popen, args: touch MARKER, "
+        "shell: true}}, root: {handlers: [x]}}}'}",
+        "hydra: {job_logging: {version: 1, root: {handlers: [x]}, handlers: \"${oc.decode:'{x: {class: "
+        "subprocess.Popen, args: touch MARKER, shell: true}}'}\"}}",
+        # Another node of the recipe standing for a whole handler.
+        "hydra: {job_logging: {version: 1, root: {handlers: [x]}, handlers: {x: '${domain.hidden}'}}}",
+        "hydra: {output_subdir: '${domain.hidden}'}",
+    ],
+)
+def test_interpolations_that_stand_for_code_in_the_hydra_section_are_refused(tmp_path, body):
+    marker, outside = tmp_path / "ran", tmp_path / "outside"
+    recipe = _recipe(tmp_path, body.replace("MARKER", str(marker)) + "\n")
+    recipe.write_text(recipe.read_text().replace("size: 64}", f"size: 64, hidden: {outside}}}"))
+    assert "interpolation" in _train_refused(recipe, tmp_path / "run") or "output_subdir" in body
+    assert not marker.exists() and not outside.exists()  # Hydra writes its records to RUN/output_subdir
+
+
 def test_a_sweep_value_is_checked_like_the_recipe(tmp_path):
     """A recipe's own sweep (hydra.sweeper.params) and a -m sweep reach each value's config, logging included."""
     marker = tmp_path / "ran"
@@ -287,6 +342,19 @@ def test_checkpoint_config_naming_code_is_refused_by_every_reader(tiny_run, tmp_
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("escape", ["", "\\"])
+def test_checkpoint_model_argument_that_resolves_to_code_is_refused(tiny_run, tmp_path, escape):
+    """Hydra resolves a config before it builds it: an argument that becomes a ``_target_`` node then (or, escaped,
+    becomes interpolation text that Hydra would resolve once more) must be checked as one, not built."""
+    marker = tmp_path / "ran"
+    hidden = f"{escape}${{oc.create:{{_target_: polydiff.checkpoint.keep_copy, src: {__file__}, dst: {marker}}}}}"
+    model = {"_target_": "examples.points.MLP", "width": 16, "depth": 1, "extra": hidden}
+    run = _hostile_copy(tiny_run, tmp_path, model)
+    with pytest.raises(SystemExit, match="model"):
+        main(["sample", str(run), "--n", "2"])
+    assert not marker.exists()
+
+
 def test_intact_checkpoint_still_samples(tiny_run, tmp_path):
     main(["sample", str(tiny_run), "--n", "2", "--out", str(tmp_path / "s")])
     assert (tmp_path / "s" / "sampling.json").is_file()
@@ -332,3 +400,19 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
         os.utime(path, (old, old))
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and recent.exists() and other.exists()
+
+
+def test_a_checkpoint_naming_a_sampler_module_of_another_package_is_refused_unimported(tiny_run, tmp_path, monkeypatch):
+    """A plug-in is called with the config's values: a downloaded run may not name one in a module nothing imported."""
+    marker = tmp_path / "imported"
+    (tmp_path / "evilplug.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
+        "def fn(denoiser, noise, schedule, steps, **options):\n    return noise\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
+    ckpt["config"]["sampler"]["name"] = "evilplug:fn"
+    atomic_save(ckpt, tmp_path / "run" / "checkpoints" / "last.pt")
+    with pytest.raises(SystemExit, match="sampler.name='evilplug:fn' names a module outside"):
+        main(["sample", str(tmp_path / "run"), "--n", "2"])
+    assert not marker.exists() and "evilplug" not in sys.modules

@@ -307,6 +307,7 @@ def test_incompatible_checkpoint_is_named(tmp_path):
     (previous,) = tmp_path.glob("previous-*")
     assert (previous / "checkpoints" / "last.pt").read_bytes() == saved
     assert (previous / "metrics.jsonl").is_file() and (previous / "samples").is_dir()
+    assert "step 5" in (previous / "report.html").read_text()  # the old run's page, beside the files it shows
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 10
     with pytest.raises(ValueError, match="not a polydiff checkpoint"):
         bogus = tmp_path / "bogus.pt"

@@ -366,12 +366,34 @@ def find_cifar10(root: str | Path) -> Path:
     )
 
 
+# The only globals a CIFAR-10 Python batch names: numpy arrays, their dtypes and scalars (numpy 1 and 2 paths), and
+# _codecs.encode, which protocol 2 uses for bytes written by Python 3.
+_CIFAR_GLOBALS = {
+    (module, name)
+    for package in ("numpy.core", "numpy._core")
+    for module, name in (
+        (f"{package}.multiarray", "_reconstruct"),
+        (f"{package}.multiarray", "scalar"),
+        (f"{package}.numeric", "_frombuffer"),
+    )
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain values only: a data file never names code to run."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds (code)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR-10 file {path} is missing: re-extract {CIFAR10_URL} into {path.parent.parent}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as err:
         raise ValueError(f"cannot read CIFAR-10 file {path} ({type(err).__name__}: {err}); re-extract it") from err
 
