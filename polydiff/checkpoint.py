@@ -171,6 +171,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     # Its samplers and objectives may live beside the run's own domain class, which is imported anyway.
     home = [saved_class.partition(":")[0].split(".")[0]] if isinstance(saved_class, str) else []
     check_plugin_names(ckpt.get("config"), f"checkpoint {path}", also=home)
+    if isinstance(ckpt.get("config"), Mapping):
+        from .schedules import check_legacy_range
+
+        check_legacy_range(ckpt["config"], str(path))
     return ckpt
 
 

@@ -14,7 +14,7 @@ import difflib
 import inspect
 import math
 import numbers
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ __all__ = [
     "polynomial_alpha_bar",
     "rescale_zero_terminal_snr",
     "make_schedule",
+    "check_legacy_range",
     "SCHEDULES",
 ]
 
@@ -221,3 +222,19 @@ def make_schedule(
         alpha_bar = rescale_zero_terminal_snr(alpha_bar)
         # alpha_bar[-1] == 0 exactly: allowed (the table only forbids values >= 1).
     return NoiseSchedule(alpha_bar, name=name)
+
+
+def check_legacy_range(cfg: Mapping[str, Any], where: str) -> None:
+    """Refuse a config written before explicit linear ``beta_start`` / ``beta_end`` were used as given (its
+    ``objective`` has no ``name``) that would now build another schedule: such a range was scaled by 1000 / steps."""
+    schedule, objective = cfg.get("schedule") or {}, cfg.get("objective") or {}
+    explicit = [k for k in ("beta_start", "beta_end") if schedule.get(k) is not None]
+    if "name" in objective or schedule.get("name") != "linear" or not explicit or schedule.get("steps") == 1000:
+        return
+    raise ValueError(
+        f"{where} was trained with schedule.{' and '.join(explicit)} on a linear schedule of {schedule['steps']} "
+        "steps, which older polydiff scaled by 1000 / steps and now uses as given. Convert it once (the scaled values, "
+        f"marked as read): python -c \"import torch; p='{where}'; c=torch.load(p, weights_only=True); "
+        "s=c['config']['schedule']; k=1000/s['steps']; [s.update({n: s[n]*k}) for n in ('beta_start','beta_end') "
+        "if s.get(n) is not None]; c['config']['objective']['name']='vp'; torch.save(c, p)\""
+    )

@@ -110,8 +110,8 @@ MUTANTS = [
     Mutant(
         "v_to_x0_sign",
         "polydiff/objectives.py",
-        "Prediction(torch.addcmul(a * x_t, s, out, value=-1),",
-        "Prediction(torch.addcmul(a * x_t, s, out, value=1),",
+        "torch.addcmul(a * x_t, s, out, value=-1), torch.addcmul(s * x_t, a, out)",
+        "torch.addcmul(a * x_t, s, out, value=1), torch.addcmul(s * x_t, a, out)",
         OBJECTIVES + SAMPLERS,
     ),
     Mutant(

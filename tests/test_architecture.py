@@ -115,3 +115,16 @@ def test_imports_go_downwards_through_the_documented_layers():
         f"{a} -> {b}" for a, edges in graph.items() if a in layers for b in edges if layers.get(b, 0) > layers[a]
     )
     assert upwards == []
+
+
+def test_every_mutant_of_the_mutation_check_still_finds_its_line(monkeypatch):
+    """tests/mutation.py names lines of the core: a change that rewords one must update the mutant."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("polydiff_mutation", ROOT / "tests" / "mutation.py")
+    mutation = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "polydiff_mutation", mutation)  # its dataclass looks its module up there
+    spec.loader.exec_module(mutation)
+    stale = [m.name for m in mutation.MUTANTS if (ROOT / m.path).read_text().count(m.old) != 1]
+    assert stale == [] and len(mutation.MUTANTS) >= 15

@@ -171,3 +171,29 @@ def test_molecules_that_diverged_or_hold_no_atoms(tmp_path, caplog):
     (tmp_path / "empty.sdf").write_text("empty\n  polydiff\n\n  0  0  0  0  0  0  0  0  0  0999 V2000\nM  END\n$$$$\n")
     with pytest.raises(ValueError, match="has no atoms"):
         read_sample_molecules(tmp_path / "empty.sdf")
+
+
+def test_an_old_checkpoint_whose_explicit_linear_range_was_scaled_is_refused_with_its_conversion(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from polydiff.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+    from polydiff.schedules import make_schedule
+
+    old = {
+        "schedule": {"name": "linear", "steps": 50, "beta_start": 1e-4, "beta_end": 0.01},
+        "objective": {"prediction": "eps"},
+        "domain": {"name": "image"},
+    }
+    path = tmp_path / "old.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "config": old}, path)
+    with pytest.raises(ValueError, match="scaled by 1000 / steps and now uses as given") as err:
+        load_checkpoint(path)
+    command = str(err.value).split("python -c ", 1)[1].strip()[1:-1]
+    subprocess.run([sys.executable, "-c", command], check=True)
+    converted = load_checkpoint(path)["config"]["schedule"]
+    before = torch.linspace(1e-4 * 20, 0.01 * 20, 50, dtype=torch.float64)  # what the older code trained with
+    after = make_schedule(**converted).betas
+    torch.testing.assert_close(after, before)
