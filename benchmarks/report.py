@@ -49,13 +49,26 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
             f"peak memory {t['peak_mem_mb']:.0f} MiB, final loss {t['final_loss']:.4f}",
             "",
         ]
+        for objective, o in (d.get("objectives") or {}).items():
+            lines += [
+                f"objective {objective}, same budget: "
+                + (
+                    f"failed: {o['error']}"
+                    if "error" in o
+                    else f"{o['steps']} steps in {o['wall_s']:.0f} s, {o['samples_per_s']:.1f} samples/s, "
+                    f"final loss {o['final_loss']:.4f}"
+                ),
+                "",
+            ]
         keys = _metric_keys(d["sampling"])
-        lines.append(_row(["sampler", "steps", "guidance", "samples/s", "wall s", "peak MiB", *keys]))
-        lines.append(_row(["---"] * (6 + len(keys))))
+        lines.append(
+            _row(["objective", "sampler", "steps", "NFE", "guidance", "samples/s", "wall s", "peak MiB", *keys])
+        )
+        lines.append(_row(["---"] * (8 + len(keys))))
         if d.get("reference"):
             ref = d["reference"]
             label = f"real data ({ref['num_samples']} held-out)" if "num_samples" in ref else "real data (reference)"
-            lines.append(_row([label, "", "", "", "", "", *(_fmt(ref.get(k, "")) for k in keys)]))
+            lines.append(_row([label, "", "", "", "", "", "", "", *(_fmt(ref.get(k, "")) for k in keys)]))
         for r in d["sampling"]:
             speed = f"{r['samples_per_s']:.2f}" + (
                 f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else ""
@@ -63,8 +76,10 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
             lines.append(
                 _row(
                     [
+                        r.get("objective", "vp"),
                         r["sampler"],
                         r["steps"],
+                        r.get("nfe", r["steps"]),
                         r["guidance"],
                         speed,
                         f"{r['wall_s']:.2f}",
@@ -74,7 +89,8 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
                 )
             )
         for r in d.get("sampling_errors", []):
-            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']} | failed: {r['error']} |")
+            cells = [r.get("objective", "vp"), r["sampler"], r["steps"], "", r["guidance"], f"failed: {r['error']}"]
+            lines.append(_row(cells))
         lines += [
             "",
             "training throughput against batch size: "
@@ -186,7 +202,7 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     domains = {k: v for k, v in result["domains"].items() if "error" not in v and "skipped" not in v}
     if not domains:
         return [write_page(result, folder, written)]
-    # Quality against the number of steps, per domain and sampler (first metric of the domain).
+    # Quality against the network calls per sample, per domain, objective and sampler (first metric of the domain).
     fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.6), squeeze=False)
     for ax, (name, d) in zip(axes[0], domains.items()):
         keys = _metric_keys(d["sampling"])
@@ -194,23 +210,26 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
             ax.set_title(f"{name}: no metrics")
             continue
         key = keys[0]
-        for sampler in sorted({r["sampler"] for r in d["sampling"]}):
-            for g in sorted({r["guidance"] for r in d["sampling"]}):
-                rows = sorted(
-                    (r for r in d["sampling"] if r["sampler"] == sampler and r["guidance"] == g),
-                    key=lambda r: r["steps"],
-                )
-                if rows:
-                    ax.plot(
-                        [r["steps"] for r in rows],
-                        [r["metrics"].get(key, float("nan")) for r in rows],
-                        "o-",
-                        label=f"{sampler}" + (f" w={g}" if g != 1.0 else ""),
-                    )
+        curves = sorted({(r.get("objective", "vp"), r["sampler"], r["guidance"]) for r in d["sampling"]})
+        for objective, sampler, g in curves:
+            rows = sorted(
+                (
+                    r
+                    for r in d["sampling"]
+                    if (r.get("objective", "vp"), r["sampler"], r["guidance"]) == (objective, sampler, g)
+                ),
+                key=lambda r: r.get("nfe", r["steps"]),
+            )
+            ax.plot(
+                [r.get("nfe", r["steps"]) for r in rows],
+                [r["metrics"].get(key, float("nan")) for r in rows],
+                "o-" if objective == "vp" else "s--",
+                label=f"{objective} {sampler}" + (f" w={g}" if g != 1.0 else ""),
+            )
         if key in d.get("reference", {}):
             ax.axhline(d["reference"][key], color="k", ls="--", lw=1, label="real data")
         ax.set_xscale("log")
-        ax.set_xlabel("sampler steps")
+        ax.set_xlabel("network calls per sample (NFE)")
         ax.set_ylabel(key)
         ax.set_title(name)
         ax.legend(fontsize=7)

@@ -23,11 +23,12 @@ from typing import Any, Iterator, Optional
 import torch
 
 from benchmarks.memory import peak_rss_kib, release_free_heap, reset_peak_rss
-from polydiff.build import resolve_device
-from polydiff.config import check_overrides, merge_sampler
+from polydiff.build import resolve_device, to_plain
+from polydiff.config import check_overrides, merge_sampler, retarget_plugins
 from polydiff.domain import Batch
 from polydiff.generate import generate
 from polydiff.recipes import compose_recipe
+from polydiff.samplers import network_calls
 from polydiff.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,8 @@ class DomainBench:
     data: Optional[tuple[str, str, str]] = None
     # Also time training under torch.compile against eager on one batch (full suite): where it helps.
     compile_check: bool = False
+    # Other objectives trained on the same budget, each with its own sweep: (name, overrides, [(sampler, steps)]).
+    objectives: list[tuple[str, list[str], list[tuple[str, int]]]] = field(default_factory=list)
 
 
 def _train_steps(steps: int) -> list[str]:
@@ -110,6 +113,23 @@ def suites() -> dict[str, dict[str, DomainBench]]:
         ("dpmpp_2m", 10),
     ]
     full_samplers = list(quick_samplers)  # the same sweep
+
+    def continuous(sigma_data: float) -> list[tuple[str, list[str], list[tuple[str, int]]]]:
+        """The continuous-time family on the same budget: flow matching with Euler and Heun at about 10, 20 and 50
+        network calls (Heun makes 2 steps - 1), EDM with Heun at its 35 (18 steps) and ``sigma_data`` the domain's
+        training-state standard deviation (measured on 64-256 training samples)."""
+        return [
+            (
+                "flow",
+                ["objective.name=flow"],
+                [("euler", 10), ("euler", 20), ("euler", 50), ("heun", 5), ("heun", 10), ("heun", 25)],
+            ),
+            ("edm", ["objective.name=edm", f"objective.sigma_data={sigma_data}"], [("heun", 18)]),
+        ]
+
+    # Molecules: flow matching with each noise draw rotated and permuted onto its molecule as well (EquiFM).
+    aligned = ("flow-aligned", ["objective.name=flow", "objective.coupling=aligned"], [("euler", 50), ("heun", 25)])
+
     return {
         "quick": {
             "points": DomainBench(
@@ -119,6 +139,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 quick_samplers,
                 batch_sizes=[64, 256, 1024],
                 peers=["samplers", "diffusers"],
+                objectives=continuous(1.4),
             ),
             "image": DomainBench(
                 "recipes/image_unet.yaml",
@@ -129,6 +150,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 batch_sizes=[16, 32, 64],
                 peers=["unet2d", "diffusers"],
                 max_guided_steps=100,
+                objectives=continuous(0.76),
             ),
             "audio": DomainBench(
                 "recipes/audio_unet.yaml",
@@ -140,6 +162,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 peers=["unet1d", "diffusers"],
                 scaling=("duration", [0.35, 0.7, 1.4, 2.8]),
                 max_guided_steps=100,
+                objectives=continuous(0.12),
             ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",
@@ -149,6 +172,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 batch_sizes=[8, 16, 32],
                 peers=["egnn"],
                 scaling=("num_atoms", [8, 16, 32, 64]),
+                objectives=[*continuous(0.84), aligned],
             ),
         },
         "full": {
@@ -159,6 +183,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 full_samplers,
                 batch_sizes=[256, 1024, 4096],
                 peers=["samplers", "diffusers"],
+                objectives=continuous(1.4),
             ),
             "image": DomainBench(
                 "recipes/image_unet.yaml",
@@ -169,6 +194,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 batch_sizes=[32, 64, 128, 256],
                 peers=["unet2d", "diffusers"],
                 compile_check=True,
+                objectives=continuous(0.76),
             ),
             # 100 samples: as many as the built-in set's held-out clips, so FID's sample-count bias is the
             # reference row's.
@@ -182,6 +208,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 peers=["unet1d", "diffusers"],
                 scaling=("duration", [0.5, 1.0, 2.0, 4.0]),
                 compile_check=True,
+                objectives=continuous(0.12),
             ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",
@@ -192,6 +219,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 peers=["egnn"],
                 scaling=("num_atoms", [8, 16, 32, 64]),
                 compile_check=True,
+                objectives=[*continuous(0.84), aligned],
             ),
             # The recipe's defaults already are EDM's (9 layers, 256 wide, polynomial T = 1000, batch 64,
             # lr 1e-4, EMA 0.9999); EDM trained ~4.7M steps, so raise --steps to chase its 82% figure.
@@ -341,9 +369,11 @@ def size_throughput(trainer: Trainer, option: str, value: float, batch_size: int
     }
 
 
-def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, seed: int) -> dict[str, Any]:
+def sampler_row(
+    trainer: Trainer, name: str, steps: int, scale: float, n: int, seed: int, objective: str = "vp"
+) -> dict[str, Any]:
     """Sample ``n`` with the EMA weights (in the recipe's sampler.batch_size chunks); wall time,
-    samples/s, peak memory and the domain's metrics."""
+    samples/s, peak memory, network calls per sample and the domain's metrics."""
     domain = trainer.domain
     labels = domain.default_labels(n, trainer.device)
     # The recipe's sampler section with another sampler named: the options that sampler does not take are left out.
@@ -369,8 +399,10 @@ def sampler_row(trainer: Trainer, name: str, steps: int, scale: float, n: int, s
         wall = time.perf_counter() - t0
     metrics = domain.evaluate(batch)
     row = {
+        "objective": objective,
         "sampler": name,
         "steps": steps,
+        "nfe": network_calls(name, steps),
         "guidance": scale,
         "num_samples": n,
         "wall_s": wall,
@@ -491,24 +523,11 @@ def bench_domain(
     overrides = [*spec.overrides, f"trainer.device={device}", f"seed={seed}"]
     if spec.data and data_root:
         overrides.append(f"{spec.data[1]}={data_root}")
-    cfg = compose_recipe(ROOT / spec.recipe, overrides)
-    run_dir = run_root / name
-    trainer = Trainer(cfg, run_dir)
-    train_wall, mem = _fit_timed(trainer)
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [{"step": r["step"], "loss": r["loss"]} for r in records if r["kind"] == "train"]
-    sps = [r["samples_per_s"] for r in records if r["kind"] == "train"][1:] or [records[0]["samples_per_s"]]
+    trainer, train = _train(spec.recipe, overrides, run_root / name)
     result: dict[str, Any] = {
         "recipe": spec.recipe,
         "overrides": overrides,
-        "train": {
-            "steps": trainer.step,
-            "wall_s": train_wall,
-            "samples_per_s": sum(sps) / len(sps),
-            "peak_mem_mb": mem.peak_mb,
-            "final_loss": curve[-1]["loss"],
-            "loss_curve": curve,
-        },
+        "train": train,
         "reference": trainer.domain.reference_metrics(spec.num_samples),
         "sampling": [],
         "throughput_vs_batch": [train_throughput(trainer, b) for b in spec.batch_sizes],
@@ -525,24 +544,7 @@ def bench_domain(
             traceback.print_exc()
             result["compile"] = {"error": f"{type(err).__name__}: {err}"}
     guidance = spec.guidance if trainer.domain.num_classes else [1.0]
-    for sampler, steps in spec.samplers:
-        steps = int(cfg.schedule.steps) if steps == TRAINING_T else steps
-        for scale in guidance:
-            if scale != 1.0 and steps > spec.max_guided_steps:
-                continue
-            try:
-                row = sampler_row(trainer, sampler, steps, scale, spec.num_samples, seed)
-            except Exception as err:  # one row (out of memory at DDPM-1000, say) must not lose the trained domain
-                traceback.print_exc()
-                result.setdefault("sampling_errors", []).append(
-                    {"sampler": sampler, "steps": steps, "guidance": scale, "error": f"{type(err).__name__}: {err}"}
-                )
-                continue
-            print(
-                f"[bench] {name}: {sampler}-{steps} guidance {scale}: {row['wall_s']:.1f} s, {row['metrics']}",
-                flush=True,
-            )
-            result["sampling"].append(row)
+    _sweep(name, trainer, spec, spec.samplers, guidance, seed, result, trainer.cfg["objective"].get("name", "vp"))
     result["peers"] = {}
     for peer in spec.peers:
         try:
@@ -553,7 +555,77 @@ def bench_domain(
             )
         except Exception as err:  # a missing bench extra must not lose the domain's figures
             result["peers"][peer] = {"error": f"{type(err).__name__}: {err}"}
+    result["objectives"] = {}
+    for objective, extra, samplers in spec.objectives:  # the same budget, another objective: its own sweep
+        print(f"[bench] {name}: training with objective {objective} ({time.strftime('%H:%M:%S')}) ...", flush=True)
+        try:
+            other, result["objectives"][objective] = _train(
+                spec.recipe, [*overrides, *extra], run_root / f"{name}-{objective}"
+            )
+        except Exception as err:
+            traceback.print_exc()
+            result["objectives"][objective] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        _sweep(name, other, spec, samplers, [1.0], seed, result, objective)
     return result
+
+
+def _train(recipe: str, overrides: list[str], run_dir: Path) -> tuple[Trainer, dict[str, Any]]:
+    """Train ``recipe`` with ``overrides`` (a plug-in renamed there leaves the recipe's options it does not take) in
+    ``run_dir``; the trainer and its training figures."""
+    cfg, _ = retarget_plugins(to_plain(compose_recipe(ROOT / recipe, overrides)), overrides)
+    trainer = Trainer(cfg, run_dir)
+    train_wall, mem = _fit_timed(trainer)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [{"step": r["step"], "loss": r["loss"]} for r in records if r["kind"] == "train"]
+    sps = [r["samples_per_s"] for r in records if r["kind"] == "train"][1:] or [records[0]["samples_per_s"]]
+    return trainer, {
+        "steps": trainer.step,
+        "wall_s": train_wall,
+        "samples_per_s": sum(sps) / len(sps),
+        "peak_mem_mb": mem.peak_mb,
+        "final_loss": curve[-1]["loss"],
+        "loss_curve": curve,
+    }
+
+
+def _sweep(
+    name: str,
+    trainer: Trainer,
+    spec: DomainBench,
+    samplers: list[tuple[str, int | str]],
+    guidance: list[float],
+    seed: int,
+    result: dict[str, Any],
+    objective: str,
+) -> None:
+    """Sample every ``(sampler, steps)`` at every guidance scale into ``result["sampling"]`` (failures beside), each
+    row labelled with ``objective`` (the variant's name)."""
+    for sampler, steps in samplers:
+        steps = int(trainer.cfg["schedule"]["steps"]) if steps == TRAINING_T else steps
+        for scale in guidance:
+            if scale != 1.0 and steps > spec.max_guided_steps:
+                continue
+            try:
+                row = sampler_row(trainer, sampler, steps, scale, spec.num_samples, seed, objective)
+            except Exception as err:  # one row (out of memory at DDPM-1000, say) must not lose the trained domain
+                traceback.print_exc()
+                result.setdefault("sampling_errors", []).append(
+                    {
+                        "objective": objective,
+                        "sampler": sampler,
+                        "steps": steps,
+                        "guidance": scale,
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                )
+                continue
+            print(
+                f"[bench] {name}: {row['objective']} {sampler}-{steps} ({row['nfe']} NFE) guidance {scale}: "
+                f"{row['wall_s']:.1f} s, {row['metrics']}",
+                flush=True,
+            )
+            result["sampling"].append(row)
 
 
 def _git(*args: str) -> Optional[str]:
@@ -842,6 +914,14 @@ def main(argv: Optional[list[str]] = None) -> Path:
     path = run_suite(a.suite, domains, a.device, a.out, a.seed, specs=specs, data=data)
     results = json.loads(path.read_text())["domains"]
     failed = {n: r["error"] for n, r in results.items() if "error" in r}
+    failed.update(
+        {
+            f"{n} objective {o}": e["error"]
+            for n, r in results.items()
+            for o, e in r.get("objectives", {}).items()
+            if "error" in e
+        }
+    )
     failed.update(
         {
             f"{n} {e['sampler']}-{e['steps']} guidance {e['guidance']}": e["error"]

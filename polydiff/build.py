@@ -13,10 +13,11 @@ from torch import nn
 
 from .config import call_checked
 from .domain import Domain
+from .latent import LatentDomain, latent_domain
 from .objectives import BaseObjective, build_objective_from
 from .registry import get_domain
 from .safety import safe_instantiate
-from .schedules import NoiseSchedule, make_schedule
+from .schedules import NoiseSchedule, Schedule, make_schedule
 
 __all__ = [
     "Parts",
@@ -30,6 +31,7 @@ __all__ = [
     "build_network",
     "build_schedule",
     "build_objective",
+    "sampling_schedule",
     "to_plain",
     "check_targets",
 ]
@@ -96,6 +98,11 @@ def build_schedule(schedule_cfg: Mapping[str, Any]) -> NoiseSchedule:
     return call_checked(make_schedule, cfg, "schedule")
 
 
+def sampling_schedule(cfg: Mapping[str, Any]) -> Schedule:
+    """The schedule a recipe's samplers read: its ``schedule`` section, or the path its objective fixes."""
+    return build_objective_from(to_plain(cfg.get("objective")) or {}).sampling_schedule(build_schedule(cfg["schedule"]))
+
+
 def build_objective(objective_cfg: Mapping[str, Any], schedule: NoiseSchedule) -> BaseObjective:
     """The objective the ``objective`` section names (``vp`` without a name), its options checked by name."""
     objective = build_objective_from(to_plain(objective_cfg) or {})
@@ -109,7 +116,7 @@ class Parts:
 
     domain: Domain
     net: nn.Module
-    schedule: NoiseSchedule
+    schedule: Schedule  # what samplers read: the recipe's, or the objective's own path
     objective: BaseObjective
     train_set: Any = None  # the training set, when it was read to set the domain up
 
@@ -117,7 +124,7 @@ class Parts:
     def from_config(cls, cfg: Mapping[str, Any], domain_state: Mapping[str, Any] | None = None) -> "Parts":
         """Build everything; ``domain_state`` (from a checkpoint) replaces reading the data set."""
         plain = to_plain(cfg)
-        domain = build_domain(plain["domain"])
+        domain = latent_domain(build_domain(plain["domain"]), plain.get("latent"))  # latent diffusion, if asked
         train_set = None
         if domain_state is not None:
             domain.load_state_dict(domain_state)
@@ -126,6 +133,9 @@ class Parts:
             domain.setup(train_set)
         schedule = build_schedule(plain["schedule"])
         objective = build_objective(plain["objective"], schedule)
+        schedule = objective.sampling_schedule(schedule)  # flow matching and EDM fix their own path
+        if domain_state is None:  # training: an objective that learns from a teacher checks it fits
+            objective.check_domain(domain)
         net = build_network(domain, plain.get("model", {}))
         return cls(domain, net, schedule, objective, train_set)
 
@@ -133,7 +143,7 @@ class Parts:
 def domain_class_path(domain: Domain) -> dict[str, Optional[str]]:
     """Where a domain's class lives, saved in checkpoints: ``{"class": "module:Qualname", "root": folder}``, the root
     being the folder that makes the module importable (named in errors when it is not, e.g. when sampling elsewhere)."""
-    cls = type(domain)
+    cls = type(domain.inner if isinstance(domain, LatentDomain) else domain)  # a latent domain: the one it wraps
     module = sys.modules.get(cls.__module__)
     root = None
     if getattr(module, "__file__", None):

@@ -1,6 +1,6 @@
-"""The ``polydiff`` command: ``train`` (Hydra recipes), ``sample`` (from a run directory), ``eval`` (score sample
-files), ``report`` (a run's offline page), ``bench``; each command's body lives in its own module (cli_train,
-cli_sample, report, bench)."""
+"""The ``polydiff`` command: ``train`` (Hydra recipes), ``reflow`` and ``distill`` (a new run learning from a trained
+one), ``sample`` (from a run directory), ``eval`` (score sample files), ``report`` (a run's offline page), ``bench``;
+each command's body lives in its own module (cli_train, cli_sample, report, bench)."""
 
 from __future__ import annotations
 
@@ -45,10 +45,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     from .cli_sample import eval_command, sample_command
-    from .cli_train import train_command
+    from .cli_train import distill_command, reflow_command, train_command
 
     commands = {
         "train": train_command,
+        "reflow": reflow_command,
+        "distill": distill_command,
         "sample": sample_command,
         "eval": eval_command,
         "bench": _bench,

@@ -16,9 +16,18 @@ USAGE = """usage: polydiff <command> [args]
 
 commands:
   train RECIPE.yaml [hydra overrides]   train a recipe (a file, or a shipped recipe's name from any folder:
-        audio_unet, image_unet, molecule_egnn), e.g.
+        audio_unet, audio_latent, image_unet, molecule_egnn), e.g.
         polydiff train recipes/audio_unet.yaml profile=cpu trainer.max_steps=500 hydra.run.dir=runs/audio
         (multirun: -m trainer.lr=1e-4,2e-4; every Hydra flag works)
+  reflow RUN_DIR hydra.run.dir=NEW [overrides]   train a straighter flow on the noise-sample pairs of a trained
+        run (rectified flow; starts from its weights), e.g. polydiff reflow runs/points hydra.run.dir=runs/points-2
+        objective.steps=20 trainer.max_steps=500, then polydiff sample runs/points-2 sampler.name=euler sampler.steps=1
+  distill RUN_DIR --method progressive|consistency hydra.run.dir=NEW [--steps N] [overrides]   a few-step student
+        of a trained vp run (starts from its weights): progressive halves --teacher-steps (default 64) down to
+        --steps (default 4), a run per round (NEW/rounds/steps-M, the last in NEW); consistency learns a one-step
+        map (objective.steps noise levels, default 18), e.g. polydiff distill runs/points --method consistency
+        hydra.run.dir=runs/points-cd trainer.max_steps=1000, then polydiff sample runs/points-cd sampler.steps=2
+        (--guidance S distils classifier-free guidance at scale S into it; default: the run's guidance.scale)
   sample RUN_DIR [--n N] [--eval] [--seeds K] [overrides]   write new samples from a run's last checkpoint, e.g.
         polydiff sample runs/audio --n 16 sampler.name=ddim sampler.steps=50 guidance.scale=3 label=seven
         polydiff sample runs/audio --n 4 --known take.wav known.start=0.4 known.end=0.6   (fill 0.4-0.6 s)

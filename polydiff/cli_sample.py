@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_common import USER_ERRORS, check_writable, fail, fmt_metrics, fresh_dir, user_message
+from .latent import reconstruction_row
 
 __all__ = ["sample_command", "eval_command", "check_guidance"]
 
@@ -174,6 +175,7 @@ def sample_command(args: Sequence[str]) -> None:
                 file=sys.stderr,
             )
             record["reference"] = None
+        record.update(reconstruction_row(domain, a.n))  # latent models: the first stage's ceiling, beside it
     paths.append(out / "sampling.json")
     (out / "sampling.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
     print(f"wrote {len(paths)} files to {out}")
@@ -184,6 +186,8 @@ def sample_command(args: Sequence[str]) -> None:
         print(f"{what}: {fmt_metrics(record['metrics'], record.get('metrics_range'))}")
         if record["reference"]:
             print(f"real data: {fmt_metrics(record['reference'])}")
+        if record.get("reconstruction"):
+            print(f"first stage (held-out data encoded and decoded): {fmt_metrics(record['reconstruction'])}")
     from .report import report_after_sampling  # warns where the page cannot be drawn: the samples are written
 
     if report_after_sampling(out, domain) is not None:
@@ -213,6 +217,8 @@ def check_guidance(domain: Any, guidance: dict[str, Any], given: Any) -> None:
 
 
 def eval_command(args: Sequence[str]) -> None:
+    if "--nll" in args:
+        return _nll_command(list(args))
     from .build import split_domain_overrides
     from .scoring import load_domain, score_samples
 
@@ -254,4 +260,63 @@ def eval_command(args: Sequence[str]) -> None:
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"source": str(a.source), **record}, indent=1, default=float) + "\n")
+        print(f"wrote {a.json}")
+
+
+def _nll_command(args: list[str]) -> None:
+    """``polydiff eval --nll [bound|vdm|ode] RUN_DIR``: the run's NLL on held-out data (:mod:`polydiff.nll`)."""
+    from .build import load_run, resolve_device, split_domain_overrides
+    from .nll import KINDS, evaluate_nll
+
+    at = args.index("--nll")
+    kind = args[at + 1] if at + 1 < len(args) and args[at + 1] in KINDS else "bound"
+    rest = args[:at] + args[at + (2 if at + 1 < len(args) and args[at + 1] == kind else 1) :]
+    p = argparse.ArgumentParser(
+        prog="polydiff eval --nll [bound|vdm|ode]",
+        description="A trained run's negative log-likelihood on held-out data, in nats and bits per dimension.",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--n", type=int, default=256, help="held-out samples scored (default 256)")
+    p.add_argument("--steps", type=int, default=None, help="bound: strata of steps (default 100); ode: RK4 steps (64)")
+    p.add_argument("--bins", default="auto", help="levels of quantised data (256: 8-bit images), none, or auto")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("overrides", nargs="*", help="domain.KEY=V (e.g. domain.root=DIR where the data now lie)")
+    a = p.parse_intermixed_args(rest)
+    domain_over, other = split_domain_overrides(a.overrides)
+    if other:
+        raise fail(f"--nll takes only domain.KEY=V overrides, got {other}")
+    if a.n < 1 or a.batch_size < 1 or (a.steps is not None and a.steps < 1):
+        raise fail(f"--n, --batch-size and --steps must be at least 1, got {a.n}, {a.batch_size}, {a.steps}")
+    if a.json is not None and a.json.exists():
+        raise fail(f"{a.json} exists: choose another --json file, or remove it first")
+    try:
+        bins = None if a.bins.lower() == "none" else "auto" if a.bins == "auto" else int(a.bins)
+    except ValueError:
+        raise fail(f"--bins {a.bins!r}: give a number of levels (256 for 8-bit images), none or auto") from None
+    try:
+        device = resolve_device(a.device, "--device")
+        parts, ckpt = load_run(a.run_dir, "ema", device, domain_over)
+        steps = a.steps
+        if steps is None and kind != "ode":
+            steps = 100
+        t0 = time.perf_counter()
+        record = evaluate_nll(parts, kind, a.n, a.batch_size, steps, bins, a.split, device, a.seed)
+    except USER_ERRORS + (RuntimeError,) as err:
+        raise fail(user_message(err)) from err
+    record.update(run=str(a.run_dir), step=int(ckpt["step"]), seconds=time.perf_counter() - t0)
+    what = f"ODE, {record.get('ode_steps')} RK4 steps"
+    if kind != "ode":
+        what = f"{record['time']}-time bound, {record['steps']} strata"
+    print(
+        f"{a.run_dir} step {record['step']} ({what}, {record['n']} {a.split} samples, {record['decoder']}): "
+        f"nll_nats {record['nll_nats']:.4g} +- {record['nll_nats_sem']:.2g}, "
+        f"nll_bpd {record['nll_bpd']:.4g} +- {record['nll_bpd_sem']:.2g} ({record['dims_mean']:.4g} dims per sample)"
+    )
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(record, indent=1, default=float) + "\n")
         print(f"wrote {a.json}")

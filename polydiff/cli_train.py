@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from .cli_common import USAGE, USER_ERRORS, check_writable, fail, user_message
 from .recipes import check_recipe, check_schema, compose_recipe, explain_composition, recipe_paths
 
-__all__ = ["train_command"]
+__all__ = ["train_command", "reflow_command", "distill_command"]
 
 
 def _check_run_dir(recipe: str, overrides: Sequence[str]) -> Optional[Path]:
@@ -100,7 +100,8 @@ def train_command(args: Sequence[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from .config import check_overrides, register_configs
+    from .build import to_plain
+    from .config import check_overrides, register_configs, retarget_plugins
     from .trainer import CheckpointWriteError, train
 
     register_configs()
@@ -129,8 +130,15 @@ def train_command(args: Sequence[str]) -> None:
     def _task(cfg) -> None:
         if int(os.environ.get("RANK", "0")) > 0:
             logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs progress; the others only what goes wrong
-        out = Path(HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        out = Path(hydra_cfg.runtime.output_dir)
         try:
+            cfg, dropped = retarget_plugins(to_plain(cfg), list(hydra_cfg.overrides.task))
+            if dropped:
+                logging.getLogger("polydiff").info(
+                    "left out the recipe's %s: the plug-in named on the command line does not take them",
+                    ", ".join(dropped),
+                )
             train(cfg, out)
         except USER_ERRORS + (CheckpointWriteError,) as err:
             message = user_message(err)
@@ -168,3 +176,134 @@ def _remove_stub(out: Path, existing: Optional[Path]) -> str:
         shutil.rmtree(out, ignore_errors=True)
         return f" (nothing was trained: the new run folder {out} was removed)"
     return f" (also written to the log in {out})"
+
+
+def train_from_run(
+    command: str, args: Sequence[str], objective: dict, sampler: Optional[dict] = None, guidance: Optional[dict] = None
+) -> None:
+    """Train a student of the run ``args[0]`` in ``hydra.run.dir`` (``polydiff reflow``): the run's own recipe with
+    ``objective`` in place of its objective, starting from its EMA weights; written to STUDENT/recipe.yaml and
+    trained by :func:`train_command`, so the student resumes, logs and samples like any run."""
+    import yaml
+
+    from .build import saved_config
+    from .checkpoint import load_checkpoint, run_checkpoint
+
+    if not args or "=" in args[0]:
+        raise fail(f"{command} needs a trained run first: polydiff {command} RUN_DIR hydra.run.dir=NEW [overrides]")
+    run, rest = Path(args[0]).resolve(), list(args[1:])
+    out = next((a.split("=", 1)[1] for a in rest if a.lstrip("+").startswith("hydra.run.dir=")), None)
+    if out is None:
+        raise fail(f"{command} needs hydra.run.dir=NEW: the new run's own folder (the run {run} is left as it is)")
+    if Path(out).resolve() == run:
+        raise fail(f"hydra.run.dir={out} is the run {command} learns from: give the new run a folder of its own")
+    try:
+        ckpt_path = run_checkpoint(run)
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {ckpt_path}: give the folder of a trained run")
+        cfg = saved_config(load_checkpoint(ckpt_path))
+    except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
+        raise fail(user_message(err)) from err
+    cfg["objective"] = {**objective, "teacher": str(run)}
+    cfg["trainer"] = {**cfg["trainer"], "init": str(run), "resume": "auto"}
+    if sampler is not None:
+        cfg["sampler"] = sampler
+    if guidance is not None:  # e.g. a student that has learnt its teacher's guidance samples without it
+        cfg["guidance"] = {**(cfg.get("guidance") or {}), **guidance}
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = folder / f"{command}.yaml"
+    body = yaml.safe_dump({"defaults": ["polydiff_recipe", "_self_"], **cfg}, sort_keys=False)
+    recipe.write_text(f"# polydiff {command} {run}\n{body}")
+    train_command([str(recipe), *rest])
+
+
+def reflow_command(args: Sequence[str]) -> None:
+    """``polydiff reflow RUN_DIR hydra.run.dir=NEW [objective.steps=N objective.sampler=S ...]``: rectified flow."""
+    train_from_run("reflow", args, {"name": "reflow"})
+
+
+DISTILL_METHODS = ("progressive", "consistency")
+DISTILL_FLAGS = ("--method", "--steps", "--teacher-steps", "--guidance")
+
+
+def _distill_flags(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """``--flag V`` / ``--flag=V`` of :data:`DISTILL_FLAGS` apart from the run folder and the Hydra overrides."""
+    flags, rest, items = {}, [], list(args)
+    while items:
+        item = items.pop(0)
+        name, eq, value = item.partition("=")
+        if name not in DISTILL_FLAGS:
+            rest.append(item)
+            continue
+        if not eq:
+            if not items or items[0].startswith("-"):
+                raise fail(f"{name} needs a value, e.g. {name} 4")
+            value = items.pop(0)
+        flags[name.lstrip("-")] = value
+    return flags, rest
+
+
+def _round_done(folder: Path, rest: Sequence[str]) -> bool:
+    """Whether the progressive round in ``folder`` has trained its ``trainer.max_steps`` (the override's, if given)."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = folder / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        return False
+    saved = load_checkpoint(ckpt, mmap=True)
+    given = [a.split("=", 1)[1] for a in rest if a.lstrip("+").startswith("trainer.max_steps=")]
+    return int(saved["step"]) >= int(given[-1] if given else saved["config"]["trainer"]["max_steps"])
+
+
+def _saved_guidance(run: str) -> float:
+    """The classifier-free guidance scale the run ``run`` samples with (1 where it cannot be read: the error about
+    the run comes from :func:`train_from_run`)."""
+    from .checkpoint import load_checkpoint, run_checkpoint
+
+    try:
+        saved = load_checkpoint(run_checkpoint(run), mmap=True)["config"]
+        return float((saved.get("guidance") or {}).get("scale", 1.0))
+    except Exception:  # noqa: BLE001 -- reported by train_from_run, with the fix
+        return 1.0
+
+
+def distill_command(args: Sequence[str]) -> None:
+    """``polydiff distill RUN_DIR --method progressive|consistency hydra.run.dir=STUDENT [--steps N] [overrides]``:
+    a few-step student of a trained run (Salimans & Ho 2022; Song, Dhariwal, Chen & Sutskever 2023)."""
+    flags, rest = _distill_flags(args)
+    method = flags.get("method")
+    if method not in DISTILL_METHODS:
+        raise fail(f"distill needs --method, one of {list(DISTILL_METHODS)} (got {method!r})")
+    try:
+        steps = int(flags.get("steps", 4 if method == "progressive" else 1))
+        start = int(flags.get("teacher-steps", 64))
+        scale = float(flags.get("guidance", _saved_guidance(rest[0] if rest else "")))
+    except ValueError as err:
+        raise fail(f"--steps, --teacher-steps and --guidance take numbers: {err}") from None
+    if steps < 1:
+        raise fail(f"--steps {steps}: a student takes at least 1 step")
+    guidance = None if scale == 1.0 else {"scale": 1.0}  # learnt by the student: not applied again
+    if method == "consistency":
+        objective = {"name": "consistency", "guidance_scale": scale}
+        train_from_run("distill", rest, objective, {"name": "consistency", "steps": steps}, guidance)
+        return
+    halvings = (start // steps).bit_length() - 1 if start > steps else 0
+    if halvings < 1 or steps * 2**halvings != start:
+        raise fail(
+            f"--teacher-steps {start} must be --steps {steps} doubled one or more times (each progressive round "
+            f"halves the teacher's steps), e.g. --teacher-steps {steps * 16}"
+        )
+    rounds = [steps * 2**j for j in reversed(range(halvings))]  # 32, 16, 8, 4 from 64 to 4
+    out = next((a.split("=", 1)[1] for a in rest if a.lstrip("+").startswith("hydra.run.dir=")), None)
+    if not rest or out is None:
+        train_from_run("distill", rest, {})  # names what is missing
+        return
+    teacher = rest[0]
+    for k, n in enumerate(rounds):  # a round per run: STUDENT/rounds/steps-N, the last one in STUDENT itself
+        folder = Path(out) if n == steps else Path(out) / "rounds" / f"steps-{n}"
+        if n == steps or not _round_done(folder, rest):
+            here = [a if not a.lstrip("+").startswith("hydra.run.dir=") else f"hydra.run.dir={folder}" for a in rest]
+            objective = {"name": "progressive", "steps": n, "guidance_scale": scale if k == 0 else 1.0}
+            train_from_run("distill", [teacher, *here[1:]], objective, {"name": "ddim", "steps": n}, guidance)
+        teacher = str(folder)

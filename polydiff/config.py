@@ -25,6 +25,7 @@ __all__ = [
     "TrainerConfig",
     "SamplerConfig",
     "GuidanceConfig",
+    "LatentConfig",
     "RecipeConfig",
     "register_configs",
     "call_checked",
@@ -34,6 +35,7 @@ __all__ = [
     "check_section",
     "sampler_section",
     "merge_sampler",
+    "retarget_plugins",
     "open_section",
     "unknown_key",
     "check_trainer",
@@ -91,6 +93,8 @@ class TrainerConfig:
     label_dropout: float = 0.1  # classifier-free guidance training (conditional domains)
     # auto (the run dir's last.pt if any) | never | PATH (start there; the run's own last.pt, once written, wins)
     resume: str = "auto"
+    # null | a run folder or checkpoint whose EMA weights a fresh run starts from (fine-tuning, reflow, distillation)
+    init: Optional[str] = None
     progress: bool = True
 
 
@@ -113,13 +117,29 @@ class SamplerConfig:
 @dataclass
 class GuidanceConfig:
     """Guidance of :func:`polydiff.generate.generate`: ``scale`` and ``rescale`` of
-    :func:`polydiff.guidance.stacked_guidance` or ``classifier_free_guidance``, ``batched`` which of the two."""
+    :func:`polydiff.guidance.stacked_guidance` or ``classifier_free_guidance``, ``batched`` which of the two;
+    ``classifier``, ``classifier_scale`` and ``target`` of :func:`polydiff.guidance.classifier_guidance`."""
 
     scale: float = 1.0  # 1 = conditional model, 0 = unconditional model
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2024)
     # true: one network call per step on the conditional and unconditional rows stacked (twice the activations);
     # false: two calls; null: stacked on CUDA, two calls elsewhere (faster on the CPU: bench_audio_sampling.py)
     batched: Optional[bool] = None
+    # Classifier guidance (polydiff.classifier_guide): a classifier run's folder or checkpoint (objective.name=
+    # classifier), its gradient's weight, and the value a property regressor steers to (units of prior.KEY; null: the
+    # model's own condition).
+    classifier: Optional[str] = None
+    classifier_scale: float = 1.0
+    target: Optional[float] = None
+
+
+@dataclass
+class LatentConfig:
+    """Latent diffusion (:func:`polydiff.latent.latent_domain`): the first stage the domain is diffused through."""
+
+    autoencoder: Optional[str] = (
+        None  # null: diffuse the data itself | mel (audio) | a trained autoencoder's run folder
+    )
 
 
 @dataclass
@@ -133,6 +153,7 @@ class RecipeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sampler: SamplerConfig = field(default_factory=lambda: open_section(SamplerConfig))
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
     seed: int = 0
 
 
@@ -166,6 +187,7 @@ SECTIONS: Dict[str, type] = {
     "trainer": TrainerConfig,
     "sampler": SamplerConfig,
     "guidance": GuidanceConfig,
+    "latent": LatentConfig,
 }
 # The sections that name a plug-in: their keys beyond the schema's are the plug-in's options.
 PLUGIN_SECTIONS = ("sampler", "objective")
@@ -177,8 +199,10 @@ def _plugins(section: str) -> tuple[Mapping[str, Any], Callable[[str], Mapping[s
         from .samplers import SAMPLERS, check_sampler_options, sampler_options
 
         return SAMPLERS, sampler_options, check_sampler_options
-    from .objectives import OBJECTIVES, check_objective_options, objective_options
+    from .objectives import LATER, OBJECTIVES, check_objective_options, get_objective, objective_options
 
+    for name in LATER:  # the objectives that load runs join the table their options are listed from
+        get_objective(name)
     return OBJECTIVES, objective_options, check_objective_options
 
 
@@ -267,6 +291,28 @@ def sampler_section(section: Mapping[str, Any]) -> dict[str, Any]:
         takes = _plugins("sampler")[1](out["name"])
         out = {k: v for k, v in out.items() if k in takes or k not in _LEGACY_DEFAULTS or v != _LEGACY_DEFAULTS[k]}
     return out
+
+
+def retarget_plugins(cfg: Mapping[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """``cfg`` with the recipe's options of a plug-in renamed on the command line (``objective.name=flow``,
+    ``sampler.name=heun``) left out where the new plug-in does not take them, as :func:`merge_sampler` does for
+    ``polydiff sample``; options given on the command line are kept (and checked). Returns the config and the
+    ``section.key=value`` items left out."""
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o}
+    cfg, dropped = dict(cfg), []
+    for section in PLUGIN_SECTIONS:
+        if f"{section}.name" not in given or not isinstance(cfg.get(section), Mapping):
+            continue
+        schema = SECTIONS[section].__dataclass_fields__
+        takes = _plugins(section)[1](str(cfg[section].get("name")))
+        kept = {}
+        for key, value in cfg[section].items():
+            if key in schema or key in takes or f"{section}.{key}" in given:
+                kept[key] = value
+            else:
+                dropped.append(f"{section}.{key}={value}")
+        cfg[section] = kept
+    return cfg, dropped
 
 
 def merge_sampler(saved: Mapping[str, Any], given: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .classifier_guide import load_classifier_guide
 from .conditioning import NULL_LABEL, is_null, null_condition
 from .config import GuidanceConfig, SamplerConfig, check_call, check_section, sampler_section
 from .domain import Domain
@@ -18,7 +19,7 @@ from .guidance import classifier_free_guidance, stacked_guidance
 from .noise import NoiseSource, block_seeds
 from .objectives import BaseObjective
 from .samplers import get_sampler, timesteps
-from .schedules import NoiseSchedule
+from .schedules import Schedule
 from .state import Batch, Known, Prediction
 
 __all__ = ["generate", "check_sampler", "sampler_settings", "in_precision"]
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 def generate(
     domain: Domain,
     net: nn.Module,
-    schedule: NoiseSchedule,
+    schedule: Schedule,
     objective: BaseObjective,
     n: int,
     sampler: Mapping[str, Any],
@@ -43,7 +44,7 @@ def generate(
     known: Optional[Known] = None,
 ) -> Batch:
     """Draw ``n`` samples: ``sampler`` = {name, steps, batch_size, precision, **the sampler's options}, ``guidance`` =
-    {scale, rescale, batched}.
+    {scale, rescale, batched, classifier, classifier_scale, target} (:class:`polydiff.config.GuidanceConfig`).
 
     ``sampler`` keys left out take :class:`polydiff.config.SamplerConfig`'s defaults (DDIM, 50 steps),
     except ``batch_size``: without it the ``n`` samples are drawn at once. ``batch_size`` and
@@ -98,6 +99,7 @@ def generate(
     space, cond = domain.prior(n, labels=labels, device=device, generator=generator, **prior)
     whole = Batch(space.randn(generator=generator), space, cond)
     seeds = block_seeds(n, generator)
+    guide = load_classifier_guide(guidance or {}, domain, device)
     where = generator.device if generator is not None else torch.device(device)
     parts = []
     for start in range(0, n, chunk):
@@ -120,6 +122,7 @@ def generate(
                 known,
                 rows,
                 first=start == 0,
+                guide=guide,
             )
         )
     del whole, part  # the starting noise: not held through the join
@@ -166,7 +169,7 @@ def _check_labels(domain: Domain, labels: Any, n: int) -> Optional[Tensor]:
     return labels
 
 
-def check_sampler(sampler: Mapping[str, Any], schedule: NoiseSchedule) -> None:
+def check_sampler(sampler: Mapping[str, Any], schedule: Schedule) -> None:
     """Raise naming a ``sampler`` value (name, option, steps, spacing, precision, batch_size) before any
     work: a recipe's typo would otherwise surface only when samples are drawn, after training.
 
@@ -239,6 +242,7 @@ def _generate(
     known=None,
     rows=slice(None),
     first=True,
+    guide=None,
 ) -> Batch:
     """One chunk of :func:`generate`: its layout, conditions and starting noise ``part``, its fresh noise ``fresh``
     (a :class:`NoiseSource`); its state is the whole draw's ``rows``, ``first`` for the first chunk."""
@@ -274,6 +278,8 @@ def _generate(
                 scale,
                 rescale,
             )
+        if guide is not None:  # classifier guidance over whatever the model's denoiser is
+            den = guide.wrap(den, schedule, space, cond)
         if known is not None:
             rank = noise.dim()
             known = known._replace(values=_rows(known.values, rows, rank), mask=_rows(known.mask, rows, rank))

@@ -13,16 +13,17 @@ CUDA (``guidance.batched``); :func:`classifier_free_guidance` calls two denoiser
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .objectives import DenoiserFn, Prediction
-from .schedules import NoiseSchedule
+from .schedules import Schedule
 from .space import Space
 
-__all__ = ["classifier_free_guidance", "stacked_guidance"]
+__all__ = ["classifier_free_guidance", "stacked_guidance", "classifier_guidance", "check_classifier_scale"]
 
 #: ``(x_t, t[B]) -> (conditional, unconditional)`` predictions.
 PairFn = Callable[[Tensor, Tensor], tuple[Prediction, Prediction]]
@@ -33,7 +34,7 @@ def classifier_free_guidance(
     uncond_denoiser: DenoiserFn,
     scale: float,
     space: Space,
-    schedule: Optional[NoiseSchedule] = None,
+    schedule: Optional[Schedule] = None,
     rescale: float = 0.0,
 ) -> DenoiserFn:
     """A denoiser that guides ``cond_denoiser`` away from ``uncond_denoiser`` with weight ``scale``."""
@@ -49,7 +50,7 @@ def stacked_guidance(
     joint_denoiser: DenoiserFn,
     scale: float,
     space: Space,
-    schedule: Optional[NoiseSchedule] = None,
+    schedule: Optional[Schedule] = None,
     rescale: float = 0.0,
 ) -> DenoiserFn:
     """Guidance from one call of ``joint_denoiser`` on ``[x; x]`` and ``[t; t]`` per step: its first rows see the
@@ -67,7 +68,7 @@ def stacked_guidance(
     return _guided(pair, scale, space, schedule, rescale)
 
 
-def _check_rescale(rescale: float, schedule: Optional[NoiseSchedule]) -> None:
+def _check_rescale(rescale: float, schedule: Optional[Schedule]) -> None:
     """Guidance rescale is a fraction and needs the schedule."""
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance.rescale must be in [0, 1], got {rescale}")
@@ -75,7 +76,7 @@ def _check_rescale(rescale: float, schedule: Optional[NoiseSchedule]) -> None:
         raise ValueError("guidance rescale needs the schedule to keep eps consistent with the rescaled x0")
 
 
-def _guided(pair: PairFn, scale: float, space: Space, schedule: Optional[NoiseSchedule], rescale: float) -> DenoiserFn:
+def _guided(pair: PairFn, scale: float, space: Space, schedule: Optional[Schedule], rescale: float) -> DenoiserFn:
     """The guided denoiser mixing the two predictions of ``pair``."""
 
     def guided(x: Tensor, t: Tensor) -> Prediction:
@@ -88,5 +89,50 @@ def _guided(pair: PairFn, scale: float, space: Space, schedule: Optional[NoiseSc
             alpha, sigma = schedule.alpha_sigma(t, dtype=x.dtype)
             eps = (x - space.expand(alpha) * x0) / space.expand(sigma)
         return Prediction(x0, eps)
+
+    return guided
+
+
+def check_classifier_scale(scale: float) -> float:
+    """``guidance.classifier_scale`` as a finite number >= 0, or a clear error."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"guidance.classifier_scale={scale} must be a finite number >= 0: 0 leaves the model as it is, larger "
+            "values steer harder towards the class or property (e.g. 1 to 10)"
+        )
+    return value
+
+
+def classifier_guidance(
+    denoiser: DenoiserFn,
+    log_prob: Callable[[Tensor, Tensor], Tensor],
+    scale: float,
+    space: Space,
+    schedule: Schedule,
+) -> DenoiserFn:
+    """Classifier guidance in eps form (Dhariwal & Nichol 2021, eq. 14 and Alg. 2):
+    ``eps <- eps - sigma(t) scale grad_x log p(y | x_t)``, and ``x0`` moved to match.
+
+    ``log_prob(x_t, t[B]) -> [B]`` is differentiated with respect to ``x_t`` (projected onto the space, so a
+    zero-mean subspace stays one); it wraps any denoiser, a classifier-free guided one too."""
+    scale = check_classifier_scale(scale)
+    if scale == 0.0:
+        return denoiser
+
+    def guided(x: Tensor, t: Tensor) -> Prediction:
+        pred = denoiser(x, t)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(log_prob(xg, t).sum(), xg)
+        grad = space.project(grad.to(x.dtype))
+        alpha, sigma = schedule.alpha_sigma(t, dtype=x.dtype)  # [B]
+        shift = space.expand(sigma * scale) * grad  # [like x]
+        # x0 = (x - sigma eps) / alpha moves by sigma^2 / alpha * scale * grad; left as it is where alpha = 0.
+        to_x0 = torch.where(alpha > 0, sigma / alpha.clamp(min=1e-30), torch.zeros_like(alpha))
+        return Prediction(pred.x0 + space.expand(to_x0) * shift, pred.eps - shift)
 
     return guided

@@ -5,7 +5,7 @@ An objective is one class (:class:`BaseObjective`): ``losses`` (per-sample train
 registered by name with :func:`register_objective` (``objective.name=NAME``; a ``"module:Class"`` name is
 imported on demand). Its options (``objective.KEY``) are exactly its constructor's arguments.
 
-``vp`` (:class:`VPObjective`, the default) predicts one of these parameterisations of
+``vp`` (:class:`VPObjective`, the default, here) predicts one of these parameterisations of
 ``x_t = alpha x_0 + sigma eps`` with ``alpha^2 + sigma^2 = 1``:
 
 * eps-prediction (Ho et al. 2020): ``x_0 = (x_t - sigma eps) / alpha``;
@@ -23,7 +23,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .plugins import check_options, lookup, option_params, register
+from .edm import EDMObjective  # registers 'edm'
+from .flow import FlowObjective  # registers 'flow'
+from .objective_base import OBJECTIVES, BaseObjective, check_objective_class, checked_output, register_objective
+from .plugins import check_options, lookup, option_params
 from .schedules import NoiseSchedule
 from .space import Space
 from .state import Batch, DenoiserFn, Prediction
@@ -39,6 +42,8 @@ __all__ = [
     "loss_weight",
     "BaseObjective",
     "VPObjective",
+    "FlowObjective",
+    "EDMObjective",
     "Objective",
     "OBJECTIVES",
     "register_objective",
@@ -113,72 +118,19 @@ def loss_weight(kind: str, weighting: str, snr: Tensor, gamma: float = 5.0) -> T
     return _parameterisation(kind).min_snr(snr, gamma)
 
 
-def _checked(out: Tensor, x_t: Tensor) -> Tensor:
-    """The network's output, which must have the state's shape (broadcasting would silently mix elements)."""
-    if not isinstance(out, Tensor) or out.shape != x_t.shape:
-        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(
-            f"the network returned {got} for a state x_t of shape {tuple(x_t.shape)}: "
-            "net(x_t, t, **cond) must return a tensor of x_t's shape"
-        )
-    return out
-
-
-class BaseObjective:
-    """What every objective provides; a new one overrides ``losses`` and ``denoiser`` (and ``check_schedule``
-    where it needs something of the schedule) and registers itself with :func:`register_objective`."""
-
-    def losses(
-        self,
-        net: Callable[..., Tensor],
-        batch: Batch,
-        schedule: NoiseSchedule,
-        generator: Optional[torch.Generator] = None,
-        t: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Per-sample training losses ``[B]`` of ``net`` on ``batch`` (at times ``t[B]`` when given)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement losses(net, batch, schedule, generator, t)")
-
-    def denoiser(
-        self, net: Callable[..., Tensor], schedule: NoiseSchedule, space: Space, cond: Optional[dict] = None
-    ) -> DenoiserFn:
-        """The sampler-facing denoiser ``(x_t, t[B]) -> Prediction`` of ``net`` under this objective."""
-        raise NotImplementedError(f"{type(self).__name__} must implement denoiser(net, schedule, space, cond)")
-
-    def check_schedule(self, schedule: NoiseSchedule) -> None:
-        """Refuse a schedule this objective cannot use (called before training and before sampling)."""
-
-    def loss(
-        self,
-        net: Callable[..., Tensor],
-        batch: Batch,
-        schedule: NoiseSchedule,
-        generator: Optional[torch.Generator] = None,
-    ) -> Tensor:
-        """Mean loss over the batch."""
-        return self.losses(net, batch, schedule, generator).mean()
-
-
-OBJECTIVES: dict[str, type[BaseObjective]] = {}
-
-
-def _check_class(name: str, cls: Any) -> None:
-    if not (isinstance(cls, type) and issubclass(cls, BaseObjective)):
-        raise TypeError(f"objective {name!r} must be a polydiff.objectives.BaseObjective subclass, got {cls!r}")
-
-
-def register_objective(name: str, cls: Optional[type[BaseObjective]] = None, *, overwrite: bool = False) -> Any:
-    """Register an objective class under ``name`` (``objective.name=NAME``); usable as a decorator."""
-
-    def _register(c: type[BaseObjective]) -> type[BaseObjective]:
-        return register(OBJECTIVES, "objective", name, c, _check_class, overwrite)
-
-    return _register(cls) if cls is not None else _register
+#: Objectives that learn from a trained run, in modules above this one (they load runs): imported on first use.
+LATER = {
+    "reflow": "polydiff.reflow:ReflowObjective",
+    "progressive": "polydiff.distill:ProgressiveObjective",
+    "consistency": "polydiff.consistency:ConsistencyObjective",
+}
 
 
 def get_objective(name: str) -> type[BaseObjective]:
     """The objective class registered as ``name``, at the ``"module:Class"`` path ``name``, or an entry point's."""
-    return lookup(OBJECTIVES, "objective", name, ENTRY_POINT_GROUP, _check_class)
+    if name in LATER and name not in OBJECTIVES:
+        lookup(OBJECTIVES, "objective", LATER[name], ENTRY_POINT_GROUP, check_objective_class)  # registers it
+    return lookup(OBJECTIVES, "objective", name, ENTRY_POINT_GROUP, check_objective_class)
 
 
 def objective_options(name: str) -> dict[str, Any]:
@@ -252,7 +204,7 @@ class VPObjective(BaseObjective):
         alpha, sigma = schedule.alpha_sigma(t, dtype=x0.dtype)  # [B]
         a, s = space.expand(alpha), space.expand(sigma)
         x_t = a * x0 + s * eps
-        out = _checked(net(x_t, t, **batch.cond), x_t)
+        out = checked_output(net(x_t, t, **batch.cond), x_t)
         target = self._kind.target(x0, eps, a, s)
         per_sample = space.mean((out.float() - target.float()) ** 2)  # [B]
         weight = loss_weight(self.prediction, self.weighting, schedule.snr(t).float(), self.gamma)
@@ -278,7 +230,7 @@ class VPObjective(BaseObjective):
 
         def denoise(x_t: Tensor, t: Tensor) -> Prediction:
             alpha, sigma = schedule.alpha_sigma(t, dtype=x_t.dtype)
-            out = _checked(net(x_t, t.to(x_t.dtype), **cond), x_t)
+            out = checked_output(net(x_t, t.to(x_t.dtype), **cond), x_t)
             return convert(out.to(x_t.dtype), x_t, space.expand(alpha), space.expand(sigma))
 
         return denoise

@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["IncompatibleCheckpointError", "check_compatible", "check_resumable", "resume_source", "move_previous_run"]
+__all__ = [
+    "IncompatibleCheckpointError",
+    "check_compatible",
+    "check_resumable",
+    "resume_source",
+    "move_previous_run",
+    "start_from",
+]
 
 log = logging.getLogger("polydiff")
 
@@ -86,3 +93,24 @@ def move_previous_run(run_dir: Path) -> Path:
             (run_dir / name).rename(old / name)
     log.warning("trainer.resume=never: the previous run's checkpoints, samples, metrics and report moved to %s", old)
     return old
+
+
+def start_from(path: str | Path, cfg: Mapping[str, Any], net: Any, ema: Any) -> None:
+    """Load the EMA weights of the run or checkpoint ``path`` (``trainer.init``) into a fresh run's network and EMA;
+    the two runs must share the domain and the network's config (the objective may differ: reflow, distillation)."""
+    from .checkpoint import load_checkpoint, run_checkpoint
+
+    ckpt_path = run_checkpoint(path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"trainer.init={path}: no checkpoint there (give a run folder or a checkpoint file)")
+    saved = load_checkpoint(ckpt_path, map_location="cpu")
+    diffs = [k for k in ("domain.name", "model") if _get(saved["config"], k) != _get(cfg, k)]
+    if diffs:
+        detail = "; ".join(f"{k}: {_get(saved['config'], k)!r} there vs {_get(cfg, k)!r} here" for k in diffs)
+        raise IncompatibleCheckpointError(
+            f"trainer.init={path} holds another network ({detail}): start from a run of the same domain and model"
+        )
+    state = {k[len("module.") :]: v for k, v in saved["ema"].items() if k.startswith("module.")}
+    net.load_state_dict(state)
+    ema.module.load_state_dict(state)
+    log.info("started from the EMA weights of %s (step %d)", ckpt_path, int(saved["step"]))

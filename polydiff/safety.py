@@ -130,6 +130,24 @@ def check_config(cfg: Any, where: str = "recipe") -> None:
     domain = plain.get("domain")
     if isinstance(domain, Mapping) and isinstance(domain.get("name"), str):
         check_domain_name(domain["name"], f"{where}: domain.name")
+    check_latent(plain.get("latent"), f"{where}: latent")
+
+
+def check_latent(latent: Any, where: str = "latent") -> None:
+    """``latent.autoencoder`` is data: ``null``, the word ``mel`` or a run folder's path, never code (a
+    ``module:attr`` name, a ``_target_``, a mapping)."""
+    if latent is None:
+        return
+    if not isinstance(latent, Mapping):
+        raise UnsafeConfigError(f"{where} must be a section (latent.autoencoder=mel or =RUN_DIR), got {latent!r}")
+    value = latent.get("autoencoder")
+    if value is None:
+        return
+    if not isinstance(value, str) or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+        raise UnsafeConfigError(
+            f"{where}.autoencoder={value!r} names no first stage: give 'mel' or the path of a trained autoencoder's "
+            "run folder (a module:attr name is code, which a recipe or checkpoint may not name)"
+        )
 
 
 # Hydra's own launcher and sweeper, and installed plugins (hydra_plugins.*), by their base classes.

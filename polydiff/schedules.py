@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "Schedule",
     "NoiseSchedule",
     "linear_betas",
     "cosine_betas",
@@ -100,7 +101,46 @@ def rescale_zero_terminal_snr(alpha_bar: Tensor) -> Tensor:
     return root**2
 
 
-class NoiseSchedule:
+class Schedule:
+    """What samplers read of a schedule: ``alpha_bar(t)`` in float64 at any ``t`` in [0, 1] (decreasing from 1 at
+    ``t = 0``) in variance-preserving coordinates, and ``num_steps``: the trained grid ``i / T``, or ``None`` where
+    time is continuous. Every other reading follows from ``alpha_bar``."""
+
+    name: str = "custom"
+    num_steps: Optional[int] = None
+    grid: str = "karras"  # the grid sigma-space samplers step on by default (polydiff.sigma_samplers.sigma_grid)
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement alpha_bar(t)")
+
+    def alpha_sigma(self, t: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """Signal and noise scales ``alpha(t)``, ``sigma(t)`` (computed in float64, cast on use)."""
+        ab = self.alpha_bar(t)  # in [0, 1]: both roots are real
+        return ab.sqrt().to(dtype), (1 - ab).sqrt().to(dtype)
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """``log(alpha^2 / sigma^2)`` in float64 (``+inf`` at t = 0, ``-inf`` at zero terminal SNR)."""
+        ab = self.alpha_bar(t)
+        return torch.log(ab) - torch.log1p(-ab)
+
+    def snr(self, t: Tensor) -> Tensor:
+        ab = self.alpha_bar(t)
+        return ab / (1 - ab)
+
+    def t_at_sigma(self, sigma: Tensor, iterations: int = 64) -> Tensor:
+        """The time whose noise-to-signal ratio ``sigma(t) / alpha(t)`` is ``sigma`` (float64; ``inf`` gives 1),
+        by bisection on the monotone ``alpha_bar``: the map from EDM's sigma-space grids to this schedule's time."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        target = 1 / (1 + sigma**2)  # alpha_bar at that ratio
+        lo, hi = torch.zeros_like(sigma), torch.ones_like(sigma)
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            above = self.alpha_bar(mid) > target  # still too clean: the time lies later
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return torch.where(sigma == 0, torch.zeros_like(sigma), hi)
+
+
+class NoiseSchedule(Schedule):
     """A tabulated VP schedule: ``alpha_bar[1..T]`` in float64, read at continuous ``t`` in [0, 1]."""
 
     def __init__(self, alpha_bar: Tensor, name: str = "custom") -> None:
@@ -141,20 +181,6 @@ class NoiseSchedule:
         pos = t.clamp(0, 1) * self.num_steps
         lo = pos.long().clamp_(max=self.num_steps - 1)  # floor, as pos >= 0
         return torch.lerp(table[lo], table[lo + 1], pos - lo)
-
-    def alpha_sigma(self, t: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """Signal and noise scales ``alpha(t)``, ``sigma(t)`` (computed in float64, cast on use)."""
-        ab = self.alpha_bar(t)  # in [0, 1]: both roots are real
-        return ab.sqrt().to(dtype), (1 - ab).sqrt().to(dtype)
-
-    def log_snr(self, t: Tensor) -> Tensor:
-        """``log(alpha^2 / sigma^2)`` in float64 (``+inf`` at t = 0, ``-inf`` at zero terminal SNR)."""
-        ab = self.alpha_bar(t)
-        return torch.log(ab) - torch.log1p(-ab)
-
-    def snr(self, t: Tensor) -> Tensor:
-        ab = self.alpha_bar(t)
-        return ab / (1 - ab)
 
     def timestep_to_t(self, index: Tensor) -> Tensor:
         """Trained step ``i`` in ``1..T`` to continuous time ``i / T``."""

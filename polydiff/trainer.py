@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .build import Parts, build_schedule, to_plain
+from .build import Parts, sampling_schedule, to_plain
 from .checkpoint import check_loadable, load_checkpoint
 from .checkpointer import Checkpointer, CheckpointWriteError, DataPosition, generator_seed, rank_seed
 from .config import check_keys, check_trainer
@@ -26,7 +26,7 @@ from .data import ResumableBatchSampler
 from .generate import check_sampler, generate
 from .processes import Processes
 from .report import report_step
-from .resume import check_resumable, move_previous_run, resume_source
+from .resume import check_resumable, move_previous_run, resume_source, start_from
 from .run_log import MetricsLog, format_metrics, plain_metrics, trim_metrics
 from .stop import StopSignals, TrainingInterrupted, ignore_stop_signals
 from .train_step import (
@@ -51,7 +51,7 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     check_keys(cfg)
     check_trainer(cfg["trainer"])
     if "sampler" in cfg:  # its typos would otherwise surface only when sampling, after training
-        check_sampler(cfg["sampler"], build_schedule(cfg["schedule"]))
+        check_sampler(cfg["sampler"], sampling_schedule(cfg))
 
 
 class Trainer:
@@ -80,6 +80,8 @@ class Trainer:
         if self.rank > 0:  # dropout and augmentation draw apart from here (rank 0 keeps a single process's stream)
             torch.manual_seed(rank_seed(seed, self.rank))
         self.ema = make_ema(self.net, self.tc["ema_decay"])
+        if hasattr(self.parts.objective, "use_target"):  # consistency distillation's target network is the EMA
+            self.parts.objective.use_target(self.ema.module)
         self.opt = make_optimizer(self.net, self.tc, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(generator_seed(seed, self.rank))
         self.step = 0
@@ -109,11 +111,13 @@ class Trainer:
     def _resume(self) -> None:
         """Go on from ``trainer.resume``'s checkpoint (the run's own ``last.pt`` first), or start afresh."""
         mode, own = self.tc["resume"], self.checkpoints.path
+        path = None if mode == "never" else resume_source(mode, own)
+        if mode == "never" and own.exists() and self.is_main:
+            move_previous_run(self.run_dir)
+        if path is None and self.tc.get("init"):
+            start_from(self.tc["init"], self.cfg, self.net, self.ema)
         if mode == "never":
-            if own.exists() and self.is_main:
-                move_previous_run(self.run_dir)
             return
-        path = resume_source(mode, own)
         if path is not None:
             # On the CPU first: load_state_dict moves each tensor to its parameter's device; Adam's step counters
             # stay on the CPU (where a GPU would sync per parameter and step), or go to the GPU for fused AdamW.
@@ -280,6 +284,11 @@ class Trainer:
         if not self.is_main:
             return {}
         n = self.tc["num_samples"]
+        own = self.parts.objective.score(self.ema.module, self.domain, self.parts.schedule, n, self.device)
+        if own is not None:  # a run that draws no samples (a classifier) scores itself
+            self.log({"kind": "eval", "step": self.step, "num_samples": n, **own})
+            log.info("step %d: %s", self.step, format_metrics(own))
+            return {"kind": "eval", "step": self.step, **own}
         labels = self.domain.default_labels(n, self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg["seed"] + 1)
         sampler_cfg = dict(self.cfg["sampler"])

@@ -38,6 +38,7 @@ class Mutant:
 
 SAMPLERS = ("tests/test_samplers.py",)
 OBJECTIVES = ("tests/test_schedules_objectives.py",)
+CONTINUOUS = ("tests/test_continuous.py",)
 SAFETY = ("tests/test_security.py",)
 
 MUTANTS = [
@@ -72,7 +73,7 @@ MUTANTS = [
     ),
     Mutant(
         "trailing_spacing_starts_short",
-        "polydiff/samplers.py",
+        "polydiff/sampling.py",
         "idx = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64))[:steps]",
         "idx = torch.round(torch.arange(T - 1, 0, -T / steps, dtype=torch.float64))[:steps]",
         SAMPLERS,
@@ -165,6 +166,56 @@ MUTANTS = [
         '    callbacks = hydra.get("callbacks") or {}',
         "    callbacks = {}",
         SAFETY,
+    ),
+    # the continuous-time family
+    Mutant(
+        "heun_without_its_correction",
+        "polydiff/sigma_samplers.py",
+        "d = (eps + eps2) / 2  # the trapezoid's slope dy / dsigma",
+        "d = eps2  # the trapezoid's slope dy / dsigma",
+        CONTINUOUS,
+    ),
+    Mutant(
+        "sde_noise_too_small",
+        "polydiff/sigma_samplers.py",
+        "w_z = (a[1:] * (2 * sig[:-1] * (sig[:-1] - sig[1:])).clamp(min=0).sqrt()).masked_fill(final, 0.0).to(dt)",
+        "w_z = (a[1:] * (sig[:-1] * (sig[:-1] - sig[1:])).clamp(min=0).sqrt()).masked_fill(final, 0.0).to(dt)",
+        CONTINUOUS,
+    ),
+    Mutant(
+        "karras_grid_linear_in_sigma",
+        "polydiff/sigma_samplers.py",
+        "return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)])",
+        "return torch.cat([sigma_max + ramp * (sigma_min - sigma_max), torch.zeros(1, dtype=torch.float64)])",
+        CONTINUOUS,
+    ),
+    Mutant(
+        "flow_eps_from_the_wrong_end",
+        "polydiff/flow.py",
+        "return Prediction(torch.addcmul(x_t, tt, v, value=-1), torch.addcmul(x_t, 1 - tt, v))",
+        "return Prediction(torch.addcmul(x_t, tt, v, value=-1), torch.addcmul(x_t, tt, v))",
+        CONTINUOUS,
+    ),
+    Mutant(
+        "edm_c_out_without_sigma",
+        "polydiff/edm.py",
+        "return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt()",
+        "return sigma_data**2 / total, sigma_data / total.sqrt(), 1 / total.sqrt()",
+        CONTINUOUS,
+    ),
+    Mutant(
+        "edm_loss_weight_inverted",
+        "polydiff/edm.py",
+        "weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2  # [B]",
+        "weight = (sigma * self.sigma_data) ** 2 / (sigma**2 + self.sigma_data**2)  # [B]",
+        CONTINUOUS,
+    ),
+    Mutant(
+        "kabsch_keeps_reflections",
+        "polydiff/couplings.py",
+        "fix[-1] = d",
+        "fix[-1] = 1.0",
+        CONTINUOUS,
     ),
 ]
 

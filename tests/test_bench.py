@@ -34,6 +34,7 @@ def test_quick_suite_tiny_budget(tmp_path):
             [("ddim", 10), ("ddim", 5), ("dpmpp_2m", 5)],
             batch_sizes=[16, 64],
             peers=["samplers", "diffusers"],
+            objectives=[("flow", ["objective.name=flow"], [("euler", 4), ("heun", 3)])],
         ),
     }
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs=specs)
@@ -44,7 +45,18 @@ def test_quick_suite_tiny_budget(tmp_path):
     d = result["domains"]["points"]
     assert "error" not in d, d.get("error")
     assert d["train"]["steps"] == 30 and len(d["train"]["loss_curve"]) >= 10
-    assert len(d["sampling"]) == 3 and len(d["throughput_vs_batch"]) == 2
+    assert len(d["sampling"]) == 5 and len(d["throughput_vs_batch"]) == 2
+    # The same budget trained with flow matching (the recipe's v-prediction left out), swept by NFE.
+    flow = d["objectives"]["flow"]
+    assert flow["steps"] == 30 and flow["final_loss"] > 0
+    rows = {(r["objective"], r["sampler"], r["steps"]): r["nfe"] for r in d["sampling"]}
+    assert rows == {
+        ("vp", "ddim", 10): 10,
+        ("vp", "ddim", 5): 5,
+        ("vp", "dpmpp_2m", 5): 5,
+        ("flow", "euler", 4): 4,
+        ("flow", "heun", 3): 5,
+    }
     for name, value in _numbers(d):
         assert math.isfinite(value), name
     for row in [*d["sampling"], *d["throughput_vs_batch"], d["train"]]:
@@ -53,7 +65,7 @@ def test_quick_suite_tiny_budget(tmp_path):
         assert row["wall_s"] > 0 and row["samples_per_s"] > 0
         assert set(row["metrics"]) == {"dist_to_centre", "modes_covered"}
     # Measured, not constant: figures differ between configurations.
-    assert len({row["wall_s"] for row in d["sampling"]}) == 3
+    assert len({row["wall_s"] for row in d["sampling"]}) == 5
     assert len({row["metrics"]["dist_to_centre"] for row in d["sampling"]}) > 1
     assert len({x["samples_per_s"] for x in d["throughput_vs_batch"]}) == 2
     peer = d["peers"]["samplers"]
@@ -71,6 +83,7 @@ def test_quick_suite_tiny_budget(tmp_path):
         assert ours == pytest.approx(theirs, rel=1e-3)
     md = path.with_suffix(".md").read_text()
     assert md.count("| ddim |") == 3 and "| ddim | 50 |" in md  # 2 sweep rows + the peer's
+    assert "| flow | heun | 3 | 5 |" in md and "objective flow, same budget: 30 steps" in md
     plots = sorted(p.name for p in (tmp_path / path.stem).glob("*.png"))
     assert plots == ["loss_curves.png", "quality_vs_steps.png", "scaling.png"]
 
@@ -158,6 +171,7 @@ def _tiny(spec: DomainBench, *overrides: str, scaling=None) -> DomainBench:
         batch_sizes=[4],
         scaling=scaling,
         compile_check=False,
+        objectives=[],
     )
 
 
@@ -410,6 +424,7 @@ def test_ddpm_row_runs_at_the_recipes_training_T(tmp_path):
         samplers=points.samplers[:1],
         batch_sizes=[16],
         peers=[],
+        objectives=[],
     )
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs={"points": spec})
     d = json.loads(path.read_text())["domains"]["points"]
@@ -460,9 +475,9 @@ def test_a_failing_sampler_row_keeps_the_others(tmp_path, monkeypatch):
     d = json.loads(path.read_text())["domains"]["points"]
     assert "error" not in d and [(r["sampler"], r["steps"]) for r in d["sampling"]] == [("ddim", 2)]
     assert d["sampling_errors"] == [
-        {"sampler": "ddpm", "steps": 10, "guidance": 1.0, "error": "MemoryError: no room for DDPM"}
+        {"objective": "vp", "sampler": "ddpm", "steps": 10, "guidance": 1.0, "error": "MemoryError: no room for DDPM"}
     ]
-    assert "| ddpm | 10 | 1.0 | failed: MemoryError: no room for DDPM |" in path.with_suffix(".md").read_text()
+    assert "| vp | ddpm | 10 |  | 1.0 | failed: MemoryError: no room for DDPM |" in path.with_suffix(".md").read_text()
     monkeypatch.setattr(suite_module, "suites", lambda: {"quick": {"points": spec}, "full": {}})
     with pytest.raises(
         SystemExit,

@@ -151,7 +151,7 @@ def test_unknown_names_list_the_known_ones(tmp_path):
     assert proc.returncode != 0 and "Known schedules" in proc.stderr
     proc = run("train", "recipes/nope.yaml")
     assert proc.returncode != 0 and "not found" in proc.stderr
-    assert "shipped recipes, by name: audio_unet, image_unet, molecule_egnn" in proc.stderr
+    assert "shipped recipes, by name: audio_latent, audio_unet, image_unet, molecule_egnn" in proc.stderr
 
 
 def test_shipped_recipes_resolve_by_name_from_any_folder(tmp_path, monkeypatch):

@@ -344,7 +344,8 @@ def test_bad_trainer_values_are_named_before_training(tmp_path, key, value, mess
             "name",
             "dpmpp2m",
             KeyError,
-            "unknown sampler 'dpmpp2m'. Known samplers: ['ddim', 'ddpm', 'dpmpp_2m']. Did you mean 'dpmpp_2m'?",
+            "unknown sampler 'dpmpp2m'. Known samplers: ['consistency', 'ddim', 'ddpm', 'dpmpp_2m', 'euler', 'heun', "
+            "'ode', 'sde']. Did you mean 'dpmpp_2m'?",
         ),
         ("steps", 500, ValueError, "sampler.steps must be in 1..100 (the schedule's trained steps), got 500"),
         ("spacing", "uniform", KeyError, "unknown sampler.spacing 'uniform'"),

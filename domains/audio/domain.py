@@ -37,6 +37,8 @@ class AudioDomain(Domain):
         metrics: score samples with the SC09 classifier protocol (needs labelled data).
         classifier_epochs: training epochs of the metric classifier.
         reference_split: the held-out split scored as the reference row (FID statistics come from "train").
+        wave_metrics: also score with a raw-waveform classifier (``wave_*`` metrics): a second front end, so that a
+            mel-domain first stage (``latent.autoencoder=mel``) is not judged only by a classifier reading mels.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class AudioDomain(Domain):
         metrics: bool = True,
         classifier_epochs: int = 10,
         reference_split: str = "test",
+        wave_metrics: bool = False,
     ) -> None:
         super().__init__()
         source = dataset_of(dataset)
@@ -80,6 +83,7 @@ class AudioDomain(Domain):
         self.test_fraction = float(test_fraction)
         self.limit = limit
         self.metrics = bool(metrics)
+        self.wave_metrics = bool(wave_metrics)
         if int(classifier_epochs) < 1:
             raise ValueError(
                 "domain.classifier_epochs must be at least 1 (epochs of the metric classifier's fit), "
@@ -186,6 +190,28 @@ class AudioDomain(Domain):
         if self.conditional and not self.class_names:
             raise RuntimeError("the audio domain's labels are unknown: call setup(train_set) or load_state_dict first")
         return build_unet(1, self.channels, len(self.class_names), model, "audio")
+
+    def latent_network(self, shape: Sequence[int], **model: Any) -> nn.Module:
+        """The U-Net for latents ``shape`` ``[C', T']`` (``latent.autoencoder``): 1-D over frames, ``C'`` channels."""
+        from domains.unet import build_unet
+
+        return build_unet(len(shape) - 1, int(shape[0]), len(self.class_names), model, "audio")
+
+    def autoencoder(self, spec: str) -> Any:
+        """The first stage ``latent.autoencoder`` names: ``mel`` (fixed: log-mel in, Griffin-Lim out)."""
+        from .mel_stage import MelAutoencoder
+
+        if spec == "mel":
+            return MelAutoencoder(self.sample_rate, self.channels, self.length)
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"latent.autoencoder={spec}: no such run folder; give 'mel' (the fixed mel stage) or the folder of a "
+                "trained audio autoencoder run"
+            )
+        raise ValueError(
+            f"latent.autoencoder={spec}: learned audio autoencoders are not available yet; use latent.autoencoder=mel"
+        )
 
     # -------------------------------------------------------------- sampling
     def prior(

@@ -12,7 +12,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-__all__ = ["LogMel", "mel_settings", "DigitClassifier", "augment_waves"]
+__all__ = ["LogMel", "mel_settings", "DigitClassifier", "WaveClassifier", "augment_waves"]
 
 
 def mel_settings(sample_rate: int) -> dict[str, int]:
@@ -72,3 +72,37 @@ def augment_waves(x: Tensor, g: torch.Generator, max_shift: float = 0.1) -> Tens
     gain = 10 ** ((torch.rand(b, 1, 1, generator=g) * 2 - 1) * 0.3)  # +-6 dB
     noise = torch.randn(out.shape, generator=g) * (torch.rand(b, 1, 1, generator=g) * 0.01)
     return out * gain.to(x.device) + noise.to(x.device)  # draws on the CPU generator, applied on x's device
+
+
+class WaveClassifier(nn.Module):
+    """A second front end for the metrics: strided convolutions on the raw waveform (M5, Dai et al. 2017), so that a
+    stage working on mel spectrograms is not scored only by a classifier that reads mel spectrograms. Returns
+    ``(features [B, D], logits [B, K])``."""
+
+    def __init__(
+        self, sample_rate: int, in_channels: int, num_classes: int, width: int = 48, feature_dim: int = 128
+    ) -> None:
+        super().__init__()
+        kernel, stride = max(8, sample_rate // 200), max(1, sample_rate // 4000)  # 5 ms windows, 4,000 per second
+
+        def block(cin: int, cout: int, k: int, s: int = 1, pool: int = 4) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv1d(cin, cout, k, stride=s, padding=k // 2), nn.BatchNorm1d(cout), nn.ReLU(), nn.MaxPool1d(pool)
+            )
+
+        self.body = nn.Sequential(
+            block(in_channels, width, kernel, stride),  # [B, w, L / (4 s)]
+            block(width, width, 3),
+            block(width, 2 * width, 3),
+            block(2 * width, 4 * width, 3, pool=2),
+        )
+        self.features = nn.Sequential(nn.Linear(8 * width, feature_dim), nn.ReLU())
+        self.dropout = nn.Dropout(0.2)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # x [B, C, L]
+        x = x.float()
+        x = x / x.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-3)  # the level of a clip says nothing of the word
+        h = self.body(x)  # [B, 4w, frames]
+        f = self.features(torch.cat([h.mean(-1), h.amax(-1)], dim=1))  # [B, feature_dim]
+        return f, self.head(self.dropout(f))

@@ -30,13 +30,15 @@ log = logging.getLogger(__name__)
 
 class AudioOutputs(Outputs):
     """WAV files and a spectrogram sheet; clips read back converted like training data; inpainting of a recording;
-    FID, IS, mIS, AM and label accuracy from the digit classifier."""
+    FID, IS, mIS, AM and label accuracy from the log-mel digit classifier, and from a raw-waveform one beside it
+    (``wave_*``) with ``domain.wave_metrics``."""
 
     domain: AudioDomain
 
     def __init__(self, domain: AudioDomain) -> None:
         super().__init__(domain)
         self._scorer: Any = None
+        self._scorers: dict[str, Any] = {}  # the other front ends' (domain.wave_metrics)
 
     def _names(self, batch: Batch) -> Optional[list[str]]:
         labels = batch.cond.get("label")
@@ -102,17 +104,33 @@ class AudioOutputs(Outputs):
         mask[..., lo:hi] = False
         return Known(batch.x[:1], mask)
 
-    def scorer(self) -> Any:
-        """The digit classifier's scorer, fitted (or read from its cache) on first use."""
-        if self._scorer is None:
-            from .metrics import make_scorer
+    def scorer(self, front_end: str = "logmel") -> Any:
+        """The digit classifier's scorer of ``front_end`` (``logmel``, or ``wave``), fitted (or read from its cache)
+        on first use."""
+        if front_end == "logmel" and self._scorer is not None:
+            return self._scorer
+        if front_end != "logmel" and front_end in self._scorers:
+            return self._scorers[front_end]
+        from .metrics import make_scorer
 
-            dom = self.domain
-            train = dom.dataset("train")
-            self._scorer = make_scorer(
-                train, dom.dataset(dom.reference_split), dom.sample_rate, dom.data_config(), dom.classifier_epochs
-            )
-        return self._scorer
+        dom = self.domain
+        scorer = make_scorer(
+            dom.dataset("train"),
+            dom.dataset(dom.reference_split),
+            dom.sample_rate,
+            dom.data_config(),
+            dom.classifier_epochs,
+            front_end=front_end,
+        )
+        if front_end == "logmel":
+            self._scorer = scorer
+        else:
+            self._scorers[front_end] = scorer
+        return scorer
+
+    def _wave_row(self, row: dict[str, float], scores: dict[str, float]) -> dict[str, float]:
+        """``row`` with the raw-waveform classifier's ``scores`` beside it, named ``wave_*``."""
+        return {**row, **{f"wave_{k}": v for k, v in scores.items() if k != "num_samples"}}
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
         """FID, IS, mIS and AM from the digit classifier; label accuracy for conditional samples.
@@ -130,14 +148,25 @@ class AudioOutputs(Outputs):
         # An unconditional model's rows, like its reference row, have no label accuracy (files may still be
         # named by label).
         labels = batch.cond.get("label") if dom.conditional else None
-        return self.scorer().score(x, labels.cpu() if labels is not None else None)
+        labels = labels.cpu() if labels is not None else None
+        row = self.scorer().score(x, labels)
+        return self._wave_row(row, self.scorer("wave").score(x, labels)) if dom.wave_metrics else row
 
     def reference_metrics(self, n: int) -> dict[str, float]:
         """The same metrics for ``n`` held-out real clips (at most the split's size): the reference row."""
         dom = self.domain
         if not dom.metrics or not dom.label_names:
             return {}
-        return self.scorer().reference_row(n, labelled=dom.conditional)
+        row = self.scorer().reference_row(n, labelled=dom.conditional)
+        if dom.wave_metrics:
+            row = self._wave_row(row, self.scorer("wave").reference_row(n, labelled=dom.conditional))
+        return row
+
+    def reconstruction_distances(self, x: Tensor, x_hat: Tensor) -> dict[str, float]:
+        """SI-SDR and multi-resolution STFT distance of a first stage's reconstructions ``x_hat`` of clips ``x``."""
+        from .mel_stage import reconstruction_distances
+
+        return reconstruction_distances(x, x_hat)
 
     def report_items(self, samples: Batch | Sequence[Path], limit: Optional[int] = None) -> list[ReportItem]:
         """Every clip with a player and its log-mel spectrogram (axes, colour bar), grouped by label."""

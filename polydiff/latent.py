@@ -1,0 +1,341 @@
+"""Latent diffusion: a dense domain seen through an autoencoder (Rombach et al. 2022; AudioLDM, Liu et al. 2023).
+
+The recipe's top-level ``latent`` section (``latent.autoencoder=mel`` or ``=RUN_DIR``) wraps the domain in a
+:class:`LatentDomain`: training data are encoded once (cached on disk, keyed by the autoencoder's identity and the
+data), normalised by the training latents' mean and standard deviation (Stable Diffusion's scale factor, with a
+shift), and the diffusion network is the inner domain's own, built for the latent shape. Samplers, guidance and
+chunking see a dense latent tensor; samples are decoded before they are saved or scored, so files and metrics stay
+in the data's space. The inner domain supplies its autoencoder with ``autoencoder(spec)`` and its network for a
+latent shape with ``latent_network(shape, **model)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from .checkpoint import atomic_save
+from .domain import Domain
+from .outputs import Outputs
+from .space import DenseSpace, Space
+from .state import Batch, Known
+
+__all__ = [
+    "Autoencoder",
+    "LatentDomain",
+    "LatentOutputs",
+    "LatentSet",
+    "latent_domain",
+    "latent_cache_dir",
+    "reconstruction_row",
+]
+
+log = logging.getLogger(__name__)
+
+# Bump when the cached latents' layout or their encoding pipeline changes.
+CACHE_VERSION = 1
+
+
+class Autoencoder(Protocol):
+    """What a domain's ``autoencoder(spec)`` returns: a fixed or trained first stage."""
+
+    #: A hash of everything that shapes the latents (settings, weights): the cache key and the checkpoint's check.
+    identity: str
+
+    def encode(self, x: Tensor) -> Tensor:  # [B, *data] -> [B, *latent]
+        ...
+
+    def decode(self, z: Tensor) -> Tensor:  # [B, *latent] -> [B, *data]
+        ...
+
+
+def latent_cache_dir() -> Path:
+    """Where encoded training sets are cached (``$POLYDIFF_CACHE/latent`` or ``~/.cache/polydiff/latent``)."""
+    return Path(os.environ.get("POLYDIFF_CACHE", Path.home() / ".cache" / "polydiff")) / "latent"
+
+
+def latent_domain(domain: Domain, latent: Optional[Mapping[str, Any]]) -> Domain:
+    """``domain`` in its latent version when the recipe's ``latent.autoencoder`` names a first stage, else as it is."""
+    spec = (latent or {}).get("autoencoder")
+    if spec is None:
+        return domain
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"latent.autoencoder={spec!r}: give 'mel' (audio) or the run folder of a trained autoencoder")
+    make = getattr(domain, "autoencoder", None)
+    if make is None:
+        raise ValueError(
+            f"latent.autoencoder={spec!r}: domain {domain.name!r} ({type(domain).__name__}) supplies no autoencoder "
+            "(latent diffusion needs a dense domain with an autoencoder(spec) method); remove the latent section"
+        )
+    return LatentDomain(domain, make(spec), spec)
+
+
+def reconstruction_row(domain: Domain, n: int) -> dict[str, Any]:
+    """``{"reconstruction": metrics}`` of a latent domain's first stage on ``n`` held-out items (``{}`` for a
+    data-space domain, or ``None`` with a warning where the data cannot be read)."""
+    if not isinstance(domain, LatentDomain):
+        return {}
+    try:
+        return {"reconstruction": domain.outputs.reconstruction_metrics(n)}
+    except (FileNotFoundError, ValueError, OSError) as err:
+        log.warning("no first-stage reconstruction row: the held-out data could not be read (%s)", err)
+        return {"reconstruction": None}
+
+
+class LatentSet(Dataset):
+    """Encoded items: ``(z [*latent], label)`` pairs, or ``z`` alone for unlabelled data."""
+
+    def __init__(self, z: Tensor, labels: Optional[Tensor]) -> None:
+        self.z, self.labels = z, labels  # [N, *latent], [N] or None
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.z[i] if self.labels is None else (self.z[i], int(self.labels[i]))
+
+
+def _stacked(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Optional[Tensor]]:
+    """The whole ``split`` of ``domain`` collated: ``x [N, *data]``, labels ``[N]`` or ``None``."""
+    data = domain.dataset(split)
+    xs, ys = [], []
+    for start in range(0, len(data), chunk):
+        batch = domain.collate([data[i] for i in range(start, min(len(data), start + chunk))])
+        if not isinstance(batch.space, DenseSpace):
+            raise ValueError(
+                f"latent diffusion needs a dense domain, and {domain.name!r} collates a {type(batch.space).__name__}: "
+                "remove the latent section"
+            )
+        xs.append(batch.x)
+        if "label" in batch.cond:
+            ys.append(batch.cond["label"])
+    return torch.cat(xs), (torch.cat(ys) if ys else None)
+
+
+class LatentDomain(Domain):
+    """A dense domain diffused in an autoencoder's latent space; data, labels, files and metrics are the inner one's."""
+
+    def __init__(self, inner: Domain, autoencoder: Autoencoder, spec: str) -> None:
+        # Domain.__init__ is not called: class names belong to the inner domain (a property here).
+        self.inner, self.autoencoder, self.spec = inner, autoencoder, spec
+        self.name = inner.name
+        self.guidance_keys = inner.guidance_keys
+        self.sample_shape: Optional[tuple[int, ...]] = None  # the latent shape, once known
+        self.shift, self.scale = 0.0, 1.0  # z = (encode(x) - shift) / scale
+        self._sets: dict[str, LatentSet] = {}
+        self._measured = False  # shift and scale measured on the training latents, or loaded from a checkpoint
+
+    @property
+    def class_names(self) -> list[str]:  # type: ignore[override]
+        return self.inner.class_names
+
+    @class_names.setter
+    def class_names(self, names: list[str]) -> None:
+        self.inner.class_names = names
+
+    def default_labels(self, n: int, device: torch.device | str = "cpu") -> Optional[Tensor]:
+        return self.inner.default_labels(n, device)
+
+    def can_guide(self) -> bool:
+        return self.inner.can_guide()
+
+    # ------------------------------------------------------------------ data
+    def encode(self, x: Tensor) -> Tensor:
+        """Data ``[B, *data]`` -> normalised latents ``[B, *latent]``."""
+        return (self.autoencoder.encode(x) - self.shift) / self.scale
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Normalised latents ``[B, *latent]`` -> data ``[B, *data]``."""
+        return self.autoencoder.decode(z * self.scale + self.shift)
+
+    def _raw(self, split: str) -> tuple[Tensor, Optional[Tensor]]:
+        """The split's un-normalised latents and labels, encoded once and cached by the autoencoder and data."""
+        x, labels = _stacked(self.inner, split)
+        h = hashlib.sha1(json.dumps([CACHE_VERSION, self.autoencoder.identity, self.inner.name, split]).encode())
+        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+        if labels is not None:
+            h.update(labels.cpu().numpy().tobytes())
+        owner = self.inner.name or type(self.inner).__name__
+        path = latent_cache_dir() / f"{owner}_{split}_{h.hexdigest()[:16]}.pt"
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("identity") == self.autoencoder.identity:
+                log.info("latent %s split: %d encoded items read from %s", split, len(saved["z"]), path)
+                return saved["z"], labels
+            log.warning("%s was encoded by another autoencoder: encoding again", path)
+        with torch.no_grad():
+            z = torch.cat([self.autoencoder.encode(x[i : i + 64]) for i in range(0, len(x), 64)])  # [N, *latent]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"z": z, "identity": self.autoencoder.identity}, path)
+        log.info("latent %s split: %d items encoded to %s, cached in %s", split, len(z), tuple(z.shape[1:]), path)
+        return z, labels
+
+    def dataset(self, split: str) -> LatentSet:
+        if split not in self._sets:
+            if split != "train" and not self._measured:
+                self.dataset("train")  # the training latents fix the shift and scale
+            if split == "train" and not self._measured:
+                self.inner.setup(self.inner.dataset("train"))
+            z, labels = self._raw(split)
+            if split == "train" and not self._measured:
+                self.shift, self.scale = float(z.mean()), float(z.std())
+                self._measured = True
+            self._sets[split] = LatentSet((z - self.shift) / self.scale, labels)
+        return self._sets[split]
+
+    def collate(self, items: Sequence[Any]) -> Batch:
+        """Latents stacked densely; labels only where the inner domain is conditional."""
+        batch = Domain.collate(self, items)
+        if not self.inner.num_classes:
+            batch.cond.pop("label", None)
+        return batch
+
+    def setup(self, train_set: Dataset) -> None:
+        if not isinstance(train_set, LatentSet):
+            train_set = self.dataset("train")
+        self.sample_shape = tuple(train_set.z.shape[1:])
+        log.info(
+            "latent %r (%s): %s -> %s, shift %.4g, scale %.4g",
+            self.spec,
+            self.inner.name,
+            self.inner.sample_shape,
+            self.sample_shape,
+            self.shift,
+            self.scale,
+        )
+
+    # --------------------------------------------------------------- network
+    def build_network(self, **model: Any) -> nn.Module:
+        """The inner domain's network for the latent shape (``inner.latent_network(shape, **model)``)."""
+        build = getattr(self.inner, "latent_network", None)
+        if build is None:
+            raise ValueError(
+                f"latent.autoencoder={self.spec!r}: domain {self.inner.name!r} cannot build a network for a latent "
+                "shape (it has no latent_network(shape, **model) method)"
+            )
+        if self.sample_shape is None:
+            raise RuntimeError("the latent shape is unknown: call setup(train_set) or load_state_dict first")
+        return build(self.sample_shape, **model)
+
+    # -------------------------------------------------------------- sampling
+    def prior(
+        self,
+        n: int,
+        labels: Optional[Tensor] = None,
+        device: torch.device | str = "cpu",
+        generator: Optional[torch.Generator] = None,
+        **options: Any,
+    ) -> tuple[Space, dict[str, Tensor]]:
+        """``n`` latents; the conditions are the inner domain's."""
+        if options:
+            raise KeyError(f"prior option(s) {sorted(options)} do not apply to a latent model (latent.autoencoder)")
+        _, cond = self.inner.prior(n, labels=labels, device=device, generator=generator)
+        return DenseSpace((n, *self.sample_shape), device_=torch.device(device)), cond
+
+    # --------------------------------------------------------------- outputs
+    def make_outputs(self) -> LatentOutputs:
+        return LatentOutputs(self)
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The inner domain's state (so the plain domain loads it: ``polydiff eval RUN``) plus the latent's."""
+        latent = {
+            "autoencoder": self.spec,
+            "identity": self.autoencoder.identity,
+            "shape": list(self.sample_shape) if self.sample_shape else None,
+            "shift": self.shift,
+            "scale": self.scale,
+        }
+        return {**self.inner.state_dict(), "latent": latent}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        latent = state.get("latent")
+        if latent is None:
+            raise ValueError(
+                "this checkpoint holds a data-space model, not a latent one: drop the latent section "
+                f"(latent.autoencoder={self.spec!r})"
+            )
+        self.inner.load_state_dict({k: v for k, v in state.items() if k != "latent"})
+        if latent["identity"] != self.autoencoder.identity:
+            raise ValueError(
+                f"latent.autoencoder={self.spec!r} has changed since this model was trained (identity "
+                f"{latent['identity']} then, {self.autoencoder.identity} now): its latents would not match; restore "
+                "that autoencoder or train the latent model again"
+            )
+        self.sample_shape = tuple(latent["shape"])
+        self.shift, self.scale = float(latent["shift"]), float(latent["scale"])
+        self._measured = True
+
+    def __repr__(self) -> str:
+        return f"LatentDomain({self.inner!r}, autoencoder={self.spec!r})"
+
+
+class LatentOutputs(Outputs):
+    """The inner domain's outputs on decoded samples: files, metrics and reports stay in the data's space."""
+
+    domain: LatentDomain
+
+    def __init__(self, domain: LatentDomain) -> None:
+        super().__init__(domain)
+        self._memo: Optional[tuple[Tensor, Batch]] = None  # the last batch decoded (saved, scored, shown in turn)
+
+    def decoded(self, batch: Batch) -> Batch:
+        """``batch`` in the data's space: latents are decoded, data (samples read back from files) kept as it is."""
+        if tuple(batch.x.shape[1:]) != tuple(self.domain.sample_shape or ()):
+            return batch
+        if self._memo is not None and self._memo[0] is batch.x:
+            return self._memo[1]
+        with torch.no_grad():
+            x = self.domain.decode(batch.x.float())  # [B, *data]
+        out = Batch(x, DenseSpace(tuple(x.shape), device_=x.device), dict(batch.cond))
+        self._memo = (batch.x, out)
+        return out
+
+    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        return self.domain.inner.save_samples(self.decoded(batch), out_dir, prefix)
+
+    def read_samples(self, path: Path) -> Batch:
+        return self.domain.inner.read_samples(path)
+
+    def known_values(self, path: Path, n: int, **options: Any) -> Known:
+        raise ValueError(
+            f"polydiff sample --known is not available for latent models (latent.autoencoder={self.domain.spec!r}): "
+            "a kept stretch of the data does not map to a kept part of the latent; use a data-space model"
+        )
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        return self.domain.inner.evaluate(self.decoded(batch))
+
+    def reference_metrics(self, n: int) -> dict[str, float]:
+        return self.domain.inner.reference_metrics(n)
+
+    def report_items(self, samples: Batch | Sequence[Path], limit: Optional[int] = None) -> list:
+        if isinstance(samples, Batch):
+            samples = self.decoded(samples)
+        return self.domain.inner.outputs.report_items(samples, limit)
+
+    def reconstruction_metrics(self, n: int, seed: int = 0) -> dict[str, float]:
+        """The first stage's ceiling: the inner domain's metrics on ``n`` decoded held-out items (the reference row's
+        subset: a seeded permutation), plus the inner outputs' ``reconstruction_distances(x, x_hat)`` where it has
+        one."""
+        inner = self.domain.inner
+        x, labels = _stacked(inner, getattr(inner, "reference_split", "test"))
+        count = max(2, min(int(n), len(x)))
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
+        x = x[idx]
+        with torch.no_grad():
+            x_hat = torch.cat([self.domain.decode(self.domain.encode(x[i : i + 64])) for i in range(0, count, 64)])
+        cond = {"label": labels[idx]} if labels is not None and inner.num_classes else {}
+        row = dict(inner.evaluate(Batch(x_hat, DenseSpace(tuple(x_hat.shape)), cond)))
+        distances = getattr(inner.outputs, "reconstruction_distances", None)
+        if distances is not None:
+            row.update(distances(x, x_hat))
+        return {**row, "num_samples": count}

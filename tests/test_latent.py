@@ -1,0 +1,209 @@
+"""Latent diffusion (``latent.autoencoder``): the mel first stage, the latent domain wrapper, its cache, its outputs in
+the data's space, its checkpoint state and its bad inputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from domains.audio.domain import AudioDomain
+from domains.audio.mel_stage import MelAutoencoder, mrstft_distance, si_sdr
+from polydiff import Batch, DenseSpace
+from polydiff.build import Parts, build_domain
+from polydiff.cli import main
+from polydiff.config import check_keys
+from polydiff.latent import LatentDomain, latent_domain
+from polydiff.safety import UnsafeConfigError, check_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "audio_latent.yaml"
+# 20 clips a split, 0.3 s at 16 kHz (19 frames of 64 mels), no metric classifier: seconds, not minutes.
+SMALL = dict(sample_rate=16000, duration=0.3, limit=20, metrics=False)
+TINY_NET = dict(channels=8, channel_mults=[1, 2], down_factors=[2], num_res_blocks=1, mid_attention=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+
+
+def _latent(**audio) -> LatentDomain:
+    domain = latent_domain(AudioDomain(**{**SMALL, **audio}), {"autoencoder": "mel"})
+    domain.setup(domain.dataset("train"))
+    return domain
+
+
+def test_mel_stage_shapes_and_round_trip():
+    """1 s at 16 kHz is 64 mels x 63 frames; decoding gives the clip's length, and its log-mel is close to the
+    original's (Griffin-Lim recovers magnitudes, not phases)."""
+    stage = MelAutoencoder(16000, 1, 16000, griffin_lim_iters=16)
+    t = torch.arange(16000) / 16000
+    x = (0.5 * torch.sin(2 * torch.pi * (300 + 400 * t) * t) * torch.hann_window(16000))[None, None]  # a chirp
+    z = stage.encode(x)
+    assert z.shape == (1, 64, 63)
+    y = stage.decode(z)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    loud = z > z.max() - 6  # the bands within 26 dB of the peak (the rest is the log's floor)
+    noise = 0.1 * torch.randn_like(x)
+    assert (stage.encode(y) - z)[loud].abs().mean() < 1.0 < (stage.encode(noise) - z)[loud].abs().mean()
+    assert torch.equal(stage.decode(z), y)  # a fixed Griffin-Lim start: the same latent gives the same clip
+    assert mrstft_distance(x, y) < mrstft_distance(x, noise)
+    assert si_sdr(x, 2 * x).item() > 50  # scale-invariant
+    assert MelAutoencoder(16000, 1, 16000).identity != MelAutoencoder(8000, 1, 8000).identity
+
+
+def test_latent_domain_encodes_once_normalises_and_builds_the_inner_network(monkeypatch):
+    domain = _latent()
+    data = domain.dataset("train")
+    assert domain.sample_shape == (64, 19) and len(data) == 20
+    z = data.z
+    assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-4  # the measured shift and scale
+    batch = domain.collate([data[i] for i in range(4)])
+    assert batch.x.shape == (4, 64, 19) and batch.cond["label"].shape == (4,)
+    net = domain.build_network(**TINY_NET)
+    assert net(batch.x, torch.rand(4), label=batch.cond["label"]).shape == batch.x.shape
+    space, cond = domain.prior(3, labels=torch.tensor([0, 1, 2]))
+    assert space.shape == (3, 64, 19) and cond["label"].tolist() == [0, 1, 2]
+
+    # A second domain reads the cache rather than encoding again.
+    def refuse(self, x):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(MelAutoencoder, "encode", refuse)
+    again = latent_domain(AudioDomain(**SMALL), {"autoencoder": "mel"})
+    assert torch.equal(again.dataset("train").z, z)
+
+
+def test_a_changed_autoencoder_encodes_again_and_never_mixes(tmp_path):
+    first = _latent()
+    changed = latent_domain(AudioDomain(**SMALL), {"autoencoder": "mel"})
+    changed.autoencoder = MelAutoencoder(16000, 1, changed.inner.length, n_mels=32)
+    changed.setup(changed.dataset("train"))
+    assert changed.sample_shape == (32, 19)
+    files = sorted((tmp_path / "cache" / "latent").glob("*_train_*.pt"))
+    assert len(files) == 2  # one cache file per autoencoder
+    # A checkpoint's latent state from another autoencoder is refused, naming the key and the fix.
+    with pytest.raises(ValueError, match=r"latent.autoencoder='mel' has changed since this model was trained"):
+        changed.load_state_dict(first.state_dict())
+
+
+def test_state_round_trip_and_the_plain_domain_loads_it():
+    domain = _latent()
+    state = domain.state_dict()
+    fresh = latent_domain(AudioDomain(**SMALL), {"autoencoder": "mel"})
+    fresh.load_state_dict(state)
+    assert (fresh.sample_shape, fresh.shift, fresh.scale) == (domain.sample_shape, domain.shift, domain.scale)
+    plain = AudioDomain(**SMALL)  # polydiff eval RUN builds the plain domain: the waveform files are its data
+    plain.load_state_dict(state)
+    assert plain.sample_shape == (1, 4800)
+    with pytest.raises(ValueError, match="data-space model"):
+        fresh.load_state_dict(plain.state_dict())
+
+
+def test_samples_are_decoded_before_they_are_saved_and_scored(tmp_path, monkeypatch):
+    domain = _latent()
+    data = domain.dataset("test")
+    batch = domain.collate([data[i] for i in range(3)])
+    paths = domain.save_samples(batch, tmp_path, prefix="s")
+    wavs = [p for p in paths if p.suffix == ".wav"]
+    assert len(wavs) == 3 and sf.read(wavs[0])[0].shape == (4800,)
+    seen = []
+    monkeypatch.setattr(AudioDomain, "evaluate", lambda self, b: seen.append(tuple(b.x.shape)) or {})
+    domain.evaluate(batch)
+    domain.evaluate(domain.read_samples(tmp_path))  # files read back are data already: not decoded again
+    assert seen == [(3, 1, 4800), (3, 1, 4800)]
+    with pytest.raises(ValueError, match="--known is not available for latent models"):
+        domain.known_values(wavs[0], 1, start=0.1)
+
+
+def test_reconstruction_row_has_the_distances():
+    row = _latent().outputs.reconstruction_metrics(8)
+    assert set(row) == {"si_sdr", "mrstft", "num_samples"} and row["num_samples"] == 8  # metrics=false: no classifier
+    assert row["mrstft"] < 3
+
+
+def _args(run: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        str(RECIPE),
+        "profile=cpu",
+        "domain.duration=0.3",
+        "+domain.limit=20",
+        "+domain.metrics=false",
+        "model.channels=8",
+        "model.channel_mults=[1,2]",
+        "model.down_factors=[2]",
+        "trainer.max_steps=2",
+        "trainer.batch_size=4",
+        "trainer.num_samples=2",
+        "trainer.progress=false",
+        "sampler.steps=2",
+        f"hydra.run.dir={run}",
+        *extra,
+    ]
+
+
+def test_train_and_sample_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(_args(run))
+    assert len(list((run / "samples").glob("step_0000002_*.wav"))) == 2
+    out = tmp_path / "drawn"
+    main(["sample", str(run), "--n", "2", "--out", str(out), "--eval", "sampler.steps=2", "label=seven"])
+    wavs = sorted(out.glob("*.wav"))
+    assert len(wavs) == 2 and all("seven" in w.name for w in wavs) and sf.read(wavs[0])[0].shape == (4800,)
+    record = json.loads((out / "sampling.json").read_text())
+    assert set(record["reconstruction"]) == {"si_sdr", "mrstft", "num_samples"}
+    assert "first stage" in capsys.readouterr().out
+    parts = Parts.from_config(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"])
+    assert isinstance(parts.domain, LatentDomain)
+
+
+def test_bad_latent_inputs(tmp_path):
+    with pytest.raises(KeyError, match="autoencodr"):
+        check_keys({"latent": {"autoencodr": "mel"}})
+    with pytest.raises(UnsafeConfigError, match="latent.autoencoder='os:system'"):
+        check_config({"latent": {"autoencoder": "os:system"}})
+    check_config({"latent": {"autoencoder": str(tmp_path / "ae")}})  # a path is data
+    with pytest.raises(FileNotFoundError, match=r"latent.autoencoder=.*nowhere: no such run folder"):
+        latent_domain(AudioDomain(**SMALL), {"autoencoder": str(tmp_path / "nowhere")})
+    with pytest.raises(ValueError, match="domain 'molecule' .* supplies no autoencoder.*remove the latent section"):
+        latent_domain(build_domain({"name": "molecule"}), {"autoencoder": "mel"})
+
+
+def test_bad_latent_inputs_on_the_command_line(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        main(_args(tmp_path / "run", f"latent.autoencoder={tmp_path / 'missing'}"))
+    message = str(err.value)
+    assert message.startswith("polydiff: error: ") and "latent.autoencoder=" in message and "mel" in message
+    assert "\n" not in message.strip()
+
+
+def test_the_waveform_classifier_is_reported_beside_the_log_mel_one(tmp_path):
+    """domain.wave_metrics adds wave_* figures from a raw-waveform classifier to samples and the reference row, each
+    classifier cached in its own file; without it the figures are the log-mel classifier's alone."""
+    import numpy as np
+
+    root = tmp_path / "tones"
+    for label, freq in (("low", 300.0), ("high", 900.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(8):
+            t = np.arange(2400) / 8000
+            sf.write(root / label / f"{i}.wav", (0.5 * np.sin(2 * np.pi * freq * (1 + 0.02 * i) * t)), 8000)
+    rows = {}
+    for wave in (False, True):
+        domain = AudioDomain(
+            dataset="folder", root=str(root), sample_rate=8000, duration=0.3, test_fraction=0.3,
+            classifier_epochs=1, wave_metrics=wave,
+        )  # fmt: skip
+        domain.setup(domain.dataset("train"))
+        test = domain.dataset("test")
+        batch = Batch(test.waves, DenseSpace(tuple(test.waves.shape)), {"label": test.labels})
+        rows[wave] = (domain.evaluate(batch), domain.reference_metrics(10))
+    plain, both = rows[False], rows[True]
+    for without, with_wave in zip(plain, both):
+        assert {k: v for k, v in with_wave.items() if not k.startswith("wave_")} == without
+        assert {"wave_fid", "wave_is", "wave_label_acc"} <= set(with_wave)
+    names = sorted(p.name.split("_")[0] for p in (tmp_path / "cache" / "audio").glob("*.pt"))
+    assert names == ["digit", "wave"]
