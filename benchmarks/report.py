@@ -49,6 +49,8 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
             f"peak memory {t['peak_mem_mb']:.0f} MiB, final loss {t['final_loss']:.4f}",
             "",
         ]
+        if d.get("first_stage"):
+            lines += [_first_stage_line(d["first_stage"], d.get("reconstruction")), ""]
         for objective, o in (d.get("objectives") or {}).items():
             lines += [
                 f"objective {objective}, same budget: "
@@ -69,6 +71,13 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
             ref = d["reference"]
             label = f"real data ({ref['num_samples']} held-out)" if "num_samples" in ref else "real data (reference)"
             lines.append(_row([label, "", "", "", "", "", "", "", *(_fmt(ref.get(k, "")) for k in keys)]))
+        if d.get("reconstruction"):  # a latent model's ceiling: its first stage's encode-decode of held-out data
+            rec = d["reconstruction"]
+            stage = (d.get("first_stage") or {}).get("autoencoder")
+            label = f"first stage{f' `{stage}`' if stage else ''} reconstruction" + (
+                f" ({rec['num_samples']} held-out)" if "num_samples" in rec else ""
+            )
+            lines.append(_row([label, "", "", "", "", "", "", "", *(_fmt(rec.get(k, "")) for k in keys)]))
         for r in d["sampling"]:
             speed = f"{r['samples_per_s']:.2f}" + (
                 f" ({r['audio_seconds_per_s']:.1f} s audio/s)" if "audio_seconds_per_s" in r else ""
@@ -128,10 +137,59 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
             else:
                 lines.append(f"peer `{peer}`: " + _peer_line(p))
         lines.append("")
+    if result.get("audio_latent_vs_audio"):
+        lines += _latent_speed_table(result["audio_latent_vs_audio"])
     text = "\n".join(lines)
     if path is not None:
         path.write_text(text)
     return text
+
+
+def _first_stage_line(f: dict[str, Any], rec: Optional[dict[str, Any]]) -> str:
+    """A latent model's first stage: its one-off encoding (cold cache), its own training where it has one, and the
+    reconstruction figures the metric columns do not show (SI-SDR, STFT distance)."""
+    line = (
+        f"first stage `{f['autoencoder']}` ({f['kind']}), apart from the training above: {f['encoded_items']} "
+        f"training items {f['data_shape']} encoded to {f['latent_shape']} in {f['encode_train_s']:.2f} s (cold cache)"
+    )
+    if f["kind"] == "trained":
+        line += (
+            f"; its own training: {f['training_steps']} steps in {f['training_s']:.0f} s"
+            if f.get("training_s") is not None
+            else f"; its own training: {f['training_steps']} steps, time unknown ({f.get('training_note', '')})"
+        )
+    if rec:
+        extra = {k: v for k, v in rec.items() if k in ("si_sdr", "mrstft")}
+        if extra:
+            line += "; reconstruction " + ", ".join(f"{k} {_fmt(v)}" for k, v in extra.items())
+    return line
+
+
+def _latent_speed_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Seconds of audio per second, latent against waveform audio, at equal sampler, steps and guidance."""
+    lines = [
+        "## audio_latent against audio",
+        "",
+        "seconds of audio generated per second (samples/s x clip duration) at equal sampler, steps and guidance:",
+        "",
+        _row(["objective", "sampler", "steps", "guidance", "audio s/s", "audio_latent s/s", "latent / waveform"]),
+        _row(["---"] * 7),
+    ]
+    for r in rows:
+        lines.append(
+            _row(
+                [
+                    r["objective"],
+                    r["sampler"],
+                    r["steps"],
+                    r["guidance"],
+                    f"{r['audio_s_per_s']:.2f}",
+                    f"{r['audio_latent_s_per_s']:.2f}",
+                    f"x{r['ratio_latent_over_waveform']:.2f}",
+                ]
+            )
+        )
+    return lines + [""]
 
 
 def _diffusers_table(p: dict[str, Any], keys: list[str]) -> list[str]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import subprocess
 import time
 import traceback
@@ -27,6 +29,7 @@ from polydiff.build import resolve_device, to_plain
 from polydiff.config import check_overrides, merge_sampler, retarget_plugins
 from polydiff.domain import Batch
 from polydiff.generate import generate
+from polydiff.latent import LatentDomain, reconstruction_row
 from polydiff.recipes import compose_recipe
 from polydiff.samplers import network_calls
 from polydiff.trainer import Trainer
@@ -96,7 +99,11 @@ def _placing(key: str, where: str) -> str:
 
 
 def suites() -> dict[str, dict[str, DomainBench]]:
-    """The quick (2 CPU cores, ~10 min) and full (one GPU) suites.
+    """The quick (2 CPU cores) and full (one GPU) suites.
+
+    Both hold ``audio_latent`` beside ``audio``: the latent recipe (the fixed mel stage unless ``--set
+    latent.autoencoder=RUN``) on the waveform domain's training budget, its first stage's cost and reconstruction row
+    reported apart (:func:`first_stage_cost`, :func:`polydiff.latent.reconstruction_row`).
 
     ``full`` adds the literature settings where the data are placed locally (or, for QM9, installed as the
     qm9pack package): ``qm9`` with EDM's
@@ -113,6 +120,9 @@ def suites() -> dict[str, dict[str, DomainBench]]:
         ("dpmpp_2m", 10),
     ]
     full_samplers = list(quick_samplers)  # the same sweep
+    # Latent audio on a CPU: the rows the waveform sweep shares (seconds of audio per second at equal steps), with
+    # DDPM at T and the few-step solvers a latent model is meant for; every row decodes (Griffin-Lim for mel).
+    latent_samplers = [("ddpm", TRAINING_T), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
 
     def continuous(sigma_data: float) -> list[tuple[str, list[str], list[tuple[str, int]]]]:
         """The continuous-time family on the same budget: flow matching with Euler and Heun at about 10, 20 and 50
@@ -164,6 +174,19 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 max_guided_steps=100,
                 objectives=continuous(0.12),
             ),
+            # The same budget diffused in the fixed mel stage's latents (16 kHz, 1 s clips: 64 bands x 63 frames);
+            # --set latent.autoencoder=RUN swaps in a trained first stage. Its rows carry the first stage's cost
+            # apart (``first_stage``) and its reconstruction row beside the real data's.
+            "audio_latent": DomainBench(
+                "recipes/audio_latent.yaml",
+                ["profile=cpu", "latent.autoencoder=mel", *_train_steps(1000)],
+                30,
+                latent_samplers,
+                guidance=[1.0, 3.0],
+                batch_sizes=[4, 8, 16],
+                peers=["diffusers"],
+                max_guided_steps=100,
+            ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",
                 ["profile=cpu", *_train_steps(800)],
@@ -209,6 +232,16 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 scaling=("duration", [0.5, 1.0, 2.0, 4.0]),
                 compile_check=True,
                 objectives=continuous(0.12),
+            ),
+            "audio_latent": DomainBench(
+                "recipes/audio_latent.yaml",
+                ["latent.autoencoder=mel", *_train_steps(20000)],
+                100,
+                [("ddpm", 200), *full_samplers],
+                guidance=[1.0, 3.0],
+                batch_sizes=[4, 8, 16, 32],
+                peers=["diffusers"],
+                compile_check=True,
             ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",
@@ -396,6 +429,11 @@ def sampler_row(
             generator=gen,
         )
         _sync(trainer.device)
+        sampled = time.perf_counter()
+        decode = getattr(domain.outputs, "decoded", None)
+        if decode is not None:  # a latent model: decoding (Griffin-Lim for mel) is part of a sample's cost
+            decode(batch)  # kept for evaluate() below
+            _sync(trainer.device)
         wall = time.perf_counter() - t0
     metrics = domain.evaluate(batch)
     row = {
@@ -410,7 +448,10 @@ def sampler_row(
         "peak_mem_mb": mem.peak_mb,
         "metrics": metrics,
     }
-    duration = getattr(domain, "duration", None)  # audio: seconds of audio generated per second
+    if decode is not None:
+        row["decode_s"] = t0 + wall - sampled  # of wall_s
+    # Audio (a latent model's decoded clips too): seconds of audio generated per second, samples/s x clip duration.
+    duration = getattr(getattr(domain, "inner", domain), "duration", None)
     if isinstance(duration, (int, float)):
         row["audio_seconds_per_s"] = n * duration / wall
     return row
@@ -537,6 +578,9 @@ def bench_domain(
         if spec.scaling
         else [],
     }
+    if isinstance(trainer.domain, LatentDomain):  # the first stage's cost, apart; its ceiling beside the real data's
+        result["first_stage"] = first_stage_cost(trainer.domain, run_root / f"{name}-first-stage-cache")
+        result.update(reconstruction_row(trainer.domain, spec.num_samples))
     if spec.compile_check:
         try:
             result["compile"] = compile_speedup(trainer, spec.batch_sizes[-1])
@@ -568,6 +612,104 @@ def bench_domain(
             continue
         _sweep(name, other, spec, samplers, [1.0], seed, result, objective)
     return result
+
+
+@contextmanager
+def _latent_cache(folder: Path) -> Iterator[None]:
+    """``polydiff.latent``'s cache in ``folder`` (``$POLYDIFF_CACHE/latent``) for the block, the previous one after."""
+    before = os.environ.get("POLYDIFF_CACHE")
+    os.environ["POLYDIFF_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("POLYDIFF_CACHE", None)
+        else:
+            os.environ["POLYDIFF_CACHE"] = before
+
+
+def first_stage_cost(domain: LatentDomain, folder: Path) -> dict[str, Any]:
+    """What a latent model pays for its first stage, apart from its own training: encoding the training split (what
+    :class:`polydiff.latent.LatentDomain` does once and caches), timed on a cold cache (a fresh ``folder``, removed
+    after: the split is encoded, never read back), and for a trained autoencoder run its own training time
+    (:func:`run_training_time`). A fixed stage (``mel``) has no training."""
+    shutil.rmtree(folder, ignore_errors=True)
+    cold = LatentDomain(domain.inner, domain.autoencoder, domain.spec)  # the same stage, nothing encoded yet
+    try:
+        with _latent_cache(folder):
+            t0 = time.perf_counter()
+            train_set = cold.dataset("train")
+            encode_s = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    learned = Path(domain.spec).expanduser().exists()  # a trained run's folder or checkpoint; a fixed stage is a name
+    out: dict[str, Any] = {
+        "autoencoder": domain.spec,
+        "kind": "trained" if learned else "fixed",
+        "encode_train_s": encode_s,
+        "encoded_items": len(train_set),
+        "data_shape": list(domain.inner.sample_shape or ()),
+        "latent_shape": list(train_set.z.shape[1:]),
+    }
+    if learned:
+        out.update(run_training_time(domain.spec))
+    return out
+
+
+def run_training_time(spec: str) -> dict[str, Any]:
+    """A trained run's own training, read from it (a first stage's ``latent.autoencoder=RUN``, a distilled teacher):
+    its steps and the seconds its ``metrics.jsonl`` train records span (each record's steps x samples a step / its
+    samples/s: the optimizer steps, with the checkpoints and draws among them). ``training_s`` is None, with the
+    reason, where the log is missing."""
+    from polydiff.checkpoint import load_checkpoint, run_checkpoint
+
+    path = Path(spec).expanduser()
+    ckpt_path = run_checkpoint(path)
+    log_path = (path if path.is_dir() else ckpt_path.parent.parent) / "metrics.jsonl"  # RUN/checkpoints/last.pt
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    tc = ckpt["config"]["trainer"]
+    out: dict[str, Any] = {"training_steps": int(ckpt["step"]), "training_source": str(log_path)}
+    if not log_path.is_file():
+        return {**out, "training_s": None, "training_note": f"no {log_path}: the run's training time is unknown"}
+    per_step = int(tc["batch_size"]) * int(tc.get("grad_accum", 1))
+    seconds, last = 0.0, 0
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line (a kill mid-write)
+            continue
+        if record.get("kind") != "train" or not record.get("samples_per_s"):
+            continue
+        seconds += (record["step"] - last) * per_step * record.get("world_size", 1) / record["samples_per_s"]
+        last = record["step"]
+    return {**out, "training_s": seconds}
+
+
+def audio_latent_speed(domains: dict[str, Any]) -> list[dict[str, Any]]:
+    """``audio_latent`` against ``audio``: seconds of audio generated per second at equal objective, sampler, steps
+    and guidance (the rows both sweeps have), and their ratio."""
+
+    def key(r: dict[str, Any]) -> tuple:
+        return r.get("objective", "vp"), r["sampler"], r["steps"], r["guidance"]
+
+    wave = {key(r): r for r in domains.get("audio", {}).get("sampling", []) if "audio_seconds_per_s" in r}
+    rows = []
+    for r in domains.get("audio_latent", {}).get("sampling", []):
+        w = wave.get(key(r))
+        if w is None or "audio_seconds_per_s" not in r:
+            continue
+        rows.append(
+            {
+                "objective": r.get("objective", "vp"),
+                "sampler": r["sampler"],
+                "steps": r["steps"],
+                "guidance": r["guidance"],
+                "audio_s_per_s": w["audio_seconds_per_s"],
+                "audio_latent_s_per_s": r["audio_seconds_per_s"],
+                "ratio_latent_over_waveform": r["audio_seconds_per_s"] / w["audio_seconds_per_s"],
+            }
+        )
+    return rows
 
 
 def _train(recipe: str, overrides: list[str], run_dir: Path) -> tuple[Trainer, dict[str, Any]]:
@@ -712,6 +854,9 @@ def run_suite(
 def write_result(result: dict[str, Any], out_dir: Path, tag: str) -> Path:
     """``out_dir/tag.json``, the Markdown table beside it and the plots in ``out_dir/tag/``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    speed = audio_latent_speed(result["domains"])  # a merge of separate jobs compares them too
+    if speed:
+        result["audio_latent_vs_audio"] = speed
     path = out_dir / f"{tag}.json"
     path.write_text(json.dumps(result, indent=2, default=float))
     from benchmarks.report import write_markdown, write_plots

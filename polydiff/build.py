@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from .autoencoder import LearnedAutoencoder
 from .config import call_checked
 from .domain import Domain
 from .latent import LatentDomain, latent_domain
@@ -81,16 +83,18 @@ def with_domain_overrides(cfg: Mapping[str, Any], overrides: Sequence[str]) -> d
     return {**cfg, "domain": to_plain(OmegaConf.merge(OmegaConf.create(dict(cfg["domain"])), given))}
 
 
-def build_network(domain: Domain, model_cfg: Mapping[str, Any]) -> nn.Module:
-    """The denoiser: ``model._target_`` when given (restricted), else ``domain.build_network(**model)``."""
+def build_network(domain: Domain, model_cfg: Mapping[str, Any], objective: Optional[BaseObjective] = None) -> nn.Module:
+    """The network: ``model._target_`` when given (restricted), else the objective's builder (the domain's
+    ``build_network(**model)`` for a denoiser), wrapped as the objective trains it."""
     cfg = dict(to_plain(model_cfg) or {})
     check_targets(cfg, "model")
     if "_target_" in cfg:
         net = safe_instantiate(cfg, "model")  # builds the classes that were checked, never a name resolved anew
         if not isinstance(net, nn.Module):
             raise TypeError(f"model._target_ {cfg['_target_']!r} built a {type(net).__name__}, not a torch.nn.Module")
-        return net
-    return call_checked(domain.build_network, cfg, "model")
+    else:
+        net = call_checked(objective.network_builder(domain) if objective else domain.build_network, cfg, "model")
+    return objective.wrap_network(net) if objective else net
 
 
 def build_schedule(schedule_cfg: Mapping[str, Any]) -> NoiseSchedule:
@@ -124,7 +128,7 @@ class Parts:
     def from_config(cls, cfg: Mapping[str, Any], domain_state: Mapping[str, Any] | None = None) -> "Parts":
         """Build everything; ``domain_state`` (from a checkpoint) replaces reading the data set."""
         plain = to_plain(cfg)
-        domain = latent_domain(build_domain(plain["domain"]), plain.get("latent"))  # latent diffusion, if asked
+        domain = latent_domain(build_domain(plain["domain"]), plain.get("latent"), load_first_stage)  # latent diffusion
         train_set = None
         if domain_state is not None:
             domain.load_state_dict(domain_state)
@@ -136,7 +140,7 @@ class Parts:
         schedule = objective.sampling_schedule(schedule)  # flow matching and EDM fix their own path
         if domain_state is None:  # training: an objective that learns from a teacher checks it fits
             objective.check_domain(domain)
-        net = build_network(domain, plain.get("model", {}))
+        net = build_network(domain, plain.get("model", {}), objective)
         return cls(domain, net, schedule, objective, train_set)
 
 
@@ -210,6 +214,62 @@ def parts_from_checkpoint(ckpt: Mapping[str, Any], weights: str = "ema", domain_
     parts.net.load_state_dict(state)
     parts.net.eval()
     return parts
+
+
+def load_first_stage(spec: str, domain: Domain) -> LearnedAutoencoder:
+    """The trained autoencoder run ``latent.autoencoder=spec`` names, checked to fit ``domain``: a finished run of
+    ``objective.name=autoencoder`` on the same domain class and the data settings its ``first_stage_keys`` name."""
+    import hashlib
+
+    from .checkpoint import load_checkpoint, run_checkpoint
+
+    what = f"latent.autoencoder={spec}"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what}: no such run folder; train one first (polydiff train recipes/audio_autoencoder.yaml "
+            "hydra.run.dir=RUN for audio) or give a fixed stage by name (audio: mel)"
+        )
+    ckpt_path = run_checkpoint(path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"{what}: {ckpt_path} does not exist (the run has saved no checkpoint yet): train it")
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt["config"]
+    kind = (cfg.get("objective") or {}).get("name", "vp")
+    if kind != "autoencoder":
+        raise ValueError(
+            f"{what} is a run of objective {kind!r}, not an autoencoder: train one with polydiff train RECIPE "
+            "objective.name=autoencoder (e.g. recipes/audio_autoencoder.yaml)"
+        )
+    step, total = int(ckpt["step"]), int(cfg["trainer"]["max_steps"])
+    if step < total:
+        raise ValueError(
+            f"{what} is unfinished (step {step} of its trainer.max_steps={total}): its latents would change when it "
+            f"finishes; run its training command again with hydra.run.dir={path} to finish it"
+        )
+    if (cfg.get("latent") or {}).get("autoencoder"):
+        raise ValueError(f"{what} was itself trained on latents: give an autoencoder of the data")
+    parts = parts_from_checkpoint(ckpt, "ema")
+    theirs = parts.domain
+    if type(theirs) is not type(domain):
+        raise ValueError(
+            f"{what} was trained on domain {theirs.name or type(theirs).__name__!r} ({type(theirs).__qualname__}), "
+            f"this recipe's is {domain.name or type(domain).__name__!r} ({type(domain).__qualname__}): train an "
+            "autoencoder on this domain"
+        )
+    for key in getattr(domain, "first_stage_keys", ()):
+        if getattr(theirs, key) != getattr(domain, key):
+            raise ValueError(
+                f"{what} was trained with domain.{key}={getattr(theirs, key)}, this recipe has "
+                f"domain.{key}={getattr(domain, key)}: set domain.{key}={getattr(theirs, key)} or train an "
+                "autoencoder with this setting"
+            )
+    version = getattr(parts.net, "version", "")
+    digest = hashlib.sha1(json.dumps([cfg["model"], cfg["objective"], version], sort_keys=True).encode())
+    for name, value in sorted(parts.net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return LearnedAutoencoder(parts.net, digest.hexdigest()[:16], domain)
 
 
 def resolve_device(device: str, where: str = "trainer.device") -> torch.device:

@@ -2,7 +2,8 @@
 
 Guidance mixes a conditional and an unconditional prediction (Ho & Salimans 2022):
 ``x0 = x0_u + w (x0_c - x0_u)``; the same affine mix holds for eps, so both stay consistent.
-``w = 0`` is the unconditional model and ``w = 1`` the conditional one. Optional guidance
+``w = 0`` is the unconditional model and ``w = 1`` the conditional one; a learned variance's ``v``
+(Nichol & Dhariwal 2021) is the conditional prediction's. Optional guidance
 rescale (Lin et al. 2024, eq. 15-16) pulls the guided x0 back to the conditional
 prediction's per-sample standard deviation.
 
@@ -63,7 +64,9 @@ def stacked_guidance(
     def pair(x: Tensor, t: Tensor) -> tuple[Prediction, Prediction]:
         both = joint_denoiser(torch.cat([x, x]), torch.cat([t, t]))  # [2 rows, ...]
         rows = x.shape[0]
-        return Prediction(both.x0[:rows], both.eps[:rows]), Prediction(both.x0[rows:], both.eps[rows:])
+        v = both.v  # a learned variance's, when the model has one: split like the rest
+        c_v, u_v = (None, None) if v is None else (v[:rows], v[rows:])
+        return Prediction(both.x0[:rows], both.eps[:rows], c_v), Prediction(both.x0[rows:], both.eps[rows:], u_v)
 
     return _guided(pair, scale, space, schedule, rescale)
 
@@ -88,7 +91,7 @@ def _guided(pair: PairFn, scale: float, space: Space, schedule: Optional[Schedul
             x0 = rescale * (x0 * factor) + (1 - rescale) * x0
             alpha, sigma = schedule.alpha_sigma(t, dtype=x.dtype)
             eps = (x - space.expand(alpha) * x0) / space.expand(sigma)
-        return Prediction(x0, eps)
+        return Prediction(x0, eps, c.v)  # a learned variance: the conditional model's (None for a fixed one)
 
     return guided
 
@@ -133,6 +136,6 @@ def classifier_guidance(
         shift = space.expand(sigma * scale) * grad  # [like x]
         # x0 = (x - sigma eps) / alpha moves by sigma^2 / alpha * scale * grad; left as it is where alpha = 0.
         to_x0 = torch.where(alpha > 0, sigma / alpha.clamp(min=1e-30), torch.zeros_like(alpha))
-        return Prediction(pred.x0 + space.expand(to_x0) * shift, pred.eps - shift)
+        return Prediction(pred.x0 + space.expand(to_x0) * shift, pred.eps - shift, pred.v)
 
     return guided

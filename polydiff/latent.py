@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,8 @@ __all__ = [
     "latent_domain",
     "latent_cache_dir",
     "reconstruction_row",
+    "first_stage_row",
+    "stacked",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,18 +64,30 @@ def latent_cache_dir() -> Path:
     return Path(os.environ.get("POLYDIFF_CACHE", Path.home() / ".cache" / "polydiff")) / "latent"
 
 
-def latent_domain(domain: Domain, latent: Optional[Mapping[str, Any]]) -> Domain:
-    """``domain`` in its latent version when the recipe's ``latent.autoencoder`` names a first stage, else as it is."""
+def is_run_path(spec: str) -> bool:
+    """Whether ``latent.autoencoder`` names a run folder or checkpoint (a path) rather than a fixed stage (a name)."""
+    return os.sep in spec or "/" in spec or spec.endswith(".pt") or Path(spec).expanduser().exists()
+
+
+def latent_domain(
+    domain: Domain, latent: Optional[Mapping[str, Any]], load_run: Optional[Callable[[str, Domain], Any]] = None
+) -> Domain:
+    """``domain`` in its latent version when the recipe's ``latent.autoencoder`` names a first stage, else as it is:
+    a fixed stage the domain names (``domain.autoencoder(spec)``, e.g. ``mel``), or a trained autoencoder run
+    (a path; ``load_run(spec, domain)`` loads and checks it)."""
     spec = (latent or {}).get("autoencoder")
     if spec is None:
         return domain
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"latent.autoencoder={spec!r}: give 'mel' (audio) or the run folder of a trained autoencoder")
+    if is_run_path(spec) and load_run is not None:
+        return LatentDomain(domain, load_run(spec, domain), spec)
     make = getattr(domain, "autoencoder", None)
     if make is None:
         raise ValueError(
-            f"latent.autoencoder={spec!r}: domain {domain.name!r} ({type(domain).__name__}) supplies no autoencoder "
-            "(latent diffusion needs a dense domain with an autoencoder(spec) method); remove the latent section"
+            f"latent.autoencoder={spec!r}: domain {domain.name!r} ({type(domain).__name__}) supplies no fixed first "
+            "stage of that name; give the run folder of an autoencoder trained on it (objective.name=autoencoder), "
+            "or remove the latent section"
         )
     return LatentDomain(domain, make(spec), spec)
 
@@ -103,7 +117,7 @@ class LatentSet(Dataset):
         return self.z[i] if self.labels is None else (self.z[i], int(self.labels[i]))
 
 
-def _stacked(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Optional[Tensor]]:
+def stacked(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Optional[Tensor]]:
     """The whole ``split`` of ``domain`` collated: ``x [N, *data]``, labels ``[N]`` or ``None``."""
     data = domain.dataset(split)
     xs, ys = [], []
@@ -130,6 +144,9 @@ class LatentDomain(Domain):
         self.guidance_keys = inner.guidance_keys
         self.sample_shape: Optional[tuple[int, ...]] = None  # the latent shape, once known
         self.shift, self.scale = 0.0, 1.0  # z = (encode(x) - shift) / scale
+        # Per channel of the latent: the normalised training latents' range, which decode clamps to (None: no clamp).
+        self.low: Optional[Tensor] = None  # [C']
+        self.high: Optional[Tensor] = None  # [C']
         self._sets: dict[str, LatentSet] = {}
         self._measured = False  # shift and scale measured on the training latents, or loaded from a checkpoint
 
@@ -153,12 +170,26 @@ class LatentDomain(Domain):
         return (self.autoencoder.encode(x) - self.shift) / self.scale
 
     def decode(self, z: Tensor) -> Tensor:
-        """Normalised latents ``[B, *latent]`` -> data ``[B, *data]``."""
+        """Normalised latents ``[B, *latent]`` -> data ``[B, *data]``, each channel first clamped to the training
+        latents' range (logged): a sampled latent beyond it is no data the first stage has seen, and the mel stage's
+        exponential turns an overshoot into clipped noise."""
+        if self.low is not None and self.high is not None:
+            view = (1, -1) + (1,) * (z.dim() - 2)
+            low, high = self.low.to(z).view(view), self.high.to(z).view(view)  # [1, C', 1, ...]
+            outside = int(((z < low) | (z > high)).sum())
+            if outside:
+                log.info(
+                    "decode: %d of %d latent values (%.2f%%) clamped to the training latents' per-channel range",
+                    outside,
+                    z.numel(),
+                    100.0 * outside / z.numel(),
+                )
+                z = torch.maximum(torch.minimum(z, high), low)
         return self.autoencoder.decode(z * self.scale + self.shift)
 
     def _raw(self, split: str) -> tuple[Tensor, Optional[Tensor]]:
         """The split's un-normalised latents and labels, encoded once and cached by the autoencoder and data."""
-        x, labels = _stacked(self.inner, split)
+        x, labels = stacked(self.inner, split)
         h = hashlib.sha1(json.dumps([CACHE_VERSION, self.autoencoder.identity, self.inner.name, split]).encode())
         h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
         if labels is not None:
@@ -187,6 +218,8 @@ class LatentDomain(Domain):
             z, labels = self._raw(split)
             if split == "train" and not self._measured:
                 self.shift, self.scale = float(z.mean()), float(z.std())
+                per_channel = ((z - self.shift) / self.scale).transpose(0, 1).flatten(1)  # [C', N * ...]
+                self.low, self.high = per_channel.amin(1), per_channel.amax(1)
                 self._measured = True
             self._sets[split] = LatentSet((z - self.shift) / self.scale, labels)
         return self._sets[split]
@@ -203,13 +236,16 @@ class LatentDomain(Domain):
             train_set = self.dataset("train")
         self.sample_shape = tuple(train_set.z.shape[1:])
         log.info(
-            "latent %r (%s): %s -> %s, shift %.4g, scale %.4g",
+            "latent %r (%s): %s -> %s, shift %.4g, scale %.4g, decoded latents clamped to %s",
             self.spec,
             self.inner.name,
             self.inner.sample_shape,
             self.sample_shape,
             self.shift,
             self.scale,
+            "nothing"
+            if self.low is None or self.high is None
+            else f"[{float(self.low.min()):.3g}, {float(self.high.max()):.3g}] (per channel)",
         )
 
     # --------------------------------------------------------------- network
@@ -253,6 +289,8 @@ class LatentDomain(Domain):
             "shape": list(self.sample_shape) if self.sample_shape else None,
             "shift": self.shift,
             "scale": self.scale,
+            "low": self.low.tolist() if self.low is not None else None,
+            "high": self.high.tolist() if self.high is not None else None,
         }
         return {**self.inner.state_dict(), "latent": latent}
 
@@ -272,6 +310,10 @@ class LatentDomain(Domain):
             )
         self.sample_shape = tuple(latent["shape"])
         self.shift, self.scale = float(latent["shift"]), float(latent["scale"])
+        # Checkpoints from before the clamp (no "low"/"high") decode unclamped, as they were trained and scored.
+        low, high = latent.get("low"), latent.get("high")
+        self.low = torch.tensor(low, dtype=torch.float32) if low is not None else None
+        self.high = torch.tensor(high, dtype=torch.float32) if high is not None else None
         self._measured = True
 
     def __repr__(self) -> str:
@@ -323,19 +365,22 @@ class LatentOutputs(Outputs):
         return self.domain.inner.outputs.report_items(samples, limit)
 
     def reconstruction_metrics(self, n: int, seed: int = 0) -> dict[str, float]:
-        """The first stage's ceiling: the inner domain's metrics on ``n`` decoded held-out items (the reference row's
-        subset: a seeded permutation), plus the inner outputs' ``reconstruction_distances(x, x_hat)`` where it has
-        one."""
-        inner = self.domain.inner
-        x, labels = _stacked(inner, getattr(inner, "reference_split", "test"))
-        count = max(2, min(int(n), len(x)))
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
-        x = x[idx]
-        with torch.no_grad():
-            x_hat = torch.cat([self.domain.decode(self.domain.encode(x[i : i + 64])) for i in range(0, count, 64)])
-        cond = {"label": labels[idx]} if labels is not None and inner.num_classes else {}
-        row = dict(inner.evaluate(Batch(x_hat, DenseSpace(tuple(x_hat.shape)), cond)))
-        distances = getattr(inner.outputs, "reconstruction_distances", None)
-        if distances is not None:
-            row.update(distances(x, x_hat))
-        return {**row, "num_samples": count}
+        """The first stage's ceiling: :func:`first_stage_row` of the latent domain's encode-decode."""
+        return first_stage_row(self.domain.inner, lambda x: self.domain.decode(self.domain.encode(x)), n, seed)
+
+
+def first_stage_row(inner: Domain, reconstruct: Callable[[Tensor], Tensor], n: int, seed: int = 0) -> dict[str, float]:
+    """A first stage's row: ``inner``'s metrics on ``n`` reconstructed held-out items (the reference row's subset:
+    a seeded permutation), plus the inner outputs' ``reconstruction_distances(x, x_hat)`` where it has one."""
+    x, labels = stacked(inner, getattr(inner, "reference_split", "test"))
+    count = max(2, min(int(n), len(x)))
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
+    x = x[idx]  # [n, *data]
+    with torch.no_grad():
+        x_hat = torch.cat([reconstruct(x[i : i + 64]).float().cpu() for i in range(0, count, 64)])  # [n, *data]
+    cond = {"label": labels[idx]} if labels is not None and inner.num_classes else {}
+    row = dict(inner.evaluate(Batch(x_hat, DenseSpace(tuple(x_hat.shape)), cond)))
+    distances = getattr(inner.outputs, "reconstruction_distances", None)
+    if distances is not None:
+        row.update(distances(x, x_hat))
+    return {**row, "num_samples": count}

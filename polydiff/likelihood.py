@@ -29,6 +29,7 @@ from torch import Tensor
 from .schedules import Schedule
 from .space import Space
 from .state import Batch, DenoiserFn
+from .variance import interpolated_logvar
 
 __all__ = [
     "dimensions",
@@ -89,6 +90,27 @@ def _decoder_nll(x0: Tensor, mean: Tensor, logvar: Tensor, space: Space, bins: O
     return 0.5 * (space.sum(resid**2) * torch.exp(-logvar) + dimensions(space) * (LOG_2PI + logvar))
 
 
+def _learned_kl(x0, x0_hat, v, c0, true_logvar, log_beta, space) -> Tensor:
+    """``KL(q(x_{i-1} | x_i, x_0) || p(x_{i-1} | x_i))`` per sample ``[B]`` with a per-element learned variance; a
+    zero-mean subspace's variance term is scaled to its degrees of freedom (exact where ``v`` is uniform)."""
+    true_lv = space.expand(true_logvar)  # [B] -> broadcast onto x0
+    lv = interpolated_logvar(v.to(torch.float64), space.expand(log_beta), true_lv)  # like x0
+    mean_term = space.sum(space.project(space.expand(c0) * (x0 - x0_hat)) ** 2 * torch.exp(-lv))
+    var_term = space.sum(lv - true_lv + torch.exp(true_lv - lv) - 1)
+    return 0.5 * (mean_term + var_term * dimensions(space) / space.count().clamp(min=1))
+
+
+def _decoder_nll_elementwise(x0: Tensor, mean: Tensor, logvar: Tensor, space: Space, bins: Optional[int]) -> Tensor:
+    """:func:`_decoder_nll` with a per-element ``logvar`` (like ``x0``): a learned variance's decoder ``[B]``."""
+    if bins is not None:
+        if getattr(space, "centered", ()):
+            raise ValueError("a discretised decoder (bins) needs a dense state; this one keeps zero-mean columns")
+        return -space.sum(discretised_gaussian_log_prob(x0, mean, logvar, bins))
+    resid = space.project(x0 - mean)
+    per_dim = dimensions(space) / space.count().clamp(min=1)  # degrees of freedom per valid element
+    return 0.5 * (space.sum(resid**2 * torch.exp(-logvar)) + space.sum(LOG_2PI + logvar) * per_dim)
+
+
 def _prior_kl(x0: Tensor, space: Space, alpha_bar_end: Tensor) -> Tensor:
     """``KL(q(x_1 | x_0) || N(0, I))`` per sample ``[B]`` over the space's degrees of freedom."""
     ab = alpha_bar_end.clamp(max=1 - 1e-12)
@@ -132,7 +154,8 @@ def variational_bound(
 ) -> dict[str, Tensor]:
     """Per-sample terms ``[B]`` (nats, float64) of the negative variational bound: ``prior``, ``diffusion``,
     ``decoder`` and their sum ``nll``. ``steps`` strata of the denoising terms (None: every trained step; continuous
-    time: 100); ``variance`` of the fixed reverse steps: ``small`` (posterior) or ``large`` (beta). ``time``:
+    time: 100); ``variance`` of the fixed reverse steps: ``small`` (posterior) or ``large`` (beta), not read where the
+    denoiser's predictions carry a learned ``v`` (Nichol & Dhariwal 2021, eq. 15), which sets them. ``time``:
     ``discrete`` over the trained steps, ``continuous`` (VDM, any schedule), ``auto`` (discrete where there are steps).
 
     In discrete time the first steps, where ``SNR_{i-1} / SNR_i`` is far from 1, keep the bound some way above the
@@ -162,9 +185,13 @@ def variational_bound(
     for draw, weight in _strata(T - 1, T - 1 if steps is None else int(steps), n, generator):
         i = (draw + 2).to(dev)  # steps 2..T: the terms L_{i-1}
         x_i, t = noised(i)
-        x0_hat = _x0_hat(denoiser, x_i.to(batch.x.dtype), t)
+        pred = denoiser(x_i.to(batch.x.dtype), t.to(batch.x.dtype))
+        x0_hat = pred.x0.to(torch.float64)
         c0 = ab[i - 1].sqrt() * beta[i - 1] / (1 - ab[i])  # the posterior mean's weight of x_0
         true_logvar = torch.log(post_var[i - 1])
+        if pred.v is not None:  # a learned variance (Nichol & Dhariwal 2021, eq. 15), per element
+            diffusion += weight * _learned_kl(x0, x0_hat, pred.v, c0, true_logvar, torch.log(beta[i - 1]), space)
+            continue
         model_logvar = true_logvar if variance == "small" else torch.log(beta[i - 1])
         mean_term = space.sum(space.project(space.expand(c0) * (x0 - x0_hat)) ** 2) * torch.exp(-model_logvar)
         var_term = dimensions(space) * (model_logvar - true_logvar + torch.exp(true_logvar - model_logvar) - 1)
@@ -174,7 +201,12 @@ def variational_bound(
     # Improved DDPM's clipped log-variance at the first step: beta~_2 (beta~_1 = 0), or beta_1.
     dec_var = post_var[1] if variance == "small" else beta[0]
     logvar = torch.log(dec_var).expand(n)
-    decoder = _decoder_nll(x0, _x0_hat(denoiser, x_1.to(batch.x.dtype), t1), logvar, space, bins)
+    pred = denoiser(x_1.to(batch.x.dtype), t1.to(batch.x.dtype))
+    if pred.v is not None:  # the learned interpolation of the same clipped ends
+        lv = interpolated_logvar(pred.v.to(torch.float64), torch.log(beta[0]), torch.log(post_var[1]))  # like x0
+        decoder = _decoder_nll_elementwise(x0, pred.x0.to(torch.float64), lv, space, bins)
+    else:
+        decoder = _decoder_nll(x0, pred.x0.to(torch.float64), logvar, space, bins)
     prior = _prior_kl(x0, space, ab[T].expand(n))
     return {"prior": prior, "diffusion": diffusion, "decoder": decoder, "nll": prior + diffusion + decoder}
 

@@ -110,6 +110,8 @@ def evaluate_nll(
         record["time"] = "discrete" if discrete else "continuous"
         total = parts.schedule.num_steps - 1 if discrete else None
         record["steps"] = (total if steps is None else min(steps, total)) if discrete else (steps or 100)
+        if discrete and getattr(parts.objective, "variance", None) == "learned":
+            record["variance"] = "learned (Improved DDPM)"  # the reverse steps' variance the bound reads
     record.update({f"{k}_nats": float(v.mean()) for k, v in per.items()})
     return record
 

@@ -62,6 +62,15 @@ class BaseObjective:
     def check_domain(self, domain: Any) -> None:
         """Refuse a domain this objective cannot train on (a teacher's objective: another domain than its teacher's)."""
 
+    def network_builder(self, domain: Any) -> Callable[..., Any]:
+        """What builds this objective's network from the recipe's ``model`` section: the domain's denoiser
+        (``domain.build_network``), or another network the objective trains (an autoencoder's first stage)."""
+        return domain.build_network
+
+    def wrap_network(self, net: Any) -> Any:
+        """The network this objective trains around the one built (e.g. with extra output heads); ``net`` itself."""
+        return net
+
     def sampling_schedule(self, schedule: Schedule) -> Schedule:
         """The schedule samplers read for this objective's models: the recipe's, or a path the objective fixes
         (flow matching's, EDM's), in variance-preserving coordinates (see :mod:`polydiff.paths`)."""

@@ -17,6 +17,7 @@ imported on demand). Its options (``objective.KEY``) are exactly its constructor
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
@@ -30,6 +31,7 @@ from .plugins import check_options, lookup, option_params
 from .schedules import NoiseSchedule
 from .space import Space
 from .state import Batch, DenoiserFn, Prediction
+from .variance import LearnedVariance, split_output, vlb_terms
 
 __all__ = [
     "Prediction",
@@ -57,6 +59,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "polydiff.objectives"
 WEIGHTINGS = ("uniform", "min_snr")
+VARIANCES = ("fixed", "learned")
 
 
 class Parameterisation(NamedTuple):
@@ -118,11 +121,12 @@ def loss_weight(kind: str, weighting: str, snr: Tensor, gamma: float = 5.0) -> T
     return _parameterisation(kind).min_snr(snr, gamma)
 
 
-#: Objectives that learn from a trained run, in modules above this one (they load runs): imported on first use.
+#: Objectives in modules above this one (they load runs, or train a first stage): imported on first use.
 LATER = {
     "reflow": "polydiff.reflow:ReflowObjective",
     "progressive": "polydiff.distill:ProgressiveObjective",
     "consistency": "polydiff.consistency:ConsistencyObjective",
+    "autoencoder": "polydiff.autoencoder:AutoencoderObjective",
 }
 
 
@@ -165,14 +169,33 @@ def build_objective_from(section: Mapping[str, Any]) -> BaseObjective:
 class VPObjective(BaseObjective):
     """The variance-preserving denoising objective: a parameterisation (``eps``, ``v`` or ``x0``, see
     :data:`PARAMETERISATIONS`), uniform or min-SNR-gamma loss weighting (Hang et al. 2023), and times drawn
-    uniformly over the schedule's trained steps (Ho et al. 2020, Algorithm 1)."""
+    uniformly over the schedule's trained steps (Ho et al. 2020, Algorithm 1).
+
+    ``variance="learned"`` is Improved DDPM's hybrid objective (Nichol & Dhariwal 2021, sec. 3.1): the network is
+    wrapped with a per-element head (:class:`polydiff.variance.LearnedVariance`) whose ``v`` sets the reverse step's
+    variance ``exp(v log beta + (1 - v) log beta~)``, and the loss is ``L_simple + vlb_weight L_vlb``, ``L_vlb`` the
+    one-term estimate ``T L_{i-1}`` (bits per element) with the mean's gradient stopped."""
 
     prediction: str = "eps"
     weighting: str = "uniform"
     gamma: float = 5.0
+    variance: str = "fixed"
+    vlb_weight: float = 0.001
 
     def __post_init__(self) -> None:
         self._kind = _parameterisation(self.prediction)
+        if self.variance not in VARIANCES:
+            raise KeyError(f"unknown objective.variance {self.variance!r}; choose one of {list(VARIANCES)}")
+        if self.variance == "learned" and not (math.isfinite(self.vlb_weight) and self.vlb_weight > 0):
+            raise ValueError(
+                f"objective.vlb_weight={self.vlb_weight} must be a finite number > 0 with objective.variance=learned "
+                "(the weight of L_vlb, which alone trains the variance; Improved DDPM's is 0.001)"
+            )
+        if self.variance == "fixed" and self.vlb_weight != 0.001:
+            raise ValueError(
+                f"objective.vlb_weight={self.vlb_weight} weighs the learned variance's L_vlb, which "
+                "objective.variance=fixed does not have: set objective.variance=learned, or remove vlb_weight"
+            )
         if self.weighting not in WEIGHTINGS:
             raise KeyError(f"unknown objective.weighting {self.weighting!r}; choose one of {list(WEIGHTINGS)}")
         if self.weighting == "min_snr" and not self.gamma > 0:
@@ -198,21 +221,48 @@ class VPObjective(BaseObjective):
     ) -> Tensor:
         """Weighted per-sample losses ``[B]``, each a mean over the sample's valid elements."""
         space, x0 = batch.space, batch.x
+        given = t is not None
         if t is None:
             t = self.sample_t(space.num_samples, schedule, x0.device, generator)
         eps = space.randn(generator=generator, dtype=x0.dtype)
         alpha, sigma = schedule.alpha_sigma(t, dtype=x0.dtype)  # [B]
         a, s = space.expand(alpha), space.expand(sigma)
         x_t = a * x0 + s * eps
+        if self.variance == "learned":
+            return self._hybrid_losses(net, batch, schedule, t, x_t, eps, a, s, check=given)
         out = checked_output(net(x_t, t, **batch.cond), x_t)
         target = self._kind.target(x0, eps, a, s)
         per_sample = space.mean((out.float() - target.float()) ** 2)  # [B]
         weight = loss_weight(self.prediction, self.weighting, schedule.snr(t).float(), self.gamma)
         return per_sample * weight
 
+    def _hybrid_losses(self, net, batch, schedule, t, x_t, eps, a, s, check) -> Tensor:
+        """``L_simple + vlb_weight T L_{i-1} / log 2`` per sample ``[B]`` (Nichol & Dhariwal 2021, eq. 16; improved
+        -diffusion's bits and ``T / 1000`` scaling at the paper's weight 0.001); the weighting reads L_simple only."""
+        space, x0 = batch.space, batch.x
+        out, v = split_output(net(x_t, t, t_elements=space.expand(t), **batch.cond), x_t)
+        target = self._kind.target(x0, eps, a, s)
+        simple = space.mean((out.float() - target.float()) ** 2)  # [B]
+        simple = simple * loss_weight(self.prediction, self.weighting, schedule.snr(t).float(), self.gamma)
+        a32, s32, x_t32 = a.float(), s.float(), x_t.float()
+        x0_hat = self._kind.prediction(out.detach().float(), x_t32, a32, s32).x0  # stop-gradient on the mean
+        vlb = vlb_terms(x0.float(), x0_hat, v.float(), t, schedule, space, check)  # [B], nats per element
+        return simple + self.vlb_weight * schedule.num_steps * vlb / math.log(2)
+
+    def wrap_network(self, net: Any) -> Any:
+        """The domain's network with the learned variance's head (:class:`LearnedVariance`), or ``net`` itself."""
+        return LearnedVariance(net) if self.variance == "learned" else net
+
     def check_schedule(self, schedule: NoiseSchedule) -> None:
         """Refuse an eps-prediction on a zero-terminal-SNR schedule (Lin et al. 2024, sec. 3.2): x0 = (x_t - sigma eps)
-        / alpha divides by alpha = 0 at t = 1, and every sample would be NaN."""
+        / alpha divides by alpha = 0 at t = 1, and every sample would be NaN; and a learned variance on a schedule
+        without trained steps (beta and beta~ are those of a step of the trained grid)."""
+        if self.variance == "learned" and (schedule.num_steps is None or schedule.num_steps < 2):
+            raise ValueError(
+                f"objective.variance=learned needs a schedule of trained steps (at least 2), not {schedule!r}: the "
+                "variance interpolates each step's beta and beta~; use a tabulated schedule (schedule.name=linear or "
+                "cosine with schedule.steps) or objective.variance=fixed"
+            )
         if self.prediction == "eps" and float(schedule.alpha_bar_table[-1]) == 0.0:
             raise ValueError(
                 "a zero-terminal-SNR schedule (schedule.zero_terminal_snr=true) needs prediction 'v' or "
@@ -233,7 +283,14 @@ class VPObjective(BaseObjective):
             out = checked_output(net(x_t, t.to(x_t.dtype), **cond), x_t)
             return convert(out.to(x_t.dtype), x_t, space.expand(alpha), space.expand(sigma))
 
-        return denoise
+        def denoise_learned(x_t: Tensor, t: Tensor) -> Prediction:
+            alpha, sigma = schedule.alpha_sigma(t, dtype=x_t.dtype)
+            tt = t.to(x_t.dtype)
+            out, v = split_output(net(x_t, tt, t_elements=space.expand(tt), **cond), x_t)
+            pred = convert(out.to(x_t.dtype), x_t, space.expand(alpha), space.expand(sigma))
+            return Prediction(pred.x0, pred.eps, v.to(x_t.dtype))
+
+        return denoise_learned if self.variance == "learned" else denoise
 
 
 #: The name of :class:`VPObjective` before objectives had a registry (``Objective(prediction="v")``).

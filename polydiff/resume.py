@@ -24,7 +24,7 @@ class IncompatibleCheckpointError(ValueError):
 
 
 # Config sections that must match for a checkpoint to be resumed or sampled.
-_MUST_MATCH = ("domain.name", "model", "schedule", "objective.name", "objective.prediction")
+_MUST_MATCH = ("domain.name", "model", "schedule", "objective.name", "objective.prediction", "objective.variance")
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
@@ -111,6 +111,22 @@ def start_from(path: str | Path, cfg: Mapping[str, Any], net: Any, ema: Any) -> 
             f"trainer.init={path} holds another network ({detail}): start from a run of the same domain and model"
         )
     state = {k[len("module.") :]: v for k, v in saved["ema"].items() if k.startswith("module.")}
+    state = _across_variance_head(state, _get(saved["config"], "objective.variance") == "learned", net)
     net.load_state_dict(state)
     ema.module.load_state_dict(state)
     log.info("started from the EMA weights of %s (step %d)", ckpt_path, int(saved["step"]))
+
+
+def _across_variance_head(state: dict[str, Any], saved_learned: bool, net: Any) -> dict[str, Any]:
+    """Weights of a run with (without) Improved DDPM's learned-variance head for a network without (with) one: the
+    denoiser's weights, the head dropped (or kept at its initial values, to be learned)."""
+    from .variance import LearnedVariance
+
+    if saved_learned and not isinstance(net, LearnedVariance):
+        log.info("trainer.init: the run's learned-variance head is left out; its denoiser's weights are used")
+        return {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+    if isinstance(net, LearnedVariance) and not saved_learned:
+        log.info("trainer.init: the learned-variance head starts afresh on the run's denoiser")
+        head = {f"head.{k}": v for k, v in net.head.state_dict().items()}
+        return {**{f"net.{k}": v for k, v in state.items()}, **head}
+    return state

@@ -51,7 +51,8 @@ from .sampling import (
 from .schedules import Schedule
 from .sigma_samplers import sample_euler, sample_heun, sample_ode, sample_sde  # registered with the rest
 from .space import Space
-from .state import DenoiserFn, Known
+from .state import DenoiserFn, Known, Prediction
+from .variance import interpolated_std
 
 __all__ = [
     "Known",
@@ -127,7 +128,9 @@ def sample_ddpm(
     spacing: str = "trailing",
     known: Optional[Known] = None,
 ) -> Tensor:
-    """Ancestral DDPM (Ho et al. 2020, eq. 6-7) with the posterior (``small``) or ``large`` (beta) variance."""
+    """Ancestral DDPM (Ho et al. 2020, eq. 6-7) with the posterior (``small``) or ``large`` (beta) variance; a
+    prediction that carries a learned ``v`` sets each element's variance instead (Nichol & Dhariwal 2021, eq. 15,
+    with the grid's own beta and beta~ when it skips steps), and ``variance`` is not read."""
     if variance not in ("small", "large"):
         raise KeyError(f"unknown sampler.variance {variance!r}; choose 'small' or 'large'")
     space, grid, ab = prepare(noise, space, steps, schedule, spacing)
@@ -137,16 +140,29 @@ def sample_ddpm(
     one_m_ab_t = (1 - ab_t).clamp(min=1e-20)
     w_x0 = ab_s.sqrt() * beta_ts / one_m_ab_t
     w_xt = alpha_ts2.sqrt() * (1 - ab_s) / one_m_ab_t
+    post_var = beta_ts * (1 - ab_s) / one_m_ab_t
     var = beta_ts * (1 - ab_s) / one_m_ab_t if variance == "small" else beta_ts
     # No noise on the final step to clean data (a mask, not an index: no device sync).
     var = var.masked_fill(grid[1:] == 0, 0.0)
     w_x0_, w_xt_, std_ = (v.to(noise.dtype) for v in (w_x0, w_xt, var.clamp(min=0).sqrt()))  # [n, B]
+    # The two ends a learned v interpolates (no noise on the final step either way).
+    last = grid[1:] == 0
+    small_, large_ = ((u.masked_fill(last, 0.0).clamp(min=0).sqrt()).to(noise.dtype) for u in (post_var, beta_ts))
+    learned: list[Optional[Tensor]] = [None]  # the v of the step's prediction, when the model has one
+
+    def predict_v(x: Tensor, t: Tensor) -> Prediction:
+        pred = denoiser(x, t)
+        learned[0] = pred.v
+        return pred
 
     def update(i: int, x: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
         x = (x0 * space.expand(w_x0_[i])).addcmul_(x, space.expand(w_xt_[i]))
+        if learned[0] is not None:  # [like x]
+            std = interpolated_std(learned[0].to(x.dtype), space.expand(small_[i]), space.expand(large_[i]))
+            return x.addcmul_(fresh_noise(space, generator, x), std)
         return x.addcmul_(fresh_noise(space, generator, x), space.expand(std_[i]))
 
-    return run_steps(denoiser, noise, grid, ab, space, clip_x0, callback, update, known, generator)
+    return run_steps(predict_v, noise, grid, ab, space, clip_x0, callback, update, known, generator)
 
 
 @register_sampler("dpmpp_2m")

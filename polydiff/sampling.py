@@ -114,7 +114,7 @@ def predict(denoiser: DenoiserFn, x: Tensor, t: Tensor, clip_x0: Optional[float]
         return pred
     # Clipping is opt-in: non-image data is not bounded. eps is made consistent with the clipped x0.
     x0 = pred.x0.clamp(-clip_x0, clip_x0)
-    return Prediction(x0, (x - a * x0) / s)
+    return Prediction(x0, (x - a * x0) / s, pred.v)
 
 
 def fresh_noise(space: Space, generator: Optional[torch.Generator | NoiseSource], like: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ domains, objectives, samplers and generation can all name them without importing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -45,11 +45,25 @@ class Known(NamedTuple):
     mask: Tensor  # broadcastable to the state, 1 (True) = known
 
 
-class Prediction(NamedTuple):
-    """A denoiser's estimate of the clean state ``x0`` and of the noise ``eps``."""
-
+class _Estimate(NamedTuple):
     x0: Tensor
     eps: Tensor
+
+
+class Prediction(_Estimate):
+    """A denoiser's estimate of the clean state ``x0`` and of the noise ``eps``; optionally ``v`` (like ``x0``, in
+    [0, 1]), a learned reverse variance's interpolation (Nichol & Dhariwal 2021, eq. 15), which DDPM reads.
+
+    ``v`` is an attribute, not a third item, so that ``x0, eps = prediction`` still unpacks; it is ``None`` for a
+    fixed-variance model, and after ``_replace`` / ``_make`` (build a new ``Prediction(x0, eps, v)`` to keep it)."""
+
+    v: Optional[Tensor] = None  # the class default: an instance sets it only when given
+
+    def __new__(cls, x0: Tensor, eps: Tensor, v: Optional[Tensor] = None) -> "Prediction":
+        pred = super().__new__(cls, x0, eps)
+        if v is not None:
+            pred.v = v
+        return pred
 
 
 #: What samplers call: ``denoiser(x_t, t[B]) -> Prediction``.

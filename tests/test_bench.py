@@ -613,3 +613,89 @@ def test_report_tables_keep_their_shape_for_a_domain_without_metrics(tmp_path):
     assert len(tables) >= 5 and "None" not in md
     for counts in tables:
         assert len(set(counts)) == 1, counts
+
+
+# 20 clips a split, 0.3 s, no metric classifier, a tiny U-Net: the latent audio domain in seconds.
+AUDIO_TINY = ["domain.duration=0.3", "+domain.limit=20", "+domain.metrics=false", "trainer.batch_size=4"]
+TINY_UNET = ["model.channels=8", "model.channel_mults=[1,2]", "model.down_factors=[2]", "model.attention_levels=[]"]
+
+
+def test_latent_audio_beside_waveform_audio(tmp_path, monkeypatch):
+    """audio_latent trains on the audio budget; its result carries the first stage's cost apart (the training split
+    encoded on a cold cache, even when the run's own cache holds it), its reconstruction row beside the real data's,
+    and seconds of audio per second that compare with the waveform model's at equal steps."""
+    import torch
+
+    from domains.audio.mel_stage import MelAutoencoder
+
+    torch.set_num_threads(1)  # tiny tensors: on a loaded machine a second thread only waits (the fixture resets it)
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    quick = suites()["quick"]
+    assert quick["audio_latent"].overrides[:2] == ["profile=cpu", "latent.autoencoder=mel"]
+    assert with_steps(quick["audio_latent"], 1).overrides == with_steps(quick["audio"], 1).overrides[:1] + [
+        "latent.autoencoder=mel",
+        *_train_steps(1),
+    ]  # the waveform domain's budget
+    assert "audio_latent" in suites()["full"]
+    encoded = []
+    real = MelAutoencoder.encode
+    monkeypatch.setattr(MelAutoencoder, "encode", lambda self, x: encoded.append(len(x)) or real(self, x))
+    specs = {
+        "audio": replace(_tiny(quick["audio"], *AUDIO_TINY, *TINY_UNET), peers=[]),
+        "audio_latent": _tiny(quick["audio_latent"], *AUDIO_TINY, *TINY_UNET),
+    }
+    path = run_suite("quick", ["audio", "audio_latent"], "cpu", tmp_path / "out", specs=specs)
+    result = json.loads(path.read_text())
+    wave, latent = result["domains"]["audio"], result["domains"]["audio_latent"]
+    assert "error" not in wave and "error" not in latent, (wave.get("error"), latent.get("error"))
+    assert "first_stage" not in wave and "reconstruction" not in wave
+    first = latent["first_stage"]
+    assert first["autoencoder"] == "mel" and first["kind"] == "fixed" and first["encode_train_s"] > 0
+    assert first["encoded_items"] == 20 and first["latent_shape"] == [64, 19] and first["data_shape"] == [1, 4800]
+    assert sum(encoded) >= 40  # the run's own encoding, then the bench's on a fresh cache (not read back)
+    assert not list((tmp_path / "out" / "runs").glob("*/audio_latent-first-stage-cache"))  # removed after
+    assert set(latent["reconstruction"]) == {"si_sdr", "mrstft", "num_samples"}
+    assert latent["peers"]["diffusers"].get("samplers"), latent["peers"]["diffusers"]  # decoded before scoring
+    (row,) = latent["sampling"]
+    assert 0 < row["decode_s"] < row["wall_s"] and "decode_s" not in wave["sampling"][0]  # decoding is timed
+    assert row["audio_seconds_per_s"] == pytest.approx(row["samples_per_s"] * 0.3)
+    assert wave["sampling"][0]["audio_seconds_per_s"] == pytest.approx(wave["sampling"][0]["samples_per_s"] * 0.3)
+    (speed,) = result["audio_latent_vs_audio"]
+    assert (speed["sampler"], speed["steps"]) == ("ddim", 2)
+    assert speed["ratio_latent_over_waveform"] == pytest.approx(
+        row["audio_seconds_per_s"] / wave["sampling"][0]["audio_seconds_per_s"]
+    )
+    md = path.with_suffix(".md").read_text()
+    assert "first stage `mel` (fixed), apart from the training above: 20 training items" in md
+    assert "| first stage `mel` reconstruction (4 held-out) |" in md and "reconstruction si_sdr" in md
+    assert "## audio_latent against audio" in md and "| vp | ddim | 2 | 1.0 |" in md
+    for counts in _tables(md):
+        assert len(set(counts)) == 1, counts
+
+
+def test_a_trained_first_stage_reports_its_own_training(tmp_path, monkeypatch):
+    """--set latent.autoencoder=RUN: the first stage's cost adds the autoencoder run's training, read from its
+    metrics.jsonl."""
+    import torch
+
+    from polydiff.cli import main as polydiff
+    from tests.test_autoencoder import _ae_args  # the first stage's tiny settings, kept with its recipe
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("POLYDIFF_CACHE", str(tmp_path / "cache"))
+    ae = tmp_path / "ae"
+    args = _ae_args(ae, "trainer.log_every=1")
+    polydiff(args)
+    batch = int(next(a for a in reversed(args) if a.startswith("trainer.batch_size=")).split("=")[1])
+    spec = _tiny(suites()["quick"]["audio_latent"], *AUDIO_TINY, *TINY_UNET, f"latent.autoencoder={ae}")
+    specs = {"audio_latent": replace(spec, peers=[])}
+    path = run_suite("quick", ["audio_latent"], "cpu", tmp_path / "out", specs=specs)
+    d = json.loads(path.read_text())["domains"]["audio_latent"]
+    assert "error" not in d, d["error"]
+    first = d["first_stage"]
+    assert first["kind"] == "trained" and first["autoencoder"] == str(ae) and len(first["latent_shape"]) == 2
+    assert first["training_steps"] == 3 and first["training_s"] > 0
+    records = [json.loads(line) for line in (ae / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert first["training_s"] == pytest.approx(sum(batch / r["samples_per_s"] for r in train))
+    assert "its own training: 3 steps in" in path.with_suffix(".md").read_text()

@@ -8,10 +8,11 @@ import pytest
 import soundfile as sf
 import torch
 
+from domains.audio.distances import mrstft_distance, si_sdr
 from domains.audio.domain import AudioDomain
-from domains.audio.mel_stage import MelAutoencoder, mrstft_distance, si_sdr
+from domains.audio.mel_stage import MelAutoencoder
 from polydiff import Batch, DenseSpace
-from polydiff.build import Parts, build_domain
+from polydiff.build import Parts, build_domain, load_first_stage
 from polydiff.cli import main
 from polydiff.config import check_keys
 from polydiff.latent import LatentDomain, latent_domain
@@ -102,6 +103,34 @@ def test_state_round_trip_and_the_plain_domain_loads_it():
         fresh.load_state_dict(plain.state_dict())
 
 
+def test_decoding_clamps_each_channel_to_the_training_latents_range(monkeypatch):
+    """A sampled latent beyond the training latents' per-channel range is clamped before decoding; the range travels
+    with the checkpoint, and a checkpoint from before the clamp decodes unclamped."""
+    domain = _latent()
+    z = domain.dataset("train").z  # [N, C', F]
+    assert torch.equal(domain.low, z.amin((0, 2))) and torch.equal(domain.high, z.amax((0, 2)))
+    seen = []
+    monkeypatch.setattr(MelAutoencoder, "decode", lambda self, raw: seen.append(raw) or raw)
+    wild = torch.full((1, *domain.sample_shape), 100.0)
+    wild[:, 0] = -100.0
+    domain.decode(wild)
+    clamped = (seen[-1] - domain.shift) / domain.scale
+    assert torch.allclose(clamped[0, 1:, 0], domain.high[1:]) and torch.allclose(clamped[0, 0, 0], domain.low[0])
+    inside = z[:1]
+    domain.decode(inside)
+    assert torch.allclose((seen[-1] - domain.shift) / domain.scale, inside, atol=1e-5)  # in range: untouched
+
+    state = domain.state_dict()
+    fresh = latent_domain(AudioDomain(**SMALL), {"autoencoder": "mel"})
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.low, domain.low) and torch.equal(fresh.high, domain.high)
+    old = {**state, "latent": {k: v for k, v in state["latent"].items() if k not in ("low", "high")}}
+    before = latent_domain(AudioDomain(**SMALL), {"autoencoder": "mel"})
+    before.load_state_dict(old)
+    before.decode(wild)
+    assert torch.allclose((seen[-1] - before.shift) / before.scale, wild)  # unclamped, as it was trained and scored
+
+
 def test_samples_are_decoded_before_they_are_saved_and_scored(tmp_path, monkeypatch):
     domain = _latent()
     data = domain.dataset("test")
@@ -167,8 +196,10 @@ def test_bad_latent_inputs(tmp_path):
         check_config({"latent": {"autoencoder": "os:system"}})
     check_config({"latent": {"autoencoder": str(tmp_path / "ae")}})  # a path is data
     with pytest.raises(FileNotFoundError, match=r"latent.autoencoder=.*nowhere: no such run folder"):
-        latent_domain(AudioDomain(**SMALL), {"autoencoder": str(tmp_path / "nowhere")})
-    with pytest.raises(ValueError, match="domain 'molecule' .* supplies no autoencoder.*remove the latent section"):
+        latent_domain(AudioDomain(**SMALL), {"autoencoder": str(tmp_path / "nowhere")}, load_first_stage)
+    with pytest.raises(ValueError, match="latent.autoencoder=mol: the audio domain's fixed first stage is 'mel'"):
+        latent_domain(AudioDomain(**SMALL), {"autoencoder": "mol"}, load_first_stage)
+    with pytest.raises(ValueError, match="domain 'molecule' .* supplies no fixed first stage.*remove the latent"):
         latent_domain(build_domain({"name": "molecule"}), {"autoencoder": "mel"})
 
 

@@ -123,8 +123,9 @@ def test_property_conditional_molecule_run_reports_property_mae(tmp_path, monkey
         ("audio_unet", ["domain.duration=0.25", "model.channels=8"]),
         ("molecule_egnn", ["domain.max_molecules=10", "domain.num_conformers=1", "model.hidden=16", "model.layers=2"]),
         ("image_unet", ["model.channels=8"]),
+        ("audio_autoencoder", ["domain.duration=0.25", "model.channels=4", "+domain.metrics=false"]),
     ],
-    ids=["audio", "molecule", "image"],
+    ids=["audio", "molecule", "image", "audio_autoencoder"],
 )
 def test_bf16_autocast_training_keeps_float32_weights(tmp_path, monkeypatch, recipe, overrides):
     """trainer.precision=bf16 (the GPU default) through each shipped network, here under CPU autocast."""

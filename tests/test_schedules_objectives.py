@@ -267,6 +267,8 @@ def test_objectives_are_plug_ins_whose_options_are_their_constructors():
         "prediction": "v",
         "weighting": "uniform",
         "gamma": 5.0,
+        "variance": "fixed",
+        "vlb_weight": 0.001,
     }
     # A checkpoint whose config lists every option resumes under a recipe that leaves the defaults out.
     old = {"domain": {"name": "d"}, "model": {}, "schedule": {}, "objective": {"prediction": "eps", "gamma": 5.0}}

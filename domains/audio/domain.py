@@ -41,6 +41,9 @@ class AudioDomain(Domain):
             mel-domain first stage (``latent.autoencoder=mel``) is not judged only by a classifier reading mels.
     """
 
+    #: Settings a trained first stage must share with a latent recipe's domain (``latent.autoencoder=RUN``).
+    first_stage_keys = ("sample_rate", "channels")
+
     def __init__(
         self,
         dataset: str = "spoken_digits",
@@ -198,20 +201,34 @@ class AudioDomain(Domain):
         return build_unet(len(shape) - 1, int(shape[0]), len(self.class_names), model, "audio")
 
     def autoencoder(self, spec: str) -> Any:
-        """The first stage ``latent.autoencoder`` names: ``mel`` (fixed: log-mel in, Griffin-Lim out)."""
+        """The fixed first stage ``latent.autoencoder`` names: ``mel`` (log-mel in, Griffin-Lim out). A trained one
+        is a run folder of ``objective.name=autoencoder`` (:meth:`autoencoder_network`), loaded by the core."""
         from .mel_stage import MelAutoencoder
 
         if spec == "mel":
             return MelAutoencoder(self.sample_rate, self.channels, self.length)
-        path = Path(spec).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(
-                f"latent.autoencoder={spec}: no such run folder; give 'mel' (the fixed mel stage) or the folder of a "
-                "trained audio autoencoder run"
-            )
         raise ValueError(
-            f"latent.autoencoder={spec}: learned audio autoencoders are not available yet; use latent.autoencoder=mel"
+            f"latent.autoencoder={spec}: the audio domain's fixed first stage is 'mel'; for a trained one give its run "
+            "folder (polydiff train recipes/audio_autoencoder.yaml hydra.run.dir=RUN)"
         )
+
+    def autoencoder_network(self, variational: bool = True, front: str = "wave", **model: Any) -> nn.Module:
+        """The learned first stage (``objective.name=autoencoder``): on the waveform (``model.front=wave``,
+        :class:`.autoencoder.WaveAutoencoder`) or on the mel stage's log-mels (``mel``, :class:`.MelVAE`)."""
+        from polydiff.config import call_checked
+
+        from .autoencoder import MelVAE, WaveAutoencoder
+
+        fronts = {"wave": WaveAutoencoder, "mel": MelVAE}
+        if front not in fronts:
+            raise ValueError(f"model.front={front!r}: choose one of {sorted(fronts)}")
+        given = {"in_channels": self.channels, "sample_rate": self.sample_rate, "variational": variational}
+        if front == "mel":
+            given["length"] = self.length
+        taken = sorted(set(given) & set(model))
+        if taken:
+            raise KeyError(f"model.{taken[0]} is set from the data and the objective; remove it from the recipe")
+        return call_checked(fronts[front], {**model, **given}, "model")
 
     # -------------------------------------------------------------- sampling
     def prior(

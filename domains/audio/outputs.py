@@ -164,7 +164,7 @@ class AudioOutputs(Outputs):
 
     def reconstruction_distances(self, x: Tensor, x_hat: Tensor) -> dict[str, float]:
         """SI-SDR and multi-resolution STFT distance of a first stage's reconstructions ``x_hat`` of clips ``x``."""
-        from .mel_stage import reconstruction_distances
+        from .distances import reconstruction_distances
 
         return reconstruction_distances(x, x_hat)
 

@@ -1,0 +1,111 @@
+"""A domain's trainable first stage for latent diffusion (``objective.name=autoencoder``).
+
+Rombach et al. 2022 (sec. 3.1, appendix G): an encoder maps data to a diagonal Gaussian posterior over a smaller
+latent (KL-regularised towards N(0, I) with a small weight), or to a point (a plain autoencoder); a decoder maps
+latents back. :class:`FirstStage` is the template a domain's network subclasses: it supplies ``encoder``,
+``decoder`` and ``reconstruction`` (its losses, e.g. L1 and a multi-resolution STFT for audio); the template pads
+to a multiple of the downsampling, draws the posterior sample, computes the KL and crops back. A stage may also
+work on fixed features of the data (``features``: a log-mel spectrogram, AudioLDM's design, Liu et al. 2023) and
+render decoded features back to data (``render``: Griffin-Lim or a vocoder); it is then trained on the features.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["FirstStage", "gaussian_kl"]
+
+LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped here, as latent-diffusion does
+
+
+def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
+    """``KL(N(mean, exp(logvar)) || N(0, I))`` summed per sample ``[B]`` (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+class FirstStage(nn.Module):
+    """Encoder, decoder and reconstruction losses of a first stage; ``variational`` adds the Gaussian posterior.
+
+    Subclasses set ``downsampling`` (the spatial factor between data and latents) and ``latent_channels``, and
+    implement :meth:`encoder` (``[B, C, *S]`` -> ``[B, k * latent_channels, *S / downsampling]``, ``k`` = 2 when
+    variational: means then log-variances), :meth:`decoder` and :meth:`reconstruction`.
+    """
+
+    downsampling: int = 1
+    latent_channels: int = 1
+    #: What shapes the latents beside the weights (a fixed front end's settings): part of the stage's identity.
+    version: str = ""
+
+    def __init__(self, variational: bool = True) -> None:
+        super().__init__()
+        self.variational = bool(variational)
+
+    # ----------------------------------------------------------------- hooks
+    def encoder(self, x: Tensor) -> Tensor:  # [B, C, *S] -> [B, k * C', *S']
+        raise NotImplementedError(f"{type(self).__name__} must implement encoder(x)")
+
+    def decoder(self, z: Tensor) -> Tensor:  # [B, C', *S'] -> [B, C, *S]
+        raise NotImplementedError(f"{type(self).__name__} must implement decoder(z)")
+
+    def reconstruction(self, f: Tensor, f_hat: Tensor) -> Tensor:  # features and their reconstruction -> [B]
+        raise NotImplementedError(f"{type(self).__name__} must implement reconstruction(f, f_hat)")
+
+    def features(self, x: Tensor) -> Tensor:  # [B, C, *S] -> [B, C_f, *S_f]: what the stage encodes (x itself)
+        return x
+
+    def render(self, f: Tensor, shape: Optional[Sequence[int]]) -> Tensor:  # decoded features -> data [B, C, *S]
+        """Data from decoded features (the features are the data by default), cropped to the spatial ``shape``."""
+        if shape is not None:
+            f = f[(slice(None), slice(None), *(slice(0, int(s)) for s in shape))]
+        return f
+
+    # -------------------------------------------------------------- template
+    def padded(self, x: Tensor) -> Tensor:
+        """``x`` zero-padded at the end of each spatial axis to a multiple of ``downsampling``."""
+        f = self.downsampling
+        pad: list[int] = []
+        for size in reversed(x.shape[2:]):
+            pad += [0, (-size) % f]
+        return F.pad(x, pad) if any(pad) else x
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Mean ``[B, C', *S']`` and log-variance (``None`` for a plain autoencoder) of the latent of ``x``."""
+        return self._posterior(self.features(x))
+
+    def _posterior(self, f: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        h = self.encoder(self.padded(f))
+        if not self.variational:
+            return h, None
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The posterior mean: a deterministic latent ``[B, C', *S']`` (what latent diffusion trains on)."""
+        return self.posterior(x)[0]
+
+    def decode(self, z: Tensor, shape: Optional[Sequence[int]] = None) -> Tensor:
+        """Data ``[B, C, *S]`` decoded from ``z``, cropped to the spatial ``shape`` when given (padding undone)."""
+        return self.render(self.decoder(z), shape)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """``decode(encode(x))`` at ``x``'s shape."""
+        return self.decode(self.encode(x), x.shape[2:])
+
+    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+        """One training pass on the features: the decoded posterior sample ``f_hat``, the reconstruction losses
+        and the KL per sample ``[B]`` (in nats per data value, so its weight does not depend on the item's size;
+        zero for a plain autoencoder)."""
+        f = self.features(x)  # [B, C_f, *S_f]
+        mean, logvar = self._posterior(f)
+        z, kl = mean, mean.new_zeros(len(x))
+        if logvar is not None:
+            where = generator.device if generator is not None else mean.device
+            eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
+            z = mean + (0.5 * logvar).exp() * eps  # the reparameterised sample
+            kl = gaussian_kl(mean.float(), logvar.float()) / x[0].numel()
+        f_hat = self.decoder(z)[(slice(None), slice(None), *(slice(0, int(s)) for s in f.shape[2:]))]  # like f
+        return {"f_hat": f_hat, "reconstruction": self.reconstruction(f, f_hat), "kl": kl}
