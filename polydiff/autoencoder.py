@@ -6,6 +6,7 @@ the loss is its reconstruction losses plus ``kl_weight`` times the posterior's K
 samples, a run logs its first stage's row (:func:`polydiff.latent.first_stage_row`: the domain's metrics on
 reconstructed held-out items, SI-SDR and the STFT distance for audio) and the mean and standard deviation of its
 training latents (what ``latent.autoencoder=RUN`` normalises by, Stable Diffusion's scale factor).
+:class:`LearnedAutoencoder` is such a run loaded as a latent domain's first stage (``build.load_first_stage``).
 """
 
 from __future__ import annotations
