@@ -83,6 +83,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # CPU threads of torch's operations (0: torch's default; 1 on a CPU shared with other jobs)
     num_workers: int = 0
     ckpt_every: int = 1000  # checkpoints/last.pt, replaced each time
     keep_every: int = 0  # also keep checkpoints/step_NNNNNNN.pt every this many steps (0: last.pt only)

@@ -18,9 +18,16 @@ log = logging.getLogger("polydiff")
 
 
 class Processes:
-    """This process's place among the run's (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``) and its training device."""
+    """This process's place among the run's (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``), its training device and its
+    CPU threads (``trainer.threads``)."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, threads: int = 0) -> None:
+        if isinstance(threads, bool) or int(threads) != threads or threads < 0:
+            raise ValueError(f"trainer.threads={threads!r} must be a whole number >= 0 (0: torch's default)")
+        self._threads = torch.get_num_threads()  # restored by close(): the setting is the process's
+        if threads:
+            # One thread on a CPU shared with other jobs: two that wait on each other spend several times the CPU time.
+            torch.set_num_threads(int(threads))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,6 +70,7 @@ class Processes:
             dist.barrier(group=self._wait_group)
 
     def close(self) -> None:
-        """Leave the process group (several processes only)."""
+        """Leave the process group (several processes only); the process's thread count as it was."""
+        torch.set_num_threads(self._threads)
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

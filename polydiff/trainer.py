@@ -63,7 +63,7 @@ class Trainer:
         _check_config(self.cfg)
         self.tc, self.run_dir, seed = self.cfg["trainer"], Path(run_dir), self.cfg["seed"]
 
-        self.processes = Processes(self.tc["device"])
+        self.processes = Processes(self.tc["device"], self.tc["threads"])
         self.world_size, self.rank, self.is_main = (
             self.processes.world_size,
             self.processes.rank,

@@ -165,6 +165,21 @@ def test_auto_device_without_gpu_points_to_the_cpu_profile(tmp_path, caplog, mon
     assert "no GPU found" not in caplog.text
 
 
+def test_trainer_threads_sets_torch_threads_for_the_run_and_restores_them(tmp_path, monkeypatch):
+    """trainer.threads=1 trains with one CPU thread (what a CPU shared with other jobs wants) and leaves the process's
+    thread count as it found it; a count below 0 is refused by name."""
+    before = torch.get_num_threads()
+    seen = []
+    real_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: seen.append(torch.get_num_threads()) or real_fit(self))
+    train(config(max_steps=2, threads=1), tmp_path / "one")
+    assert seen == [1] and torch.get_num_threads() == before
+    train(config(max_steps=2), tmp_path / "default")
+    assert seen == [1, before]  # 0, the default: torch's own count
+    with pytest.raises(ValueError, match="trainer.threads=-1 must be a whole number >= 0"):
+        train(config(max_steps=2, threads=-1), tmp_path / "bad")
+
+
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     train(config(max_steps=10, ckpt_every=5), tmp_path)
     good = (tmp_path / "checkpoints" / "last.pt").read_bytes()
