@@ -217,6 +217,28 @@ MUTANTS = [
         "fix[-1] = 1.0",
         CONTINUOUS,
     ),
+    # learned variance, the learned first stage
+    Mutant(
+        "learned_std_ends_swapped",
+        "polydiff/variance.py",
+        "return std_small.pow(1 - v) * std_large.pow(v)",
+        "return std_small.pow(v) * std_large.pow(1 - v)",
+        ("tests/test_learned_variance.py",),
+    ),
+    Mutant(
+        "first_stage_kl_without_variance",
+        "polydiff/first_stage.py",
+        "return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)",
+        "return 0.5 * mean.square().flatten(1).sum(1)",
+        ("tests/test_autoencoder.py",),
+    ),
+    Mutant(
+        "unfinished_first_stage_accepted",
+        "polydiff/build.py",
+        "    if step < total:\n",
+        "    if step < 0:\n",
+        ("tests/test_autoencoder.py",),
+    ),
 ]
 
 
