@@ -49,6 +49,8 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
             f"peak memory {t['peak_mem_mb']:.0f} MiB, final loss {t['final_loss']:.4f}",
             "",
         ]
+        if t.get("nll"):
+            lines += [_nll_line(t["nll"]), ""]
         if d.get("first_stage"):
             lines += [_first_stage_line(d["first_stage"], d.get("reconstruction")), ""]
         for objective, o in (d.get("objectives") or {}).items():
@@ -143,6 +145,18 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
     if path is not None:
         path.write_text(text)
     return text
+
+
+def _nll_line(nll: dict[str, Any]) -> str:
+    """The variational bound on held-out data at the start of training and after it (or why there is none)."""
+    start, trained = nll["start"], nll["trained"]
+    if "error" in trained:
+        return f"NLL: none ({trained['error']})"
+    return (
+        f"NLL (variational bound, {trained['n']} held-out items, {trained['steps']} strata, {trained['decoder']}): "
+        f"{start['nll_bpd']:.3f} bits/dim at the start of training, {trained['nll_bpd']:.3f} "
+        f"± {trained['nll_bpd_sem']:.3f} after it ({trained['nll_nats']:.1f} nats per item)"
+    )
 
 
 def _first_stage_line(f: dict[str, Any], rec: Optional[dict[str, Any]]) -> str:

@@ -45,6 +45,10 @@ def test_quick_suite_tiny_budget(tmp_path):
     d = result["domains"]["points"]
     assert "error" not in d, d.get("error")
     assert d["train"]["steps"] == 30 and len(d["train"]["loss_curve"]) >= 10
+    # The variational bound on held-out points, before and after training: it falls.
+    start, bound = d["train"]["nll"]["start"], d["train"]["nll"]["trained"]
+    assert bound["n"] == 64 and bound["steps"] == 50 and bound["time"] == "discrete"
+    assert bound["nll_bpd"] < start["nll_bpd"], (start, bound)
     assert len(d["sampling"]) == 5 and len(d["throughput_vs_batch"]) == 2
     # The same budget trained with flow matching (the recipe's v-prediction left out), swept by NFE.
     flow = d["objectives"]["flow"]
@@ -84,6 +88,8 @@ def test_quick_suite_tiny_budget(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert md.count("| ddim |") == 3 and "| ddim | 50 |" in md  # 2 sweep rows + the peer's
     assert "| flow | heun | 3 | 5 |" in md and "objective flow, same budget: 30 steps" in md
+    assert f"{bound['nll_bpd']:.3f} ± {bound['nll_bpd_sem']:.3f} after it" in md
+    assert d["objectives"]["flow"]["nll"]["trained"]["time"] == "continuous"  # flow matching: VDM's bound
     plots = sorted(p.name for p in (tmp_path / path.stem).glob("*.png"))
     assert plots == ["loss_curves.png", "quality_vs_steps.png", "scaling.png"]
 
@@ -655,6 +661,8 @@ def test_latent_audio_beside_waveform_audio(tmp_path, monkeypatch):
     assert sum(encoded) >= 40  # the run's own encoding, then the bench's on a fresh cache (not read back)
     assert not list((tmp_path / "out" / "runs").glob("*/audio_latent-first-stage-cache"))  # removed after
     assert set(latent["reconstruction"]) == {"si_sdr", "mrstft", "num_samples"}
+    assert "not defined for a latent diffusion model" in latent["train"]["nll"]["trained"]["error"]
+    assert wave["train"]["nll"]["trained"]["nll_bpd"] > 0  # the waveform model has one
     assert latent["peers"]["diffusers"].get("samplers"), latent["peers"]["diffusers"]  # decoded before scoring
     (row,) = latent["sampling"]
     assert 0 < row["decode_s"] < row["wall_s"] and "decode_s" not in wave["sampling"][0]  # decoding is timed
