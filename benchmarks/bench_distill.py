@@ -136,25 +136,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     saved, domain = loaded[1]["config"], loaded[0].domain.name or loaded[1]["config"]["domain"]["name"]
     n = a.n or (4096 if domain == "points" else int(saved["trainer"]["num_samples"]))
     prog, cd = out / "progressive", out / "consistency"
-    if "progressive" in a.methods:
-        costs["progressive"] = timed(
-            "distill",
-            str(teacher),
-            "--method=progressive",
-            f"--steps={steps[0]}",
-            f"--teacher-steps={a.teacher_steps}",
-            f"hydra.run.dir={prog}",
-            f"trainer.max_steps={a.round_steps}",
-            *a.set,
-        )
-    if "consistency" in a.methods:
-        costs["consistency"] = timed(
-            "distill",
-            str(teacher),
-            "--method=consistency",
-            f"hydra.run.dir={cd}",
-            f"trainer.max_steps={a.consistency_steps}",
-            *a.set,
+    flags = {  # each method's command-line flags, then its trainer budget
+        "progressive": ([f"--steps={steps[0]}", f"--teacher-steps={a.teacher_steps}"], a.round_steps),
+        "consistency": ([], a.consistency_steps),
+    }
+    for method in a.methods:
+        own, budget = flags[method]
+        run = f"hydra.run.dir={out / method}"
+        costs[method] = timed(
+            "distill", str(teacher), f"--method={method}", *own, run, f"trainer.max_steps={budget}", *a.set
         )
     score = Scorer(n)
     score.runs[teacher] = loaded

@@ -17,9 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FirstStage", "gaussian_kl"]
+__all__ = ["FirstStage", "cropped", "gaussian_kl"]
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the posterior's log-variance is clamped here, as latent-diffusion does
+
+
+def cropped(x: Tensor, shape: Sequence[int]) -> Tensor:
+    """``x [B, C, *S']`` cut to the spatial ``shape`` (the padding to a multiple of the downsampling undone)."""
+    return x[(slice(None), slice(None), *(slice(0, int(s)) for s in shape))]
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -59,9 +64,7 @@ class FirstStage(nn.Module):
 
     def render(self, f: Tensor, shape: Optional[Sequence[int]]) -> Tensor:  # decoded features -> data [B, C, *S]
         """Data from decoded features (the features are the data by default), cropped to the spatial ``shape``."""
-        if shape is not None:
-            f = f[(slice(None), slice(None), *(slice(0, int(s)) for s in shape))]
-        return f
+        return f if shape is None else cropped(f, shape)
 
     # -------------------------------------------------------------- template
     def padded(self, x: Tensor) -> Tensor:
@@ -107,5 +110,5 @@ class FirstStage(nn.Module):
             eps = torch.randn(mean.shape, generator=generator, device=where, dtype=mean.dtype).to(mean.device)
             z = mean + (0.5 * logvar).exp() * eps  # the reparameterised sample
             kl = gaussian_kl(mean.float(), logvar.float()) / x[0].numel()
-        f_hat = self.decoder(z)[(slice(None), slice(None), *(slice(0, int(s)) for s in f.shape[2:]))]  # like f
+        f_hat = cropped(self.decoder(z), f.shape[2:])  # like f
         return {"f_hat": f_hat, "reconstruction": self.reconstruction(f, f_hat), "kl": kl}
