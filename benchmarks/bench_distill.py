@@ -49,6 +49,28 @@ def timed(*args: str) -> dict[str, float]:
     return {"cpu_min": (time.process_time() - cpu) / 60, "wall_min": (time.perf_counter() - wall) / 60}
 
 
+def draw(run: tuple[Any, dict[str, Any]], sampler: dict[str, Any], n: int, seed: int) -> tuple[Any, float, float]:
+    """``n`` samples of a loaded run (``load_run``'s ``(parts, checkpoint)``) on seed ``seed``'s draw (its noise and
+    default labels), with its own sampler section updated by ``sampler`` (its ``clip_x0``, ``batch_size``) and its own
+    guidance scale: the batch, the wall seconds and the scale."""
+    parts, ckpt = run
+    cfg = ckpt["config"]
+    scale = float((cfg.get("guidance") or {}).get("scale", 1.0))
+    start = time.perf_counter()
+    batch = generate(
+        parts.domain,
+        parts.net,
+        parts.schedule,
+        parts.objective,
+        n,
+        sampler=merge_sampler(cfg["sampler"], sampler),
+        guidance={"scale": scale},
+        labels=parts.domain.default_labels(n),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return batch, time.perf_counter() - start, scale
+
+
 class Scorer:
     """Draws ``n`` samples of a run with a sampler and scores them with the domain's metrics; each run loaded once."""
 
@@ -58,25 +80,9 @@ class Scorer:
     def __call__(self, run: Path, name: str, steps: int) -> dict[str, Any]:
         if run not in self.runs:
             self.runs[run] = load_run(run)
-        parts, ckpt = self.runs[run]
-        cfg = ckpt["config"]
-        sampler = merge_sampler(cfg["sampler"], {"name": name, "steps": steps})  # the run's clip_x0, batch_size
-        guidance = {"scale": float((cfg.get("guidance") or {}).get("scale", 1.0))}
-        start = time.perf_counter()
-        batch = generate(
-            parts.domain,
-            parts.net,
-            parts.schedule,
-            parts.objective,
-            self.n,
-            sampler=sampler,
-            guidance=guidance,
-            labels=parts.domain.default_labels(self.n),
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        wall = time.perf_counter() - start
-        timing = {"nfe": network_calls(name, steps), "guidance": guidance["scale"], "wall_s": wall}
-        return {**timing, **parts.domain.evaluate(batch)}
+        batch, wall, scale = draw(self.runs[run], {"name": name, "steps": steps}, self.n, self.seed)
+        timing = {"nfe": network_calls(name, steps), "guidance": scale, "wall_s": wall}
+        return {**timing, **self.runs[run][0].domain.evaluate(batch)}
 
 
 def headline(domain: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -97,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=POINTS, help="the teacher's recipe (default: the points example)")
     p.add_argument("--teacher-set", nargs="*", default=[], help="overrides of the teacher's training, e.g. profile=cpu")
     p.add_argument("--out", default=None, help="runs folder (default runs/bench_distill, or runs/bench_distill_NAME)")
-    p.add_argument("--teacher", default=None, help="a trained vp run (default: train one of --recipe)")
+    p.add_argument("--teacher", default=None, help="a trained run: vp, flow, reflow or edm (default: train one)")
     p.add_argument("--n", type=int, default=None, help="samples a row (default 4096 for points, else the teacher's "
                    "trainer.num_samples)")  # fmt: skip
     p.add_argument("--train-steps", type=int, default=1500)
@@ -190,9 +196,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "costs": costs,
         "environment": _environment(),
     }
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2))
+    return write_result(a.json, result)
+
+
+def write_result(path: Optional[str], result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` written as JSON to ``path`` (its folder made) when one is given; ``result`` itself."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
     return result
 
 

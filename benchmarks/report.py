@@ -89,8 +89,8 @@ def write_markdown(result: dict[str, Any], path: Optional[Path]) -> str:
                     [
                         r.get("objective", "vp"),
                         r["sampler"],
-                        r["steps"],
-                        r.get("nfe", r["steps"]),
+                        r["steps"] or "adaptive",
+                        _nfe(r.get("nfe", r["steps"])),
                         r["guidance"],
                         speed,
                         f"{r['wall_s']:.2f}",
@@ -236,6 +236,11 @@ def _diffusers_table(p: dict[str, Any], keys: list[str]) -> list[str]:
             )
         )
     return lines + [""]
+
+
+def _nfe(value: float) -> str:
+    """Network calls per sample: whole for a fixed grid, one decimal for an adaptive solver's mean over chunks."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
 def _row(cells: list[Any]) -> str:

@@ -23,9 +23,9 @@ commands:
         run (rectified flow; starts from its weights), e.g. polydiff reflow runs/points hydra.run.dir=runs/points-2
         objective.steps=20 trainer.max_steps=500, then polydiff sample runs/points-2 sampler.name=euler sampler.steps=1
   distill RUN_DIR --method progressive|consistency hydra.run.dir=NEW [--steps N] [overrides]   a few-step student
-        of a trained vp run (starts from its weights): progressive halves --teacher-steps (default 64) down to
-        --steps (default 4), a run per round (NEW/rounds/steps-M, the last in NEW); consistency learns a one-step
-        map (objective.steps noise levels, default 18), e.g. polydiff distill runs/points --method consistency
+        of a trained vp, flow or edm run (starts from its weights): progressive halves --teacher-steps (default
+        64) down to --steps (default 4), a run per round (NEW/rounds/steps-M, the last in NEW); consistency learns a
+        one-step map (objective.steps noise levels, default 18), e.g. polydiff distill runs/points --method consistency
         hydra.run.dir=runs/points-cd trainer.max_steps=1000, then polydiff sample runs/points-cd sampler.steps=2
         (--guidance S distils classifier-free guidance at scale S into it; default: the run's guidance.scale)
   sample RUN_DIR [--n N] [--eval] [--seeds K] [overrides]   write new samples from a run's last checkpoint, e.g.

@@ -102,6 +102,7 @@ def train_command(args: Sequence[str]) -> None:
 
     from .build import to_plain
     from .config import check_overrides, register_configs, retarget_plugins
+    from .latent import with_absolute_autoencoder
     from .trainer import CheckpointWriteError, train
 
     register_configs()
@@ -134,6 +135,7 @@ def train_command(args: Sequence[str]) -> None:
         out = Path(hydra_cfg.runtime.output_dir)
         try:
             cfg, dropped = retarget_plugins(to_plain(cfg), list(hydra_cfg.overrides.task))
+            cfg = with_absolute_autoencoder(cfg)
             if dropped:
                 logging.getLogger("polydiff").info(
                     "left out the recipe's %s: the plug-in named on the command line does not take them",
@@ -204,6 +206,10 @@ def train_from_run(
         cfg = saved_config(load_checkpoint(ckpt_path))
     except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
         raise fail(user_message(err)) from err
+    if objective.get("name") in DISTILL_METHODS:  # a student is read on the path of its chain's first teacher
+        given = dict(cfg.get("objective") or {})
+        base = (given.get("base") or {"name": "vp"}) if given.get("name") in DISTILL_METHODS else given
+        objective = {**objective, "base": dict(base)}
     cfg["objective"] = {**objective, "teacher": str(run)}
     cfg["trainer"] = {**cfg["trainer"], "init": str(run), "resume": "auto"}
     if sampler is not None:

@@ -6,10 +6,12 @@ Song, Dhariwal, Chen & Sutskever 2023, Alg. 2: on ``N`` noise levels ``sigma_1 <
 coordinates), a state noised to level ``n + 1`` is moved one step down the teacher's ODE (Heun or DDIM), and the
 student's output there is pulled towards a target network's output at level ``n``. The consistency function is
 ``f(x, t) = c_skip(sigma) x / alpha + c_out(sigma) F(x, t)`` with the paper's scalings (Sec. 3), so ``f = x / alpha``
-at ``sigma_1`` (the boundary condition). ``F = -net(x, t)``: with ``sigma_data = 1`` and no
-shift, ``f`` is then exactly a v-prediction's clean estimate, so a v-prediction teacher's weights start it as the
-teacher's own denoiser. The target network is the trainer's EMA of the student (``trainer.ema_decay`` is the paper's
-``mu``; a resumed run restores it with the checkpoint), or the student itself where there is no trainer.
+at ``sigma_1`` (the boundary condition). ``F`` is read from the student's clean estimate ``D`` (in the student's
+parameterisation, see :mod:`polydiff.distill`) as the ``F`` for which the unshifted scalings give ``f = D``: the
+teacher's weights start the student as the teacher's own denoiser away from ``sigma_1``, and for a v-prediction
+student with ``sigma_data = 1``, ``F`` is exactly minus the network's v. The target network is the trainer's EMA of
+the student (``trainer.ema_decay`` is the paper's ``mu``; a resumed run restores it with the checkpoint), or the
+student itself where there is no trainer.
 """
 
 from __future__ import annotations
@@ -70,10 +72,8 @@ class ConsistencyObjective(StudentObjective):
         """Read ``module`` (the trainer's EMA of the student) as the target network ``theta^-``."""
         self._target = module
 
-    def sampling_schedule(self, schedule: Schedule) -> Schedule:
-        """The teacher's schedule at ``steps`` noise levels spaced as EDM's grid (Karras et al. 2022, eq. 5)."""
-        if isinstance(schedule, StudentGrid):
-            return schedule
+    def grid(self, schedule: Schedule) -> StudentGrid:
+        """The base path at ``steps`` noise levels spaced as EDM's grid (Karras et al. 2022, eq. 5)."""
         first = 1.0 / schedule.num_steps if schedule.num_steps else 1e-3
         last = 1.0 if float(schedule.alpha_bar(torch.tensor(1.0))) > 0 else 1.0 - first  # zero terminal SNR
         ends = schedule.alpha_bar(torch.tensor([first, last], dtype=torch.float64))
@@ -98,15 +98,18 @@ class ConsistencyObjective(StudentObjective):
         self, net: Callable[..., Tensor], grid: StudentGrid, space: Space, cond: dict
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """``f(x_t, t[B])``: the clean state of the ODE trajectory through ``x_t`` at student time ``t``."""
-        student = self.student_net(net, grid)
+        student = self.student_denoiser(net, grid, space, cond)
         sigma_min = math.sqrt((1 - float(grid.alpha_bar_table[1])) / float(grid.alpha_bar_table[1]))
+        sigma_data = float(self.sigma_data)
 
         def f(x_t: Tensor, t: Tensor) -> Tensor:
             ab = grid.alpha_bar(t)  # [B] float64
-            alpha = ab.sqrt()
-            c_skip, c_out = consistency_scalings(((1 - ab) / ab).sqrt(), sigma_min, float(self.sigma_data))
-            skip, out = space.expand((c_skip / alpha).to(x_t.dtype)), space.expand(c_out.to(x_t.dtype))
-            return skip * x_t - out * student(x_t, t, **cond).to(x_t.dtype)  # F = -net
+            alpha, sigma = ab.sqrt(), ((1 - ab) / ab).sqrt()
+            c_skip, c_out = consistency_scalings(sigma, sigma_min, sigma_data)
+            d_skip, d_out = consistency_scalings(sigma, 0.0, sigma_data)  # D = d_skip x / alpha + d_out F
+            y = x_t * space.expand((1 / alpha).to(x_t.dtype))  # x_0 + sigma eps
+            big_f = (student(x_t, t).x0 - space.expand(d_skip.to(x_t.dtype)) * y) / space.expand(d_out.to(x_t.dtype))
+            return space.expand(c_skip.to(x_t.dtype)) * y + space.expand(c_out.to(x_t.dtype)) * big_f
 
         return f
 

@@ -7,12 +7,18 @@ shares the grid and the teacher handling kept here.
 
 A student's schedule is a :class:`StudentGrid`: the teacher's schedule read at the student's ``N`` times, as ``N``
 trained steps ``i / N``. Samplers therefore step exactly on the grid the student learnt, a ``sampler.steps`` above
-``N`` is refused by the samplers' own check, and the network still sees the teacher's time, so a student starts
-from its teacher's weights as the same function.
+``N`` is refused by the samplers' own check, and the network still sees the teacher's time.
+
+A student inherits its path from its first teacher's objective (``objective.base``, written by ``polydiff distill``):
+the VP schedule of a ``vp`` teacher, the straight path of a ``flow`` or ``reflow`` one, EDM's of an ``edm`` one. Its
+network keeps its teacher's parameterisation where that is defined at pure noise (v or x0 prediction, a velocity,
+EDM's preconditioned denoiser), so it starts from the teacher's weights as the same function; an eps teacher's
+student learns v instead (Salimans & Ho 2022, sec. 4) and starts away from it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Optional
@@ -23,14 +29,19 @@ from torch import Tensor
 from .conditioning import null_condition
 from .guidance import classifier_free_guidance
 from .objective_base import BaseObjective, checked_output, register_objective
-from .objectives import to_prediction
+from .objectives import build_objective_from, to_prediction
 from .sampling import timesteps
 from .schedules import NoiseSchedule, Schedule
 from .space import Space
 from .state import Batch, DenoiserFn
 from .teacher import Teacher
 
-__all__ = ["StudentGrid", "StudentObjective", "ProgressiveObjective", "progressive_target", "ddim_step"]
+__all__ = ["StudentGrid", "StudentObjective", "ProgressiveObjective", "progressive_target", "ddim_step", "BASES"]
+
+log = logging.getLogger("polydiff")
+
+#: The objectives whose models a student can learn from: their paths are the ones a student's grid is read on.
+BASES = ("vp", "flow", "reflow", "edm")
 
 
 class StudentGrid(NoiseSchedule):
@@ -40,6 +51,7 @@ class StudentGrid(NoiseSchedule):
     def __init__(self, base: Schedule, times: Tensor, name: str) -> None:
         times = torch.as_tensor(times, dtype=torch.float64).flatten()  # [N]
         super().__init__(base.alpha_bar(times), name=name)
+        self.base = base
         self.base_times = torch.cat([torch.zeros(1, dtype=torch.float64), times])  # [N + 1], 0 at clean data
         self._times: dict[torch.device, Tensor] = {}
 
@@ -77,15 +89,17 @@ def progressive_target(den: DenoiserFn, z: Tensor, times: Tensor, schedule: Sche
 @dataclass
 class StudentObjective(BaseObjective):
     """What every student shares: its teacher run (``teacher``, loaded for training only, so a student samples
-    without it), checked against the objectives it can learn from; the teacher's denoiser, guided at a fixed
+    without it), checked against the objectives it can learn from; ``base``, the objective section of the first
+    teacher of the chain, whose path the student's grid is read on; the teacher's denoiser, guided at a fixed
     ``guidance_scale`` when not 1 (classifier-free guidance, distilled into the student); ``steps`` of its grid."""
 
     teacher: str = ""
     steps: int = 4
     guidance_scale: float = 1.0
+    base: Optional[dict] = None
 
     #: The teachers' objectives this student can learn from.
-    teachers: ClassVar[tuple[str, ...]] = ("vp",)
+    teachers: ClassVar[tuple[str, ...]] = BASES
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or int(self.steps) != self.steps or int(self.steps) < 1:
@@ -93,6 +107,13 @@ class StudentObjective(BaseObjective):
         self.steps = int(self.steps)
         if not math.isfinite(float(self.guidance_scale)) or float(self.guidance_scale) < 0:
             raise ValueError(f"objective.guidance_scale={self.guidance_scale} must be a number >= 0 (1: no guidance)")
+        self.base = dict(self.base or {"name": "vp"})  # students written before objective.base: VP teachers
+        if self.base.get("name", "vp") not in BASES:
+            raise ValueError(
+                f"objective.base.name={self.base.get('name')!r}: a student is read on the path of one of "
+                f"{list(BASES)} (the objective of the first teacher it was distilled from)"
+            )
+        self.base_objective = build_objective_from(self.base)
         self._teacher: Optional[Teacher] = None
 
     @property
@@ -104,18 +125,38 @@ class StudentObjective(BaseObjective):
         return self._teacher
 
     def check_teacher(self, teacher: Teacher) -> None:
-        """Refuse a teacher trained with an objective this student cannot learn from."""
+        """Refuse a teacher trained with an objective this student cannot learn from; say when the student cannot
+        start as its teacher (an ``eps`` teacher's student learns ``v``)."""
         name = (teacher.config.get("objective") or {}).get("name") or "vp"
+        if name == "vp" and self.base.get("prediction", "eps") == "eps":
+            log.warning(
+                "objective.teacher=%s predicts eps, which gives no clean estimate at pure noise: its student learns "
+                "v-prediction and starts away from the teacher, so give it more steps (trainer.max_steps), or "
+                "distil a teacher trained with objective.prediction=v",
+                teacher.path,
+            )
         if name not in self.teachers:
             kind = type(self).__name__
             raise ValueError(
                 f"objective.teacher={teacher.path} was trained with objective {name!r}: {kind} learns from "
-                f"{' or '.join(repr(n) for n in self.teachers)} teachers only (variance-preserving DDIM steps on the "
-                "teacher's own grid); distil a run trained with objective.name=vp"
+                f"{', '.join(repr(n) for n in self.teachers)} teachers only; distil a run trained with one of them"
             )
 
     def check_domain(self, domain: Any) -> None:
         self.teacher_run.check_domain(domain)
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        self.base_objective.check_schedule(schedule)
+
+    def sampling_schedule(self, schedule: Schedule) -> Schedule:
+        """The student's grid on its base objective's path (the recipe's schedule for a VP base)."""
+        if isinstance(schedule, StudentGrid):
+            return schedule
+        return self.grid(self.base_objective.sampling_schedule(schedule))
+
+    def grid(self, path: Schedule) -> StudentGrid:
+        """The student's ``steps`` times on its base path ``path``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement grid(path)")
 
     def teacher_denoiser(self, space: Space, cond: Mapping[str, Any], device: torch.device) -> DenoiserFn:
         """The teacher's denoiser on ``space``, with classifier-free guidance at ``guidance_scale`` (Ho & Salimans
@@ -138,19 +179,37 @@ class StudentObjective(BaseObjective):
             raise TypeError(f"a distilled student samples on its own grid (a StudentGrid), not on {schedule!r}")
         return schedule
 
-    def student_net(self, net: Callable[..., Tensor], grid: StudentGrid) -> Callable[..., Tensor]:
-        """``net`` called at the teacher's time of each student time (its weights start as the teacher's)."""
-        return lambda x, t, **cond: checked_output(net(x, grid.base_time(t).to(x.dtype), **cond), x)
+    @property
+    def vp_prediction(self) -> str:
+        """A VP student's parameterisation: its teacher's ``v`` or ``x0``; ``v`` for an ``eps`` teacher, whose
+        clean estimate is undefined at pure noise (Salimans & Ho 2022, sec. 4)."""
+        kind = self.base.get("prediction", "eps")
+        return kind if kind in ("v", "x0") else "v"
+
+    def student_denoiser(self, net: Callable[..., Tensor], grid: StudentGrid, space: Space, cond: dict) -> DenoiserFn:
+        """The student's ``(x0, eps)`` at student times: ``net`` called at the base path's time of each, read as
+        :attr:`vp_prediction` on a VP path, else as its base objective reads its network (a velocity, EDM's ``D``)."""
+        if self.base.get("name", "vp") == "vp":
+            kind = self.vp_prediction
+
+            def vp_denoise(x_t: Tensor, t: Tensor) -> Any:
+                alpha, sigma = grid.alpha_sigma(t, dtype=x_t.dtype)
+                out = checked_output(net(x_t, grid.base_time(t).to(x_t.dtype), **cond), x_t).to(x_t.dtype)
+                return to_prediction(kind, out, x_t, space.expand(alpha), space.expand(sigma))
+
+            return vp_denoise
+        base = self.base_objective.denoiser(net, grid.base, space, cond)
+        return lambda x_t, t: base(x_t, grid.base_time(t).to(x_t.dtype))
 
 
 @register_objective("progressive")
 @dataclass
 class ProgressiveObjective(StudentObjective):
-    """One round of progressive distillation (Salimans & Ho 2022, Alg. 2): a v-prediction student of ``steps`` DDIM
-    steps regresses, at each of its grid times, the target of two DDIM steps of its ``2 * steps``-step teacher, with
+    """One round of progressive distillation (Salimans & Ho 2022, Alg. 2): a student of ``steps`` DDIM steps
+    regresses, at each of its grid times, the target of two DDIM steps of its ``2 * steps``-step teacher, with
     the "SNR + 1" weighting (a plain v-prediction loss, Sec. 4 of the paper)."""
 
-    teachers: ClassVar[tuple[str, ...]] = ("vp", "progressive")
+    teachers: ClassVar[tuple[str, ...]] = (*BASES, "progressive")
 
     def check_teacher(self, teacher: Teacher) -> None:
         super().check_teacher(teacher)
@@ -166,28 +225,18 @@ class ProgressiveObjective(StudentObjective):
                 f"{have} trained steps: start from at most {have} (polydiff distill --teacher-steps)"
             )
 
-    def sampling_schedule(self, schedule: Schedule) -> Schedule:
-        """The teacher's schedule at the student's ``steps`` trailing times (the DDIM grid it samples on)."""
-        if isinstance(schedule, StudentGrid):
-            return schedule
-        if schedule.num_steps is not None and schedule.num_steps < self.steps:
-            raise ValueError(f"objective.steps={self.steps} exceeds the schedule's {schedule.num_steps} steps")
-        times = timesteps(self.steps, schedule.num_steps, "trailing")[:-1].flip(0)  # [N] ascending
-        return StudentGrid(schedule, times, name=f"{schedule.name}@{self.steps}")
+    def grid(self, path: Schedule) -> StudentGrid:
+        """The base path at the student's ``steps`` trailing times (the DDIM grid it samples on)."""
+        if path.num_steps is not None and path.num_steps < self.steps:
+            raise ValueError(f"objective.steps={self.steps} exceeds the schedule's {path.num_steps} steps")
+        times = timesteps(self.steps, path.num_steps, "trailing")[:-1].flip(0)  # [N] ascending
+        return StudentGrid(path, times, name=f"{path.name}@{self.steps}")
 
     def denoiser(
         self, net: Callable[..., Tensor], schedule: Schedule, space: Space, cond: Optional[dict] = None
     ) -> DenoiserFn:
-        """The student as a v-prediction denoiser on its grid."""
-        grid, cond = self.grid_of(schedule), dict(cond or {})
-        student = self.student_net(net, grid)
-
-        def denoise(x_t: Tensor, t: Tensor) -> Any:
-            alpha, sigma = grid.alpha_sigma(t, dtype=x_t.dtype)
-            out = student(x_t, t, **cond).to(x_t.dtype)
-            return to_prediction("v", out, x_t, space.expand(alpha), space.expand(sigma))
-
-        return denoise
+        """The student's denoiser on its grid."""
+        return self.student_denoiser(net, self.grid_of(schedule), space, dict(cond or {}))
 
     def losses(
         self,
@@ -197,7 +246,8 @@ class ProgressiveObjective(StudentObjective):
         generator: Optional[torch.Generator] = None,
         t: Optional[Tensor] = None,
     ) -> Tensor:
-        """Per-sample squared v errors ``[B]`` against the teacher's two-step targets, at grid times ``i / N``."""
+        """Per-sample squared v errors ``[B]`` against the teacher's two-step targets, at grid times ``i / N``: the
+        clean-state error over ``sigma^2`` (the "SNR + 1" weight), which is the v error for any parameterisation."""
         grid, space, x0 = self.grid_of(schedule), batch.space, batch.x
         n, device = grid.num_steps, x0.device
         if t is None:
@@ -215,6 +265,5 @@ class ProgressiveObjective(StudentObjective):
         with torch.no_grad():
             den = self.teacher_denoiser(space, batch.cond, device)
             x_target = progressive_target(den, z, times, teacher.schedule, space)
-            v_target = (a * z - x_target) / s  # x0 = alpha z - sigma v
-        out = self.student_net(net, grid)(z, t, **batch.cond)
-        return space.mean((out.float() - v_target.float()) ** 2)
+        x0_hat = self.student_denoiser(net, grid, space, dict(batch.cond))(z, t).x0
+        return space.mean(((x0_hat.float() - x_target.float()) / s.float()) ** 2)  # x0 = alpha z - sigma v

@@ -14,6 +14,7 @@ CUDA (``guidance.batched``); :func:`classifier_free_guidance` calls two denoiser
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Optional
 
@@ -23,6 +24,12 @@ from torch import Tensor
 from .objectives import DenoiserFn, Prediction
 from .schedules import Schedule
 from .space import Space
+
+log = logging.getLogger("polydiff")
+
+#: Above this ``sigma / alpha`` (``alpha_bar`` below about 1e-6), classifier guidance's move of ``x0`` is
+#: ``sigma^2 / alpha`` times the classifier's gradient: a warning says so at a guided denoiser's first call.
+STEEP = 1e3
 
 __all__ = ["classifier_free_guidance", "stacked_guidance", "classifier_guidance", "check_classifier_scale"]
 
@@ -126,6 +133,8 @@ def classifier_guidance(
     if scale == 0.0:
         return denoiser
 
+    checked: list[bool] = []  # whether the first call looked at its steepness
+
     def guided(x: Tensor, t: Tensor) -> Prediction:
         pred = denoiser(x, t)
         with torch.enable_grad():
@@ -136,6 +145,15 @@ def classifier_guidance(
         shift = space.expand(sigma * scale) * grad  # [like x]
         # x0 = (x - sigma eps) / alpha moves by sigma^2 / alpha * scale * grad; left as it is where alpha = 0.
         to_x0 = torch.where(alpha > 0, sigma / alpha.clamp(min=1e-30), torch.zeros_like(alpha))
+        if not checked and float(to_x0.max()) > STEEP:  # the first call: a sampler's noisiest step
+            log.warning(
+                "classifier guidance at t=%.4g moves x0 by %.3g times the classifier's gradient (scale sigma^2 / alpha "
+                "at nearly pure noise, where a classifier's gradient is least reliable): if samples diverge, start "
+                "the grid below pure noise with sampler.spacing=leading, or lower guidance.classifier_scale",
+                float(t.max()),
+                float((to_x0 * sigma).max()) * scale,
+            )
+        checked.append(True)
         return Prediction(pred.x0 + space.expand(to_x0) * shift, pred.eps - shift, pred.v)
 
     return guided

@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 
 from .checkpoint import atomic_save
 from .domain import Domain
-from .outputs import Outputs
+from .latent_outputs import LatentOutputs, first_stage_row, latent_mask, stacked
 from .space import DenseSpace, Space
-from .state import Batch, Known
+from .state import Batch
 
 __all__ = [
     "Autoencoder",
@@ -34,6 +34,7 @@ __all__ = [
     "LatentOutputs",
     "LatentSet",
     "latent_domain",
+    "latent_mask",
     "latent_cache_dir",
     "reconstruction_row",
     "first_stage_row",
@@ -67,6 +68,15 @@ def latent_cache_dir() -> Path:
 def is_run_path(spec: str) -> bool:
     """Whether ``latent.autoencoder`` names a run folder or checkpoint (a path) rather than a fixed stage (a name)."""
     return os.sep in spec or "/" in spec or spec.endswith(".pt") or Path(spec).expanduser().exists()
+
+
+def with_absolute_autoencoder(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with a run-folder ``latent.autoencoder`` made absolute, as the run saves it: its samples and
+    evaluations then find the first stage from any working folder."""
+    spec = (cfg.get("latent") or {}).get("autoencoder")
+    if not isinstance(spec, str) or not spec.strip() or not is_run_path(spec):
+        return cfg
+    return {**cfg, "latent": {**cfg["latent"], "autoencoder": str(Path(spec).expanduser().resolve())}}
 
 
 def latent_domain(
@@ -115,23 +125,6 @@ class LatentSet(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         return self.z[i] if self.labels is None else (self.z[i], int(self.labels[i]))
-
-
-def stacked(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Optional[Tensor]]:
-    """The whole ``split`` of ``domain`` collated: ``x [N, *data]``, labels ``[N]`` or ``None``."""
-    data = domain.dataset(split)
-    xs, ys = [], []
-    for start in range(0, len(data), chunk):
-        batch = domain.collate([data[i] for i in range(start, min(len(data), start + chunk))])
-        if not isinstance(batch.space, DenseSpace):
-            raise ValueError(
-                f"latent diffusion needs a dense domain, and {domain.name!r} collates a {type(batch.space).__name__}: "
-                "remove the latent section"
-            )
-        xs.append(batch.x)
-        if "label" in batch.cond:
-            ys.append(batch.cond["label"])
-    return torch.cat(xs), (torch.cat(ys) if ys else None)
 
 
 class LatentDomain(Domain):
@@ -318,69 +311,3 @@ class LatentDomain(Domain):
 
     def __repr__(self) -> str:
         return f"LatentDomain({self.inner!r}, autoencoder={self.spec!r})"
-
-
-class LatentOutputs(Outputs):
-    """The inner domain's outputs on decoded samples: files, metrics and reports stay in the data's space."""
-
-    domain: LatentDomain
-
-    def __init__(self, domain: LatentDomain) -> None:
-        super().__init__(domain)
-        self._memo: Optional[tuple[Tensor, Batch]] = None  # the last batch decoded (saved, scored, shown in turn)
-
-    def decoded(self, batch: Batch) -> Batch:
-        """``batch`` in the data's space: latents are decoded, data (samples read back from files) kept as it is."""
-        if tuple(batch.x.shape[1:]) != tuple(self.domain.sample_shape or ()):
-            return batch
-        if self._memo is not None and self._memo[0] is batch.x:
-            return self._memo[1]
-        with torch.no_grad():
-            x = self.domain.decode(batch.x.float())  # [B, *data]
-        out = Batch(x, DenseSpace(tuple(x.shape), device_=x.device), dict(batch.cond))
-        self._memo = (batch.x, out)
-        return out
-
-    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
-        return self.domain.inner.save_samples(self.decoded(batch), out_dir, prefix)
-
-    def read_samples(self, path: Path) -> Batch:
-        return self.domain.inner.read_samples(path)
-
-    def known_values(self, path: Path, n: int, **options: Any) -> Known:
-        raise ValueError(
-            f"polydiff sample --known is not available for latent models (latent.autoencoder={self.domain.spec!r}): "
-            "a kept stretch of the data does not map to a kept part of the latent; use a data-space model"
-        )
-
-    def evaluate(self, batch: Batch) -> dict[str, float]:
-        return self.domain.inner.evaluate(self.decoded(batch))
-
-    def reference_metrics(self, n: int) -> dict[str, float]:
-        return self.domain.inner.reference_metrics(n)
-
-    def report_items(self, samples: Batch | Sequence[Path], limit: Optional[int] = None) -> list:
-        if isinstance(samples, Batch):
-            samples = self.decoded(samples)
-        return self.domain.inner.outputs.report_items(samples, limit)
-
-    def reconstruction_metrics(self, n: int, seed: int = 0) -> dict[str, float]:
-        """The first stage's ceiling: :func:`first_stage_row` of the latent domain's encode-decode."""
-        return first_stage_row(self.domain.inner, lambda x: self.domain.decode(self.domain.encode(x)), n, seed)
-
-
-def first_stage_row(inner: Domain, reconstruct: Callable[[Tensor], Tensor], n: int, seed: int = 0) -> dict[str, float]:
-    """A first stage's row: ``inner``'s metrics on ``n`` reconstructed held-out items (the reference row's subset:
-    a seeded permutation), plus the inner outputs' ``reconstruction_distances(x, x_hat)`` where it has one."""
-    x, labels = stacked(inner, getattr(inner, "reference_split", "test"))
-    count = max(2, min(int(n), len(x)))
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
-    x = x[idx]  # [n, *data]
-    with torch.no_grad():
-        x_hat = torch.cat([reconstruct(x[i : i + 64]).float().cpu() for i in range(0, count, 64)])  # [n, *data]
-    cond = {"label": labels[idx]} if labels is not None and inner.num_classes else {}
-    row = dict(inner.evaluate(Batch(x_hat, DenseSpace(tuple(x_hat.shape)), cond)))
-    distances = getattr(inner.outputs, "reconstruction_distances", None)
-    if distances is not None:
-        row.update(distances(x, x_hat))
-    return {**row, "num_samples": count}

@@ -13,9 +13,11 @@ denoiser's estimates in variance-preserving coordinates, so they serve ``vp``, `
 
 Dimensions are counted by the space: valid elements of a masked state; for a ragged state with zero-mean columns
 (molecule positions) each sample loses one dimension per such column, so ``N`` atoms' positions have ``(N - 1) 3``
-(Hoogeboom et al. 2022, sec. 3.2). Features other than positions (atom types) are scored by the same continuous
-Gaussian decoder per dimension: EDM's categorical and integer decoders of atom types and charges and its
-``log p(N)`` of the atom count are not included.
+(Hoogeboom et al. 2022, sec. 3.2). Columns a domain declares discrete (``discrete``: a
+:class:`~polydiff.decoders.DiscreteFeatures`, a molecule's atom types and charges) are scored by the bounds' decoder
+as EDM does, by the probability of their categorical or integer value (:mod:`polydiff.decoders`); the rest by a
+Gaussian density. :func:`ode_nll` scores every column by its density (``polydiff.nll.ode_with_decoders`` decodes
+the discrete ones from a state it scores).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .decoders import DiscreteFeatures, continuous_keep, discrete_nll
 from .schedules import Schedule
 from .space import Space
 from .state import Batch, DenoiserFn
@@ -79,15 +82,18 @@ def discretised_gaussian_log_prob(x: Tensor, mean: Tensor, logvar: Tensor, bins:
     return torch.where(x < -1 + half, log_cdf_upper, torch.where(x > 1 - half, log_sf_lower, log_mass))
 
 
-def _decoder_nll(x0: Tensor, mean: Tensor, logvar: Tensor, space: Space, bins: Optional[int]) -> Tensor:
+def _decoder_nll(x0: Tensor, mean: Tensor, logvar: Tensor, space: Space, bins: Optional[int], keep=None) -> Tensor:
     """``-log p(x_0 | mean, e^logvar)`` per sample ``[B]``: discretised to ``bins`` levels, or continuous over the
-    space's degrees of freedom (a zero-mean subspace: the residual projected onto it)."""
+    space's degrees of freedom (a zero-mean subspace: the residual projected onto it); only the columns where
+    ``keep`` (broadcastable, 0 or 1) is 1, where given."""
+    keep = torch.ones_like(x0) if keep is None else keep.expand_as(x0)  # like x0
     if bins is not None:
         if getattr(space, "centered", ()):
             raise ValueError("a discretised decoder (bins) needs a dense state; this one keeps zero-mean columns")
-        return -space.sum(discretised_gaussian_log_prob(x0, mean, space.expand(logvar), bins))
-    resid = space.project(x0 - mean)
-    return 0.5 * (space.sum(resid**2) * torch.exp(-logvar) + dimensions(space) * (LOG_2PI + logvar))
+        return -space.sum(discretised_gaussian_log_prob(x0, mean, space.expand(logvar), bins) * keep)
+    resid = space.project(x0 - mean) * keep
+    dims = dimensions(space) - space.sum(1 - keep)  # degrees of freedom of the kept columns [B]
+    return 0.5 * (space.sum(resid**2) * torch.exp(-logvar) + dims * (LOG_2PI + logvar))
 
 
 def _learned_kl(x0, x0_hat, v, c0, true_logvar, log_beta, space) -> Tensor:
@@ -100,15 +106,17 @@ def _learned_kl(x0, x0_hat, v, c0, true_logvar, log_beta, space) -> Tensor:
     return 0.5 * (mean_term + var_term * dimensions(space) / space.count().clamp(min=1))
 
 
-def _decoder_nll_elementwise(x0: Tensor, mean: Tensor, logvar: Tensor, space: Space, bins: Optional[int]) -> Tensor:
+def _decoder_nll_elementwise(x0: Tensor, mean: Tensor, logvar: Tensor, space: Space, bins, keep=None) -> Tensor:
     """:func:`_decoder_nll` with a per-element ``logvar`` (like ``x0``): a learned variance's decoder ``[B]``."""
+    keep = torch.ones_like(x0) if keep is None else keep.expand_as(x0)  # like x0
     if bins is not None:
         if getattr(space, "centered", ()):
             raise ValueError("a discretised decoder (bins) needs a dense state; this one keeps zero-mean columns")
-        return -space.sum(discretised_gaussian_log_prob(x0, mean, logvar, bins))
-    resid = space.project(x0 - mean)
-    per_dim = dimensions(space) / space.count().clamp(min=1)  # degrees of freedom per valid element
-    return 0.5 * (space.sum(resid**2 * torch.exp(-logvar)) + space.sum(LOG_2PI + logvar) * per_dim)
+        return -space.sum(discretised_gaussian_log_prob(x0, mean, logvar, bins) * keep)
+    resid = space.project(x0 - mean) * keep
+    dropped = space.sum(1 - keep)  # discrete elements per sample [B]
+    per_dim = (dimensions(space) - dropped) / (space.count() - dropped).clamp(min=1)  # freedom per kept element
+    return 0.5 * (space.sum(resid**2 * torch.exp(-logvar)) + space.sum((LOG_2PI + logvar) * keep) * per_dim)
 
 
 def _prior_kl(x0: Tensor, space: Space, alpha_bar_end: Tensor) -> Tensor:
@@ -151,12 +159,16 @@ def variational_bound(
     sigma_min: float = 1e-3,
     time: str = "auto",
     generator: Optional[torch.Generator] = None,
+    discrete: Optional[DiscreteFeatures] = None,
 ) -> dict[str, Tensor]:
     """Per-sample terms ``[B]`` (nats, float64) of the negative variational bound: ``prior``, ``diffusion``,
-    ``decoder`` and their sum ``nll``. ``steps`` strata of the denoising terms (None: every trained step; continuous
-    time: 100); ``variance`` of the fixed reverse steps: ``small`` (posterior) or ``large`` (beta), not read where the
-    denoiser's predictions carry a learned ``v`` (Nichol & Dhariwal 2021, eq. 15), which sets them. ``time``:
-    ``discrete`` over the trained steps, ``continuous`` (VDM, any schedule), ``auto`` (discrete where there are steps).
+    ``decoder`` and their sum ``nll``; with ``discrete`` columns also the decoder's parts ``decoder_continuous``,
+    ``decoder_categorical`` and ``decoder_integer`` (:func:`~polydiff.decoders.discrete_nll`), the continuous
+    columns' decoder then with EDM's variance ``sigma_1^2 / alpha_1^2`` (App. B). ``steps`` strata of
+    the denoising terms (None: every trained step; continuous time: 100); ``variance`` of the fixed reverse steps:
+    ``small`` (posterior) or ``large`` (beta), not read where the denoiser's predictions carry a learned ``v``
+    (Nichol & Dhariwal 2021, eq. 15), which sets them. ``time``: ``discrete`` over the trained steps, ``continuous``
+    (VDM, any schedule), ``auto`` (discrete where there are steps).
 
     In discrete time the first steps, where ``SNR_{i-1} / SNR_i`` is far from 1, keep the bound some way above the
     true NLL however many steps there are (about 0.3 nats a dimension on a linear schedule); the continuous-time
@@ -170,7 +182,8 @@ def variational_bound(
     if time == "discrete" and schedule.num_steps is None:
         raise ValueError(f"{schedule!r} is continuous in time: it has no trained steps for a discrete-time bound")
     if time == "continuous" or schedule.num_steps is None:
-        return _continuous_bound(denoiser, x0, space, schedule, steps or 100, bins, sigma_min, generator, batch.x.dtype)
+        k = steps or 100
+        return _continuous_bound(denoiser, x0, space, schedule, k, bins, sigma_min, generator, batch.x.dtype, discrete)
     T = int(schedule.num_steps)
     if T < 2:
         raise ValueError("the variational bound needs a schedule of at least 2 trained steps")
@@ -200,15 +213,30 @@ def variational_bound(
     x_1, t1 = noised(one)
     # Improved DDPM's clipped log-variance at the first step: beta~_2 (beta~_1 = 0), or beta_1.
     dec_var = post_var[1] if variance == "small" else beta[0]
+    if discrete is not None:  # EDM's decoder (its sigma_x = sigma_0 / alpha_0): the noise-to-signal ratio, squared
+        dec_var = (1 - ab[1]) / ab[1]
     logvar = torch.log(dec_var).expand(n)
     pred = denoiser(x_1.to(batch.x.dtype), t1.to(batch.x.dtype))
+    keep = continuous_keep(x0, space, discrete)
     if pred.v is not None:  # the learned interpolation of the same clipped ends
         lv = interpolated_logvar(pred.v.to(torch.float64), torch.log(beta[0]), torch.log(post_var[1]))  # like x0
-        decoder = _decoder_nll_elementwise(x0, pred.x0.to(torch.float64), lv, space, bins)
+        decoder = _decoder_nll_elementwise(x0, pred.x0.to(torch.float64), lv, space, bins, keep)
     else:
-        decoder = _decoder_nll(x0, pred.x0.to(torch.float64), logvar, space, bins)
+        decoder = _decoder_nll(x0, pred.x0.to(torch.float64), logvar, space, bins, keep)
     prior = _prior_kl(x0, space, ab[T].expand(n))
-    return {"prior": prior, "diffusion": diffusion, "decoder": decoder, "nll": prior + diffusion + decoder}
+    return _terms(prior, diffusion, decoder, (x0, x_1, ab[1].expand(n), space), discrete)
+
+
+def _terms(prior: Tensor, diffusion: Tensor, decoder: Tensor, first: tuple, discrete) -> dict[str, Tensor]:
+    """The bound's terms ``[B]``; ``discrete`` columns add their ``-log p(h | z)`` given the first step's state
+    ``first = (x0, z, alpha_bar [B], space)`` to the decoder (EDM's ``log p(x, h | z_0)``), each part reported."""
+    out = {"prior": prior, "diffusion": diffusion, "decoder": decoder}
+    if discrete is not None:
+        parts = discrete_nll(*first, discrete)
+        out.update(decoder_continuous=decoder, **{f"decoder_{k}": v for k, v in parts.items()})
+        out["decoder"] = decoder + sum(parts.values())
+    out["nll"] = prior + diffusion + out["decoder"]
+    return out
 
 
 def _randn(space: Space, generator: Optional[torch.Generator]) -> Tensor:
@@ -239,7 +267,7 @@ def pf_ode_drift(x: Tensor, eps_hat: Tensor, schedule: Schedule, t: Tensor, spac
     return space.expand((da / a).to(x.dtype)) * x + space.expand((ds - s * da / a).to(x.dtype)) * eps_hat
 
 
-def _continuous_bound(denoiser, x0, space, schedule, k, bins, sigma_min, generator, dtype) -> dict[str, Tensor]:
+def _continuous_bound(denoiser, x0, space, schedule, k, bins, sigma_min, generator, dtype, discrete) -> dict:
     """Kingma et al. 2021, eq. 17 written in log-SNR ``lambda`` (their eq. 21 with ``d SNR = SNR d lambda``):
     ``1/2 int SNR ||x_0 - x0_hat(z_lambda)||^2 d lambda`` from the last time's log-SNR (at least -30) to
     ``log(1 / sigma_min^2)``, one uniform draw per sample in each of ``k`` strata; Gaussian decoder at ``sigma_min``."""
@@ -260,9 +288,10 @@ def _continuous_bound(denoiser, x0, space, schedule, k, bins, sigma_min, generat
     ab0 = schedule.alpha_bar(t0)
     z0 = _noised(x0, space, ab0, generator)
     logvar = torch.log((1 - ab0) / ab0)  # the noise-to-signal ratio sigma_min, squared
-    decoder = _decoder_nll(x0, _x0_hat(denoiser, z0.to(dtype), t0), logvar, space, bins)
+    keep = continuous_keep(x0, space, discrete)
+    decoder = _decoder_nll(x0, _x0_hat(denoiser, z0.to(dtype), t0), logvar, space, bins, keep)
     prior = _prior_kl(x0, space, schedule.alpha_bar(one))
-    return {"prior": prior, "diffusion": diffusion, "decoder": decoder, "nll": prior + diffusion + decoder}
+    return _terms(prior, diffusion, decoder, (x0, z0, ab0, space), discrete)
 
 
 def _noised(x0: Tensor, space: Space, alpha_bar: Tensor, generator: Optional[torch.Generator]) -> Tensor:

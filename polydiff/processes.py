@@ -3,6 +3,7 @@ them, and the wait while rank 0 samples alone. One process without ``torchrun`` 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -54,6 +55,7 @@ class Processes:
             torch.cuda.set_device(dev)  # code that asks for "cuda" (metric classifiers) lands here too
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # default timeouts: a hung rank fails
+            atexit.register(_leave_process_group)
         return dev
 
     def mean(self, value: torch.Tensor) -> float:
@@ -70,7 +72,16 @@ class Processes:
             dist.barrier(group=self._wait_group)
 
     def close(self) -> None:
-        """Leave the process group (several processes only); the process's thread count as it was."""
+        """Leave this run's own process group; the process's thread count as it was. The default group stays for
+        the process's next run (a distillation's next round) and is left when the process ends: made afresh, its
+        rendezvous could read the last one's keys, still in ``torchrun``'s store, and hang."""
         torch.set_num_threads(self._threads)
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._wait_group is not None:
+            dist.destroy_process_group(self._wait_group)
+            self._wait_group = None
+
+
+def _leave_process_group() -> None:
+    """Leave the default process group at the process's end (torch warns of one left open)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

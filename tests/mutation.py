@@ -239,6 +239,21 @@ MUTANTS = [
         "    if step < 0:\n",
         ("tests/test_autoencoder.py",),
     ),
+    # students of flow and EDM teachers
+    Mutant(
+        "student_reads_every_teacher_as_v",
+        "polydiff/distill.py",
+        'if self.base.get("name", "vp") == "vp":',
+        "if True:",
+        ("tests/test_distill.py",),
+    ),
+    Mutant(
+        "consistency_f_from_shifted_scalings",
+        "polydiff/consistency.py",
+        "d_skip, d_out = consistency_scalings(sigma, 0.0, sigma_data)",
+        "d_skip, d_out = consistency_scalings(sigma, sigma_min, sigma_data)",
+        ("tests/test_distill.py",),
+    ),
 ]
 
 

@@ -124,7 +124,7 @@ def test_a_waveform_autoencoder_trains_on_windows(tmp_path):
     assert net.encode(torch.zeros(1, 1, 4800)).shape == (1, 4, 2400)  # strides [2]: 4800 / 2
 
 
-def test_train_an_autoencoder_then_diffuse_its_latents(tmp_path, capsys):
+def test_train_an_autoencoder_then_diffuse_its_latents(tmp_path, capsys, monkeypatch):
     ae, ldm = tmp_path / "ae", tmp_path / "ldm"
     main(_ae_args(ae))
     records = [json.loads(line) for line in (ae / "metrics.jsonl").read_text().splitlines()]
@@ -151,8 +151,15 @@ def test_train_an_autoencoder_then_diffuse_its_latents(tmp_path, capsys):
     main(_ae_args(ae, "trainer.max_steps=4"))
     with pytest.raises(SystemExit, match=r"latent.autoencoder=.*has changed since this model was trained"):
         main(["sample", str(ldm), "--n", "2", "--out", str(tmp_path / "again"), "sampler.steps=2"])
-    main(_latent_args(tmp_path / "ldm2", ae))
+    # Given as a relative path, the autoencoder is saved absolute: the run samples from any working folder.
+    monkeypatch.chdir(tmp_path)
+    main(_latent_args(tmp_path / "ldm2", Path("ae")))
+    saved = torch.load(tmp_path / "ldm2" / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert saved["latent"]["autoencoder"] == str(ae.resolve())
     assert len(sorted((tmp_path / "cache" / "latent").glob("*_train_*.pt"))) == 2
+    monkeypatch.chdir(ae)
+    main(["sample", str(tmp_path / "ldm2"), "--n", "1", "--out", str(tmp_path / "elsewhere"), "sampler.steps=2"])
+    assert len(list((tmp_path / "elsewhere").glob("*.wav"))) == 1
 
     # An autoencoder run is not a generative model.
     with pytest.raises(SystemExit, match="autoencoder run .* draws no samples"):

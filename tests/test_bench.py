@@ -34,7 +34,7 @@ def test_quick_suite_tiny_budget(tmp_path):
             [("ddim", 10), ("ddim", 5), ("dpmpp_2m", 5)],
             batch_sizes=[16, 64],
             peers=["samplers", "diffusers"],
-            objectives=[("flow", ["objective.name=flow"], [("euler", 4), ("heun", 3)])],
+            objectives=[("flow", ["objective.name=flow"], [("euler", 4), ("heun", 3), ("ode", 0)])],
         ),
     }
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs=specs)
@@ -49,11 +49,13 @@ def test_quick_suite_tiny_budget(tmp_path):
     start, bound = d["train"]["nll"]["start"], d["train"]["nll"]["trained"]
     assert bound["n"] == 64 and bound["steps"] == 50 and bound["time"] == "discrete"
     assert bound["nll_bpd"] < start["nll_bpd"], (start, bound)
-    assert len(d["sampling"]) == 5 and len(d["throughput_vs_batch"]) == 2
+    assert len(d["sampling"]) == 6 and len(d["throughput_vs_batch"]) == 2
     # The same budget trained with flow matching (the recipe's v-prediction left out), swept by NFE.
     flow = d["objectives"]["flow"]
     assert flow["steps"] == 30 and flow["final_loss"] > 0
     rows = {(r["objective"], r["sampler"], r["steps"]): r["nfe"] for r in d["sampling"]}
+    ode = rows.pop(("flow", "ode", 0))  # the adaptive solver's own count (RK45: 6 calls a step), not a grid's
+    assert ode >= 8 and float(ode).is_integer(), ode
     assert rows == {
         ("vp", "ddim", 10): 10,
         ("vp", "ddim", 5): 5,
@@ -69,7 +71,7 @@ def test_quick_suite_tiny_budget(tmp_path):
         assert row["wall_s"] > 0 and row["samples_per_s"] > 0
         assert set(row["metrics"]) == {"dist_to_centre", "modes_covered"}
     # Measured, not constant: figures differ between configurations.
-    assert len({row["wall_s"] for row in d["sampling"]}) == 5
+    assert len({row["wall_s"] for row in d["sampling"]}) == 6
     assert len({row["metrics"]["dist_to_centre"] for row in d["sampling"]}) > 1
     assert len({x["samples_per_s"] for x in d["throughput_vs_batch"]}) == 2
     peer = d["peers"]["samplers"]
@@ -88,6 +90,7 @@ def test_quick_suite_tiny_budget(tmp_path):
     md = path.with_suffix(".md").read_text()
     assert md.count("| ddim |") == 3 and "| ddim | 50 |" in md  # 2 sweep rows + the peer's
     assert "| flow | heun | 3 | 5 |" in md and "objective flow, same budget: 30 steps" in md
+    assert f"| flow | ode | adaptive | {int(ode)} |" in md
     assert f"{bound['nll_bpd']:.3f} ± {bound['nll_bpd_sem']:.3f} after it" in md
     assert d["objectives"]["flow"]["nll"]["trained"]["time"] == "continuous"  # flow matching: VDM's bound
     plots = sorted(p.name for p in (tmp_path / path.stem).glob("*.png"))

@@ -109,6 +109,22 @@ def test_the_wrapper_shifts_eps_by_sigma_scale_grad_and_keeps_x0_consistent():
     assert torch.allclose(alpha[:, None] * out.x0 + sigma[:, None] * out.eps - x, base_gap, atol=1e-5)
 
 
+def test_guidance_from_nearly_pure_noise_warns_once(caplog):
+    """A grid starting at the trailing grid's first step (cosine, T = 1000: alpha_bar 2.4e-9) moves x0 by sigma^2 /
+    alpha ~ 2e4 times the gradient: a warning names the remedy; a grid starting at the leading one's stays silent."""
+    schedule = polydiff.make_schedule("cosine", 1000)
+    base = lambda x, t: Prediction(0.3 * x, 0.7 * x)  # noqa: E731
+    guided = classifier_guidance(base, lambda x, t: -0.5 * (x**2).sum(1), 1.0, DenseSpace((2, 3)), schedule)
+    with caplog.at_level("WARNING", logger="polydiff"):
+        guided(torch.randn(2, 3), torch.full((2,), 0.951))  # the leading grid's first step
+        guided(torch.randn(2, 3), torch.ones(2))  # not a first call
+        assert not caplog.records
+        steep = classifier_guidance(base, lambda x, t: -0.5 * (x**2).sum(1), 1.0, DenseSpace((2, 3)), schedule)
+        steep(torch.randn(2, 3), torch.ones(2))
+        steep(torch.randn(2, 3), torch.ones(2))
+    assert len(caplog.records) == 1 and "sampler.spacing=leading" in caplog.records[0].getMessage()
+
+
 @pytest.mark.parametrize("scale", [-1.0, math.nan, math.inf])
 def test_a_negative_or_non_finite_classifier_scale_is_refused(scale):
     with pytest.raises(ValueError, match="guidance.classifier_scale=.* must be a finite number >= 0"):

@@ -15,7 +15,7 @@ from polydiff import Batch, DenseSpace
 from polydiff.build import Parts, build_domain, load_first_stage
 from polydiff.cli import main
 from polydiff.config import check_keys
-from polydiff.latent import LatentDomain, latent_domain
+from polydiff.latent import LatentDomain, latent_domain, latent_mask
 from polydiff.safety import UnsafeConfigError, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,21 @@ def test_mel_stage_shapes_and_round_trip():
     assert mrstft_distance(x, y) < mrstft_distance(x, noise)
     assert si_sdr(x, 2 * x).item() > 50  # scale-invariant
     assert MelAutoencoder(16000, 1, 16000).identity != MelAutoencoder(8000, 1, 8000).identity
+
+
+def test_the_named_mel_stages_and_a_low_rate_filter_bank():
+    """``mel128`` is 128 bands decoded with 128 Griffin-Lim iterations; at 2 kHz, 64 bands span fewer bins than they
+    are (rank 57 of 65), and the least-squares inverse still decodes."""
+    wide = AudioDomain(**SMALL).autoencoder("mel128")
+    assert wide.settings["n_mels"] == 128 and wide.settings["iters"] == 128
+    assert wide.identity != AudioDomain(**SMALL).autoencoder("mel").identity
+    x = 0.3 * torch.sin(2 * torch.pi * 440 * torch.arange(4800) / 16000)[None, None]
+    assert wide.encode(x).shape == (1, 128, 19) and wide.decode(wide.encode(x)).shape == x.shape
+    low = MelAutoencoder(2000, 1, 2000)
+    y = low.decode(low.encode(0.3 * torch.sin(2 * torch.pi * 200 * torch.arange(2000) / 2000)[None, None]))
+    assert y.shape == (1, 1, 2000) and torch.isfinite(y).all() and y.abs().max() > 0.05
+    with pytest.raises(ValueError, match="128 mel bands need a wider window than 128 samples at 2000 Hz"):
+        AudioDomain(**{**SMALL, "sample_rate": 2000}).autoencoder("mel128")
 
 
 def test_latent_domain_encodes_once_normalises_and_builds_the_inner_network(monkeypatch):
@@ -143,8 +158,34 @@ def test_samples_are_decoded_before_they_are_saved_and_scored(tmp_path, monkeypa
     domain.evaluate(batch)
     domain.evaluate(domain.read_samples(tmp_path))  # files read back are data already: not decoded again
     assert seen == [(3, 1, 4800), (3, 1, 4800)]
-    with pytest.raises(ValueError, match="--known is not available for latent models"):
-        domain.known_values(wavs[0], 1, start=0.1)
+
+    # --known in latent space: the clip encoded, its wholly kept frames (less one of margin) held.
+    kept = domain.known_values(wavs[0], 1, start=0.1)  # 0.1 s = 1600 of 4800 samples kept; 19 frames of ~253
+    assert kept.values.shape == (1, 64, 19) and kept.mask.shape == (1, 1, 19)
+    torch.testing.assert_close(kept.values, domain.encode(domain.read_samples(wavs[0]).x))
+    assert kept.mask[0, 0].tolist() == [True] * 5 + [False] * 14  # 6 frames wholly in the first 1600, less 1
+    drawn = torch.randn(2, 64, 19)
+    x = domain.outputs.decoded(Batch(drawn, DenseSpace((2, 64, 19))))  # the kept stretch pasted back exactly
+    original = domain.read_samples(wavs[0]).x[0]
+    assert torch.equal(x.x[:, :, :1600], original[:, :1600].expand(2, -1, -1))
+    assert not torch.equal(x.x[:, :, 1600:], original[:, 1600:].expand(2, -1, -1))
+    with pytest.raises(ValueError, match="no latent position lies wholly in the kept part"):
+        domain.known_values(wavs[0], 1, start=0.01)
+
+
+def test_a_data_mask_maps_to_the_latent_positions_it_wholly_covers():
+    mask = torch.ones(1, 1, 16, dtype=torch.bool)
+    mask[..., 8:] = False  # the second half generated
+    assert latent_mask(mask, (1, 16), (4, 4), margin=0)[0, 0].tolist() == [True, True, False, False]
+    assert latent_mask(mask, (1, 16), (4, 4))[0, 0].tolist() == [True, False, False, False]
+    assert latent_mask(mask, (1, 16), (4, 8), margin=0)[0, 0].tolist() == [True] * 4 + [False] * 4
+    two = torch.ones(2, 3, 8, 8, dtype=torch.bool)
+    two[0, 1, :4, :4] = False  # one channel's corner unknown: the corner is unknown
+    got = latent_mask(two, (3, 8, 8), (4, 4, 4), margin=0)
+    assert got.shape == (2, 1, 4, 4) and got[1].all()
+    assert got[0, 0].logical_not().nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="need channels and the same 1 to 3 axes"):
+        latent_mask(mask, (1, 16), (64, 4, 4))
 
 
 def test_reconstruction_row_has_the_distances():
@@ -187,6 +228,20 @@ def test_train_and_sample_end_to_end(tmp_path, capsys):
     assert "first stage" in capsys.readouterr().out
     parts = Parts.from_config(torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"])
     assert isinstance(parts.domain, LatentDomain)
+    # Continuation in latent space: the first 0.1 s of a clip kept exactly, the rest generated.
+    args = ["sample", str(run), "--n", "2", "--out", str(tmp_path / "cont"), "--known", str(wavs[0])]
+    main([*args, "known.start=0.1", "sampler.name=ddim", "sampler.steps=2"])
+    clip = parts.domain.read_samples(wavs[0]).x[0, 0]
+    for wav in sorted((tmp_path / "cont").glob("*.wav")):
+        got = torch.from_numpy(sf.read(wav, dtype="float32")[0])
+        torch.testing.assert_close(got[:1600], clip[:1600], rtol=0, atol=1e-4)  # 16-bit files
+        assert (got[1600:] - clip[1600:]).abs().max() > 1e-2
+    # A latent run is distilled like any run: its student samples decoded clips in one step.
+    student = tmp_path / "student"
+    main(["distill", str(run), "--method", "consistency", "objective.steps=4", f"hydra.run.dir={student}",
+          "trainer.max_steps=1", "trainer.num_samples=2"])  # fmt: skip
+    main(["sample", str(student), "--n", "2", "--out", str(tmp_path / "one")])
+    assert len(list((tmp_path / "one").glob("*.wav"))) == 2
 
 
 def test_bad_latent_inputs(tmp_path):
@@ -197,7 +252,9 @@ def test_bad_latent_inputs(tmp_path):
     check_config({"latent": {"autoencoder": str(tmp_path / "ae")}})  # a path is data
     with pytest.raises(FileNotFoundError, match=r"latent.autoencoder=.*nowhere: no such run folder"):
         latent_domain(AudioDomain(**SMALL), {"autoencoder": str(tmp_path / "nowhere")}, load_first_stage)
-    with pytest.raises(ValueError, match="latent.autoencoder=mol: the audio domain's fixed first stage is 'mel'"):
+    with pytest.raises(
+        ValueError, match=r"latent.autoencoder=mol: the audio domain's fixed first stages are \['mel', 'mel128'\]"
+    ):
         latent_domain(AudioDomain(**SMALL), {"autoencoder": "mol"}, load_first_stage)
     with pytest.raises(ValueError, match="domain 'molecule' .* supplies no fixed first stage.*remove the latent"):
         latent_domain(build_domain({"name": "molecule"}), {"autoencoder": "mel"})
@@ -238,3 +295,21 @@ def test_the_waveform_classifier_is_reported_beside_the_log_mel_one(tmp_path):
         assert {"wave_fid", "wave_is", "wave_label_acc"} <= set(with_wave)
     names = sorted(p.name.split("_")[0] for p in (tmp_path / "cache" / "audio").glob("*.pt"))
     assert names == ["digit", "wave"]
+
+
+def test_first_stages_side_by_side(tmp_path):
+    """benchmarks/bench_first_stage.py: each stage's row on the same held-out clips, its latent size, the target."""
+    from benchmarks.bench_first_stage import main as bench
+    from benchmarks.bench_first_stage import meets
+
+    result = bench(["--stages", "mel", "mel128", "--n", "6", "--set", "duration=0.3", "limit=20", "metrics=false"]
+                   + ["--json", str(tmp_path / "r.json")])  # fmt: skip
+    assert json.loads((tmp_path / "r.json").read_text())["stages"].keys() == {"mel", "mel128"}
+    mel, wide = result["stages"]["mel"], result["stages"]["mel128"]
+    assert (mel["latent_values"], wide["latent_values"], mel["data_values"]) == (64 * 19, 128 * 19, 4800)
+    assert mel["num_samples"] == wide["num_samples"] == 6 and wide["si_sdr"] > mel["si_sdr"]
+    assert mel["meets_target"] is None  # no classifier metrics: nothing to judge
+    real = {"label_acc": 0.99, "is": 9.5, "wave_label_acc": 0.97, "wave_is": 6.9}
+    assert meets({"label_acc": 0.99, "is": 9.4, "wave_label_acc": 0.97, "wave_is": 6.22}, real)
+    assert not meets({"label_acc": 0.99, "is": 9.4, "wave_label_acc": 0.97, "wave_is": 6.2}, real)  # 0.899x
+    assert not meets({"label_acc": 0.94, "is": 9.4, "wave_label_acc": 0.97, "wave_is": 6.5}, real)

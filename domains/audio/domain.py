@@ -201,15 +201,16 @@ class AudioDomain(Domain):
         return build_unet(len(shape) - 1, int(shape[0]), len(self.class_names), model, "audio")
 
     def autoencoder(self, spec: str) -> Any:
-        """The fixed first stage ``latent.autoencoder`` names: ``mel`` (log-mel in, Griffin-Lim out). A trained one
+        """The fixed first stage ``latent.autoencoder`` names: ``mel`` (64 log-mel bands in, Griffin-Lim out) or
+        ``mel128`` (128 bands, 128 Griffin-Lim iterations: closer to the waveform, twice the latent). A trained one
         is a run folder of ``objective.name=autoencoder`` (:meth:`autoencoder_network`), loaded by the core."""
-        from .mel_stage import MelAutoencoder
+        from .mel_stage import FIXED_STAGES, MelAutoencoder
 
-        if spec == "mel":
-            return MelAutoencoder(self.sample_rate, self.channels, self.length)
+        if spec in FIXED_STAGES:
+            return MelAutoencoder(self.sample_rate, self.channels, self.length, **FIXED_STAGES[spec])
         raise ValueError(
-            f"latent.autoencoder={spec}: the audio domain's fixed first stage is 'mel'; for a trained one give its run "
-            "folder (polydiff train recipes/audio_autoencoder.yaml hydra.run.dir=RUN)"
+            f"latent.autoencoder={spec}: the audio domain's fixed first stages are {sorted(FIXED_STAGES)}; for a "
+            "trained one give its run folder (polydiff train recipes/audio_autoencoder.yaml hydra.run.dir=RUN)"
         )
 
     def autoencoder_network(self, variational: bool = True, front: str = "wave", **model: Any) -> nn.Module:

@@ -11,12 +11,17 @@ import torch
 import torchaudio
 from torch import Tensor
 
-__all__ = ["MelAutoencoder", "mel_stage_settings"]
+__all__ = ["MelAutoencoder", "mel_stage_settings", "FIXED_STAGES"]
 
 # Bump when the encoding or decoding changes, so cached latents and trained latent models are refused.
 # 2: 32 Griffin-Lim iterations by default (64 before): as good on both metric classifiers, half the decoding time.
 MEL_STAGE_VERSION = 2
 FLOOR = 1e-5  # magnitudes below it are silence to the log
+
+#: The fixed stages ``latent.autoencoder`` names. ``mel128`` keeps twice the values and decodes about 4x slower; on
+#: the built-in test clips at 16 kHz it is the one whose reconstructions keep >= 0.9x the real clips' IS for the
+#: raw-waveform classifier as well (0.91x, against 0.87x for ``mel``).
+FIXED_STAGES = {"mel": {"n_mels": 64, "griffin_lim_iters": 32}, "mel128": {"n_mels": 128, "griffin_lim_iters": 128}}
 
 
 def mel_stage_settings(sample_rate: int, n_mels: int = 64, griffin_lim_iters: int = 32) -> dict[str, int]:
@@ -39,7 +44,9 @@ class MelAutoencoder:
             sample_rate=sample_rate, n_fft=s["n_fft"], hop_length=s["hop_length"], n_mels=n_mels, power=1.0
         )
         n_stft = s["n_fft"] // 2 + 1
-        self.inverse_mel = torchaudio.transforms.InverseMelScale(n_stft, n_mels, sample_rate)
+        # gelsd: a filter bank of less than full rank (64 bands at 2 kHz span 57 of 65 bins) still has a least-squares
+        # inverse; at 16 kHz it gives the default driver's result to about 3e-6.
+        self.inverse_mel = torchaudio.transforms.InverseMelScale(n_stft, n_mels, sample_rate, driver="gelsd")
         self.griffin_lim = torchaudio.transforms.GriffinLim(
             n_fft=s["n_fft"],
             hop_length=s["hop_length"],

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from polydiff import Batch, Domain, RaggedSpace
+from polydiff.decoders import DiscreteFeatures
 
 from .conditioning import PropertyConditioning, property_units
 from .data import SYMBOL_Z, MoleculeSet
@@ -262,6 +263,25 @@ class MoleculeDomain(Domain):
                 seen,
             )
         return counts
+
+    # ------------------------------------------------------------ likelihood
+    def discrete_features(self) -> DiscreteFeatures:
+        """EDM's decoders of the features (Hoogeboom et al. 2022, App. B): atom types categorical, atomic numbers
+        (EDM's charges) integer, each in its unscaled units."""
+        k = len(self.atom_types)
+        return DiscreteFeatures(tuple(range(3, 3 + k)), ONE_HOT_SCALE, (3 + k,), CHARGE_SCALE)
+
+    def log_prob_layout(self, batch: Batch) -> Tensor:
+        """``log p(N)`` ``[B]`` of each molecule's atom count under the training histogram (EDM's ``DistributionNodes``,
+        with its ``log(p + 1e-30)``: -69.1 for a count never seen in training)."""
+        if not self.num_atoms_hist:
+            raise RuntimeError(
+                "no atom-count histogram for log p(N): call setup(train_set) or load a checkpoint that has one"
+            )
+        counts = torch.bincount(batch.cond["batch"].cpu(), minlength=batch.num_samples)  # [B] atoms per molecule
+        hist = torch.tensor(self.num_atoms_hist, dtype=torch.float64)  # [max N + 1]
+        probs = torch.cat([hist / hist.sum(), hist.new_zeros(1)])  # [max N + 2]: the last for unseen larger counts
+        return torch.log(probs[counts.clamp(max=len(hist))] + 1e-30)
 
     # --------------------------------------------------------------- outputs
     def make_outputs(self) -> MoleculeOutputs:

@@ -1,0 +1,143 @@
+"""A latent domain's outputs in the data's space: samples decoded before they are saved, scored, shown or held in
+part (``polydiff sample --known``), and the first stage's reconstruction row, the ceiling the latent sets.
+
+:class:`polydiff.latent.LatentDomain` makes its outputs here; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .domain import Domain
+from .outputs import Outputs
+from .space import DenseSpace
+from .state import Batch, Known
+
+__all__ = ["LatentOutputs", "latent_mask", "first_stage_row", "stacked"]
+
+
+def stacked(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Optional[Tensor]]:
+    """The whole ``split`` of ``domain`` collated: ``x [N, *data]``, labels ``[N]`` or ``None``."""
+    data = domain.dataset(split)
+    xs, ys = [], []
+    for start in range(0, len(data), chunk):
+        batch = domain.collate([data[i] for i in range(start, min(len(data), start + chunk))])
+        if not isinstance(batch.space, DenseSpace):
+            raise ValueError(
+                f"latent diffusion needs a dense domain, and {domain.name!r} collates a {type(batch.space).__name__}: "
+                "remove the latent section"
+            )
+        xs.append(batch.x)
+        if "label" in batch.cond:
+            ys.append(batch.cond["label"])
+    return torch.cat(xs), (torch.cat(ys) if ys else None)
+
+
+def latent_mask(mask: Tensor, data_shape: Sequence[int], latent_shape: Sequence[int], margin: int = 1) -> Tensor:
+    """Where a latent is known, from where the data are (``mask`` broadcastable to ``[B, *data_shape]``): a latent
+    position whose stretch of the data (the data's axes after the channels, pooled proportionally onto the latent's)
+    is known in every channel, less ``margin`` positions at each border with the unknown part, since an encoder's
+    receptive field reaches beyond its own stretch. Returns ``[B, 1, *latent_shape[1:]]`` (bool, over the latent's
+    channels), the part of the latent that a replacement sampler holds to the encoded clip."""
+    data_shape, latent_shape = tuple(data_shape), tuple(latent_shape)
+    if len(data_shape) != len(latent_shape) or not 2 <= len(data_shape) <= 4:
+        raise ValueError(
+            f"--known maps a data mask of shape {data_shape} to latents of shape {latent_shape}: both need channels "
+            "and the same 1 to 3 axes after them"
+        )
+    full = torch.broadcast_to(mask.bool(), (mask.shape[0], *data_shape))  # [B, *data]
+    unknown = (~full.all(dim=1, keepdim=True)).float()  # [B, 1, *data axes]
+    axes = len(data_shape) - 1
+    pool = (nn.functional.adaptive_max_pool1d, nn.functional.adaptive_max_pool2d, nn.functional.adaptive_max_pool3d)
+    unknown = pool[axes - 1](unknown, latent_shape[1:])  # [B, 1, *latent axes]: 1 where any of its stretch is
+    if margin > 0:
+        grow = (nn.functional.max_pool1d, nn.functional.max_pool2d, nn.functional.max_pool3d)[axes - 1]
+        unknown = grow(unknown, 2 * margin + 1, stride=1, padding=margin)
+    return unknown < 0.5
+
+
+class LatentOutputs(Outputs):
+    """The inner domain's outputs on decoded samples: files, metrics and reports stay in the data's space."""
+
+    domain: Any  # a polydiff.latent.LatentDomain: its inner domain, encode, decode, sample_shape and spec
+
+    def __init__(self, domain: Domain) -> None:
+        super().__init__(domain)
+        self._memo: Optional[tuple[Tensor, Batch]] = None  # the last batch decoded (saved, scored, shown in turn)
+        self._kept: Optional[Known] = None  # the data a --known draw keeps, pasted back into its decoded samples
+
+    def decoded(self, batch: Batch) -> Batch:
+        """``batch`` in the data's space: latents are decoded, data (samples read back from files) kept as it is."""
+        if tuple(batch.x.shape[1:]) != tuple(self.domain.sample_shape or ()):
+            return batch
+        if self._memo is not None and self._memo[0] is batch.x:
+            return self._memo[1]
+        with torch.no_grad():
+            x = self.domain.decode(batch.x.float())  # [B, *data]
+        if self._kept is not None:  # the kept stretch exactly as in the file, not its encoder-decoder rendering
+            values, mask = (torch.broadcast_to(t.to(x.device), x.shape) for t in self._kept)
+            x = torch.where(mask, values.to(x.dtype), x)
+        out = Batch(x, DenseSpace(tuple(x.shape), device_=x.device), dict(batch.cond))
+        self._memo = (batch.x, out)
+        return out
+
+    def save_samples(self, batch: Batch, out_dir: Path, prefix: str = "samples") -> list[Path]:
+        return self.domain.inner.save_samples(self.decoded(batch), out_dir, prefix)
+
+    def read_samples(self, path: Path) -> Batch:
+        return self.domain.inner.read_samples(path)
+
+    def known_values(self, path: Path, n: int, **options: Any) -> Known:
+        """The inner domain's kept part of the file at ``path``, in latent space: the clip encoded, and the latent
+        positions whose stretch of the data is kept (:func:`latent_mask`, one position of margin). The samples
+        drawn with it are decoded with the kept data pasted back exactly (the positions in the margin are generated,
+        so the seam is the model's, not a cut)."""
+        kept = self.domain.inner.known_values(path, n, **options)
+        data_shape = tuple(kept.values.shape[1:])
+        with torch.no_grad():
+            z = self.domain.encode(kept.values.float())  # [1 or n, *latent]
+        mask = latent_mask(kept.mask, data_shape, tuple(z.shape[1:]))  # [1 or n, 1, *latent axes]
+        if not mask.any():
+            raise ValueError(
+                f"--known {path}: no latent position lies wholly in the kept part ({len(z.shape) - 2}-axis latents of "
+                f"shape {tuple(z.shape[1:])}, one position of margin): keep a longer stretch of the clip"
+            )
+        self._kept = Known(kept.values.float(), kept.mask.bool())
+        self._memo = None
+        return Known(z, mask)
+
+    def evaluate(self, batch: Batch) -> dict[str, float]:
+        return self.domain.inner.evaluate(self.decoded(batch))
+
+    def reference_metrics(self, n: int) -> dict[str, float]:
+        return self.domain.inner.reference_metrics(n)
+
+    def report_items(self, samples: Batch | Sequence[Path], limit: Optional[int] = None) -> list:
+        if isinstance(samples, Batch):
+            samples = self.decoded(samples)
+        return self.domain.inner.outputs.report_items(samples, limit)
+
+    def reconstruction_metrics(self, n: int, seed: int = 0) -> dict[str, float]:
+        """The first stage's ceiling: :func:`first_stage_row` of the latent domain's encode-decode."""
+        return first_stage_row(self.domain.inner, lambda x: self.domain.decode(self.domain.encode(x)), n, seed)
+
+
+def first_stage_row(inner: Domain, reconstruct: Callable[[Tensor], Tensor], n: int, seed: int = 0) -> dict[str, float]:
+    """A first stage's row: ``inner``'s metrics on ``n`` reconstructed held-out items (the reference row's subset:
+    a seeded permutation), plus the inner outputs' ``reconstruction_distances(x, x_hat)`` where it has one."""
+    x, labels = stacked(inner, getattr(inner, "reference_split", "test"))
+    count = max(2, min(int(n), len(x)))
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
+    x = x[idx]  # [n, *data]
+    with torch.no_grad():
+        x_hat = torch.cat([reconstruct(x[i : i + 64]).float().cpu() for i in range(0, count, 64)])  # [n, *data]
+    cond = {"label": labels[idx]} if labels is not None and inner.num_classes else {}
+    row = dict(inner.evaluate(Batch(x_hat, DenseSpace(tuple(x_hat.shape)), cond)))
+    distances = getattr(inner.outputs, "reconstruction_distances", None)
+    if distances is not None:
+        row.update(distances(x, x_hat))
+    return {**row, "num_samples": count}
