@@ -630,9 +630,10 @@ TINY_UNET = ["model.channels=8", "model.channel_mults=[1,2]", "model.down_factor
 
 
 def test_latent_audio_beside_waveform_audio(tmp_path, monkeypatch):
-    """audio_latent trains on the audio budget; its result carries the first stage's cost apart (the training split
-    encoded on a cold cache, even when the run's own cache holds it), its reconstruction row beside the real data's,
-    and seconds of audio per second that compare with the waveform model's at equal steps."""
+    """audio_latent trains on a budget of its own (--steps sets both alike); its result carries the first stage's
+    cost apart (the training split encoded on a cold cache, even when the run's own cache holds it), its
+    reconstruction row beside the real data's, and seconds of audio per second that compare with the waveform model's
+    at equal steps."""
     import torch
 
     from domains.audio.mel_stage import MelAutoencoder
@@ -644,7 +645,7 @@ def test_latent_audio_beside_waveform_audio(tmp_path, monkeypatch):
     assert with_steps(quick["audio_latent"], 1).overrides == with_steps(quick["audio"], 1).overrides[:1] + [
         "latent.autoencoder=mel",
         *_train_steps(1),
-    ]  # the waveform domain's budget
+    ]  # --steps: the same for both
     assert "audio_latent" in suites()["full"]
     encoded = []
     real = MelAutoencoder.encode
