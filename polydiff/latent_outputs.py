@@ -95,7 +95,8 @@ class LatentOutputs(Outputs):
         """The inner domain's kept part of the file at ``path``, in latent space: the clip encoded, and the latent
         positions whose stretch of the data is kept (:func:`latent_mask`, one position of margin). The samples
         drawn with it are decoded with the kept data pasted back exactly (the positions in the margin are generated,
-        so the seam is the model's, not a cut)."""
+        so the seam is the model's, not a cut). The outputs hold the kept data for every later decode (what
+        ``polydiff sample --known`` saves and scores): draw unconditioned samples from another latent domain."""
         kept = self.domain.inner.known_values(path, n, **options)
         data_shape = tuple(kept.values.shape[1:])
         with torch.no_grad():
