@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from .domain import Domain
 from .first_stage import FirstStage
 from .latent import LatentDomain, first_stage_row, stacked
+from .latent_outputs import encode_rows, ragged_rows
 from .objective_base import BaseObjective, register_objective
 from .schedules import Schedule
-from .space import DenseSpace, Space
+from .space import DenseSpace, RaggedSpace, Space
 from .state import Batch, DenoiserFn
 
 __all__ = ["AutoencoderObjective", "LearnedAutoencoder"]
@@ -90,10 +91,15 @@ class AutoencoderObjective(BaseObjective):
         generator: Optional[torch.Generator] = None,
         t: Optional[Tensor] = None,
     ) -> Tensor:
-        """Per-sample reconstruction losses plus the weighted KL ``[B]``."""
+        """Per-sample reconstruction losses plus the weighted KL ``[B]``; a ragged state's rows (molecules) go to a
+        :class:`polydiff.first_stage.RaggedFirstStage` with their batch index, whole."""
+        if isinstance(batch.space, RaggedSpace) and not self.crop:
+            out = net(batch.x, generator=generator, batch=batch.space.batch)
+            return out["reconstruction"].float() + self.kl_weight * out["kl"].float()
         if not isinstance(batch.space, DenseSpace):
             raise ValueError(
-                f"objective.name=autoencoder needs dense data, and this domain collates a {type(batch.space).__name__}"
+                f"objective.name=autoencoder needs dense or ragged data (objective.crop=0 for ragged), and this "
+                f"domain collates a {type(batch.space).__name__}"
             )
         out = net(self.cropped(batch.x, generator), generator=generator)
         return out["reconstruction"].float() + self.kl_weight * out["kl"].float()
@@ -105,9 +111,14 @@ class AutoencoderObjective(BaseObjective):
         was_training = stage.training
         stage.eval()
         try:
-            row = first_stage_row(domain, lambda x: stage.reconstruct(x.to(device)), n)
-            x, _ = stacked(domain, "train")
-            z = torch.cat([stage.encode(x[i : i + 64].to(device)).float().cpu() for i in range(0, len(x), 64)])
+            if getattr(stage, "ragged", False):
+                row = first_stage_row(domain, lambda x, batch: stage.reconstruct(x.to(device), batch.to(device)), n)
+                x, counts, _ = ragged_rows(domain, "train")
+                z = encode_rows(lambda x, batch: stage.encode(x.to(device), batch.to(device)).float().cpu(), x, counts)
+            else:
+                row = first_stage_row(domain, lambda x: stage.reconstruct(x.to(device)), n)
+                x, _ = stacked(domain, "train")
+                z = torch.cat([stage.encode(x[i : i + 64].to(device)).float().cpu() for i in range(0, len(x), 64)])
         finally:
             stage.train(was_training)
         log.info("first stage: %s -> latents %s", tuple(x.shape[1:]), tuple(z.shape[1:]))
@@ -124,14 +135,18 @@ class AutoencoderObjective(BaseObjective):
 
 class LearnedAutoencoder:
     """A trained first stage (a :class:`polydiff.first_stage.FirstStage` run's EMA weights) as an
-    :class:`Autoencoder`: latents are the posterior means; decoded data are cropped to the inner domain's shape."""
+    :class:`Autoencoder`: latents are the posterior means; decoded data are cropped to the inner domain's shape.
+    A ragged stage (:class:`polydiff.first_stage.RaggedFirstStage`) encodes and decodes rows with their ``batch``."""
 
     def __init__(self, net: nn.Module, identity: str, inner: Domain) -> None:
         self.net, self.identity, self.inner = net.eval().requires_grad_(False), identity, inner
+        self.ragged = bool(getattr(net, "ragged", False))
 
-    def encode(self, x: Tensor) -> Tensor:  # [B, *data] -> [B, *latent]
-        return self.net.to(x.device).encode(x.float())
+    def encode(self, x: Tensor, **layout: Tensor) -> Tensor:  # [B, *data] -> [B, *latent]; rows [N, D] -> [N, D']
+        return self.net.to(x.device).encode(x.float(), **layout)
 
-    def decode(self, z: Tensor) -> Tensor:  # [B, *latent] -> [B, *data]
+    def decode(self, z: Tensor, **layout: Tensor) -> Tensor:  # [B, *latent] -> [B, *data]; rows [N, D'] -> [N, D]
+        if layout:
+            return self.net.to(z.device).decode(z.float(), **layout)
         shape = self.inner.sample_shape[1:] if self.inner.sample_shape else None
         return self.net.to(z.device).decode(z.float(), shape)

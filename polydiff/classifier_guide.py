@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .classifier import ClassifierObjective
 from .conditioning import is_null
 from .domain import Domain
-from .guidance import check_classifier_scale, classifier_guidance
+from .guidance import CLASSIFIER_INTERVAL, check_classifier_scale, check_interval, classifier_guidance
 from .schedules import Schedule
 from .space import Space
 from .state import DenoiserFn
@@ -43,6 +43,7 @@ class ClassifierGuide:
     regressor: bool
     scale: float
     target: Optional[Tensor] = None  # a regressor's target in the units its batches carry, or None: the model's
+    interval: Optional[tuple[float, float]] = CLASSIFIER_INTERVAL  # noise levels sigma / alpha where it acts
 
     def wrap(self, denoiser: DenoiserFn, schedule: Schedule, space: Space, cond: Mapping[str, Any]) -> DenoiserFn:
         """``denoiser`` guided by the classifier for a chunk of layout ``space`` and conditions ``cond``."""
@@ -70,7 +71,7 @@ class ClassifierGuide:
             flat = target.reshape(n, -1)[:, 0]
             return self.objective.log_prob(self.net, x, t_cls, space, ccond, flat)
 
-        return classifier_guidance(denoiser, log_prob, self.scale, space, schedule)
+        return classifier_guidance(denoiser, log_prob, self.scale, space, schedule, self.interval)
 
 
 def _know_classes(objective: ClassifierObjective, domain: Domain) -> None:
@@ -93,6 +94,7 @@ def load_classifier_guide(
     if not path:
         return None
     scale = check_classifier_scale(guidance.get("classifier_scale", 1.0))
+    interval = check_interval(guidance.get("classifier_interval", CLASSIFIER_INTERVAL), "guidance.classifier_interval")
     if not Path(path).exists():
         raise FileNotFoundError(f"guidance.classifier={path}: no such run folder or checkpoint")
     parts, ckpt = load_run(path, "ema", device)
@@ -142,7 +144,7 @@ def load_classifier_guide(
         except (KeyError, TypeError) as err:
             raise ValueError(f"guidance.target: domain {_describe(cls_domain)} takes no prior.{key} ({err})") from None
     parts.net.eval().requires_grad_(False)
-    return ClassifierGuide(objective, parts.net, parts.schedule, key, regressor, scale, target)
+    return ClassifierGuide(objective, parts.net, parts.schedule, key, regressor, scale, target, interval)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from .guidance import CLASSIFIER_INTERVAL
 from .plugins import call_checked, check_call, unknown_key  # noqa: F401  (re-exported: config mirrors constructors)
 
 __all__ = [
@@ -119,7 +120,8 @@ class SamplerConfig:
 class GuidanceConfig:
     """Guidance of :func:`polydiff.generate.generate`: ``scale`` and ``rescale`` of
     :func:`polydiff.guidance.stacked_guidance` or ``classifier_free_guidance``, ``batched`` which of the two;
-    ``classifier``, ``classifier_scale`` and ``target`` of :func:`polydiff.guidance.classifier_guidance`."""
+    ``classifier``, ``classifier_scale`` and ``target`` of :func:`polydiff.guidance.classifier_guidance`;
+    ``interval`` and ``classifier_interval`` the noise levels where each acts."""
 
     scale: float = 1.0  # 1 = conditional model, 0 = unconditional model
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2024)
@@ -132,6 +134,10 @@ class GuidanceConfig:
     classifier: Optional[str] = None
     classifier_scale: float = 1.0
     target: Optional[float] = None
+    # Guidance only at the noise levels sigma / alpha (EDM's sigma) in [lo, hi] (Kynkaenniemi et al. 2024), null: at
+    # all; the classifier's default leaves out nearly pure noise, where its gradient is least reliable.
+    interval: Optional[List[float]] = None
+    classifier_interval: Optional[List[float]] = field(default_factory=lambda: list(CLASSIFIER_INTERVAL))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from .classifier_guide import load_classifier_guide
 from .conditioning import NULL_LABEL, is_null, null_condition
 from .config import GuidanceConfig, SamplerConfig, check_call, check_section, sampler_section
 from .domain import Domain
-from .guidance import classifier_free_guidance, stacked_guidance
+from .guidance import check_interval, classifier_free_guidance, stacked_guidance
 from .noise import NoiseSource, block_seeds
 from .objectives import BaseObjective
 from .samplers import get_sampler, timesteps
@@ -78,6 +78,7 @@ def generate(
             f"guidance.scale={scale} must be a number >= 0: 0 is the unconditional model, 1 the "
             "conditional one, above 1 guides further towards the condition (e.g. 3)"
         )
+    check_interval((guidance or {}).get("interval"))  # a bad interval named before anything is drawn
     sampler = sampler_settings(sampler)
     check_sampler(sampler, schedule)
     chunk = n if sampler["batch_size"] is None else int(sampler["batch_size"])
@@ -257,6 +258,7 @@ def _generate(
         keys = [k for k in domain.guidance_keys if k in cond and cond[k] is not None]
         scale = float(guidance.get("scale", 1.0))
         rescale = float(guidance.get("rescale", 0.0))
+        interval = guidance.get("interval")
         conditioned = any(not bool(is_null(cond[k]).all()) for k in keys)
         if conditioned and (scale != 1.0 or rescale > 0):
             null = null_condition(cond, keys)
@@ -266,11 +268,11 @@ def _generate(
             if batched and (scale != 0.0 or rescale > 0):
                 both = domain.concat([Batch(noise, space, cond), Batch(noise, space, null)])  # layout of [x; x]
                 den = stacked_guidance(
-                    objective.denoiser(run, schedule, both.space, both.cond), scale, space, schedule, rescale
+                    objective.denoiser(run, schedule, both.space, both.cond), scale, space, schedule, rescale, interval
                 )
             else:
                 uncond = objective.denoiser(run, schedule, space, null)
-                den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale)
+                den = classifier_free_guidance(den, uncond, scale, space, schedule, rescale, interval)
         elif (scale != 1.0 or rescale > 0) and first:
             log.warning(
                 "guidance (scale %g, rescale %g) has no effect: these samples have no condition to guide "

@@ -24,14 +24,24 @@ from torch.utils.data import Dataset
 
 from .checkpoint import atomic_save
 from .domain import Domain
-from .latent_outputs import LatentOutputs, first_stage_row, latent_mask, stacked
-from .space import DenseSpace, Space
+from .latent_outputs import (
+    LatentOutputs,
+    RaggedLatentOutputs,
+    RaggedLatentSet,
+    encode_rows,
+    first_stage_row,
+    latent_mask,
+    ragged_rows,
+    stacked,
+)
+from .space import DenseSpace, RaggedSpace, Space
 from .state import Batch
 
 __all__ = [
     "Autoencoder",
     "LatentDomain",
     "LatentOutputs",
+    "RaggedLatentDomain",
     "LatentSet",
     "latent_domain",
     "latent_mask",
@@ -91,7 +101,8 @@ def latent_domain(
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"latent.autoencoder={spec!r}: give 'mel' (audio) or the run folder of a trained autoencoder")
     if is_run_path(spec) and load_run is not None:
-        return LatentDomain(domain, load_run(spec, domain), spec)
+        stage = load_run(spec, domain)
+        return (RaggedLatentDomain if getattr(stage, "ragged", False) else LatentDomain)(domain, stage, spec)
     make = getattr(domain, "autoencoder", None)
     if make is None:
         raise ValueError(
@@ -183,24 +194,31 @@ class LatentDomain(Domain):
     def _raw(self, split: str) -> tuple[Tensor, Optional[Tensor]]:
         """The split's un-normalised latents and labels, encoded once and cached by the autoencoder and data."""
         x, labels = stacked(self.inner, split)
+
+        def encode() -> Tensor:  # [N, *latent]
+            return torch.cat([self.autoencoder.encode(x[i : i + 64]) for i in range(0, len(x), 64)])
+
+        return self._cached(split, [x.detach().float()] + ([labels] if labels is not None else []), encode), labels
+
+    def _cached(self, split: str, data: Sequence[Tensor], encode: Callable[[], Tensor]) -> Tensor:
+        """``encode()`` (latents ``[N, *latent]``) once, cached by the autoencoder's identity and the ``data``."""
         h = hashlib.sha1(json.dumps([CACHE_VERSION, self.autoencoder.identity, self.inner.name, split]).encode())
-        h.update(x.detach().float().cpu().contiguous().numpy().tobytes())
-        if labels is not None:
-            h.update(labels.cpu().numpy().tobytes())
+        for t in data:
+            h.update(t.cpu().contiguous().numpy().tobytes())
         owner = self.inner.name or type(self.inner).__name__
         path = latent_cache_dir() / f"{owner}_{split}_{h.hexdigest()[:16]}.pt"
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if saved.get("identity") == self.autoencoder.identity:
                 log.info("latent %s split: %d encoded items read from %s", split, len(saved["z"]), path)
-                return saved["z"], labels
+                return saved["z"]
             log.warning("%s was encoded by another autoencoder: encoding again", path)
         with torch.no_grad():
-            z = torch.cat([self.autoencoder.encode(x[i : i + 64]) for i in range(0, len(x), 64)])  # [N, *latent]
+            z = encode()  # [N, *latent]
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"z": z, "identity": self.autoencoder.identity}, path)
         log.info("latent %s split: %d items encoded to %s, cached in %s", split, len(z), tuple(z.shape[1:]), path)
-        return z, labels
+        return z
 
     def dataset(self, split: str) -> LatentSet:
         if split not in self._sets:
@@ -210,12 +228,19 @@ class LatentDomain(Domain):
                 self.inner.setup(self.inner.dataset("train"))
             z, labels = self._raw(split)
             if split == "train" and not self._measured:
-                self.shift, self.scale = float(z.mean()), float(z.std())
-                per_channel = ((z - self.shift) / self.scale).transpose(0, 1).flatten(1)  # [C', N * ...]
-                self.low, self.high = per_channel.amin(1), per_channel.amax(1)
+                self._measure(z)
                 self._measured = True
-            self._sets[split] = LatentSet((z - self.shift) / self.scale, labels)
+            self._sets[split] = self._latent_set(split, z, labels)
         return self._sets[split]
+
+    def _measure(self, z: Tensor) -> None:
+        """Shift, scale and per-channel range from the training latents ``z [N, C', ...]``."""
+        self.shift, self.scale = float(z.mean()), float(z.std())
+        per_channel = ((z - self.shift) / self.scale).transpose(0, 1).flatten(1)  # [C', N * ...]
+        self.low, self.high = per_channel.amin(1), per_channel.amax(1)
+
+    def _latent_set(self, split: str, z: Tensor, labels: Optional[Tensor]) -> Dataset:
+        return LatentSet((z - self.shift) / self.scale, labels)
 
     def collate(self, items: Sequence[Any]) -> Batch:
         """Latents stacked densely; labels only where the inner domain is conditional."""
@@ -280,8 +305,8 @@ class LatentDomain(Domain):
             "autoencoder": self.spec,
             "identity": self.autoencoder.identity,
             "shape": list(self.sample_shape) if self.sample_shape else None,
-            "shift": self.shift,
-            "scale": self.scale,
+            "shift": self.shift.tolist() if isinstance(self.shift, Tensor) else self.shift,
+            "scale": self.scale.tolist() if isinstance(self.scale, Tensor) else self.scale,
             "low": self.low.tolist() if self.low is not None else None,
             "high": self.high.tolist() if self.high is not None else None,
         }
@@ -302,7 +327,9 @@ class LatentDomain(Domain):
                 "that autoencoder or train the latent model again"
             )
         self.sample_shape = tuple(latent["shape"])
-        self.shift, self.scale = float(latent["shift"]), float(latent["scale"])
+        self.shift, self.scale = (
+            torch.tensor(v) if isinstance(v, list) else float(v) for v in (latent["shift"], latent["scale"])
+        )  # a ragged latent's are per column
         # Checkpoints from before the clamp (no "low"/"high") decode unclamped, as they were trained and scored.
         low, high = latent.get("low"), latent.get("high")
         self.low = torch.tensor(low, dtype=torch.float32) if low is not None else None
@@ -310,4 +337,57 @@ class LatentDomain(Domain):
         self._measured = True
 
     def __repr__(self) -> str:
-        return f"LatentDomain({self.inner!r}, autoencoder={self.spec!r})"
+        return f"{type(self).__name__}({self.inner!r}, autoencoder={self.spec!r})"
+
+
+class RaggedLatentDomain(LatentDomain):
+    """A ragged domain (rows grouped by a batch index: molecules) diffused in the latent rows of a trained
+    :class:`polydiff.first_stage.RaggedFirstStage` (GeoLDM, Xu et al. 2023). The centred columns (coordinates) share
+    one scale and no shift, every other column has a shift and scale of its own, so a zero centre of mass and E(3)
+    equivariance survive (no clamp); layouts, conditions and prior options (``prior.num_atoms``) are the inner's."""
+
+    def encode(self, x: Tensor, batch: Tensor) -> Tensor:  # data rows [N, D] -> normalised latent rows [N, D']
+        return (self.autoencoder.encode(x, batch=batch) - self.shift.to(x)) / self.scale.to(x)
+
+    def decode(self, z: Tensor, batch: Tensor) -> Tensor:  # latent rows [N, D'] -> data rows [N, D]
+        return self.autoencoder.decode(z * self.scale.to(z) + self.shift.to(z), batch=batch)
+
+    def _raw(self, split: str) -> tuple[Tensor, Tensor]:  # latent rows [N, D'], rows per item [M]
+        x, counts, self.centered = ragged_rows(self.inner, split)
+        return self._cached(split, [x.float(), counts], lambda: encode_rows(self.autoencoder.encode, x, counts)), counts
+
+    def _measure(self, z: Tensor) -> None:
+        cols = torch.zeros(z.shape[1], dtype=torch.bool)
+        cols[list(self.centered)] = True  # [D']: the coordinates
+        self.shift = torch.where(cols, 0.0, z.mean(0))  # [D']
+        self.scale = torch.where(cols, z[:, cols].square().mean().sqrt(), z.std(0)).clamp(min=1e-6)  # [D']
+
+    def _latent_set(self, split: str, z: Tensor, counts: Tensor) -> RaggedLatentSet:
+        return RaggedLatentSet((z - self.shift) / self.scale, counts, self.inner.dataset(split))
+
+    def collate(self, items: Sequence[tuple[Tensor, Any]]) -> Batch:
+        """Latent rows ``[N, D']`` in the inner domain's layout and with its conditions."""
+        inner, z = self.inner.collate([item for _, item in items]), torch.cat([z for z, _ in items])
+        space = inner.space
+        return Batch(z, RaggedSpace(space.batch, space.num_samples, z.shape[1], centered=space.centered), inner.cond)
+
+    def setup(self, train_set: Dataset) -> None:
+        z = train_set.z if isinstance(train_set, RaggedLatentSet) else self.dataset("train").z  # [N, D']
+        self.sample_shape = (int(z.shape[1]),)
+        log.info("latent %r (%s): rows of %d columns, shift %s, scale %s", self.spec, self.inner.name,
+                 self.sample_shape[0], self.shift.tolist(), self.scale.tolist())  # fmt: skip
+
+    def prior(
+        self,
+        n: int,
+        labels: Optional[Tensor] = None,
+        device: torch.device | str = "cpu",
+        generator: Optional[torch.Generator] = None,
+        **options: Any,
+    ) -> tuple[Space, dict[str, Tensor]]:
+        """The inner prior's layout (its options: ``prior.num_atoms``) and conditions, with latent rows."""
+        space, cond = self.inner.prior(n, labels=labels, device=device, generator=generator, **options)
+        return RaggedSpace(space.batch, n, self.sample_shape[0], centered=space.centered), cond
+
+    def make_outputs(self) -> RaggedLatentOutputs:
+        return RaggedLatentOutputs(self)

@@ -1,5 +1,6 @@
 """A latent domain's outputs in the data's space: samples decoded before they are saved, scored, shown or held in
-part (``polydiff sample --known``), and the first stage's reconstruction row, the ceiling the latent sets.
+part (``polydiff sample --known``), and the first stage's reconstruction row, the ceiling the latent sets. A ragged
+latent's rows (GeoLDM's per-atom latents, Xu et al. 2023) are read, encoded, held and decoded by the helpers at the end.
 
 :class:`polydiff.latent.LatentDomain` makes its outputs here; nothing here imports it.
 """
@@ -11,13 +12,22 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from .domain import Domain
 from .outputs import Outputs
-from .space import DenseSpace
+from .space import DenseSpace, RaggedSpace
 from .state import Batch, Known
 
-__all__ = ["LatentOutputs", "latent_mask", "first_stage_row", "stacked"]
+__all__ = [
+    "LatentOutputs",
+    "RaggedLatentOutputs",
+    "latent_mask",
+    "first_stage_row",
+    "stacked",
+    "ragged_rows",
+    "encode_rows",
+]
 
 
 def stacked(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Optional[Tensor]]:
@@ -28,8 +38,9 @@ def stacked(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Optio
         batch = domain.collate([data[i] for i in range(start, min(len(data), start + chunk))])
         if not isinstance(batch.space, DenseSpace):
             raise ValueError(
-                f"latent diffusion needs a dense domain, and {domain.name!r} collates a {type(batch.space).__name__}: "
-                "remove the latent section"
+                f"a dense first stage needs a dense domain, and {domain.name!r} collates a {type(batch.space).__name__}"
+                ": give the run of a ragged first stage (polydiff.first_stage.RaggedFirstStage, e.g. "
+                "recipes/molecule_autoencoder.yaml), or remove the latent section"
             )
         xs.append(batch.x)
         if "label" in batch.cond:
@@ -127,10 +138,15 @@ class LatentOutputs(Outputs):
         return first_stage_row(self.domain.inner, lambda x: self.domain.decode(self.domain.encode(x)), n, seed)
 
 
-def first_stage_row(inner: Domain, reconstruct: Callable[[Tensor], Tensor], n: int, seed: int = 0) -> dict[str, float]:
+def first_stage_row(inner: Domain, reconstruct: Callable[..., Tensor], n: int, seed: int = 0) -> dict[str, float]:
     """A first stage's row: ``inner``'s metrics on ``n`` reconstructed held-out items (the reference row's subset:
-    a seeded permutation), plus the inner outputs' ``reconstruction_distances(x, x_hat)`` where it has one."""
-    x, labels = stacked(inner, getattr(inner, "reference_split", "test"))
+    a seeded permutation), plus the inner outputs' ``reconstruction_distances(x, x_hat)`` where it has one. A ragged
+    domain's ``reconstruct(x, batch)`` takes the rows' batch index (:func:`ragged_row`)."""
+    split = getattr(inner, "reference_split", "test")
+    data = inner.dataset(split)
+    if len(data) and isinstance(inner.collate([data[0]]).space, RaggedSpace):
+        return ragged_row(inner, split, reconstruct, n, seed)
+    x, labels = stacked(inner, split)
     count = max(2, min(int(n), len(x)))
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:count]
     x = x[idx]  # [n, *data]
@@ -142,3 +158,103 @@ def first_stage_row(inner: Domain, reconstruct: Callable[[Tensor], Tensor], n: i
     if distances is not None:
         row.update(distances(x, x_hat))
     return {**row, "num_samples": count}
+
+
+# ------------------------------------------------------------------ ragged (GeoLDM: per-row latents of molecules)
+def ragged_rows(domain: Domain, split: str, chunk: int = 256) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """The whole ``split`` of a ragged ``domain`` collated: rows ``x [N, D]`` (each item's rows together, in item
+    order), rows per item ``counts [M]`` and the space's centred columns."""
+    data = domain.dataset(split)
+    xs, counts, centered = [], [], ()
+    for start in range(0, len(data), chunk):
+        batch = domain.collate([data[i] for i in range(start, min(len(data), start + chunk))])
+        space = batch.space
+        if not isinstance(space, RaggedSpace):
+            raise ValueError(f"{domain.name!r} collates a {type(space).__name__}, not a RaggedSpace")
+        count = torch.bincount(space.batch, minlength=space.num_samples)  # [b]
+        if not torch.equal(space.batch, segments(count)):
+            raise ValueError(f"{domain.name!r} collates rows out of item order: a ragged latent needs them in order")
+        xs.append(batch.x)
+        counts.append(count)
+        centered = tuple(space.centered)
+    return torch.cat(xs), torch.cat(counts), centered
+
+
+def segments(counts: Tensor) -> Tensor:
+    """The item index of each row ``[N]`` from rows per item ``counts [M]`` (items' rows together, in order)."""
+    return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+
+
+def encode_rows(encode: Callable[..., Tensor], x: Tensor, counts: Tensor, chunk: int = 64) -> Tensor:
+    """``encode(rows, batch=...)`` over ``chunk`` items at a time: rows ``x [N, D]`` -> ``[N, D']``."""
+    ends = torch.cumsum(counts, 0).tolist()  # [M]
+    out = []
+    for start in range(0, len(counts), chunk):
+        stop = min(len(counts), start + chunk)
+        lo, hi = (ends[start - 1] if start else 0), ends[stop - 1]
+        out.append(encode(x[lo:hi], batch=segments(counts[start:stop])))
+    return torch.cat(out) if out else x.new_zeros((0, 0))
+
+
+class RaggedLatentSet(Dataset):
+    """Encoded rows of ragged items: ``(z_i [n_i, D'], the inner item)`` pairs; the inner item gives the conditions."""
+
+    def __init__(self, z: Tensor, counts: Tensor, items: Dataset) -> None:
+        self.z, self.items, self.ends = z, items, torch.cumsum(counts, 0).tolist()  # [N, D'], inner split, [M]
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Any]:
+        return self.z[(self.ends[i - 1] if i else 0) : self.ends[i]], self.items[i]
+
+
+def ragged_row(inner: Domain, split: str, reconstruct: Callable[..., Tensor], n: int, seed: int) -> dict[str, float]:
+    """:func:`first_stage_row` of a ragged domain: its metrics on ``n`` reconstructed held-out items (a seeded
+    permutation), the RMSE of the centred columns (``coordinate_rmse``: positions) and the share of rows whose other
+    columns are reconstructed to 1e-4 (``feature_match``: the atom types and charges of a molecule)."""
+    data = inner.dataset(split)
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: max(2, min(int(n), len(data)))]
+    count = len(idx)
+    batch = inner.collate([data[int(i)] for i in idx])
+    counts = torch.bincount(batch.space.batch, minlength=count)  # [count]
+    with torch.no_grad():
+        x_hat = encode_rows(lambda x, batch: reconstruct(x, batch=batch).float().cpu(), batch.x, counts)  # [N, D]
+    row = dict(inner.evaluate(Batch(x_hat, batch.space, batch.cond)))
+    cols = torch.zeros(x_hat.shape[1], dtype=torch.bool)
+    cols[list(batch.space.centered)] = True
+    err = x_hat - batch.x.float()  # [N, D]
+    row["coordinate_rmse"] = float(err[:, cols].square().mean().sqrt()) if cols.any() else float("nan")
+    row["feature_match"] = float((err[:, ~cols].abs() < 1e-4).all(1).float().mean()) if (~cols).any() else 1.0
+    return {**row, "num_samples": count}
+
+
+class RaggedLatentOutputs(LatentOutputs):
+    """:class:`LatentOutputs` of a ragged latent (a ``polydiff.latent.RaggedLatentDomain``): latent rows decoded
+    with their batch index into the data's rows before they are saved, scored or shown."""
+
+    def decoded(self, batch: Batch) -> Batch:
+        """``batch`` in the data's space: latent rows ``[N, D']`` decoded, data rows (read from files) kept."""
+        if tuple(batch.x.shape[1:]) != tuple(self.domain.sample_shape or ()):
+            return batch
+        if self._memo is not None and self._memo[0] is batch.x:
+            return self._memo[1]
+        space = batch.space
+        with torch.no_grad():
+            x = self.domain.decode(batch.x.float(), space.batch)  # [N, D]
+        out = Batch(
+            x, RaggedSpace(space.batch, space.num_samples, x.shape[1], centered=space.centered), dict(batch.cond)
+        )
+        self._memo = (batch.x, out)
+        return out
+
+    def known_values(self, path: Path, n: int, **options: Any) -> Known:
+        raise ValueError(
+            f"--known {path}: a ragged latent model (latent.autoencoder={self.domain.spec}) holds no part of a sample "
+            "fixed; draw without --known, or train a data-space model for it"
+        )
+
+    def reconstruction_metrics(self, n: int, seed: int = 0) -> dict[str, float]:
+        """The first stage's ceiling: :func:`first_stage_row` of the encode-decode of molecules' rows."""
+        domain = self.domain
+        return first_stage_row(domain.inner, lambda x, batch: domain.decode(domain.encode(x, batch), batch), n, seed)

@@ -209,8 +209,8 @@ def test_bad_autoencoder_recipes(tmp_path):
         with pytest.raises(ValueError, match=message):
             build_objective_from({"name": "autoencoder", **options})
     objective = build_objective_from({"name": "autoencoder"})
-    with pytest.raises(ValueError, match="domain 'molecule' supplies no trainable first stage"):
-        objective.network_builder(build_domain({"name": "molecule"}))
+    with pytest.raises(ValueError, match="domain 'image' supplies no trainable first stage"):
+        objective.network_builder(build_domain({"name": "image"}))
     with pytest.raises(SystemExit, match="model.in_channels is set from the data"):
         main(_ae_args(tmp_path / "a", "+model.in_channels=2"))
     with pytest.raises(SystemExit, match="trains a first stage on the data: remove the recipe's latent section"):

@@ -83,7 +83,9 @@ def runs(tmp_path_factory):
     try:
         recipe = str(folder / "blobs.yaml")
         main(["train", recipe, "objective.name=classifier", "trainer.max_steps=150", f"hydra.run.dir={folder / 'cls'}"])
-        main(["train", recipe, "trainer.label_dropout=1.0", f"hydra.run.dir={folder / 'gen'}"])  # unconditional
+        # Unconditional; v prediction, so that its trailing grid's first step at nearly pure noise is sane.
+        gen = f"hydra.run.dir={folder / 'gen'}"
+        main(["train", recipe, "trainer.label_dropout=1.0", "objective.prediction=v", gen])
         # The same classifier, as if trained on another label set.
         ckpt = load_checkpoint(folder / "cls" / "checkpoints" / "last.pt")
         ckpt["domain_state"]["class_names"] = ["a", "b"]
@@ -110,19 +112,64 @@ def test_the_wrapper_shifts_eps_by_sigma_scale_grad_and_keeps_x0_consistent():
 
 
 def test_guidance_from_nearly_pure_noise_warns_once(caplog):
-    """A grid starting at the trailing grid's first step (cosine, T = 1000: alpha_bar 2.4e-9) moves x0 by sigma^2 /
-    alpha ~ 2e4 times the gradient: a warning names the remedy; a grid starting at the leading one's stays silent."""
+    """Without an interval, a grid starting at the trailing grid's first step (cosine, T = 1000: alpha_bar 2.4e-9)
+    moves x0 by sigma^2 / alpha ~ 2e4 times the gradient: a warning names the remedies; a grid starting at the leading
+    one's stays silent, and so does the default interval, which leaves that step unguided."""
     schedule = polydiff.make_schedule("cosine", 1000)
     base = lambda x, t: Prediction(0.3 * x, 0.7 * x)  # noqa: E731
-    guided = classifier_guidance(base, lambda x, t: -0.5 * (x**2).sum(1), 1.0, DenseSpace((2, 3)), schedule)
+    log_p = lambda x, t: -0.5 * (x**2).sum(1)  # noqa: E731
+    space = DenseSpace((2, 3))
     with caplog.at_level("WARNING", logger="polydiff"):
+        guided = classifier_guidance(base, log_p, 1.0, space, schedule, interval=None)
         guided(torch.randn(2, 3), torch.full((2,), 0.951))  # the leading grid's first step
         guided(torch.randn(2, 3), torch.ones(2))  # not a first call
+        bounded = classifier_guidance(base, log_p, 1.0, space, schedule)  # the default interval
+        bounded(torch.randn(2, 3), torch.ones(2))
         assert not caplog.records
-        steep = classifier_guidance(base, lambda x, t: -0.5 * (x**2).sum(1), 1.0, DenseSpace((2, 3)), schedule)
+        steep = classifier_guidance(base, log_p, 1.0, space, schedule, interval=None)
         steep(torch.randn(2, 3), torch.ones(2))
         steep(torch.randn(2, 3), torch.ones(2))
-    assert len(caplog.records) == 1 and "sampler.spacing=leading" in caplog.records[0].getMessage()
+    message = caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "sampler.spacing=leading" in message and "classifier_interval" in message
+
+
+def test_classifier_guidance_acts_only_inside_its_interval():
+    """EDM's sigma = sigma / alpha decides (Kynkaenniemi et al. 2024): samples outside [lo, hi] keep the base
+    prediction bit for bit, those inside get the full shift; the default interval leaves out nearly pure noise."""
+    schedule = polydiff.make_schedule("cosine", 1000)
+    base = lambda x, t: Prediction(0.3 * x, 0.7 * x)  # noqa: E731
+    calls = []
+
+    def log_p(x, t):
+        calls.append(t)
+        return -0.5 * (x**2).sum(1)
+
+    t = torch.tensor([0.05, 0.5, 0.9, 0.97, 1.0])
+    alpha, sigma = schedule.alpha_sigma(t, dtype=torch.float64)
+    level = sigma / alpha  # about 0.08, 1.0, 6.4, 21, 2e4: inside [0.5, 10] are the second and third
+    assert level[1] < 10 < 20 < level[3]
+    x = torch.randn(5, 3)
+    space = DenseSpace((5, 3))
+    full = classifier_guidance(base, log_p, 2.0, space, schedule, interval=None)(x, t)
+    part = classifier_guidance(base, log_p, 2.0, space, schedule, interval=[0.5, 10.0])(x, t)
+    plain = base(x, t)
+    inside = (level >= 0.5) & (level <= 10.0)
+    assert inside.tolist() == [False, True, True, False, False]
+    assert torch.equal(part.eps[~inside], plain.eps[~inside]) and torch.equal(part.x0[~inside], plain.x0[~inside])
+    torch.testing.assert_close(part.eps[inside], full.eps[inside])
+    torch.testing.assert_close(part.x0[inside], full.x0[inside])
+    assert not torch.allclose(full.eps[inside], plain.eps[inside])
+    calls.clear()
+    out = classifier_guidance(base, log_p, 2.0, space, schedule)(x, torch.ones(5))  # default: [0, 20]
+    assert not calls and torch.equal(out.eps, plain.eps)  # no gradient taken at pure noise
+    assert polydiff.guidance.CLASSIFIER_INTERVAL == (0.0, 20.0)
+
+
+@pytest.mark.parametrize("interval", [[20.0, 1.0], [math.nan, 1.0], [-1.0, 2.0], [1.0], "wide", [1.0, 1.0]])
+def test_a_bad_guidance_interval_is_refused_by_name(interval):
+    schedule = polydiff.make_schedule("cosine", 100)
+    with pytest.raises(ValueError, match=r"guidance.classifier_interval=.* must be two numbers \[lo, hi\]"):
+        classifier_guidance(lambda x, t: None, lambda x, t: x.sum(1), 1.0, DenseSpace((1, 2)), schedule, interval)
 
 
 @pytest.mark.parametrize("scale", [-1.0, math.nan, math.inf])
@@ -198,8 +245,11 @@ def test_a_trained_classifier_is_accurate_and_steers_an_unconditional_model(runs
     )
     assert not any((runs / "cls" / "samples").glob("*"))
     parts, _ = polydiff.load_run(runs / "gen")
-    fractions = {}
-    for scale in (0.0, 4.0):
+    fractions, spread = {}, {}
+    for scale, interval in ((0.0, None), (2.0, "default"), (2.0, None)):
+        guidance = {"scale": 1.0, "classifier": str(runs / "cls"), "classifier_scale": scale}
+        if interval != "default":
+            guidance["classifier_interval"] = interval
         batch = polydiff.generate(
             parts.domain,
             parts.net,
@@ -207,13 +257,17 @@ def test_a_trained_classifier_is_accurate_and_steers_an_unconditional_model(runs
             parts.objective,
             128,
             {"name": "ddim", "steps": 20},
-            guidance={"scale": 1.0, "classifier": str(runs / "cls"), "classifier_scale": scale},
+            guidance=guidance,
             labels=torch.ones(128, dtype=torch.long),
             generator=torch.Generator().manual_seed(0),
         )
-        fractions[scale] = float((batch.x[:, 0] > 0).float().mean())
-    assert 0.3 < fractions[0.0] < 0.7  # the unconditional model draws both blobs
-    assert fractions[4.0] > 0.9  # guided towards class 1, 'right'
+        fractions[scale, interval] = float((batch.x[:, 0] > 0).float().mean())
+        spread[scale, interval] = float(batch.x[:, 0].abs().median())
+    assert 0.3 < fractions[0.0, None] < 0.7  # the unconditional model draws both blobs
+    assert fractions[2.0, "default"] > 0.9 and spread[2.0, "default"] < 3  # guided to class 1, 'right', near x = 2
+    # Guided from the trailing grid's first step (sigma / alpha ~ 2e3) as well, x0 is thrown by sigma^2 / alpha times
+    # the gradient: the samples leave the data far behind. The default interval is what keeps them.
+    assert spread[2.0, None] > 20
 
 
 def test_sample_with_a_classifier_from_the_command_line(runs, tmp_path):

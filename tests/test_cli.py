@@ -155,7 +155,8 @@ def test_unknown_names_list_the_known_ones(tmp_path):
     assert proc.returncode != 0 and "Known schedules" in proc.stderr
     proc = run("train", "recipes/nope.yaml")
     assert proc.returncode != 0 and "not found" in proc.stderr
-    shipped = "audio_autoencoder, audio_latent, audio_unet, image_unet, molecule_egnn"
+    shipped = "audio_autoencoder, audio_latent, audio_unet, image_unet, molecule_autoencoder, molecule_egnn, "
+    shipped += "molecule_latent"
     assert f"shipped recipes, by name: {shipped}" in proc.stderr
 
 

@@ -1036,6 +1036,27 @@ def test_grid_png_survives_molecules_rdkit_cannot_depict(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+# An early QM9 run's sample (step 200): RDKit lays its dense graph out with a bond of zero length in 2-D.
+ZERO_BOND = (
+    list("NNFNNNNNNNNNNNCCNN"),
+    [[0.464, 0.252, 0.892], [1.867, 0.192, -1.016], [-0.592, 0.833, 0.242], [-3.118, 0.999, -1.256],
+     [-0.713, -0.209, -1.18], [0.857, 0.262, -0.163], [-0.181, -0.786, 2.863], [0.598, -0.033, -0.735],
+     [0.43, 0.341, -1.137], [-0.385, -0.482, 1.358], [-0.611, -0.915, 0.775], [-0.798, -0.127, -0.327],
+     [-1.554, -0.262, -1.174], [1.518, -0.906, -0.035], [0.918, -0.145, -0.134], [-0.235, 0.427, -0.87],
+     [1.049, 0.424, 0.869], [0.485, 0.135, 1.028]],
+)  # fmt: skip
+
+
+def test_the_report_depicts_a_molecule_whose_2d_layout_has_a_zero_length_bond(tmp_path):
+    """The report's single depiction and the grid draw the same fallback (atoms only) instead of failing the page."""
+    from domains.molecule.outputs import depiction_png, write_grid_png
+
+    symbols, pos = ZERO_BOND[0], np.array(ZERO_BOND[1])
+    png, ok = depiction_png(symbols, pos)
+    assert png[:4] == b"\x89PNG" and not ok
+    assert write_grid_png([(symbols, pos)], tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_egnn_traces_for_torch_compile_with_one_break():
     """torch.compile sees the EGNN as two graphs around the (eager) edge-list builder, not one per data-dependent op."""
     net = EGNN(num_features=F, hidden=16, layers=2)

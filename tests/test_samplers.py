@@ -196,6 +196,52 @@ def test_cfg_scale_0_and_1_reduce_to_each_model():
     torch.testing.assert_close(plain.x0, uncond(x, t).x0 + 3.0 * (cond(x, t).x0 - uncond(x, t).x0))
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_cfg_in_an_interval_guides_there_and_is_the_conditional_model_elsewhere(stacked):
+    """Guidance in a limited interval of sigma / alpha (Kynkaenniemi et al. 2024): rows whose noise level is inside get
+    the guided mix, the rest the conditional prediction exactly; a call with no row inside skips the unconditional
+    model."""
+    from polydiff.guidance import stacked_guidance
+
+    schedule = make_schedule("cosine", 1000)
+    space = DenseSpace((4, 3))
+    cond = gaussian_denoiser(schedule, space, mu=MU)
+    uncond = gaussian_denoiser(schedule, space, mu=-MU)
+    calls = []
+
+    def counted(x, t):
+        calls.append(len(t))
+        return uncond(x, t)
+
+    def joint(x, t):  # the conditional rows first, as stacked_guidance lays out [x; x]
+        rows = len(t) // 2
+        c, u = cond(x[:rows], t[:rows]), uncond(x[rows:], t[rows:])
+        return Prediction(torch.cat([c.x0, u.x0]), torch.cat([c.eps, u.eps]))
+
+    def guided(interval):
+        if stacked:
+            return stacked_guidance(joint, 3.0, space, schedule, interval=interval)
+        return classifier_free_guidance(cond, counted, 3.0, space, schedule, interval=interval)
+
+    x = space.randn(torch.Generator().manual_seed(10), dtype=torch.float64)
+    t = torch.tensor([0.05, 0.5, 0.9, 1.0], dtype=torch.float64)  # sigma / alpha about 0.08, 1.0, 6.4, 2e4
+    full, part = guided(None)(x, t), guided([0.5, 10.0])(x, t)
+    inside = torch.tensor([False, True, True, False])
+    torch.testing.assert_close(part.x0[inside], full.x0[inside])
+    torch.testing.assert_close(part.eps[inside], full.eps[inside])
+    plain = cond(x, t)
+    assert torch.equal(part.x0[~inside], plain.x0[~inside]) and torch.equal(part.eps[~inside], plain.eps[~inside])
+    assert not torch.allclose(full.x0[~inside], plain.x0[~inside])
+    if not stacked:
+        calls.clear()
+        out = guided([0.5, 10.0])(x, torch.full((4,), 0.01, dtype=torch.float64))
+        assert not calls and torch.equal(out.x0, cond(x, torch.full((4,), 0.01, dtype=torch.float64)).x0)
+    with pytest.raises(ValueError, match=r"guidance.interval=\[3.0, 1.0\] must be two numbers"):
+        guided([3.0, 1.0])
+    with pytest.raises(ValueError, match="needs the schedule"):
+        classifier_free_guidance(cond, uncond, 3.0, space, None, interval=[0.0, 1.0])
+
+
 def test_guidance_rescale_matches_the_conditional_std():
     """Guidance rescale (Lin et al. 2024, eq. 15-16): phi = 1 gives the conditional x0's per-sample std; phi mixes
     linearly."""

@@ -57,6 +57,8 @@ class MoleculeDomain(Domain):
     """
 
     guidance_keys = ("context",)
+    #: Settings a trained first stage must share with a latent recipe's domain (``latent.autoencoder=RUN``).
+    first_stage_keys = ("atom_types",)
 
     def __init__(
         self,
@@ -185,6 +187,25 @@ class MoleculeDomain(Domain):
     # --------------------------------------------------------------- network
     def build_network(self, **model: Any) -> nn.Module:
         return EGNN(self.num_features, context_dim=1 if self.condition_on else 0, **model)
+
+    def latent_network(self, shape: Sequence[int], **model: Any) -> nn.Module:
+        """The EGNN on GeoLDM latent rows ``shape`` = ``[3 + k]`` (``latent.autoencoder=RUN``): k invariant features."""
+        return EGNN(int(shape[0]) - 3, context_dim=1 if self.condition_on else 0, **model)
+
+    def autoencoder_network(self, variational: bool = True, **model: Any) -> nn.Module:
+        """GeoLDM's first stage (``objective.name=autoencoder``): :class:`.autoencoder.MoleculeAutoencoder`."""
+        from polydiff.config import call_checked
+
+        from .autoencoder import MoleculeAutoencoder
+
+        given = {"atomic_numbers": [SYMBOL_Z[s] for s in self.atom_types], "variational": variational}
+        given.update(one_hot_scale=ONE_HOT_SCALE, charge_scale=CHARGE_SCALE)
+        taken = sorted(set(given) & set(model))
+        if taken:
+            raise KeyError(f"model.{taken[0]} is set from the data and the objective; remove it from the recipe")
+        if model.get("latent_features") == self.num_features:  # latent rows must differ from data rows (read back)
+            raise ValueError(f"model.latent_features must differ from the {self.num_features} atom features")
+        return call_checked(MoleculeAutoencoder, {**model, **given}, "model")
 
     # -------------------------------------------------------------- sampling
     def context_units(self) -> str:

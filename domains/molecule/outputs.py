@@ -278,30 +278,38 @@ def _drawable(mol, size: int) -> bool:
     return True
 
 
+def _depiction(symbols: Sequence[str], pos: np.ndarray, size: int):
+    """The RDKit molecule drawn for one sample (its largest fragment, hydrogens hidden, when valid), whether the sample
+    is valid, and whether only its atoms are drawn: RDKit's drawer fails on a 2-D layout with a bond of zero length
+    (a dense nonsense graph, or an early sample's), and then the atoms alone, or nothing, are drawn."""
+    from rdkit import Chem
+    from rdkit.Chem import rdDepictor
+
+    mol, ok = _bonded(symbols, pos, aromatic=True)
+    mol.RemoveAllConformers()
+    if ok:
+        mol = Chem.RemoveHs(max(Chem.GetMolFrags(mol, asMols=True), key=lambda m: m.GetNumAtoms()))
+    rdDepictor.Compute2DCoords(mol)
+    if _drawable(mol, size):
+        return mol, ok, False
+    mol = Chem.RWMol(mol)
+    for bond in list(mol.GetBonds()):
+        mol.RemoveBond(bond.GetBeginAtomIdx(), bond.GetEndAtomIdx())
+    rdDepictor.Compute2DCoords(mol)
+    return (mol if _drawable(mol, size) else Chem.Mol()), ok, True
+
+
 def write_grid_png(molecules: Sequence[Molecule3D], path: Path, per_row: int = 6, size: int = 220) -> Path:
     """A PNG grid of 2-D depictions (largest fragment, hydrogens hidden when the molecule is valid)."""
-    from rdkit import Chem
-    from rdkit.Chem import Draw, rdDepictor
+    from rdkit.Chem import Draw
 
     mols, legends = [], []
     for i, (symbols, pos) in enumerate(molecules):
-        mol, ok = _bonded(symbols, pos, aromatic=True)
-        mol.RemoveAllConformers()
-        if ok:
-            frags = Chem.GetMolFrags(mol, asMols=True)
-            mol = max(frags, key=lambda m: m.GetNumAtoms())
-            mol = Chem.RemoveHs(mol)
-        rdDepictor.Compute2DCoords(mol)
+        mol, ok, atoms_only = _depiction(symbols, pos, size)
         stable, n = stability(symbols, pos)
         legend = f"{i}: {'valid' if ok else 'invalid'}, {stable}/{n} stable"
-        if not ok and not _drawable(mol, size):  # a dense nonsense graph can put two atoms on one 2-D point
-            mol = Chem.RWMol(mol)
-            for bond in list(mol.GetBonds()):
-                mol.RemoveBond(bond.GetBeginAtomIdx(), bond.GetEndAtomIdx())
-            rdDepictor.Compute2DCoords(mol)
-            legend += " (atoms only)"
         mols.append(mol)
-        legends.append(legend)
+        legends.append(legend + (" (atoms only)" if atoms_only else ""))
     img = Draw.MolsToGridImage(mols, molsPerRow=per_row, subImgSize=(size, size), legends=legends)
     img.save(str(path))
     return path
@@ -311,19 +319,9 @@ def depiction_png(symbols: Sequence[str], pos: np.ndarray, size: int = 220) -> t
     """A PNG of one molecule's 2-D depiction, drawn as :func:`write_grid_png` draws each, and whether it is valid."""
     import io
 
-    from rdkit import Chem
-    from rdkit.Chem import Draw, rdDepictor
+    from rdkit.Chem import Draw
 
-    mol, ok = _bonded(symbols, pos, aromatic=True)
-    mol.RemoveAllConformers()
-    if ok:
-        mol = Chem.RemoveHs(max(Chem.GetMolFrags(mol, asMols=True), key=lambda m: m.GetNumAtoms()))
-    rdDepictor.Compute2DCoords(mol)
-    if not ok and not _drawable(mol, size):  # atoms only: a dense nonsense graph can put two atoms on one 2-D point
-        mol = Chem.RWMol(mol)
-        for bond in list(mol.GetBonds()):
-            mol.RemoveBond(bond.GetBeginAtomIdx(), bond.GetEndAtomIdx())
-        rdDepictor.Compute2DCoords(mol)
+    mol, ok, _ = _depiction(symbols, pos, size)
     buf = io.BytesIO()
-    Draw.MolToImage(mol, size=(size, size)).save(buf, format="PNG")
+    Draw.MolsToGridImage([mol], molsPerRow=1, subImgSize=(size, size)).save(buf, format="PNG")
     return buf.getvalue(), ok
