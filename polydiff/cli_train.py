@@ -24,6 +24,7 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> Optional[Path]:
 
     from .build import to_plain
     from .checkpoint import load_checkpoint
+    from .config import retarget_plugins
     from .resume import check_resumable, resume_source
 
     plain = [o for o in overrides if "=" in o and not o.startswith("-")]
@@ -44,7 +45,8 @@ def _check_run_dir(recipe: str, overrides: Sequence[str]) -> Optional[Path]:
     ckpt = resume_source(cfg.trainer.resume, run_dir / "checkpoints" / "last.pt")
     if ckpt is not None:
         del cfg.hydra
-        check_resumable(load_checkpoint(ckpt, mmap=True), to_plain(cfg), ckpt)
+        current, _ = retarget_plugins(to_plain(cfg), plain)  # as the run itself will see it (train's _task)
+        check_resumable(load_checkpoint(ckpt, mmap=True), current, ckpt)
     return run_dir.resolve() if named and run_dir.exists() else None
 
 

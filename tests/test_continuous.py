@@ -359,6 +359,21 @@ def test_flow_runs_train_and_sample_with_every_sampler_family(flow_teacher, tmp_
         assert x.shape == (8, 2) and torch.isfinite(x).all()
 
 
+def test_a_flow_run_whose_recipe_names_a_vp_option_resumes_with_the_same_command(flow_teacher, tmp_path):
+    """The recipe's ``objective.prediction`` is left out for ``objective.name=flow`` when the run starts; running the
+    same command again with more steps resumes instead of refusing the checkpoint over the left-out key."""
+    import shutil
+
+    from polydiff.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(flow_teacher, run)
+    args = ["examples/points.yaml", "objective.name=flow", "trainer.max_steps=25", *TINY, f"hydra.run.dir={run}"]
+    assert cli("train", *args) == ""
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 25 and ckpt["config"]["objective"] == {"name": "flow"}
+
+
 def test_reflow_trains_a_student_from_the_teachers_weights_and_resumes(flow_teacher, tmp_path):
     import polydiff
 
