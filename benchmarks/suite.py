@@ -39,6 +39,16 @@ RESULTS = Path("benchmarks") / "results"  # below the working directory (the rep
 # A sweep's step count that stands for the recipe's own schedule.steps: DDPM at the training T, whatever
 # a --recipe domain or a --set schedule.steps=... makes it (a fixed 1000 would fail on a shorter schedule).
 TRAINING_T = "T"
+SamplerRow = tuple  # (name, steps) or (name, steps, {option: value})
+
+# EDM's stochastic Heun (Karras et al. 2022, Alg. 2 with its ImageNet-64 S_churn, S_tmin, S_tmax): noise raised by
+# up to sqrt(2) - 1 before each step between sigma 0.05 and 50, at no extra network calls.
+CHURN = {"s_churn": 40, "s_tmin": 0.05, "s_tmax": 50}
+
+
+def sampler_label(name: str, options: Optional[dict[str, Any]] = None) -> str:
+    """A row's sampler column: the name, and the options it was given (``heun s_churn=40 s_tmin=0.05 s_tmax=50``)."""
+    return " ".join([name, *(f"{k}={v}" for k, v in (options or {}).items())])
 
 
 @dataclass
@@ -48,7 +58,9 @@ class DomainBench:
     recipe: str
     overrides: list[str]
     num_samples: int
-    samplers: list[tuple[str, int | str]]  # (name, steps); steps TRAINING_T: the recipe's schedule.steps
+    # (name, steps) or (name, steps, options); steps TRAINING_T: the recipe's schedule.steps; options: the sampler's
+    # keyword arguments (EDM's churn), named in the row's label
+    samplers: list[SamplerRow]
     guidance: list[float] = field(default_factory=lambda: [1.0])
     batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
     peers: list[str] = field(default_factory=list)
@@ -63,7 +75,7 @@ class DomainBench:
     # Also time training under torch.compile against eager on one batch (full suite): where it helps.
     compile_check: bool = False
     # Other objectives trained on the same budget, each with its own sweep: (name, overrides, [(sampler, steps)]).
-    objectives: list[tuple[str, list[str], list[tuple[str, int]]]] = field(default_factory=list)
+    objectives: list[tuple[str, list[str], list[SamplerRow]]] = field(default_factory=list)
 
 
 def _train_steps(steps: int) -> list[str]:
@@ -125,19 +137,33 @@ def suites() -> dict[str, dict[str, DomainBench]]:
     # DDPM at T and the few-step solvers a latent model is meant for; every row decodes (Griffin-Lim for mel).
     latent_samplers = [("ddpm", TRAINING_T), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
 
-    def continuous(sigma_data: float) -> list[tuple[str, list[str], list[tuple[str, int]]]]:
+    def continuous(sigma_data: float) -> list[tuple[str, list[str], list[SamplerRow]]]:
         """The continuous-time family on the same budget: flow matching with Euler and Heun at about 10, 20 and 50
         network calls (Heun makes 2 steps - 1), EDM with Heun at its 35 (18 steps) and ``sigma_data`` the domain's
         training-state standard deviation (measured on 64-256 training samples; for images EDM's own 0.5, which
         scores FID 3.33 against 4.08 at the digits' 0.76 after 1,000 CPU steps); both with the adaptive
-        probability-flow ODE solver (``ode``, steps 0: the network calls it chose)."""
+        probability-flow ODE solver (``ode``, steps 0: the network calls it chose) and with EDM's stochastic Heun
+        (:data:`CHURN`) at the same network calls."""
         return [
             (
                 "flow",
                 ["objective.name=flow"],
-                [("euler", 10), ("euler", 20), ("euler", 50), ("heun", 5), ("heun", 10), ("heun", 25), ("ode", 0)],
+                [
+                    ("euler", 10),
+                    ("euler", 20),
+                    ("euler", 50),
+                    ("heun", 5),
+                    ("heun", 10),
+                    ("heun", 10, CHURN),
+                    ("heun", 25),
+                    ("ode", 0),
+                ],
             ),
-            ("edm", ["objective.name=edm", f"objective.sigma_data={sigma_data}"], [("heun", 18), ("ode", 0)]),
+            (
+                "edm",
+                ["objective.name=edm", f"objective.sigma_data={sigma_data}"],
+                [("heun", 18), ("heun", 18, CHURN), ("ode", 0)],
+            ),
         ]
 
     # Molecules: flow matching with each noise draw rotated and permuted onto its molecule as well (EquiFM).
@@ -408,15 +434,23 @@ def size_throughput(trainer: Trainer, option: str, value: float, batch_size: int
 
 
 def sampler_row(
-    trainer: Trainer, name: str, steps: int, scale: float, n: int, seed: int, objective: str = "vp"
+    trainer: Trainer,
+    name: str,
+    steps: int,
+    scale: float,
+    n: int,
+    seed: int,
+    objective: str = "vp",
+    options: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Sample ``n`` with the EMA weights (in the recipe's sampler.batch_size chunks); wall time,
     samples/s, peak memory, network calls per sample and the domain's metrics. ``steps`` 0: an adaptive solver
-    (``ode``) that chooses its own, its network calls as it reports them (the mean over chunks)."""
+    (``ode``) that chooses its own, its network calls as it reports them (the mean over chunks). ``options``: the
+    sampler's own, over the recipe's; the row's ``sampler`` names them (:func:`sampler_label`)."""
     domain = trainer.domain
     labels = domain.default_labels(n, trainer.device)
     # The recipe's sampler section with another sampler named: the options that sampler does not take are left out.
-    sampler = merge_sampler(trainer.cfg["sampler"], {"name": name, "steps": max(steps, 1)})
+    sampler = merge_sampler(trainer.cfg["sampler"], {"name": name, "steps": max(steps, 1), **(options or {})})
     reported: list[int] = []  # an adaptive solver's network calls, one entry per chunk
     gen = torch.Generator(device=trainer.device).manual_seed(seed)
     mem = PeakMemory(trainer.device)
@@ -446,7 +480,7 @@ def sampler_row(
     metrics = domain.evaluate(batch)
     row = {
         "objective": objective,
-        "sampler": name,
+        "sampler": sampler_label(name, options),
         "steps": steps,
         "nfe": sum(reported) / len(reported) if reported else network_calls(name, steps),
         "guidance": scale,
@@ -764,27 +798,28 @@ def _sweep(
     name: str,
     trainer: Trainer,
     spec: DomainBench,
-    samplers: list[tuple[str, int | str]],
+    samplers: list[SamplerRow],
     guidance: list[float],
     seed: int,
     result: dict[str, Any],
     objective: str,
 ) -> None:
-    """Sample every ``(sampler, steps)`` at every guidance scale into ``result["sampling"]`` (failures beside), each
-    row labelled with ``objective`` (the variant's name)."""
-    for sampler, steps in samplers:
+    """Sample every ``(sampler, steps[, options])`` at every guidance scale into ``result["sampling"]`` (failures
+    beside), each row labelled with ``objective`` (the variant's name)."""
+    for sampler, steps, *rest in samplers:
+        options = rest[0] if rest else None
         steps = int(trainer.cfg["schedule"]["steps"]) if steps == TRAINING_T else steps
         for scale in guidance:
             if scale != 1.0 and steps > spec.max_guided_steps:
                 continue
             try:
-                row = sampler_row(trainer, sampler, steps, scale, spec.num_samples, seed, objective)
+                row = sampler_row(trainer, sampler, steps, scale, spec.num_samples, seed, objective, options)
             except Exception as err:  # one row (out of memory at DDPM-1000, say) must not lose the trained domain
                 traceback.print_exc()
                 result.setdefault("sampling_errors", []).append(
                     {
                         "objective": objective,
-                        "sampler": sampler,
+                        "sampler": sampler_label(sampler, options),
                         "steps": steps,
                         "guidance": scale,
                         "error": f"{type(err).__name__}: {err}",
@@ -792,7 +827,7 @@ def _sweep(
                 )
                 continue
             print(
-                f"[bench] {name}: {row['objective']} {sampler}-{steps} ({row['nfe']} NFE) guidance {scale}: "
+                f"[bench] {name}: {row['objective']} {row['sampler']}-{steps} ({row['nfe']} NFE) guidance {scale}: "
                 f"{row['wall_s']:.1f} s, {row['metrics']}",
                 flush=True,
             )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.suite import DomainBench, _train_steps, main, run_suite, suites, with_steps
+from benchmarks.suite import CHURN, DomainBench, _train_steps, main, run_suite, suites, with_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,9 @@ def test_quick_suite_tiny_budget(tmp_path):
             [("ddim", 10), ("ddim", 5), ("dpmpp_2m", 5)],
             batch_sizes=[16, 64],
             peers=["samplers", "diffusers"],
-            objectives=[("flow", ["objective.name=flow"], [("euler", 4), ("heun", 3), ("ode", 0)])],
+            objectives=[
+                ("flow", ["objective.name=flow"], [("euler", 4), ("heun", 3), ("heun", 3, CHURN), ("ode", 0)])
+            ],
         ),
     }
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs=specs)
@@ -49,7 +51,7 @@ def test_quick_suite_tiny_budget(tmp_path):
     start, bound = d["train"]["nll"]["start"], d["train"]["nll"]["trained"]
     assert bound["n"] == 64 and bound["steps"] == 50 and bound["time"] == "discrete"
     assert bound["nll_bpd"] < start["nll_bpd"], (start, bound)
-    assert len(d["sampling"]) == 6 and len(d["throughput_vs_batch"]) == 2
+    assert len(d["sampling"]) == 7 and len(d["throughput_vs_batch"]) == 2
     # The same budget trained with flow matching (the recipe's v-prediction left out), swept by NFE.
     flow = d["objectives"]["flow"]
     assert flow["steps"] == 30 and flow["final_loss"] > 0
@@ -62,7 +64,10 @@ def test_quick_suite_tiny_budget(tmp_path):
         ("vp", "dpmpp_2m", 5): 5,
         ("flow", "euler", 4): 4,
         ("flow", "heun", 3): 5,
+        ("flow", "heun s_churn=40 s_tmin=0.05 s_tmax=50", 3): 5,  # EDM's churn: the same calls, named in the row
     }
+    by_label = {r["sampler"]: r["metrics"]["dist_to_centre"] for r in d["sampling"] if r["objective"] == "flow"}
+    assert by_label["heun"] != by_label["heun s_churn=40 s_tmin=0.05 s_tmax=50"]  # the options reached the sampler
     for name, value in _numbers(d):
         assert math.isfinite(value), name
     for row in [*d["sampling"], *d["throughput_vs_batch"], d["train"]]:
@@ -71,7 +76,7 @@ def test_quick_suite_tiny_budget(tmp_path):
         assert row["wall_s"] > 0 and row["samples_per_s"] > 0
         assert set(row["metrics"]) == {"dist_to_centre", "modes_covered"}
     # Measured, not constant: figures differ between configurations.
-    assert len({row["wall_s"] for row in d["sampling"]}) == 6
+    assert len({row["wall_s"] for row in d["sampling"]}) == 7
     assert len({row["metrics"]["dist_to_centre"] for row in d["sampling"]}) > 1
     assert len({x["samples_per_s"] for x in d["throughput_vs_batch"]}) == 2
     peer = d["peers"]["samplers"]
