@@ -34,9 +34,7 @@ def test_quick_suite_tiny_budget(tmp_path):
             [("ddim", 10), ("ddim", 5), ("dpmpp_2m", 5)],
             batch_sizes=[16, 64],
             peers=["samplers", "diffusers"],
-            objectives=[
-                ("flow", ["objective.name=flow"], [("euler", 4), ("heun", 3), ("heun", 3, CHURN), ("ode", 0)])
-            ],
+            objectives=[("flow", ["objective.name=flow"], [("euler", 4), ("heun", 3), ("heun", 3, CHURN), ("ode", 0)])],
         ),
     }
     path = run_suite("quick", ["points"], "cpu", tmp_path, specs=specs)
