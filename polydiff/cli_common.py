@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .run_log import format_metrics as fmt_metrics
 
-__all__ = ["USAGE", "fail", "user_message", "USER_ERRORS", "fmt_metrics", "fresh_dir", "check_writable"]
+__all__ = ["USAGE", "fail", "user_message", "USER_ERRORS", "fmt_metrics", "fresh_dir", "check_writable", "json_text"]
 
 
 USAGE = """usage: polydiff <command> [args]
@@ -39,6 +41,25 @@ commands:
   bench [--suite quick|full] [--domains ...] [--recipe NAME=RECIPE.yaml]   benchmark the built-in domains and
         the example, plus any domain of your own given by its recipe
 """
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that JSON cannot hold (``inf``, ``-inf``, ``nan``) written as that string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(record: Any) -> str:
+    """``record`` as strict JSON (RFC 8259) for the files a command writes: numbers a tensor or numpy holds become
+    floats, and a bound with no end (``guidance.interval=[0,inf]``) or a metric that is not a number is written as
+    the string ``"inf"`` or ``"nan"``, which every JSON reader takes (Python's own ``Infinity`` is not JSON)."""
+    plain = json.loads(json.dumps(record, default=float))  # numpy and tensor scalars to floats first
+    return json.dumps(_finite(plain), indent=1, allow_nan=False) + "\n"
 
 
 def fail(msg: str) -> "SystemExit":

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_common import USER_ERRORS, check_writable, fail, fmt_metrics, fresh_dir, user_message
+from .cli_common import USER_ERRORS, check_writable, fail, fmt_metrics, fresh_dir, json_text, user_message
 from .latent import reconstruction_row
 
 __all__ = ["sample_command", "eval_command", "check_guidance"]
@@ -177,7 +176,7 @@ def sample_command(args: Sequence[str]) -> None:
             record["reference"] = None
         record.update(reconstruction_row(domain, a.n))  # latent models: the first stage's ceiling, beside it
     paths.append(out / "sampling.json")
-    (out / "sampling.json").write_text(json.dumps(record, indent=1, default=float) + "\n")
+    (out / "sampling.json").write_text(json_text(record))
     print(f"wrote {len(paths)} files to {out}")
     for path in paths if len(paths) <= 12 else [*paths[:5], "...", *paths[-5:]]:
         print(f"  {path}")
@@ -259,7 +258,7 @@ def eval_command(args: Sequence[str]) -> None:
         print(f"real data: {fmt_metrics(record['reference'])}")
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"source": str(a.source), **record}, indent=1, default=float) + "\n")
+        a.json.write_text(json_text({"source": str(a.source), **record}))
         print(f"wrote {a.json}")
 
 
@@ -318,5 +317,5 @@ def _nll_command(args: list[str]) -> None:
     )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(record, indent=1, default=float) + "\n")
+        a.json.write_text(json_text(record))
         print(f"wrote {a.json}")

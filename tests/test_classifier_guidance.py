@@ -283,10 +283,17 @@ def test_sample_with_a_classifier_from_the_command_line(runs, tmp_path):
             "label=right",
             f"guidance.classifier={runs / 'cls'}",
             "guidance.classifier_scale=2",
+            "guidance.classifier_interval=[0,inf]",
         ]
     )
-    record = json.loads((out / "sampling.json").read_text())
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    # Strict JSON: the open interval's end is the string "inf", not Python's Infinity, which other readers refuse.
+    record = json.loads((out / "sampling.json").read_text(), parse_constant=refuse)
     assert record["guidance"]["classifier"] == str(runs / "cls") and record["guidance"]["classifier_scale"] == 2
+    assert record["guidance"]["classifier_interval"] == [0.0, "inf"]
 
 
 @pytest.mark.parametrize(
