@@ -216,6 +216,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 batch_sizes=[4, 8, 16],
                 peers=["diffusers"],
                 max_guided_steps=100,
+                objectives=continuous(1.0),  # the latents are normalised to unit standard deviation
             ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",
@@ -272,6 +273,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 batch_sizes=[4, 8, 16, 32],
                 peers=["diffusers"],
                 compile_check=True,
+                objectives=continuous(1.0),
             ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",
