@@ -1,4 +1,4 @@
-"""What every ``polydiff`` command shares: one-line errors, the user's mistakes told apart from bugs, metric text."""
+"""What every ``polydiff`` command shares: one-line errors, user mistakes told apart from bugs, metrics, strict JSON."""
 
 from __future__ import annotations
 
