@@ -4,7 +4,10 @@ The state is ``x = x_0 + sigma eps``; the network ``F`` sees ``c_in x`` and the 
 :class:`polydiff.paths.EDMSchedule` (a monotone map of ``sigma``, standing in for EDM's ``c_noise``), and the denoiser
 is ``D = c_skip x + c_out F``. Training draws ``ln sigma ~ N(p_mean, p_std^2)`` and weights the error of ``D`` by
 ``lambda = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``, which makes ``F``'s effective target unit-variance.
-The recipe's ``schedule`` section is not used.
+``weighting=min_snr`` replaces ``lambda`` by ``min(SNR, gamma)``, ``SNR = 1 / sigma^2``: min-SNR-gamma's weight of an
+error of ``x_0`` (here ``D``; Hang et al. 2023, eq. 9), as ``objective.name=vp`` with x0-prediction weights it. It
+stops the low noise levels from dominating the gradient; at ``sigma_data = 1`` it is ``lambda min(SNR, gamma) /
+(SNR + 1)``, min-SNR for v-prediction, which ``F`` then is. The recipe's ``schedule`` section is not used.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .objective_base import BaseObjective, checked_output, register_objective
+from .objective_base import BaseObjective, check_weighting, checked_output, min_snr_weight, register_objective
 from .paths import EDMSchedule
 from .schedules import Schedule
 from .space import Space
@@ -35,7 +38,8 @@ def preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, T
 @dataclass
 class EDMObjective(BaseObjective):
     """EDM: ``sigma_data`` (the data's standard deviation), training noise ``ln sigma ~ N(p_mean, p_std^2)`` clipped
-    to ``sigma_max``, and the path's ``sigma_min``, ``sigma_max`` and ``rho``."""
+    to ``sigma_max``, the path's ``sigma_min``, ``sigma_max`` and ``rho``, and the loss ``weighting`` (``uniform``:
+    EDM's own lambda; ``min_snr``: min-SNR-``gamma``)."""
 
     sigma_data: float = 0.5
     p_mean: float = -1.2
@@ -43,6 +47,8 @@ class EDMObjective(BaseObjective):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    weighting: str = "uniform"
+    gamma: float = 5.0
 
     def __post_init__(self) -> None:
         for key in ("sigma_data", "p_std"):
@@ -51,6 +57,7 @@ class EDMObjective(BaseObjective):
                 raise ValueError(f"objective.{key}={value} must be positive and finite")
         if not math.isfinite(self.p_mean):
             raise ValueError(f"objective.p_mean={self.p_mean} must be finite (EDM uses -1.2)")
+        check_weighting(self.weighting, self.gamma)
         self.path = EDMSchedule(self.sigma_min, self.sigma_max, self.rho)
 
     def losses(
@@ -71,7 +78,10 @@ class EDMObjective(BaseObjective):
         eps = space.randn(generator=generator, dtype=x0.dtype)
         x = x0 + space.expand(sigma.to(x0.dtype)) * eps
         denoised = self._denoise(net, x, t, sigma, space, batch.cond)
-        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2  # [B]
+        if self.weighting == "min_snr":
+            weight = min_snr_weight(sigma**-2, self.gamma)  # [B]
+        else:
+            weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2  # [B]
         return space.mean((denoised.float() - x0.float()) ** 2) * weight.float()
 
     def _denoise(self, net: Callable[..., Tensor], x: Tensor, t: Tensor, sigma: Tensor, space: Space, cond) -> Tensor:

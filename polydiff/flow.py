@@ -4,6 +4,9 @@ Conditional flow matching with the rectified-flow path ``x_t = (1 - t) x_0 + t e
 with sigma_min = 0; Liu et al. 2023), times uniform or logit-normal (Esser et al. 2024, eq. 19), noise drawn by the
 space (zero centre of mass for molecules, so the flow stays in that subspace), paired with the data independently
 or by a coupling (:mod:`polydiff.couplings`). The recipe's ``schedule`` section is not used: the path is fixed.
+``weighting=min_snr`` weights the velocity error by ``t^2 min(SNR, gamma) = min((1 - t)^2, gamma t^2)``, the
+path's ``SNR = (1 - t)^2 / t^2``: since ``x0 = x_t - t v``, that is min-SNR-gamma on the implied ``x0`` (Hang et al.
+2023, eq. 9).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .couplings import COUPLINGS, couple
-from .objective_base import BaseObjective, checked_output, register_objective
+from .objective_base import BaseObjective, check_weighting, checked_output, min_snr_weight, register_objective
 from .paths import FlowSchedule
 from .schedules import Schedule
 from .space import Space
@@ -51,12 +54,15 @@ def _require_flow(schedule: Schedule) -> FlowSchedule:
 class FlowObjective(BaseObjective):
     """Flow matching: ``time`` ``uniform`` or ``logit_normal`` (``mean``, ``std``), ``coupling`` of noise and data
     ``independent``, ``ot`` (minibatch optimal transport, Tong et al. 2024) or ``aligned`` (per-sample rotation and
-    permutation of the noise onto the data, as EquiFM does for molecules)."""
+    permutation of the noise onto the data, as EquiFM does for molecules), and the loss ``weighting`` (``uniform``
+    or ``min_snr`` with ``gamma``)."""
 
     time: str = "uniform"
     mean: float = 0.0
     std: float = 1.0
     coupling: str = "independent"
+    weighting: str = "uniform"
+    gamma: float = 5.0
 
     def __post_init__(self) -> None:
         if self.time not in TIMES:
@@ -68,6 +74,7 @@ class FlowObjective(BaseObjective):
             )
         if self.coupling not in COUPLINGS:
             raise KeyError(f"unknown objective.coupling {self.coupling!r}; choose one of {list(COUPLINGS)}")
+        check_weighting(self.weighting, self.gamma)
 
     def losses(
         self,
@@ -77,7 +84,7 @@ class FlowObjective(BaseObjective):
         generator: Optional[torch.Generator] = None,
         t: Optional[Tensor] = None,
     ) -> Tensor:
-        """Per-sample squared velocity errors ``[B]``, each a mean over the sample's valid elements."""
+        """Per-sample (weighted) squared velocity errors ``[B]``, each a mean over the sample's valid elements."""
         eps = couple(self.coupling, batch.x, batch.space.randn(generator=generator, dtype=batch.x.dtype), batch.space)
         return self.pair_losses(net, batch, eps, generator, t)
 
@@ -96,7 +103,12 @@ class FlowObjective(BaseObjective):
         tt = space.expand(t.to(x0.dtype))
         x_t = torch.lerp(x0, eps, tt)  # (1 - t) x0 + t eps
         out = checked_output(net(x_t, t, **batch.cond), x_t)
-        return space.mean((out.float() - (eps - x0).float()) ** 2)
+        per_sample = space.mean((out.float() - (eps - x0).float()) ** 2)  # [B]
+        if self.weighting == "min_snr":
+            tf = t.float()
+            snr = (1 - tf) ** 2 / tf.clamp(min=1e-12) ** 2  # [B]
+            per_sample = per_sample * tf**2 * min_snr_weight(snr, self.gamma)
+        return per_sample
 
     def sampling_schedule(self, schedule: Schedule) -> FlowSchedule:
         return FlowSchedule()

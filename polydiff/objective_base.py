@@ -6,6 +6,7 @@ Objective classes live beside it (:mod:`polydiff.objectives` for ``vp``, :mod:`p
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -16,7 +17,34 @@ from .schedules import Schedule
 from .space import Space
 from .state import Batch, DenoiserFn
 
-__all__ = ["BaseObjective", "OBJECTIVES", "register_objective", "check_objective_class", "checked_output"]
+__all__ = [
+    "BaseObjective",
+    "OBJECTIVES",
+    "WEIGHTINGS",
+    "register_objective",
+    "check_objective_class",
+    "check_weighting",
+    "checked_output",
+    "min_snr_weight",
+]
+
+#: Loss weightings every objective of the core offers: its own, or min-SNR-gamma (Hang et al. 2023).
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+def check_weighting(weighting: str, gamma: float) -> None:
+    """Refuse an unknown ``objective.weighting`` or a ``gamma`` min-SNR weighting cannot clip at."""
+    if weighting not in WEIGHTINGS:
+        raise KeyError(f"unknown objective.weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
+    if weighting == "min_snr" and not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(
+            f"objective.gamma={gamma} must be positive and finite (min-SNR weighting clips the SNR at gamma)"
+        )
+
+
+def min_snr_weight(snr: Tensor, gamma: float) -> Tensor:
+    """The min-SNR-gamma weight of an x0-space error, ``min(SNR, gamma)`` (Hang et al. 2023, eq. 9)."""
+    return snr.clamp(max=gamma)
 
 
 def checked_output(out: Tensor, x_t: Tensor) -> Tensor:

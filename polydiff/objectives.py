@@ -26,7 +26,15 @@ from torch import Tensor
 
 from .edm import EDMObjective  # registers 'edm'
 from .flow import FlowObjective  # registers 'flow'
-from .objective_base import OBJECTIVES, BaseObjective, check_objective_class, checked_output, register_objective
+from .objective_base import (
+    OBJECTIVES,
+    BaseObjective,
+    check_objective_class,
+    check_weighting,
+    checked_output,
+    min_snr_weight,
+    register_objective,
+)
 from .plugins import check_options, lookup, option_params
 from .schedules import NoiseSchedule
 from .space import Space
@@ -58,7 +66,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "polydiff.objectives"
-WEIGHTINGS = ("uniform", "min_snr")
 VARIANCES = ("fixed", "learned")
 
 
@@ -90,7 +97,7 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
     "x0": Parameterisation(
         target=lambda x0, eps, a, s: x0,
         prediction=lambda out, x_t, a, s: Prediction(out, torch.addcmul(x_t, a, out, value=-1).div_(s)),
-        min_snr=lambda snr, gamma: snr.clamp(max=gamma),
+        min_snr=min_snr_weight,
     ),
 }
 PREDICTIONS = tuple(PARAMETERISATIONS)
@@ -114,10 +121,9 @@ def target_of(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) 
 
 def loss_weight(kind: str, weighting: str, snr: Tensor, gamma: float = 5.0) -> Tensor:
     """Per-sample loss weight; ``min_snr`` is min-SNR-gamma (Hang et al. 2023, eq. 9) in ``kind``'s space."""
+    check_weighting(weighting, gamma)
     if weighting == "uniform":
         return torch.ones_like(snr)
-    if weighting != "min_snr":
-        raise KeyError(f"unknown objective.weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
     return _parameterisation(kind).min_snr(snr, gamma)
 
 
@@ -196,12 +202,7 @@ class VPObjective(BaseObjective):
                 f"objective.vlb_weight={self.vlb_weight} weighs the learned variance's L_vlb, which "
                 "objective.variance=fixed does not have: set objective.variance=learned, or remove vlb_weight"
             )
-        if self.weighting not in WEIGHTINGS:
-            raise KeyError(f"unknown objective.weighting {self.weighting!r}; choose one of {list(WEIGHTINGS)}")
-        if self.weighting == "min_snr" and not self.gamma > 0:
-            raise ValueError(
-                f"objective.gamma={self.gamma} must be positive (min-SNR weighting clips the SNR at gamma)"
-            )
+        check_weighting(self.weighting, self.gamma)
 
     def sample_t(
         self, n: int, schedule: NoiseSchedule, device: torch.device, generator: Optional[torch.Generator]

@@ -16,10 +16,11 @@ import torch
 from common import MU, TINY_POINTS, VAR, cli, exact_denoiser
 
 from polydiff import DenseSpace, RaggedSpace
+from polydiff.config import retarget_plugins
 from polydiff.couplings import couple, kabsch_rotation
 from polydiff.edm import EDMObjective, preconditioning
 from polydiff.flow import FlowObjective, sample_times
-from polydiff.objectives import build_objective_from
+from polydiff.objectives import build_objective_from, loss_weight
 from polydiff.paths import EDMSchedule, FlowSchedule
 from polydiff.samplers import sample
 from polydiff.schedules import make_schedule
@@ -147,6 +148,69 @@ def test_edm_denoiser_and_loss_weight():
 
     loss = objective.losses(off_by_a_tenth, Batch(x0, space), objective.path, g)
     torch.testing.assert_close(loss, torch.full((4,), 0.01, dtype=torch.float32), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma_data", [1.0, 0.5])
+def test_edm_min_snr_weighs_the_x0_error_by_min_snr_gamma(sigma_data):
+    """``weighting=min_snr``: the error of D weighted by min(1 / sigma^2, gamma) in place of EDM's lambda; at
+    sigma_data 1 that is lambda times v-prediction's min-SNR factor (F is then a v-prediction)."""
+    space = DenseSpace((6, 3))
+    x0 = torch.randn(6, 3, generator=torch.Generator().manual_seed(6)) * sigma_data
+    t = torch.tensor([0.05, 0.2, 0.35, 0.5, 0.7, 0.95], dtype=torch.float64)
+    path = EDMSchedule()
+    sigma = path.sigma(t)
+    assert (sigma**-2 > 5).any() and (sigma**-2 < 5).any()  # both sides of the clip
+
+    def net(x_in, tt):  # a fixed, imperfect network
+        return 0.3 * x_in + 0.1
+
+    def losses(**weighting):
+        objective = EDMObjective(sigma_data=sigma_data, **weighting)
+        return objective.losses(net, Batch(x0, space), path, torch.Generator().manual_seed(7), t=t)
+
+    uniform, min_snr = losses(), losses(weighting="min_snr", gamma=5.0)
+    lam = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    ratio = torch.minimum(sigma**-2, torch.tensor(5.0, dtype=torch.float64)) / lam
+    torch.testing.assert_close(min_snr / uniform, ratio.float(), rtol=1e-5, atol=0)
+    if sigma_data == 1.0:
+        torch.testing.assert_close(ratio, loss_weight("v", "min_snr", sigma**-2, 5.0))
+
+
+def test_flow_min_snr_weighs_the_implied_x0_error_by_min_snr_gamma():
+    """``weighting=min_snr`` on the straight path: min(SNR, gamma) times the squared error of x0 = x_t - t v."""
+    space, x0 = DenseSpace((5, 4)), torch.randn(5, 4, generator=torch.Generator().manual_seed(8))
+    t = torch.tensor([0.02, 0.2, 0.5, 0.8, 0.99])
+    seen = {}
+
+    def net(x, tt):
+        seen["x"] = x
+        return 0.5 * x
+
+    objective = FlowObjective(weighting="min_snr", gamma=2.0)
+    loss = objective.losses(net, Batch(x0, space), FlowSchedule(), torch.Generator().manual_seed(9), t=t)
+    x0_hat = seen["x"] - t[:, None] * net(seen["x"], t)
+    snr = ((1 - t) / t) ** 2
+    torch.testing.assert_close(loss, snr.clamp(max=2.0) * ((x0_hat - x0) ** 2).mean(1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [EDMObjective, FlowObjective])
+def test_a_weighting_or_gamma_out_of_range_is_named(cls):
+    assert cls(weighting="min_snr").gamma == 5.0
+    with pytest.raises(KeyError, match="objective.weighting 'snr'"):
+        cls(weighting="snr")
+    for gamma in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"objective.gamma={gamma}"):
+            cls(weighting="min_snr", gamma=gamma)
+
+
+def test_a_recipes_weighting_carries_over_to_the_objective_named_on_the_command_line():
+    """``objective.name=edm`` on a recipe with ``weighting: min_snr`` keeps the weighting (EDM and flow take it) and
+    leaves out what the new objective does not take (VP's ``prediction``)."""
+    for name in ("edm", "flow"):
+        cfg = {"objective": {"name": name, "prediction": "v", "weighting": "min_snr", "gamma": 3.0}}
+        out, dropped = retarget_plugins(cfg, [f"objective.name={name}"])
+        assert out["objective"] == {"name": name, "weighting": "min_snr", "gamma": 3.0}
+        assert dropped == ["objective.prediction=v"]
 
 
 def test_objectives_are_found_by_name_with_their_options():
