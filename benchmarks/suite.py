@@ -138,7 +138,11 @@ def suites() -> dict[str, dict[str, DomainBench]]:
     latent_samplers = [("ddpm", TRAINING_T), ("ddim", 50), ("ddim", 20), ("dpmpp_2m", 20), ("dpmpp_2m", 10)]
 
     def continuous(
-        sigma_data: float, p_mean: Optional[float] = None, weighting: str = "uniform", p_std: Optional[float] = None
+        sigma_data: float,
+        p_mean: Optional[float] = None,
+        weighting: str = "uniform",
+        p_std: Optional[float] = None,
+        precond: str = "edm",
     ) -> list[tuple[str, list[str], list[SamplerRow]]]:
         """The continuous-time family on the same budget: flow matching with Euler and Heun at about 10, 20 and 50
         network calls (Heun makes 2 steps - 1), EDM with Heun at its 35 (18 steps), ``sigma_data`` and, where given,
@@ -147,9 +151,10 @@ def suites() -> dict[str, dict[str, DomainBench]]:
         chose) and with EDM's stochastic Heun (:data:`CHURN`) at the same network calls. ``sigma_data`` is the
         domain's training-state standard deviation (measured on 64-256 training samples) except where a measured
         sweep chose another (README, "Continuous time"). ``weighting`` is both objectives' loss weighting, given
-        explicitly: a recipe's own (``min_snr`` in the image and audio recipes) would otherwise carry over."""
+        explicitly: a recipe's own (``min_snr`` in the image and audio recipes) would otherwise carry over.
+        ``precond`` is what EDM's network predicts (``objective.precond``)."""
         weigh = f"objective.weighting={weighting}"
-        edm = ["objective.name=edm", f"objective.sigma_data={sigma_data}", weigh]
+        edm = ["objective.name=edm", f"objective.sigma_data={sigma_data}", weigh, f"objective.precond={precond}"]
         edm += [f"objective.p_mean={p_mean}"] if p_mean is not None else []
         edm += [f"objective.p_std={p_std}"] if p_std is not None else []
         return [
@@ -221,9 +226,10 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 batch_sizes=[4, 8, 16],
                 peers=["diffusers"],
                 max_guided_steps=100,
-                # Unit-std latents; the recipe's min-SNR-5 and about its cosine schedule's spread of ln sigma (pi / 2):
-                # EDM 55 against 181 with its own weight and noise, flow + churn 40 against 52 (README).
-                objectives=continuous(1.0, 0.0, "min_snr", 1.6),
+                # Unit-std latents; the recipe's min-SNR-5, about its cosine schedule's spread of ln sigma (pi / 2)
+                # and its x0 target: EDM 19 against 181 with its own weight, noise and F; flow + churn 40 against 52
+                # with min-SNR (README).
+                objectives=continuous(1.0, 0.0, "min_snr", 1.6, "x0"),
             ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",
@@ -280,7 +286,7 @@ def suites() -> dict[str, dict[str, DomainBench]]:
                 batch_sizes=[4, 8, 16, 32],
                 peers=["diffusers"],
                 compile_check=True,
-                objectives=continuous(1.0, 0.0, "min_snr", 1.6),  # as the quick suite's
+                objectives=continuous(1.0, 0.0, "min_snr", 1.6, "x0"),  # as the quick suite's
             ),
             "molecule": DomainBench(
                 "recipes/molecule_egnn.yaml",

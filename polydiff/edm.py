@@ -7,7 +7,9 @@ is ``D = c_skip x + c_out F``. Training draws ``ln sigma ~ N(p_mean, p_std^2)`` 
 ``weighting=min_snr`` replaces ``lambda`` by ``min(SNR, gamma)``, ``SNR = 1 / sigma^2``: min-SNR-gamma's weight of an
 error of ``x_0`` (here ``D``; Hang et al. 2023, eq. 9), as ``objective.name=vp`` with x0-prediction weights it. It
 stops the low noise levels from dominating the gradient; at ``sigma_data = 1`` it is ``lambda min(SNR, gamma) /
-(SNR + 1)``, min-SNR for v-prediction, which ``F`` then is. The recipe's ``schedule`` section is not used.
+(SNR + 1)``, min-SNR for v-prediction, which ``F`` then is. ``precond`` picks the column of EDM's Table 1 that
+sets ``c_skip`` and ``c_out`` (what ``F`` predicts); ``c_in`` and the rest of EDM stay. The recipe's ``schedule``
+section is not used.
 """
 
 from __future__ import annotations
@@ -25,21 +27,30 @@ from .schedules import Schedule
 from .space import Space
 from .state import Batch, DenoiserFn, Prediction
 
-__all__ = ["EDMObjective", "preconditioning"]
+__all__ = ["EDMObjective", "PRECONDITIONINGS", "preconditioning"]
+
+# (c_skip, c_out) of each column of EDM's Table 1 that sets what F predicts: EDM's mix (a v-prediction at
+# sigma_data = 1), the clean data over sigma_data, or the noise (the VP column, D = x - sigma F). Each F target has
+# unit variance.
+PRECONDITIONINGS: dict[str, Callable[[Tensor, float], tuple[Tensor, Tensor]]] = {
+    "edm": lambda sigma, sd: (sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()),
+    "x0": lambda sigma, sd: (torch.zeros_like(sigma), torch.full_like(sigma, sd)),
+    "eps": lambda sigma, sd: (torch.ones_like(sigma), -sigma),
+}
 
 
-def preconditioning(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor]:
+def preconditioning(sigma: Tensor, sigma_data: float, precond: str = "edm") -> tuple[Tensor, Tensor, Tensor]:
     """``(c_skip, c_out, c_in)`` at noise levels ``sigma`` (Karras et al. 2022, Table 1)."""
-    total = sigma**2 + sigma_data**2
-    return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt()
+    return (*PRECONDITIONINGS[precond](sigma, sigma_data), (sigma**2 + sigma_data**2).rsqrt())
 
 
 @register_objective("edm")
 @dataclass
 class EDMObjective(BaseObjective):
     """EDM: ``sigma_data`` (the data's standard deviation), training noise ``ln sigma ~ N(p_mean, p_std^2)`` clipped
-    to ``sigma_max``, the path's ``sigma_min``, ``sigma_max`` and ``rho``, and the loss ``weighting`` (``uniform``:
-    EDM's own lambda; ``min_snr``: min-SNR-``gamma``)."""
+    to ``sigma_max``, the path's ``sigma_min``, ``sigma_max`` and ``rho``, the loss ``weighting`` (``uniform``: unit
+    weight on ``F``'s error, ``1 / c_out^2``, which is EDM's own lambda; ``min_snr``: min-SNR-``gamma``) and
+    ``precond`` (one of :data:`PRECONDITIONINGS`)."""
 
     sigma_data: float = 0.5
     p_mean: float = -1.2
@@ -49,6 +60,7 @@ class EDMObjective(BaseObjective):
     rho: float = 7.0
     weighting: str = "uniform"
     gamma: float = 5.0
+    precond: str = "edm"
 
     def __post_init__(self) -> None:
         for key in ("sigma_data", "p_std"):
@@ -58,6 +70,8 @@ class EDMObjective(BaseObjective):
         if not math.isfinite(self.p_mean):
             raise ValueError(f"objective.p_mean={self.p_mean} must be finite (EDM uses -1.2)")
         check_weighting(self.weighting, self.gamma)
+        if self.precond not in PRECONDITIONINGS:
+            raise ValueError(f"objective.precond={self.precond!r} is not one of {', '.join(PRECONDITIONINGS)}")
         self.path = EDMSchedule(self.sigma_min, self.sigma_max, self.rho)
 
     def losses(
@@ -81,12 +95,14 @@ class EDMObjective(BaseObjective):
         if self.weighting == "min_snr":
             weight = min_snr_weight(sigma**-2, self.gamma)  # [B]
         else:
-            weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2  # [B]
+            weight = preconditioning(sigma, self.sigma_data, self.precond)[1] ** -2  # [B]: EDM's lambda for "edm"
         return space.mean((denoised.float() - x0.float()) ** 2) * weight.float()
 
     def _denoise(self, net: Callable[..., Tensor], x: Tensor, t: Tensor, sigma: Tensor, space: Space, cond) -> Tensor:
         """``D(x; sigma) = c_skip x + c_out F(c_in x, t)`` on EDM's state ``x = x_0 + sigma eps``."""
-        c_skip, c_out, c_in = (space.expand(c.to(x.dtype)) for c in preconditioning(sigma, self.sigma_data))
+        c_skip, c_out, c_in = (
+            space.expand(c.to(x.dtype)) for c in preconditioning(sigma, self.sigma_data, self.precond)
+        )
         out = checked_output(net(c_in * x, t.to(x.dtype), **cond), x).to(x.dtype)
         return torch.addcmul(c_skip * x, c_out, out)
 

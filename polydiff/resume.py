@@ -24,7 +24,16 @@ class IncompatibleCheckpointError(ValueError):
 
 
 # Config sections that must match for a checkpoint to be resumed or sampled.
-_MUST_MATCH = ("domain.name", "model", "schedule", "objective.name", "objective.prediction", "objective.variance")
+_MUST_MATCH = (
+    "domain.name",
+    "model",
+    "schedule",
+    "objective.name",
+    "objective.prediction",
+    "objective.variance",
+    "objective.precond",
+    "objective.sigma_data",
+)
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:

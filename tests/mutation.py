@@ -199,15 +199,15 @@ MUTANTS = [
     Mutant(
         "edm_c_out_without_sigma",
         "polydiff/edm.py",
-        "return sigma_data**2 / total, sigma * sigma_data / total.sqrt(), 1 / total.sqrt()",
-        "return sigma_data**2 / total, sigma_data / total.sqrt(), 1 / total.sqrt()",
+        "sigma * sd / (sigma**2 + sd**2).sqrt()),",
+        "sd / (sigma**2 + sd**2).sqrt()),",
         CONTINUOUS,
     ),
     Mutant(
         "edm_loss_weight_inverted",
         "polydiff/edm.py",
-        "weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2  # [B]",
-        "weight = (sigma * self.sigma_data) ** 2 / (sigma**2 + self.sigma_data**2)  # [B]",
+        "weight = preconditioning(sigma, self.sigma_data, self.precond)[1] ** -2  # [B]",
+        "weight = preconditioning(sigma, self.sigma_data, self.precond)[1] ** 2  # [B]",
         CONTINUOUS,
     ),
     Mutant(

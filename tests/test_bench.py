@@ -650,6 +650,9 @@ def test_latent_audio_beside_waveform_audio(tmp_path, monkeypatch):
         *_train_steps(1),
     ]  # --steps: the same for both
     assert "audio_latent" in suites()["full"]
+    for suite in ("quick", "full"):  # the EDM rows train what the README measured: F an x0-prediction, min-SNR
+        edm = {name: o for name, o, _ in suites()[suite]["audio_latent"].objectives}["edm"]
+        assert {"objective.precond=x0", "objective.weighting=min_snr", "objective.sigma_data=1.0"} <= set(edm)
     encoded = []
     real = MelAutoencoder.encode
     monkeypatch.setattr(MelAutoencoder, "encode", lambda self, x: encoded.append(len(x)) or real(self, x))

@@ -18,10 +18,11 @@ from common import MU, TINY_POINTS, VAR, cli, exact_denoiser
 from polydiff import DenseSpace, RaggedSpace
 from polydiff.config import retarget_plugins
 from polydiff.couplings import couple, kabsch_rotation
-from polydiff.edm import EDMObjective, preconditioning
+from polydiff.edm import PRECONDITIONINGS, EDMObjective, preconditioning
 from polydiff.flow import FlowObjective, sample_times
 from polydiff.objectives import build_objective_from, loss_weight
 from polydiff.paths import EDMSchedule, FlowSchedule
+from polydiff.resume import IncompatibleCheckpointError, check_compatible
 from polydiff.samplers import sample
 from polydiff.schedules import make_schedule
 from polydiff.sigma_samplers import karras_sigmas, sigma_grid
@@ -120,17 +121,26 @@ def test_logit_normal_times_and_bad_options():
         FlowObjective(coupling="ott")
 
 
-def test_edm_denoiser_and_loss_weight():
-    """D = c_skip x + c_out F inverts to the x0 it was built from; EDM's weight makes F's error unit-weighted."""
+@pytest.mark.parametrize("precond", PRECONDITIONINGS)
+def test_edm_denoiser_and_loss_weight(precond):
+    """D = c_skip x + c_out F inverts to the x0 it was built from; the uniform weight makes F's error unit-weighted,
+    for each column of EDM's Table 1."""
     g = torch.Generator().manual_seed(5)
     space = DenseSpace((4, 3))
-    objective = EDMObjective(sigma_data=0.5)
+    objective = EDMObjective(sigma_data=0.5, precond=precond)
     x0 = torch.randn(4, 3, generator=g, dtype=torch.float64) * 0.5
     eps = torch.randn(4, 3, generator=g, dtype=torch.float64)
     t = torch.tensor([0.2, 0.4, 0.7, 1.0], dtype=torch.float64)
     sigma = objective.path.sigma(t)
     x = x0 + sigma[:, None] * eps
-    c_skip, c_out, c_in = (c[:, None] for c in preconditioning(sigma, 0.5))
+    c_skip, c_out, c_in = (c[:, None] for c in preconditioning(sigma, 0.5, precond))
+    torch.testing.assert_close(c_in, (sigma[:, None] ** 2 + 0.25) ** -0.5)  # unit-variance input, every column
+    table = {  # (c_skip, c_out): EDM's own column, x0-prediction, and the VP column (D = x - sigma F)
+        "edm": (0.25 / (sigma**2 + 0.25), 0.5 * sigma / (sigma**2 + 0.25).sqrt()),
+        "x0": (torch.zeros(4, dtype=torch.float64), torch.full((4,), 0.5, dtype=torch.float64)),
+        "eps": (torch.ones(4, dtype=torch.float64), -sigma),
+    }[precond]
+    torch.testing.assert_close((c_skip[:, 0], c_out[:, 0]), table)
 
     def perfect(x_in, tt):  # the F whose D is x0 (x_in = c_in x)
         return (x0 - c_skip * x_in / c_in) / c_out
@@ -143,7 +153,7 @@ def test_edm_denoiser_and_loss_weight():
     torch.testing.assert_close(lam * preconditioning(sigma, 0.5)[1] ** 2, torch.ones(4, dtype=torch.float64))
 
     def off_by_a_tenth(x_in, tt):  # the perfect F for the state the objective drew, plus 0.1 everywhere
-        c_skip, c_out, c_in = (c[:, None] for c in preconditioning(objective.path.sigma(tt), 0.5))
+        c_skip, c_out, c_in = (c[:, None] for c in preconditioning(objective.path.sigma(tt), 0.5, precond))
         return (x0 - c_skip * x_in / c_in) / c_out + 0.1
 
     loss = objective.losses(off_by_a_tenth, Batch(x0, space), objective.path, g)
@@ -219,6 +229,18 @@ def test_objectives_are_found_by_name_with_their_options():
     assert isinstance(edm, EDMObjective) and edm.sampling_schedule(make_schedule("cosine", 10)) is edm.path
     with pytest.raises(KeyError, match="sigma_dat"):
         build_objective_from({"name": "edm", "sigma_dat": 1.0})
+    with pytest.raises(ValueError, match="objective.precond='v' is not one of edm, x0, eps"):
+        build_objective_from({"name": "edm", "precond": "v"})
+
+
+def test_an_edm_checkpoint_resumes_only_with_its_own_preconditioning_and_sigma_data():
+    """F means another thing under another ``precond`` or ``sigma_data``: resuming or sampling it so is refused."""
+    old = {"domain": {"name": "d"}, "model": {}, "schedule": {}, "objective": {"name": "edm", "sigma_data": 1.0}}
+    check_compatible(old, {**old, "objective": {"name": "edm", "sigma_data": 1.0, "precond": "edm"}}, "ckpt")
+    with pytest.raises(IncompatibleCheckpointError, match="objective.precond: checkpoint 'edm' vs recipe 'x0'"):
+        check_compatible(old, {**old, "objective": {"name": "edm", "sigma_data": 1.0, "precond": "x0"}}, "ckpt")
+    with pytest.raises(IncompatibleCheckpointError, match="objective.sigma_data: checkpoint 1.0 vs recipe 0.5"):
+        check_compatible(old, {**old, "objective": {"name": "edm"}}, "ckpt")
 
 
 def test_a_flow_denoiser_refuses_a_vp_schedule():
